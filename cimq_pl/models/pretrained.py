@@ -1,0 +1,135 @@
+"""Load pretrained weights from a local file or a URL, safely and with clear errors.
+
+* A local file always takes precedence; it is read with ``torch.load(weights_only=True)``, so loading never
+  executes code from the file.
+* A file name carrying a torch.hub-style sha256 prefix (``resnet20-12fca82f.th``) is verified against it.
+* A URL goes through ``torch.hub.load_state_dict_from_url(check_hash=True)``, which first looks in the hub
+  cache (``$TORCH_HOME/hub/checkpoints``): with the file there, no network is needed.
+* Checkpoints may be plain state dicts, ``{"state_dict": ...}`` (Lightning, DataParallel-era scripts) or
+  ``{"model": ...}``; a ``module.`` (DataParallel) or ``model.`` (our LightningModule) prefix is stripped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from cimq_pl.errors import ConfigError
+
+__all__ = ["load_pretrained_", "read_state_dict", "verify_sha256_prefix"]
+
+# torch.hub convention: <name>-<sha256 prefix of at least 8 hex digits>.<ext>
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_PREFIXES = ("module.", "model.")
+
+
+def verify_sha256_prefix(path: Path) -> None:
+    """Check a file against the sha256 prefix in its name, if the name carries one.
+
+    Raises:
+        ConfigError: the file's sha256 does not start with the prefix in its name.
+    """
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is corrupt or not the named file: its sha256 starts with "
+            f"{digest.hexdigest()[:len(match.group(1))]!r}, but its name says {match.group(1)!r}"
+        )
+
+
+def _unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    for key in _WRAPPER_KEYS:
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return _unwrap(checkpoint[key])
+    state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    for prefix in _PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local path (preferred) or an http(s) URL.
+
+    Raises:
+        ConfigError: the path does not exist, the URL cannot be fetched, the file is not a weights-only torch
+            checkpoint, or its sha256 does not match its name.
+    """
+    source = str(source)
+    if os.path.exists(source):
+        path = Path(source)
+        verify_sha256_prefix(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"cannot read checkpoint {source!r} as a weights-only torch file: {first_line}"
+            ) from err
+    elif re.match(r"^https?://", source):
+        try:
+            checkpoint = torch.hub.load_state_dict_from_url(
+                source, map_location="cpu", check_hash=True, weights_only=True, progress=True
+            )
+        except Exception as err:  # noqa: BLE001 - network, hash and format errors all mean "cannot get it"
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(source).name
+            raise ConfigError(
+                f"cannot download pretrained weights {source!r} ({type(err).__name__}: {err}); "
+                f"without a network, put the file at {str(cache)!r} or pass a local path"
+            ) from err
+    else:
+        raise ConfigError(f"pretrained weights {source!r} not found: expected an existing file path or an http(s) URL")
+    if not isinstance(checkpoint, Mapping):
+        raise ConfigError(f"checkpoint {source!r} holds a {type(checkpoint).__name__}, expected a state dict")
+    state_dict = _unwrap(checkpoint)
+    if not state_dict:
+        raise ConfigError(f"checkpoint {source!r} holds no tensors")
+    return state_dict
+
+
+def load_pretrained_(
+    model: nn.Module,
+    source: str | os.PathLike,
+    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+) -> nn.Module:
+    """Load weights from ``source`` into ``model`` in place; every parameter and buffer must be matched.
+
+    Only BatchNorm's ``num_batches_tracked`` counters may be missing (old checkpoints lack them).
+
+    Raises:
+        ConfigError: unreadable source, or keys / shapes that do not fit the model.
+    """
+    state_dict = read_state_dict(source)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        raise ConfigError(
+            f"checkpoint {str(source)!r} does not fit {type(model).__name__}: {'; '.join(parts)}"
+        )
+    model.load_state_dict(state_dict, strict=False)
+    return model

@@ -1,0 +1,47 @@
+"""Shared fixtures: paths to the real data and weights in ../shared, and an offline, quiet W&B."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CIMQ_SHARED", REPO.parent / "shared")).resolve()
+CIFAR10 = SHARED / "data" / "cifar10_lossless"
+CIFAR100_SAMPLE = SHARED / "data" / "cifar100_sample.npz"
+RESNET20 = SHARED / "weights" / "resnet20-12fca82f.th"
+RESNET32 = SHARED / "weights" / "resnet32-d509ac18.th"
+RESNET56_C100 = SHARED / "weights" / "cifar100_resnet56-f2eff4c8.pt"
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch, tmp_path):
+    """Every test: no W&B key, offline mode, nothing written outside tmp_path, runs closed afterwards."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    """Run the CLI in-process from the repo root, logging into tmp_path; returns the LightningCLI object."""
+    from cimq_pl.cli import CIMQCLI
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cimq_pl"])
+
+    def run(*args: str):
+        extra = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+        return CIMQCLI(args=[*args, *extra])
+
+    return run
