@@ -1,12 +1,17 @@
 """The one LightningModule: a timm classifier with top-1/top-5 accuracy, trained or evaluated by Lightning.
 
-Quantization techniques are not part of this class: they are callbacks that transform ``self.model`` at
-``setup``. The module only builds the network, runs it and measures it.
+With ``cim`` (a :class:`~cimq_pl.quant.CIMSpec`) the network is put on that macro at construction: batch
+norms are folded into their convs and every conv/linear becomes a CIM layer with *conventional* quantizers
+(layerwise min-max weights, uniform min-max activations, fixed min-max ADC). The CIMQ techniques are
+callbacks that upgrade those quantizers at ``setup``; PTQ and QAT are callbacks that calibrate them and
+install the training objective (:mod:`cimq_pl.objectives`) that ``training_step`` runs.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import dataclasses
 
 import lightning.pytorch as pl
 import timm.data
@@ -17,6 +22,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.models import create_model
+from cimq_pl.objectives import Objective, TaskObjective
+from cimq_pl.quant import CIMSpec, cim_layers, convert_to_cim, fold_batchnorm_
+from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
 __all__ = ["CIMQModule"]
 
@@ -32,6 +40,8 @@ class CIMQModule(pl.LightningModule):
         lr: SGD learning rate for plain fine-tuning.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        cim: the CIM macro to run the network on (None: the float network). Read by every technique
+            callback; ``--model.cim.adc_bits 4`` sets one field from the command line.
     """
 
     def __init__(
@@ -42,15 +52,24 @@ class CIMQModule(pl.LightningModule):
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        cim: CIMSpec | None = None,
     ):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"model.num_classes must be an integer >= 1, got {num_classes!r}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["cim"])
+        self.hparams["cim"] = dataclasses.asdict(cim) if cim is not None else None  # plain types in checkpoints
         self.model = create_model(name, num_classes, pretrained)
         self.num_classes = num_classes
+        self.cim = cim
+        self.conversion_report = None
+        if cim is not None:
+            self.model.eval()
+            fold_batchnorm_(self.model)
+            self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS)
+        self.objective: Objective = TaskObjective()
         top_k = min(5, num_classes)
         self.val_metrics = self._metrics("val/", top_k)
         self.test_metrics = self._metrics("test/", top_k)
@@ -82,13 +101,36 @@ class CIMQModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    @property
+    def is_cim(self) -> bool:
+        """Whether the network runs on a CIM macro (``cim`` was given)."""
+        return self.cim is not None
+
+    def quantizers_initialized(self) -> bool:
+        """Whether every enabled quantizer of every CIM layer has its scales/ranges set."""
+        return all(
+            q.initialized for _, layer in cim_layers(self.model) for q in layer.quantizers().values() if q.enabled
+        )
+
+    def _require_calibrated(self, stage: str) -> None:
+        if self.is_cim and not self.quantizers_initialized():
+            raise ConfigError(
+                f"{stage}: the CIM model's quantizers are not calibrated; run `fit` with a PTQ/QAT callback "
+                "(e.g. --config configs/quant/conventional.yaml) and pass --ckpt_path to the checkpoint it wrote"
+            )
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._require_calibrated("validate")
+
+    def on_test_start(self) -> None:
+        self._require_calibrated("test")
+
+    def on_predict_start(self) -> None:
+        self._require_calibrated("predict")
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == labels).float().mean())
-        return loss
+        return self.objective.training_step(self, batch, batch_idx)
 
     def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> None:
         images, labels = batch
@@ -109,12 +151,5 @@ class CIMQModule(pl.LightningModule):
         return {"logits": logits, "prediction": logits.argmax(1)}
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
-        )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, int(self.trainer.estimated_stepping_batches))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.objective.configure_optimizers(self)
 

@@ -41,6 +41,10 @@ def run_cli(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["cimq_pl"])
 
     def run(*args: str):
+        import sys
+
+        if "wandb" in sys.modules:  # one W&B run per CLI call, as in separate processes
+            sys.modules["wandb"].finish()
         extra = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
         return CIMQCLI(args=[*args, *extra])
 

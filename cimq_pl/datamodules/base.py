@@ -13,7 +13,7 @@ from typing import Callable, Literal, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from cimq_pl.errors import ConfigError
 
@@ -74,6 +74,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.std = tuple(std) if std is not None else None
         self.augment = augment
         self._datasets: dict[str, Dataset] = {}
+        self._calibration_fit: tuple[int, int] | None = None
 
     # -- what subclasses provide -------------------------------------------------------------------------
     def _build_split(self, split: Split, transform: Callable) -> Dataset:
@@ -131,8 +132,31 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def fit_on_calibration_set(self, samples_per_epoch: int, batch_size: int) -> None:
+        """Make ``train_dataloader`` draw from the calibration subset instead of the train split.
+
+        PTQ reconstruction learns from the calibration images only: each epoch draws ``samples_per_epoch``
+        of them with replacement (seeded with ``seed``), without augmentation, in batches of
+        ``batch_size``.
+        """
+        if samples_per_epoch < 1 or batch_size < 1:
+            raise ConfigError(f"samples_per_epoch and batch_size must be >= 1, got {samples_per_epoch}, {batch_size}")
+        self._calibration_fit = (samples_per_epoch, batch_size)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train", train_mode=True), self.batch_size, shuffle=True)
+        if self._calibration_fit is None:
+            return self._loader(self.dataset("train", train_mode=True), self.batch_size, shuffle=True)
+        samples, batch_size = self._calibration_fit
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = RandomSampler(self.calibration_dataset(), replacement=True, num_samples=samples, generator=generator)
+        return DataLoader(
+            self.calibration_dataset(),
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.eval_batch_size)

@@ -1,0 +1,163 @@
+"""Speed of the CIM layer simulation on the conv shapes of a CIFAR ResNet-20.
+
+For every distinct 3x3 conv shape of ResNet-20 (built here directly, no model code imported) it prints
+
+* fwd ratio: forward time of the CIM layer / (n_cycles x forward time of the plain conv);
+* fwd+bwd ratio: the same for forward + backward (gradients for input, weight and quantizer parameters);
+* peak memory of one CIM forward+backward: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory
+  allocated before the call; on CPU (Linux) the process's peak RSS (``VmHWM`` of /proc/self/status, reset
+  through /proc/self/clear_refs just before the call) minus its RSS before the call, in a fresh subprocess per
+  shape.
+
+Spec: R = C = 128, 4-bit weights, 4-bit bit-serial inputs (dac_bits = 1, unsigned: 4 cycles), 4-bit ADC.
+
+Usage::
+
+    python benchmarks/cim_layer_speed.py [--batch 128] [--device cpu|cuda] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from cimq_pl.quant import CIMConv2d, CIMSpec
+
+# (in_channels, out_channels, stride, input height = width)
+RESNET20_CONV_SHAPES = (
+    (16, 16, 1, 32),
+    (16, 32, 2, 32),
+    (32, 32, 1, 16),
+    (32, 64, 2, 16),
+    (64, 64, 1, 8),
+)
+SPEC = CIMSpec(rows=128, cols=128, weight_bits=4, input_bits=4, dac_bits=1, adc_bits=4)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _build(shape, batch: int, device: torch.device):
+    cin, cout, stride, size = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False).to(device)
+    x = torch.rand(batch, cin, size, size, device=device)
+    layer = CIMConv2d.from_conv(conv, SPEC).to(device)
+    layer.input_quantizer.signed = False
+    with torch.no_grad():
+        layer(x[:8])  # lazy initialisation of all quantizers
+    return conv, layer, x
+
+
+def measure(shape, batch: int, device: torch.device, repeats: int) -> dict:
+    """Times and ratios for one conv shape."""
+    conv, layer, x = _build(shape, batch, device)
+    n_cycles = layer.geometry.n_cycles(signed=False)
+    with torch.no_grad():
+        t_conv = _time(lambda: conv(x), device, repeats)
+        t_cim = _time(lambda: layer(x), device, repeats)
+    x_grad = x.clone().requires_grad_(True)
+
+    def conv_step():
+        conv(x_grad).sum().backward()
+
+    def cim_step():
+        layer(x_grad).sum().backward()
+
+    t_conv_fb = _time(conv_step, device, repeats)
+    t_cim_fb = _time(cim_step, device, repeats)
+    return {
+        "shape": shape,
+        "arrays": layer.geometry.arrays_used,
+        "row_blocks": layer.geometry.n_row_blocks,
+        "cycles": n_cycles,
+        "conv_fwd_ms": 1e3 * t_conv,
+        "cim_fwd_ms": 1e3 * t_cim,
+        "fwd_ratio": t_cim / (n_cycles * t_conv),
+        "fwd_bwd_ratio": t_cim_fb / (n_cycles * t_conv_fb),
+    }
+
+
+def _rss_kib(field: str) -> int:
+    """A memory field (``VmRSS`` or the peak ``VmHWM``) of /proc/self/status, in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_memory_mb(shape, batch: int, device: torch.device) -> float:
+    """Peak memory of one CIM forward+backward (MiB); see the module docstring for the method."""
+    if device.type == "cuda":
+        conv, layer, x = _build(shape, batch, device)
+        x = x.requires_grad_(True)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        layer(x).sum().backward()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    code = (
+        "import json, sys, torch; sys.path.insert(0, '.');"
+        "from benchmarks.cim_layer_speed import _build, _rss_kib;"
+        f"conv, layer, x = _build({tuple(shape)}, {batch}, torch.device('cpu'));"
+        "x.requires_grad_(True);"
+        "open('/proc/self/clear_refs', 'w').write('5');"  # reset the peak RSS (VmHWM) to the current RSS
+        "before = _rss_kib('VmRSS');"
+        "layer(x).sum().backward();"
+        "print(json.dumps((_rss_kib('VmHWM') - before) / 1024))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# CIM layer speed: {name}, torch {torch.__version__}, batch {args.batch}, "
+          f"R=C={SPEC.rows}, W{SPEC.weight_bits} A{SPEC.input_bits} (bit-serial) ADC{SPEC.adc_bits}")
+    header = "| conv (Cin->Cout, stride, HxW) | arrays | cycles | conv fwd ms | CIM fwd ms | fwd ratio | fwd+bwd ratio | peak MiB |"
+    print(header)
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in RESNET20_CONV_SHAPES:
+        row = measure(shape, args.batch, device, args.repeats)
+        memory = float("nan") if args.no_memory else peak_memory_mb(shape, args.batch, device)
+        cin, cout, stride, size = shape
+        print(f"| {cin}->{cout}, s{stride}, {size}x{size} | {row['arrays']} | {row['cycles']} | "
+              f"{row['conv_fwd_ms']:.2f} | {row['cim_fwd_ms']:.2f} | {row['fwd_ratio']:.2f} | "
+              f"{row['fwd_bwd_ratio']:.2f} | {memory:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Lightning callbacks: the four CIMQ techniques, PTQ and QAT, and the hardware report.
+
+List them under ``trainer.callbacks`` in a config; each owns one concern and attaches at ``setup``.
+"""
+
+from cimq_pl.callbacks.arraywise import ArraywiseWeights
+from cimq_pl.callbacks.bit_sparse import BitSparseActivations
+from cimq_pl.callbacks.dropping import QuantDropping
+from cimq_pl.callbacks.psum_clipping import PartialSumClipping
+from cimq_pl.callbacks.ptq import PostTrainingQuantization
+from cimq_pl.callbacks.qat import QuantizationAwareTraining
+
+__all__ = [
+    "ArraywiseWeights",
+    "BitSparseActivations",
+    "PartialSumClipping",
+    "PostTrainingQuantization",
+    "QuantDropping",
+    "QuantizationAwareTraining",
+]

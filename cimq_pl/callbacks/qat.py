@@ -1,0 +1,104 @@
+"""Callback: quantization-aware training as an ordinary ``trainer.fit`` (SPEC 4.4, last sentence).
+
+The task loss (cross-entropy) plus the bit-sparsity regularizer trains the network weights together with the
+learned step sizes and ADC clips, starting from the FP weights (calibrated at ``on_fit_start``) or from a PTQ
+checkpoint (``init_from``; its AdaRound decisions are baked into the weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from cimq_pl.callbacks.calibration import calibrate_module_
+from cimq_pl.callbacks.technique import require_cim
+from cimq_pl.errors import ConfigError
+from cimq_pl.models import read_state_dict
+from cimq_pl.objectives import TaskObjective
+from cimq_pl.quant import cim_layers
+
+__all__ = ["QuantizationAwareTraining"]
+
+
+class QuantizationAwareTraining(Callback):
+    """Fine-tune the CIM model with the task loss.
+
+    Learning rate, momentum and weight decay are the module's (``model.lr`` ...); the schedule is a cosine
+    over the whole fit.
+
+    Args:
+        init_from: a checkpoint of this module after PTQ (``ptq.ckpt``); None starts from the FP weights and
+            calibrates.
+        quantizer_lr_scale: learning-rate multiplier of the quantizer parameters.
+
+    Raises:
+        ConfigError: quantizer_lr_scale <= 0, or an ``init_from`` checkpoint that does not fit the model.
+    """
+
+    def __init__(self, init_from: Optional[str] = None, quantizer_lr_scale: float = 1.0):
+        if not quantizer_lr_scale > 0:
+            raise ConfigError(f"QuantizationAwareTraining.quantizer_lr_scale={quantizer_lr_scale!r} is invalid: expected > 0")
+        self.init_from = init_from
+        self.quantizer_lr_scale = quantizer_lr_scale
+        self._resumed = False
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        require_cim(pl_module, type(self).__name__)
+        if stage == "fit":
+            pl_module.objective = TaskObjective(self.quantizer_lr_scale)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._resumed:
+            return
+        if self.init_from is not None:
+            load_ptq_checkpoint_(pl_module, self.init_from)
+            rank_zero_info(f"[cimq] QAT starts from {self.init_from}")
+        else:
+            calibrate_module_(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"init_from": self.init_from}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = True
+
+
+@torch.no_grad()
+def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
+    """Load a PTQ checkpoint into ``pl_module``, baking hard AdaRound decisions into the weights.
+
+    With AdaRound the code is ``floor(w / s) + [V >= 0]`` (h(V) >= 0.5 exactly when V >= 0); the weight is set
+    to ``code x s`` so that round-to-nearest reproduces that code.
+
+    Raises:
+        ConfigError: the checkpoint cannot be read or does not fit the module.
+    """
+    state = read_state_dict(path)
+    logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
+    rest = {k: v for k, v in state.items() if k not in logits}
+    expected = pl_module.state_dict()
+    missing = [k for k in expected if k not in rest]
+    unexpected = [k for k in rest if k not in expected]
+    if missing or unexpected:
+        raise ConfigError(
+            f"QAT init_from {path!r} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+            "(it must be a checkpoint of the same model and model.cim)"
+        )
+    pl_module.load_state_dict(rest, strict=True)
+    for name, layer in cim_layers(pl_module.model):
+        key = f"model.{name}.weight_quantizer.rounding_logits"
+        quantizer = layer.weight_quantizer
+        if key not in logits or quantizer is None:
+            continue
+        step = quantizer.element_step().detach()
+        qmin, qmax = quantizer.code_range
+        codes = torch.clamp(torch.floor(layer.weight / step) + (logits[key].to(step.device) >= 0).to(step.dtype), qmin, qmax)
+        layer.weight.copy_(codes * step)

@@ -1,0 +1,58 @@
+"""Cross-entropy on the labels (plus the bit-sparsity regularizer): FP fine-tuning and QAT."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cimq_pl.objectives.base import sparsity_penalty
+from cimq_pl.quant import cim_layers
+
+__all__ = ["TaskObjective"]
+
+
+class TaskObjective:
+    """Task loss ``cross_entropy + sum(lambda x expected 1 bits)``, SGD with cosine decay over the run.
+
+    Network weights use the module's ``lr``, ``momentum`` and ``weight_decay``; quantizer parameters (weight
+    and input step sizes, learnable ADC clips) use ``lr x quantizer_lr_scale`` without weight decay.
+
+    Args:
+        quantizer_lr_scale: learning-rate multiplier of the quantizer parameters.
+    """
+
+    def __init__(self, quantizer_lr_scale: float = 1.0):
+        self.quantizer_lr_scale = quantizer_lr_scale
+
+    def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = module(images)
+        loss = F.cross_entropy(logits, labels)
+        module.log("train/ce", loss)
+        penalty = sparsity_penalty(module.model)
+        if penalty is not None:
+            module.log("train/sparsity_penalty", penalty)
+            loss = loss + penalty
+        module.log("train/loss", loss, prog_bar=True)
+        module.log("train/acc", (logits.argmax(1) == labels).float().mean())
+        return loss
+
+    def configure_optimizers(self, module):
+        hp = module.hparams
+        quantizer = [
+            p
+            for _, layer in cim_layers(module.model)
+            for q in layer.quantizers().values()
+            for p in q.parameters()
+            if p.requires_grad and q.enabled
+        ]
+        quantizer_ids = {id(p) for p in quantizer}
+        weights = [p for p in module.parameters() if p.requires_grad and id(p) not in quantizer_ids]
+        groups = [{"params": weights, "weight_decay": hp.weight_decay}]
+        if quantizer:
+            groups.append({"params": quantizer, "weight_decay": 0.0, "lr": hp.lr * self.quantizer_lr_scale})
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, int(module.trainer.estimated_stepping_batches))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

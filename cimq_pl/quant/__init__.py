@@ -1,0 +1,58 @@
+"""CIM simulation core of cimq-pl: pure PyTorch, never imports Lightning.
+
+Public API: `CIMSpec` (the macro), `TileGeometry` (array mapping), `QuantizerOptions`, the quantizers, the
+CIM layers, and the model verbs `convert_to_cim`, `fold_batchnorm_` and `calibrate_`.
+"""
+
+from cimq_pl.quant.activation import ActivationQuantizer
+from cimq_pl.quant.convert import (
+    ConversionReport,
+    ConvertedLayer,
+    calibrate_,
+    cim_layers,
+    convert_to_cim,
+    fold_batchnorm_,
+    set_collect_stats,
+    set_quantizers_enabled,
+)
+from cimq_pl.quant.layers import CIMConv2d, CIMLinear
+from cimq_pl.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver
+from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.psum import PsumQuantizer
+from cimq_pl.quant.registry import CIM_LAYER_TYPES, list_cim_layers, register_cim_layer
+from cimq_pl.quant.spec import CIMSpec
+from cimq_pl.quant.stats import COUNTER_NAMES, CIMStats
+from cimq_pl.quant.tiling import RowBlockPart, TileGeometry
+from cimq_pl.quant.uniform import QuantizerBase, UniformQuantizer
+from cimq_pl.quant.weight import WeightQuantizer
+
+__all__ = [
+    "ActivationQuantizer",
+    "CIMConv2d",
+    "CIMLinear",
+    "CIMSpec",
+    "CIMStats",
+    "CIM_LAYER_TYPES",
+    "COUNTER_NAMES",
+    "ConversionReport",
+    "ConvertedLayer",
+    "MSEObserver",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "PsumQuantizer",
+    "QuantizerBase",
+    "QuantizerOptions",
+    "RangeObserver",
+    "RowBlockPart",
+    "TileGeometry",
+    "UniformQuantizer",
+    "WeightQuantizer",
+    "calibrate_",
+    "cim_layers",
+    "convert_to_cim",
+    "fold_batchnorm_",
+    "list_cim_layers",
+    "register_cim_layer",
+    "set_collect_stats",
+    "set_quantizers_enabled",
+]

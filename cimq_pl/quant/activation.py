@@ -1,0 +1,123 @@
+"""`ActivationQuantizer`: LSQ input quantizer with an optional bit-sparse code set (SPEC 4.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from cimq_pl.quant.ste import code_range, popcount
+from cimq_pl.quant.uniform import UniformQuantizer
+
+
+class ActivationQuantizer(UniformQuantizer):
+    """Quantizer of the inputs a CIM layer feeds to its wordlines.
+
+    Codes are ``bits``-bit integers, unsigned for layers fed by a ReLU and two's complement otherwise
+    (``signed=None`` decides from calibration data). With ``max_ones = k < bits`` the codes are restricted to
+    the *bit-sparse code set*: integers whose ``bits``-bit two's-complement pattern has at most k one bits.
+    Values are projected to the nearest allowed code (ties to the smaller code) with a straight-through
+    gradient; the step size is learned (LSQ).
+
+    Args:
+        bits: code bits b_a.
+        signed: see `UniformQuantizer`.
+        max_ones: most 1 bits allowed per code, None (or ``bits``) for the plain uniform quantizer.
+        observer: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        grad_scaling: LSQ gradient scaling of the step.
+        **observer_kwargs: forwarded to the observer.
+
+    Attributes:
+        sparsity_weight: lambda of the bit-sparsity regularizer (SPEC 4.1); 0 records no penalty.
+        last_sparsity_penalty: the penalty of the last training forward (cleared by whoever reads it).
+
+    Raises:
+        ValueError: when ``max_ones`` is outside [1, bits].
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: Optional[bool] = None,
+        max_ones: Optional[int] = None,
+        observer: str = "minmax",
+        grad_scaling: bool = True,
+        **observer_kwargs,
+    ) -> None:
+        super().__init__(bits, signed, observer, grad_scaling, **observer_kwargs)
+        if max_ones is not None and not 1 <= max_ones <= bits:
+            raise ValueError(f"max_ones={max_ones!r} is invalid: expected an integer in [1, bits={bits}] or None")
+        self.max_ones = max_ones
+        self.sparsity_weight = 0.0
+        self.last_sparsity_penalty: Optional[torch.Tensor] = None
+        self._tables: dict = {}
+
+    def get_extra_state(self) -> Any:
+        return {**super().get_extra_state(), "max_ones": self.max_ones}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.max_ones = state.get("max_ones", self.max_ones)
+
+    @property
+    def sparse_codes(self) -> bool:
+        """Whether codes are restricted to a bit-sparse set (max_ones < bits)."""
+        return self.max_ones is not None and self.max_ones < self.bits
+
+    def allowed_codes(self, device: Optional[torch.device] = None) -> tuple:
+        """Sorted allowed codes and their popcounts, as float tensors on ``device``."""
+        key = (bool(self.signed), self.max_ones, str(device))
+        if key not in self._tables:
+            qmin, qmax = code_range(self.bits, bool(self.signed))
+            codes = torch.arange(qmin, qmax + 1, dtype=torch.float32)
+            ones = popcount(codes, self.bits)
+            if self.sparse_codes:
+                keep = ones <= self.max_ones
+                codes, ones = codes[keep], ones[keep]
+            self._tables[key] = (codes.to(device), ones.to(device=device, dtype=torch.float32))
+        return self._tables[key]
+
+    def project(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Nearest allowed code of clamped normalised values (plain rounding without a sparse code set)."""
+        if not self.sparse_codes:
+            return torch.round(normalized)
+        table, _ = self.allowed_codes(normalized.device)
+        table = table.to(normalized.dtype)
+        midpoints = (table[1:] + table[:-1]) / 2
+        return table[torch.bucketize(normalized, midpoints)]
+
+    def codes(self, x: torch.Tensor) -> tuple:
+        """As `UniformQuantizer.codes`; while training with ``sparsity_weight > 0`` it also records
+        ``last_sparsity_penalty = sparsity_weight x expected_ones(x)`` for the training objective to add."""
+        if self.training and self.sparsity_weight > 0 and torch.is_grad_enabled():
+            self.last_sparsity_penalty = self.sparsity_weight * self.expected_ones(x)
+        return super().codes(x)
+
+    def expected_ones(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable surrogate of the mean number of 1 bits per code of ``x`` (for a sparsity regularizer).
+
+        The clamped normalised value v = clamp(x / step) lies between two neighbouring allowed codes
+        a_lo <= v <= a_hi; the surrogate interpolates their popcounts linearly:
+        ``(1 - f) * ones(a_lo) + f * ones(a_hi)`` with ``f = (v - a_lo) / (a_hi - a_lo)``. It equals the true
+        popcount at every allowed code, is piecewise linear in x and in the step, and its gradient pushes
+        values towards neighbours with fewer 1 bits.
+
+        Args:
+            x: the quantizer's input.
+
+        Returns:
+            0-dim tensor: mean 1 bits per element (bits).
+        """
+        if not self.initialized:
+            self.init_from_data(x)
+        qmin, qmax = self.code_range
+        table, ones = self.allowed_codes(x.device)
+        table, ones = table.to(x.dtype), ones.to(x.dtype)
+        v = torch.clamp(x / self._step_for(x), qmin, qmax)
+        low = (torch.bucketize(v.detach(), table, right=True) - 1).clamp(0, table.numel() - 2)
+        a_low, a_high = table[low], table[low + 1]
+        fraction = (v - a_low) / (a_high - a_low)
+        return ((1 - fraction) * ones[low] + fraction * ones[low + 1]).mean()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", max_ones={self.max_ones}"

@@ -1,0 +1,537 @@
+"""CIM layers: `CIMConv2d` and `CIMLinear` compute what a crossbar macro computes (SPEC section 3).
+
+For output channel o at position l, with input codes a (scale s_a) and weight codes q (scale s_w[tile])::
+
+    a = sum_j w_j * a_j                        input cycles j of dac_bits (sign cycle weighted -2^(b_a-1))
+    q = sum_s 2^(s*b_c) * q_s                  weight slices s (offset slicing: minus the reference column)
+    p[r, j, s, o, l] = sum_{i in rows(r)} a_j[i, l] * q_s[i, o]
+    y[o, l] = s_a * sum_r s_w[r, col(o)] * sum_j w_j * sum_s 2^(s*b_c) * ADC(p[r, j, s, o, l]) + bias[o]
+
+Vectorised: the input cycles are stacked in the batch dimension and the row blocks (arrays along the rows,
+times conv groups) are the groups of one grouped convolution whose output channels are all slices and columns
+of all arrays; a ragged last row block, if any, is a second convolution. The ADC and the cycle shift-add are
+one fused pass (`PsumQuantizer.convert_and_sum`), and the per-tile scales and the shift-add across slices and
+row blocks act on the cycle-summed tensor. No Python loop runs over arrays, positions or cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cimq_pl.quant.activation import ActivationQuantizer
+from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.psum import PsumQuantizer, cycle_sum
+from cimq_pl.quant.registry import register_cim_layer
+from cimq_pl.quant.spec import CIMSpec
+from cimq_pl.quant.stats import CIMStats
+from cimq_pl.quant.tiling import TileGeometry
+from cimq_pl.quant.ste import constant_tensor, popcount
+from cimq_pl.quant.weight import WeightQuantizer
+
+
+class _DigitSplit(torch.autograd.Function):
+    """Split integer-valued codes into weighted digits: values = sum_k weights[k] * digits[k].
+
+    Digit k is ``floor((ip + offset) / 2^shift_k) mod 2^width_k`` (no modulus when width_k is 0: a signed top
+    digit), where ``ip = clamp(floor(values), qmin, qmax)``; the residual ``values - ip`` (AdaRound soft codes,
+    QDrop full-precision values) is added to digit 0, whose weight is 1. Backward (straight-through):
+    d values = mean_k(d digits[k] / weights[k]), exact when every digit sees the same gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, values, shifts, widths, weights, offset, qmin, qmax, exact):
+        view = (-1,) + (1,) * values.dim()
+        int_dtype = torch.int16 if max(abs(qmin), abs(qmax)) + offset < 2**15 else torch.int32
+        if exact:  # values already hold integer codes in [qmin, qmax]
+            integer, residual = values.to(int_dtype), None
+        else:
+            floored = torch.clamp(torch.floor(values), qmin, qmax)
+            integer, residual = floored.to(int_dtype), values - floored
+        if offset:
+            integer = integer + offset
+        shift = constant_tensor(tuple(shifts), int_dtype, values.device).view(view)
+        mask = constant_tensor(tuple(2**w - 1 if w else -1 for w in widths), int_dtype, values.device).view(view)
+        digits = torch.bitwise_and(torch.bitwise_right_shift(integer.unsqueeze(0), shift), mask).to(values.dtype)
+        if residual is not None:
+            digits[0] += residual
+        ctx.weights = weights
+        return digits
+
+    @staticmethod
+    def backward(ctx, grad_digits):
+        inverse = constant_tensor(tuple(1.0 / (w * len(ctx.weights)) for w in ctx.weights), grad_digits.dtype,
+                                  grad_digits.device).view((-1,) + (1,) * (grad_digits.dim() - 1))
+        return (grad_digits * inverse).sum(0), None, None, None, None, None, None, None
+
+
+def split_input_cycles(
+    codes: torch.Tensor, geometry: TileGeometry, bits: int, signed: bool, code_range: tuple, exact: bool = False
+):
+    """Input digits per cycle, shape (n_cycles, *codes.shape), and the cycle shift-add weights.
+
+    ``exact`` promises integer codes within ``code_range`` (skips the floor/residual pass)."""
+    digit_bits, cycle_weights = geometry.input_cycles(signed, bits)
+    shifts, shift = [], 0
+    for width in digit_bits[: len(digit_bits) - int(signed)]:
+        shifts.append(shift)
+        shift += width
+    if signed:
+        shifts.append(bits - 1)
+    digits = _DigitSplit.apply(codes, tuple(shifts), digit_bits, cycle_weights, 0, *code_range, exact)
+    return digits, cycle_weights
+
+
+def split_weight_slices(codes: torch.Tensor, geometry: TileGeometry, code_range: tuple, exact: bool = False):
+    """Weight digits per cell slice, shape (n_weight_slices, *codes.shape), their shift-add weights and the
+    reference-column digit (0 without offset slicing)."""
+    n_slices, cell_bits = geometry.n_weight_slices, geometry.cell_bits
+    shifts = tuple(s * cell_bits for s in range(n_slices))
+    weights = geometry.slice_weights()
+    if geometry.weight_slicing == "offset":
+        digits = _DigitSplit.apply(
+            codes, shifts, geometry.slice_bits, weights, 2 ** (geometry.weight_bits - 1), *code_range, exact
+        )
+        return digits, weights, geometry.offset_reference_digit()
+    widths = geometry.slice_bits[:-1] + (0,)
+    return _DigitSplit.apply(codes, shifts, widths, weights, 0, *code_range, exact), weights, 0
+
+
+class _CIMLayerBase(nn.Module):
+    """Shared simulation of a conv-shaped layer on crossbar arrays (4-D inputs).
+
+    Attributes:
+        spec: the `CIMSpec` the layer was built for.
+        geometry: its `TileGeometry`.
+        input_quantizer: `ActivationQuantizer` of the wordline inputs, None when ``spec.input_bits`` is None.
+        weight_quantizer: `WeightQuantizer`, None when ``spec.weight_bits`` is None.
+        psum_quantizer: `PsumQuantizer` (ADC), None when ``spec.adc_bits`` is None.
+        collect_stats: when True every forward pass adds to ``stats`` (off by default: training is not slowed).
+        stats: `CIMStats` event counters; ``reset_stats()`` zeroes them.
+    """
+
+    def _setup(
+        self,
+        weight: nn.Parameter,
+        bias: Optional[nn.Parameter],
+        spec: CIMSpec,
+        stride,
+        padding,
+        dilation,
+        groups: int,
+        options: Optional[QuantizerOptions],
+    ) -> None:
+        options = options or QuantizerOptions()
+        self.weight = weight
+        self.bias = bias
+        self.spec = spec
+        self.options = options
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.out_channels = weight.shape[0]
+        self.in_channels = weight.shape[1] * groups
+        self.kernel_size = tuple(weight.shape[2:]) or (1, 1)
+        geo = TileGeometry.from_layer(spec, self.in_channels, self.out_channels, self.kernel_size, groups)
+        self.geometry = geo
+        self.input_quantizer, self.weight_quantizer, self.psum_quantizer = self._build_quantizers(options)
+        self.collect_stats = False
+        self.stats = CIMStats(geo.arrays_used)
+        self.parts = geo.row_block_parts()
+        self._part_inputs = []
+        for index, part in enumerate(self.parts):
+            local = part.channel_index_tensor()
+            global_channels = (
+                torch.arange(groups).view(-1, 1, 1) * geo.in_channels_per_group + local.clamp_min(0).unsqueeze(0)
+            ).reshape(-1)
+            self.register_buffer(f"_part{index}_channels", global_channels, persistent=False)
+            self.register_buffer(f"_part{index}_local", local.clamp_min(0), persistent=False)
+            self.register_buffer(f"_part{index}_mask", part.row_mask_tensor(), persistent=False)
+            self.register_buffer(f"_part{index}_blocks", torch.tensor(part.row_blocks), persistent=False)
+            channels = global_channels.tolist()
+            if channels == list(range(self.in_channels)):
+                self._part_inputs.append(("all",))
+            elif channels == list(range(channels[0], channels[0] + len(channels))):
+                self._part_inputs.append(("narrow", channels[0], len(channels)))
+            else:
+                self._part_inputs.append(("index",))
+        self.register_buffer("_col_block_of_column", geo.col_block_of_column(), persistent=False)
+        self._meta_cache: dict = {}
+
+    def _build_quantizers(self, options: QuantizerOptions) -> tuple:
+        """Fresh (input, weight, psum) quantizers for ``options``; None where the spec leaves a quantity float."""
+        spec, geo = self.spec, self.geometry
+        input_quantizer = weight_quantizer = psum_quantizer = None
+        if spec.input_bits is not None:
+            max_ones = options.input_max_ones
+            max_ones = None if max_ones is None or max_ones >= spec.input_bits else max_ones
+            input_quantizer = ActivationQuantizer(
+                spec.input_bits, options.input_signed, max_ones, options.input_observer, percentile=options.percentile
+            )
+        if spec.weight_bits is not None:
+            weight_quantizer = WeightQuantizer(
+                geo,
+                spec.weight_bits,
+                options.weight_granularity,
+                options.weight_rounding,
+                options.weight_observer,
+                percentile=options.percentile,
+            )
+        if spec.adc_bits is not None:
+            psum_quantizer = PsumQuantizer(
+                spec.adc_bits,
+                n_kinds=geo.n_weight_slices + geo.reference_columns_per_array,
+                n_row_arrays=geo.groups * geo.n_row_blocks,
+                n_col_blocks=geo.n_col_blocks,
+                granularity=options.psum_granularity,
+                observer=options.psum_observer,
+                learn_clip=options.learn_psum_clip,
+                percentile=options.percentile,
+            )
+        return input_quantizer, weight_quantizer, psum_quantizer
+
+    _OPTION_ROLES = {"input": "input_", "weight": "weight_", "psum": "psum_"}
+    _RUNTIME_ATTRIBUTES = ("enabled", "drop_prob", "sparsity_weight")
+
+    def set_options(self, options: QuantizerOptions) -> None:
+        """Rebuild the quantizers whose options change (uncalibrated, on the layer's device), in place.
+
+        Quantizers whose options are unchanged keep their state; rebuilt ones keep the runtime switches
+        ``enabled``, ``drop_prob`` and ``sparsity_weight`` of the ones they replace.
+        """
+        fresh = dict(zip(("input", "weight", "psum"), self._build_quantizers(options)))
+        changed_fields = {f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(self.options, f)}
+        for role, quantizer in fresh.items():
+            prefix = self._OPTION_ROLES[role]
+            if quantizer is None or not any(f.startswith(prefix) or f == "percentile" for f in changed_fields):
+                continue
+            old = getattr(self, f"{role}_quantizer")
+            for name in self._RUNTIME_ATTRIBUTES:
+                if old is not None and hasattr(old, name):
+                    setattr(quantizer, name, getattr(old, name))
+            setattr(self, f"{role}_quantizer", quantizer.to(device=self.weight.device, dtype=self.weight.dtype))
+        self.options = options
+
+    # ------------------------------------------------------------------ public helpers
+    def quantizers(self) -> dict:
+        """The existing quantizers by role: ``{"input": ..., "weight": ..., "psum": ...}`` (None omitted)."""
+        found = {"input": self.input_quantizer, "weight": self.weight_quantizer, "psum": self.psum_quantizer}
+        return {name: q for name, q in found.items() if q is not None}
+
+    def set_quantizers_enabled(self, enabled: bool) -> None:
+        """Enable or disable every quantizer of the layer (disabled = float, exact original layer)."""
+        for quantizer in self.quantizers().values():
+            quantizer.enabled = enabled
+
+    def _weight4d(self) -> torch.Tensor:
+        return self.weight.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def reset_stats(self) -> None:
+        """Zero the event counters."""
+        self.stats.reset()
+
+    # ------------------------------------------------------------------ simulation
+    def _channel_meta(self, part_index: int, n_slices: int, n_ref: int, float_inputs: bool, float_weights: bool):
+        """(alpha group, signed) per conv output channel of a part, cached per configuration and device."""
+        key = (part_index, n_slices, n_ref, float_inputs, float_weights, self.weight.device)
+        if key not in self._meta_cache:
+            geo = self.geometry
+            device = self.weight.device
+            cout_g = geo.out_channels_per_group
+            blocks = getattr(self, f"_part{part_index}_blocks")
+            kind = torch.cat([torch.arange(n_slices, device=device).repeat_interleave(cout_g),
+                              torch.full((n_ref,), n_slices, device=device, dtype=torch.long)])
+            col = torch.cat([self._col_block_of_column.repeat(n_slices), torch.arange(n_ref, device=device)])
+            signed_kind = torch.zeros(n_slices + 1, dtype=torch.bool, device=device)
+            if float_weights or float_inputs:
+                signed_kind[:] = True
+            elif geo.weight_slicing == "twos_complement":
+                signed_kind[n_slices - 1] = True
+            row_array = torch.arange(geo.groups, device=device).view(-1, 1) * geo.n_row_blocks + blocks.view(1, -1)
+            n_arrays = row_array.numel()
+            kind_all = kind.repeat(n_arrays)
+            col_all = col.repeat(n_arrays)
+            row_all = row_array.reshape(-1).repeat_interleave(kind.numel())
+            group = self.psum_quantizer.group_of(kind_all, row_all, col_all) if self.psum_quantizer else None
+            self._meta_cache[key] = (group, signed_kind[kind_all])
+        return self._meta_cache[key]
+
+    def _part_input(self, digits: torch.Tensor, part_index: int) -> torch.Tensor:
+        how = self._part_inputs[part_index]
+        if how[0] == "all":
+            return digits
+        if how[0] == "narrow":
+            return digits.narrow(1, how[1], how[2])
+        return digits.index_select(1, getattr(self, f"_part{part_index}_channels"))
+
+    def _part_weight(self, slices: torch.Tensor, part_index: int, ref_digit: int) -> torch.Tensor:
+        """Grouped-conv weight of a part: (groups * blocks * K, slots, k_h, k_w), K = slices * C_out/g + refs."""
+        geo = self.geometry
+        g, cout_g, cin_g = geo.groups, geo.out_channels_per_group, geo.in_channels_per_group
+        n_slices = slices.shape[0]
+        local = getattr(self, f"_part{part_index}_local")
+        mask = getattr(self, f"_part{part_index}_mask").to(slices.dtype)
+        n_blocks, slots = local.shape
+        per_row = slices.reshape(n_slices, g, cout_g, cin_g, geo.kernel_area)[:, :, :, local]
+        weight = (per_row * mask).permute(1, 3, 0, 2, 4, 5).reshape(g, n_blocks, n_slices * cout_g, slots, -1)
+        if ref_digit:
+            reference = (ref_digit * mask).unsqueeze(1).expand(g, n_blocks, geo.n_col_blocks, slots, -1)
+            weight = torch.cat([weight, reference.to(weight.dtype)], 2)
+        return weight.reshape(-1, slots, *self.kernel_size)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, groups)
+
+    def simulate(self, x: torch.Tensor, trace: bool = False):
+        """Run the macro on a 4-D input (N, C_in, H, W).
+
+        Args:
+            x: input activations.
+            trace: also return a dict of intermediate integers (slow path, for tests and export):
+                ``input_codes`` (N, C_in, H, W); ``input_digits`` (n_cycles, N, C_in, H, W);
+                ``cycle_weights``; ``weight_codes`` (C_out, C_in/g, k_h, k_w); ``weight_slices``
+                (n_slices, C_out, C_in/g, k_h, k_w); ``slice_weights``; ``reference_digit``;
+                ``partial_sums`` and ``adc_codes`` (n_cycles, N, groups, n_row_blocks, K, H_out, W_out) where
+                channel k < n_slices * C_out/g is slice k // (C_out/g) of column k % (C_out/g) and the last
+                ``n_col_blocks`` channels (offset slicing) are the reference columns of each column block;
+                ``adc_codes`` is None when the ADC is ideal or disabled.
+
+        Returns:
+            The output (N, C_out, H_out, W_out), or ``(output, trace_dict)`` when ``trace``.
+        """
+        geo = self.geometry
+        n_images = x.shape[0]
+        iq, wq, pq = self.input_quantizer, self.weight_quantizer, self.psum_quantizer
+        if iq is not None and iq.enabled and iq.observe:
+            iq.observer.update(x.detach().reshape(1, -1))
+        input_active = iq is not None and iq.enabled and not iq.observe
+        weight_active = wq is not None and wq.enabled
+        adc_active = pq is not None and pq.enabled
+
+        if input_active:
+            codes, input_step = iq.codes(x)
+            digits, cycle_weights = split_input_cycles(
+                codes, geo, iq.bits, bool(iq.signed), iq.code_range, exact=not iq.dropping
+            )
+            n_cycles = len(cycle_weights)
+            stacked = digits.reshape(n_cycles * n_images, *x.shape[1:])
+        else:
+            codes, input_step, digits, cycle_weights, n_cycles, stacked = None, None, None, (1,), 1, x
+
+        if weight_active:
+            if not wq.initialized:
+                wq.init_from_observer(self._weight4d())
+            weight_step = wq.expanded_step()
+            weight_codes = wq.codes(self._weight4d(), weight_step)
+            exact = wq.rounding_logits is None or wq.hard or not wq.training
+            slices, slice_weights, ref_digit = split_weight_slices(weight_codes, geo, wq.code_range, exact)
+        else:
+            weight_step, weight_codes, slices, slice_weights, ref_digit = None, None, self._weight4d().unsqueeze(0), (1,), 0
+        n_slices = slices.shape[0]
+        n_ref = geo.n_col_blocks if ref_digit else 0
+        cout_g = geo.out_channels_per_group
+        columns = n_slices * cout_g + n_ref
+
+        psums, metas = [], []
+        for index in range(len(self.parts)):  # at most 2 parts (full row blocks, ragged last block)
+            n_conv_groups = geo.groups * len(self.parts[index].row_blocks)
+            weight = self._part_weight(slices, index, ref_digit)
+            psums.append(self._conv(self._part_input(stacked, index), weight, n_conv_groups))
+            metas.append(self._channel_meta(index, n_slices, n_ref, not input_active, not weight_active))
+
+        if adc_active and (pq.observe or not pq.initialized):
+            pq.observe_psums(psums, [m[0] for m in metas], [m[1] for m in metas])
+            if not pq.observe:
+                pq.init_from_observer()
+
+        output, clipped_total, adc_codes = 0, 0, []
+        count_clipped = self.collect_stats and adc_active
+        for index, (psum, (group, signed)) in enumerate(zip(psums, metas)):
+            if adc_active:
+                summed, clipped, part_codes = pq.convert_and_sum(
+                    psum, group, signed, cycle_weights, count_clipped, return_codes=trace
+                )
+                adc_codes.append(part_codes)
+                if clipped is not None:
+                    clipped_total = clipped_total + clipped
+            else:
+                summed = cycle_sum(psum, cycle_weights)
+            output = output + self._shift_add(summed, index, weight_step, slice_weights, n_ref)
+
+        height, width = output.shape[-2:]
+        output = output.reshape(n_images, self.out_channels, height, width)
+        if input_step is not None:
+            output = output * input_step
+        if self.bias is not None:
+            output = output + self.bias.view(1, -1, 1, 1)
+
+        if self.collect_stats:
+            self._count(x, codes, iq if input_active else None, psums, n_cycles, clipped_total, n_images, height * width)
+        if not trace:
+            return output
+        return output, self._trace(codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit,
+                                   psums, adc_codes if adc_active else None, n_cycles, n_images, columns)
+
+    def _shift_add(self, summed, part_index, weight_step, slice_weights, n_ref):
+        """Per-tile scales and shift-add over slices and row blocks: (N, blocks*K, H, W) -> (N, G, C_out/g, H, W)."""
+        geo = self.geometry
+        g, cout_g = geo.groups, geo.out_channels_per_group
+        n_slices = len(slice_weights)
+        blocks = getattr(self, f"_part{part_index}_blocks")
+        n_blocks = blocks.numel()
+        n_images, _, height, width = summed.shape
+        per_block = summed.view(n_images, g, n_blocks, n_slices * cout_g + n_ref, height, width)
+        tile_step = weight_step.index_select(1, blocks) if weight_step is not None else None  # (G, blocks, C_out/g)
+        if n_slices == 1 and tile_step is None and not n_ref:
+            return per_block.sum(2)
+        coefficient = constant_tensor(tuple(slice_weights), summed.dtype, summed.device).view(1, 1, -1, 1)
+        if tile_step is not None:
+            coefficient = coefficient * tile_step.unsqueeze(2)
+        coefficient = coefficient.expand(g, n_blocks, n_slices, cout_g)
+        columns = per_block[:, :, :, : n_slices * cout_g] if n_ref else per_block
+        out = (columns.reshape(n_images, g, n_blocks * n_slices, cout_g, height, width)
+               * coefficient.reshape(1, g, n_blocks * n_slices, cout_g, 1, 1)).sum(2)
+        if n_ref:
+            reference = per_block[:, :, :, n_slices * cout_g:].index_select(3, self._col_block_of_column)
+            top_weight = float(slice_weights[-1])
+            ref_coefficient = -top_weight * (tile_step if tile_step is not None else reference.new_ones(g, n_blocks, cout_g))
+            out = out + (reference * ref_coefficient.expand(g, n_blocks, cout_g).view(1, g, n_blocks, cout_g, 1, 1)).sum(2)
+        return out
+
+    @torch.no_grad()
+    def _count(self, x, codes, input_quantizer, psums, n_cycles, clipped, n_images, positions_per_image):
+        geo = self.geometry
+        positions = n_images * positions_per_image
+        counts = dict(
+            images=n_images,
+            output_positions=positions,
+            macs=positions * self.out_channels * geo.unrolled_rows,
+            adc_conversions=sum(p.numel() for p in psums),
+            psum_clipped=clipped,
+        )
+        if input_quantizer is not None:
+            qmin, qmax = input_quantizer.code_range
+            integer = torch.clamp(torch.floor(codes), qmin, qmax)
+            ones_map = popcount(integer, input_quantizer.bits).sum(1, keepdim=True).to(x.dtype)
+            kernel = torch.ones(1, 1, *self.kernel_size, dtype=x.dtype, device=x.device)
+            ones = self._conv(ones_map, kernel, 1).sum().round().to(torch.long)
+            counts.update(
+                input_bits_fed=geo.groups * geo.unrolled_rows * positions * input_quantizer.bits,
+                input_ones_fed=ones,
+                wordline_activations=ones * geo.n_col_blocks,
+            )
+        self.stats.add(**counts)
+
+    def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
+               n_cycles, n_images, columns):
+        geo = self.geometry
+
+        def assemble(parts):
+            if parts is None:
+                return None
+            full = None
+            for index, tensor in enumerate(parts):
+                blocks = self.parts[index].row_blocks
+                shaped = tensor.reshape(n_cycles, n_images, geo.groups, len(blocks), columns, *tensor.shape[-2:])
+                if full is None:
+                    full = tensor.new_zeros(n_cycles, n_images, geo.groups, geo.n_row_blocks, columns, *tensor.shape[-2:])
+                full[:, :, :, list(blocks)] = shaped.detach()
+            return full
+
+        return {
+            "input_codes": None if codes is None else codes.detach(),
+            "input_digits": None if digits is None else digits.detach(),
+            "cycle_weights": cycle_weights,
+            "weight_codes": None if weight_codes is None else weight_codes.detach(),
+            "weight_slices": slices.detach(),
+            "slice_weights": slice_weights,
+            "reference_digit": ref_digit,
+            "partial_sums": assemble(psums),
+            "adc_codes": assemble(adc_codes),
+        }
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {self.geometry.describe()}"
+
+
+@register_cim_layer(nn.Conv2d)
+class CIMConv2d(_CIMLayerBase):
+    """`nn.Conv2d` simulated on CIM arrays (any stride, padding, dilation and groups; zero padding only).
+
+    Build it with `CIMConv2d.from_conv`, which shares the conv's ``weight`` and ``bias`` Parameters.
+
+    Args:
+        weight: (C_out, C_in/groups, k_h, k_w) Parameter.
+        bias: (C_out,) Parameter or None.
+        spec: the macro.
+        stride: conv stride.
+        padding: conv padding (ints or ``"same"``/``"valid"``).
+        dilation: conv dilation.
+        groups: conv groups.
+        options: quantizer choices (`QuantizerOptions`), defaults when None.
+
+    Raises:
+        ValueError: when the layer cannot be mapped (see `TileGeometry.from_layer`).
+    """
+
+    def __init__(self, weight, bias, spec, stride=1, padding=0, dilation=1, groups=1, options=None) -> None:
+        super().__init__()
+        self._setup(weight, bias, spec, stride, padding, dilation, groups, options)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, spec: CIMSpec, options: Optional[QuantizerOptions] = None) -> "CIMConv2d":
+        """CIM version of ``conv`` sharing its Parameters.
+
+        Raises:
+            ValueError: when ``conv.padding_mode`` is not ``"zeros"``.
+        """
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported: expected 'zeros'")
+        return cls(conv.weight, conv.bias, spec, conv.stride, conv.padding, conv.dilation, conv.groups, options)
+
+    from_float = from_conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.simulate(x)
+
+
+@register_cim_layer(nn.Linear)
+class CIMLinear(_CIMLayerBase):
+    """`nn.Linear` simulated on CIM arrays (the k = 1 case; inputs (..., in_features)).
+
+    Args:
+        weight: (out_features, in_features) Parameter.
+        bias: (out_features,) Parameter or None.
+        spec: the macro.
+        options: quantizer choices.
+    """
+
+    def __init__(self, weight, bias, spec, options=None) -> None:
+        super().__init__()
+        self._setup(weight, bias, spec, 1, 0, 1, 1, options)
+        self.in_features, self.out_features = self.in_channels, self.out_channels
+        self.kernel_size = (1, 1)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: CIMSpec, options: Optional[QuantizerOptions] = None) -> "CIMLinear":
+        """CIM version of ``linear`` sharing its Parameters."""
+        return cls(linear.weight, linear.bias, spec, options)
+
+    from_float = from_linear
+
+    def _conv(self, x, weight, groups):
+        return F.conv2d(x, weight.reshape(*weight.shape[:2], 1, 1), None, 1, 0, 1, groups)
+
+    def simulate(self, x: torch.Tensor, trace: bool = False):
+        """As `CIMConv2d.simulate`, on (..., in_features) inputs; 4-D trace tensors have H = W = 1."""
+        leading = x.shape[:-1]
+        result = super().simulate(x.reshape(-1, self.in_features, 1, 1), trace)
+        output = result[0] if trace else result
+        output = output.reshape(*leading, self.out_features)
+        if trace:
+            return output, result[1]
+        return output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.simulate(x)

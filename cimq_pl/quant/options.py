@@ -1,0 +1,63 @@
+"""`QuantizerOptions`: how the quantizers of a CIM layer are built (granularity, rounding, observers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant.observers import OBSERVER_METHODS
+from cimq_pl.quant.psum import PSUM_GRANULARITIES
+from cimq_pl.quant.weight import ROUNDINGS, WEIGHT_GRANULARITIES
+
+Observer = Literal["minmax", "percentile", "mse"]
+
+
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """Quantizer choices shared by every converted layer (plain fields, buildable by jsonargparse).
+
+    Attributes:
+        weight_granularity: ``"layer"``, ``"channel"``, ``"array"`` (one scale per crossbar tile, SPEC 4.2) or
+            ``"array_channel"``.
+        weight_rounding: ``"nearest"`` or ``"adaround"``.
+        weight_observer: step initialisation of weights.
+        input_observer: step initialisation of input activations.
+        input_signed: input codes signed (True), unsigned (False) or decided from calibration data (None).
+        input_max_ones: bit-sparse code set, at most this many 1 bits per input code (None: all codes).
+        psum_granularity: ADC clip per ``"array"`` or per ``"layer"``.
+        psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline).
+        learn_psum_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
+        percentile: percentile used by ``"percentile"`` observers.
+
+    Raises:
+        ValueError: on an unknown choice; the message lists the allowed values.
+    """
+
+    weight_granularity: Literal["layer", "channel", "array", "array_channel"] = "array"
+    weight_rounding: Literal["nearest", "adaround"] = "nearest"
+    weight_observer: Observer = "mse"
+    input_observer: Observer = "mse"
+    input_signed: Optional[bool] = None
+    input_max_ones: Optional[int] = None
+    psum_granularity: Literal["layer", "array"] = "array"
+    psum_observer: Observer = "mse"
+    learn_psum_clip: bool = True
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("weight_granularity", WEIGHT_GRANULARITIES),
+            ("weight_rounding", ROUNDINGS),
+            ("weight_observer", OBSERVER_METHODS),
+            ("input_observer", OBSERVER_METHODS),
+            ("psum_granularity", PSUM_GRANULARITIES),
+            ("psum_observer", OBSERVER_METHODS),
+        )
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"QuantizerOptions.{name}={getattr(self, name)!r} is invalid: expected one of {list(allowed)}")
+        if self.input_max_ones is not None and (isinstance(self.input_max_ones, bool) or self.input_max_ones < 1):
+            raise ConfigError(f"QuantizerOptions.input_max_ones={self.input_max_ones!r} is invalid: expected an integer >= 1 or None")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError(f"QuantizerOptions.percentile={self.percentile!r} is invalid: expected a value in (0, 100]")

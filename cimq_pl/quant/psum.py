@@ -1,0 +1,253 @@
+"""`PsumQuantizer`: the b_p-bit ADC reading every array column, with an APoT-style learned clip (SPEC 4.3).
+
+Partial sums are in integer code units (sum of input digits x weight digits over an array's rows). An ADC of
+b_p bits maps a partial sum p to the code ``clamp(round(p / step), qmin, qmax)`` with ``step = alpha / levels``:
+
+* signed columns (a slice holding signed weight digits, or float inputs): two's-complement codes
+  [-2^(b_p-1), 2^(b_p-1)-1], ``levels = 2^(b_p-1)-1`` (1 when b_p = 1), so the range is [-alpha-step, alpha];
+* unsigned columns (offset-binary or lower two's-complement slices with unsigned inputs, reference columns):
+  codes [0, 2^b_p-1], ``levels = 2^b_p-1``, range [0, alpha].
+
+``alpha = alpha0 * exp(theta)``: alpha0 is a buffer set from calibration statistics of p, theta is learned.
+The output ``step * code`` is differentiated with a straight-through round, so d out / d alpha is
+``(code - p/step) / levels`` for unclipped values and ``code / levels`` for clipped ones: the gradient flows
+from both (the reparameterized clipping function of APoT, Li et al. ICLR 2020), not only from clipped values
+as in PACT.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor, round_ste
+from cimq_pl.quant.uniform import QuantizerBase
+
+PSUM_GRANULARITIES = ("layer", "array")
+
+
+def cycle_sum(values: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
+    """Shift-add over input cycles stacked in the batch dimension.
+
+    Args:
+        values: (n_cycles * N, C, H, W), cycle-major in the batch dimension.
+        cycle_weights: shift-add weight (int) of each cycle.
+
+    Returns:
+        (N, C, H, W): ``sum_j cycle_weights[j] * values[j]``, one matrix-vector product.
+    """
+    n_cycles = len(cycle_weights)
+    if n_cycles == 1:
+        return values if cycle_weights[0] == 1 else values * cycle_weights[0]
+    weights = constant_tensor(tuple(cycle_weights), values.dtype, values.device)
+    summed = torch.matmul(weights.unsqueeze(0), values.reshape(n_cycles, -1))
+    return summed.view(values.shape[0] // n_cycles, *values.shape[1:])
+
+
+class _ADCCycleSum(torch.autograd.Function):
+    """Fused ADC + cycle shift-add: u = step * sum_j w_j * clamp(round(p_j / step), qmin, qmax).
+
+    Saves only p; the codes are recomputed in the backward pass. Straight-through round; gradients for p
+    (zero where clipped) and for the per-channel step (APoT/LSQ form).
+    """
+
+    @staticmethod
+    def forward(ctx, psums, step, qmin, qmax, cycle_weights, count_clipped: bool):
+        view = (1, -1, 1, 1)
+        normalized = psums / step.view(view)
+        clipped = None
+        if count_clipped:
+            clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
+        normalized.round_()
+        torch.clamp(normalized, qmin.view(view), qmax.view(view), out=normalized)
+        summed = cycle_sum(normalized, cycle_weights)
+        summed.mul_(step.view(view))
+        ctx.save_for_backward(psums, step, qmin, qmax)
+        ctx.cycle_weights = cycle_weights
+        if clipped is None:
+            clipped = psums.new_zeros((), dtype=torch.long)
+        ctx.mark_non_differentiable(clipped)
+        return summed, clipped
+
+    @staticmethod
+    def backward(ctx, grad_summed, _grad_clipped):
+        psums, step, qmin, qmax = ctx.saved_tensors
+        view = (1, -1, 1, 1)
+        n_cycles = len(ctx.cycle_weights)
+        normalized = psums / step.view(view)
+        inside = (normalized >= qmin.view(view)) & (normalized <= qmax.view(view))
+        codes = torch.clamp(torch.round(normalized), qmin.view(view), qmax.view(view))
+        shape = (n_cycles, -1, *psums.shape[1:])
+        weights = constant_tensor(tuple(ctx.cycle_weights), grad_summed.dtype, grad_summed.device)
+        weighted_grad = grad_summed.unsqueeze(0) * weights.view(-1, 1, 1, 1, 1)
+        grad_psums = grad_step = None
+        if ctx.needs_input_grad[0]:
+            grad_psums = (weighted_grad * inside.view(shape)).reshape(psums.shape)
+        if ctx.needs_input_grad[1]:
+            local = (codes - torch.where(inside, normalized, 0)).view(shape)
+            grad_step = (weighted_grad * local).sum(dim=(0, 1, 3, 4))
+        return grad_psums, grad_step, None, None, None, None
+
+
+class PsumQuantizer(QuantizerBase):
+    """ADC model: b_p-bit quantizer of every partial sum, with alpha per layer or per array.
+
+    ``alpha`` has shape (n_kinds, n_row_arrays, n_col_blocks) for ``granularity="array"`` and (n_kinds, 1, 1)
+    for ``"layer"``. A *kind* is a weight slice (0 = least significant) or, last, the offset reference column;
+    ``n_row_arrays = groups * n_row_blocks``.
+
+    Args:
+        bits: ADC resolution b_p.
+        n_kinds: weight slices plus reference columns kinds (1 + 1 with offset slicing).
+        n_row_arrays: groups * n_row_blocks of the layer.
+        n_col_blocks: column blocks of the layer.
+        granularity: ``"array"`` (default, SPEC 4.3) or ``"layer"``.
+        observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC) or
+            ``"percentile"``.
+        learn_clip: whether theta is trainable (False: the conventional, fixed min-max ADC).
+        **observer_kwargs: forwarded to the observer.
+
+    Raises:
+        ValueError: on an unknown granularity or bits outside [1, 16].
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        n_kinds: int = 1,
+        n_row_arrays: int = 1,
+        n_col_blocks: int = 1,
+        granularity: str = "array",
+        observer: str = "mse",
+        learn_clip: bool = True,
+        **observer_kwargs,
+    ) -> None:
+        super().__init__(observer, **observer_kwargs)
+        if granularity not in PSUM_GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
+        if not 1 <= bits <= 16:
+            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        self.bits = bits
+        self.granularity = granularity
+        shape = (n_kinds, n_row_arrays, n_col_blocks) if granularity == "array" else (n_kinds, 1, 1)
+        self.register_buffer("alpha0", torch.ones(shape))
+        self.learn_clip = learn_clip
+        self.theta = nn.Parameter(torch.zeros(shape), requires_grad=learn_clip)
+        self._range_cache: dict = {}
+        self._observed_groups: Optional[torch.Tensor] = None
+        self._observed_signed: Optional[torch.Tensor] = None
+
+    def alpha(self) -> torch.Tensor:
+        """Clip values alpha = alpha0 * exp(theta), in partial-sum code units."""
+        return self.alpha0 * torch.exp(self.theta)
+
+    def group_of(self, kind: torch.Tensor, row_array: torch.Tensor, col_block: torch.Tensor) -> torch.Tensor:
+        """Flat index into ``alpha`` of channels described by (kind, row array, column block) tensors."""
+        _, n_rows, n_cols = self.alpha0.shape
+        if self.granularity == "layer":
+            return kind
+        return (kind * n_rows + row_array) * n_cols + col_block
+
+    def channel_params(self, group: torch.Tensor, signed: torch.Tensor) -> tuple:
+        """Per-channel (step, qmin, qmax) for channels with alpha index ``group`` and signedness ``signed``."""
+        key = (id(signed), self.bits, self.alpha0.dtype, signed.device)
+        cached = self._range_cache.get(key)
+        if cached is None or cached[0] is not signed:
+            s_min, s_max = code_range(self.bits, True)
+            u_min, u_max = code_range(self.bits, False)
+            dtype = self.alpha0.dtype
+            levels = torch.where(signed, float(clip_levels(s_min, s_max)), float(clip_levels(u_min, u_max))).to(dtype)
+            qmin = torch.where(signed, float(s_min), float(u_min)).to(dtype)
+            qmax = torch.where(signed, float(s_max), float(u_max)).to(dtype)
+            cached = (signed, levels, qmin, qmax)
+            self._range_cache[key] = cached
+        _, levels, qmin, qmax = cached
+        step = self.alpha().reshape(-1)[group] / levels
+        return step, qmin, qmax
+
+    @torch.no_grad()
+    def observe_psums(self, psums: list, groups: list, signed: list) -> None:
+        """Feed the observer with partial sums of all parts of one forward pass.
+
+        Args:
+            psums: tensors (B, C_i, H, W) of raw partial sums.
+            groups: (C_i,) alpha index of each channel.
+            signed: (C_i,) bool signedness of each channel.
+        """
+        items = torch.cat([p.detach().transpose(0, 1).reshape(p.shape[1], -1) for p in psums], 0)
+        self._observed_groups = torch.cat(groups)
+        self._observed_signed = torch.cat(signed)
+        self.observer.update(items)
+
+    @torch.no_grad()
+    def init_from_observer(self) -> None:
+        """Set alpha0 from the observed partial sums (theta reset to 0), then reset the observer."""
+        n_groups = self.alpha0.numel()
+        groups, signed = self._observed_groups, self._observed_signed
+        group_signed = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
+        group_signed = group_signed.scatter_reduce(0, groups, signed.long(), reduce="amax").bool()
+        alphas = []
+        for is_signed in (False, True):
+            qmin, qmax = code_range(self.bits, is_signed)
+            alphas.append(self.observer.compute(groups, n_groups, qmin, qmax, clip_levels(qmin, qmax)))
+        alpha = torch.where(group_signed, alphas[1], alphas[0])
+        self.alpha0.copy_(alpha.view_as(self.alpha0))
+        self.theta.zero_()
+        self.initialized = True
+        self.observer.reset()
+
+    def quantize_codes(self, psums: torch.Tensor, step: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor):
+        """ADC codes of ``psums`` (B, C, H, W) with straight-through rounding (unfused path)."""
+        view = (1, -1, 1, 1)
+        return round_ste(torch.clamp(psums / step.view(view), qmin.view(view), qmax.view(view)))
+
+    def convert_and_sum(
+        self,
+        psums: torch.Tensor,
+        group: torch.Tensor,
+        signed: torch.Tensor,
+        cycle_weights: tuple,
+        count_clipped: bool = False,
+        return_codes: bool = False,
+    ) -> tuple:
+        """ADC-convert partial sums and shift-add them over cycles.
+
+        Args:
+            psums: (n_cycles * N, C, H, W) raw partial sums, cycle-major in the batch dimension.
+            group: (C,) alpha index of each channel (see `group_of`).
+            signed: (C,) bool, signed ADC range per channel.
+            cycle_weights: shift-add weight (int) of each cycle.
+            count_clipped: also count partial sums outside [qmin, qmax] * step (clipped by the ADC).
+            return_codes: also return the integer ADC codes (unfused path; for tests and export).
+
+        Returns:
+            ``(summed, clipped, codes)``: summed (N, C, H, W) = sum_j w_j * step * code_j (or of the raw
+            values where QDrop keeps them, or when disabled/observing); clipped a 0-dim int64 tensor or None;
+            codes (n_cycles * N, C, H, W) or None.
+        """
+        if not self.enabled or self.observe:
+            return cycle_sum(psums, cycle_weights), None, None
+        step, qmin, qmax = self.channel_params(group, signed)
+        if not (self.dropping or return_codes):
+            summed, clipped = _ADCCycleSum.apply(psums, step, qmin, qmax, cycle_weights, count_clipped)
+            return summed, (clipped if count_clipped else None), None
+        view = (1, -1, 1, 1)
+        clipped = None
+        if count_clipped:
+            normalized = psums.detach() / step.detach().view(view)
+            clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
+        codes = self.quantize_codes(psums, step, qmin, qmax)
+        values = codes * step.view(view)
+        if self.dropping:
+            values = torch.where(self.drop_mask(values), values, psums)
+        return cycle_sum(values, cycle_weights), clipped, (codes.detach() if return_codes else None)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity}, alpha_shape={tuple(self.alpha0.shape)}, enabled={self.enabled}"
+
+
+__all__ = ["PsumQuantizer", "cycle_sum"]
+
+

@@ -1,0 +1,165 @@
+"""Block-wise reconstruction pieces (BRECQ / QDrop), pure PyTorch.
+
+* :func:`find_blocks` splits any model into reconstruction units generically: containers
+  (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict`` and the model itself) are opened, and every other
+  module holding at least one quantized layer is one unit (a residual block of a timm ResNet, an inverted
+  residual of a MobileNet, a lone stem conv or classifier). No per-model table.
+* :func:`capture_block_io` runs a model and returns what flows into and out of one unit, stopping the
+  forward right after it.
+* :class:`RoundingSchedule` anneals AdaRound's beta (20 -> 2 after a 20% warm-up, as in AdaRound/BRECQ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RoundingSchedule",
+    "capture_block_input",
+    "capture_block_io",
+    "eval_mode",
+    "find_blocks",
+    "float_mode",
+]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def find_blocks(model: nn.Module, is_quantized: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units of ``model`` in execution (registration) order.
+
+    Args:
+        model: the network.
+        is_quantized: predicate telling which modules are quantized layers.
+
+    Returns:
+        ``(qualified name, module)`` pairs; every quantized layer belongs to exactly one unit.
+    """
+
+    def holds_quantized(module: nn.Module) -> bool:
+        return any(is_quantized(m) for m in module.modules())
+
+    def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if not holds_quantized(child):
+                continue
+            if isinstance(child, _CONTAINERS) and not is_quantized(child):
+                yield from walk(full, child)
+            else:
+                yield full, child
+
+    return list(walk("", model))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_io(
+    model: nn.Module, block: nn.Module, images: torch.Tensor, stop: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model(images)`` and return ``(input, output)`` of ``block`` (its first positional argument).
+
+    Args:
+        model: the network containing ``block``.
+        block: the unit to observe; it must run exactly once per forward.
+        images: the model input.
+        stop: end the forward right after ``block`` (saves the rest of the network).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, output):
+        seen["input"] = args[0].detach()
+        seen["output"] = output.detach()
+        if stop:
+            raise _StopForward
+
+    handle = block.register_forward_hook(hook)
+    try:
+        model(images)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "input" not in seen:
+        raise RuntimeError(f"{type(block).__name__} did not run in the model's forward")
+    return seen["input"], seen["output"]
+
+
+@dataclass(frozen=True)
+class RoundingSchedule:
+    """AdaRound regulariser schedule over ``steps`` steps of one block.
+
+    The rounding loss is off during the first ``warmup`` fraction; then beta decays linearly from
+    ``beta_start`` to ``beta_end`` (AdaRound / BRECQ's temperature decay).
+    """
+
+    steps: int
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+
+    def active(self, step: int) -> bool:
+        """Whether the rounding loss counts at ``step`` (0-based, within the block)."""
+        return step >= self.warmup * self.steps
+
+    def beta(self, step: int) -> float:
+        """Beta at ``step``: ``beta_start`` until warm-up ends, then decaying to ``beta_end``."""
+        start = self.warmup * self.steps
+        if step <= start:
+            return self.beta_start
+        progress = min(1.0, (step - start) / max(1.0, self.steps - start))
+        return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
+
+
+def capture_block_input(model: nn.Module, block: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Run ``model(images)`` up to ``block`` and return the block's input; ``block`` itself does not run."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_module, args):
+        seen["input"] = args[0].detach()
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(pre_hook)
+    try:
+        model(images)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "input" not in seen:
+        raise RuntimeError(f"{type(block).__name__} did not run in the model's forward")
+    return seen["input"]
+
+
+@contextlib.contextmanager
+def float_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the float network: every quantizer of every CIM layer disabled, restored on exit."""
+    from cimq_pl.quant.convert import cim_layers
+
+    saved = [(q, q.enabled) for _, layer in cim_layers(model) for q in layer.quantizers().values()]
+    try:
+        for quantizer, _ in saved:
+            quantizer.enabled = False
+        yield
+    finally:
+        for quantizer, enabled in saved:
+            quantizer.enabled = enabled
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` inside the block, the previous train/eval flags of every submodule restored after."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training

@@ -1,0 +1,73 @@
+"""The technique registry, ``quantize_`` and ``reconfigure_`` (the one way to change quantizer options)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch import nn
+
+from cimq_pl.quant.convert import cim_layers
+from cimq_pl.quant.options import QuantizerOptions
+
+__all__ = ["CONVENTIONAL_OPTIONS", "TECHNIQUES", "list_techniques", "quantize_", "reconfigure_", "register_technique"]
+
+#: Conventional quantization (SPEC 4.3/5 baseline): one min-max step per layer for weights, uniform
+#: activations with min-max steps, and an ADC whose range is the min-max of the calibration partial sums,
+#: per layer, not learned.
+CONVENTIONAL_OPTIONS = QuantizerOptions(
+    weight_granularity="layer",
+    weight_rounding="nearest",
+    weight_observer="minmax",
+    input_observer="minmax",
+    input_max_ones=None,
+    psum_granularity="layer",
+    psum_observer="minmax",
+    learn_psum_clip=False,
+)
+
+#: config type -> (technique name, transform)
+TECHNIQUES: dict[type, tuple[str, Callable]] = {}
+
+
+def register_technique(name: str):
+    """Class decorator pairing a config dataclass with its transform ``config.apply_(model)``."""
+
+    def wrap(config_type: type) -> type:
+        TECHNIQUES[config_type] = (name, config_type.apply_)
+        return config_type
+
+    return wrap
+
+
+def list_techniques() -> list[str]:
+    """Names of the registered techniques."""
+    return sorted(name for name, _ in TECHNIQUES.values())
+
+
+def quantize_(model: nn.Module, config) -> nn.Module:
+    """Apply the technique described by ``config`` to every CIM layer of ``model``, in place.
+
+    Raises:
+        TypeError: when no technique is registered for ``type(config)``.
+    """
+    if type(config) not in TECHNIQUES:
+        known = ", ".join(t.__name__ for t in TECHNIQUES)
+        raise TypeError(f"no CIMQ technique is registered for {type(config).__name__}: expected one of {known}")
+    TECHNIQUES[type(config)][1](config, model)
+    return model
+
+
+def reconfigure_(model: nn.Module, **changes) -> int:
+    """Change quantizer options of every CIM layer of ``model`` in place; returns the layers changed.
+
+    Only the quantizers whose options change are rebuilt (uncalibrated, on the layer's device); the others
+    keep their state.
+    """
+    changed = 0
+    for _, layer in cim_layers(model):
+        options = dataclasses.replace(layer.options, **changes)
+        if options != layer.options:
+            layer.set_options(options)
+            changed += 1
+    return changed

@@ -1,0 +1,59 @@
+"""Bit-level-sparsity-induced activation quantization (SPEC 4.1).
+
+A bit-serial array spends energy on every 1 bit it drives onto a wordline. Two mechanisms make the input
+codes carry fewer 1 bits:
+
+* a *bit-sparse code set*: codes restricted to integers with at most ``max_ones`` one bits (projection to
+  the nearest allowed code, straight-through gradient, learned step size);
+* a *sparsity regularizer*: ``sparsity_weight x`` a differentiable surrogate of the expected popcount per
+  code, added to the reconstruction loss (PTQ) or the task loss (QAT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from torch import nn
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant.convert import cim_layers
+from cimq_pl.quant.observers import OBSERVER_METHODS
+from cimq_pl.quant.techniques.base import reconfigure_, register_technique
+
+__all__ = ["BitSparseActivationConfig"]
+
+
+@register_technique("bit_sparse_activations")
+@dataclass(frozen=True)
+class BitSparseActivationConfig:
+    """Bit-sparse input codes and the popcount regularizer.
+
+    Attributes:
+        max_ones: most 1 bits per input code (k); None or k >= input_bits is the plain uniform code set.
+        sparsity_weight: lambda of the popcount regularizer (0 disables it).
+        observer: input step initialisation, ``"mse"`` (default, searched over the allowed codes),
+            ``"minmax"`` or ``"percentile"``.
+
+    Raises:
+        ConfigError: max_ones < 1, a negative sparsity_weight or an unknown observer.
+    """
+
+    max_ones: Optional[int] = 2
+    sparsity_weight: float = 0.0
+    observer: Literal["minmax", "percentile", "mse"] = "mse"
+
+    def __post_init__(self) -> None:
+        if self.max_ones is not None and (isinstance(self.max_ones, bool) or not isinstance(self.max_ones, int) or self.max_ones < 1):
+            raise ConfigError(f"max_ones={self.max_ones!r} is invalid: expected an integer >= 1 (<= input_bits) or None")
+        if not self.sparsity_weight >= 0:
+            raise ConfigError(f"sparsity_weight={self.sparsity_weight!r} is invalid: expected a number >= 0")
+        if self.observer not in OBSERVER_METHODS:
+            raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
+
+    def apply_(self, model: nn.Module) -> None:
+        """Restrict every CIM layer's input codes and set its regularizer weight."""
+        reconfigure_(model, input_max_ones=self.max_ones, input_observer=self.observer)
+        for _, layer in cim_layers(model):
+            if layer.input_quantizer is not None:
+                layer.input_quantizer.sparsity_weight = self.sparsity_weight

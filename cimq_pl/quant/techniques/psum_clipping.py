@@ -1,0 +1,52 @@
+"""Partial-sum quantization with a reparametrized clipping function (SPEC 4.3).
+
+Every partial sum is read by a b_p-bit ADC over [-alpha, alpha] (or [0, alpha]). alpha = alpha0 x exp(theta):
+alpha0 from calibration statistics of the partial sums (MSE-optimal by default), theta learned, with the
+gradient reaching alpha from clipped and unclipped values alike (APoT's reparameterized clipping function,
+not PACT's). One alpha per array (default) or per layer. The conventional ADC is min-max, per layer, fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant.observers import OBSERVER_METHODS
+from cimq_pl.quant.psum import PSUM_GRANULARITIES
+from cimq_pl.quant.techniques.base import reconfigure_, register_technique
+
+__all__ = ["PartialSumClippingConfig"]
+
+
+@register_technique("psum_clipping")
+@dataclass(frozen=True)
+class PartialSumClippingConfig:
+    """ADC clipping range: granularity, initialisation and whether it learns.
+
+    Attributes:
+        granularity: ``"array"`` (one alpha per array and weight slice) or ``"layer"``.
+        init: alpha0 from the calibration partial sums: ``"mse"``, ``"percentile"`` or ``"minmax"``.
+        learnable: learn theta during PTQ/QAT.
+
+    Raises:
+        ConfigError: on an unknown granularity or init.
+    """
+
+    granularity: Literal["layer", "array"] = "array"
+    init: Literal["minmax", "percentile", "mse"] = "mse"
+    learnable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.granularity not in PSUM_GRANULARITIES:
+            raise ConfigError(f"granularity={self.granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
+        if self.init not in OBSERVER_METHODS:
+            raise ConfigError(f"init={self.init!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
+
+    def apply_(self, model: nn.Module) -> None:
+        """Give every CIM layer's ADC quantizer this granularity, initialisation and learnability."""
+        reconfigure_(
+            model, psum_granularity=self.granularity, psum_observer=self.init, learn_psum_clip=self.learnable
+        )

@@ -1,0 +1,40 @@
+"""Observers: min-max, percentile and MSE clip search, per group."""
+
+import pytest
+import torch
+
+from cimq_pl.quant import RangeObserver
+from cimq_pl.quant.observers import mse_clip
+
+
+def test_minmax_and_percentile_per_group():
+    observer = RangeObserver("percentile", percentile=50.0)
+    values = torch.tensor([[1.0, -4.0, 2.0], [0.5, 0.25, 3.0], [9.0, 1.0, 1.0]])
+    observer.update(values)
+    groups = torch.tensor([0, 0, 1])
+    # signed: |x| of group 0 = {1, 4, 2, .5, .25, 3}: median 1.5; group 1 = {9, 1, 1}: median 1
+    assert observer.compute(groups, 2, -8, 7, 7).tolist() == [1.5, 1.0]
+    minmax = RangeObserver("minmax")
+    minmax.update(values[:, :2])
+    minmax.update(values[:, 2:])
+    assert minmax.compute(groups, 2, -8, 7, 7).tolist() == [4.0, 9.0]
+    assert minmax.compute(groups, 2, 0, 15, 15).tolist() == [3.0, 9.0]  # unsigned: max(x, 0)
+
+
+def test_mse_clip_ignores_outlier_and_is_vectorised_over_groups():
+    torch.manual_seed(0)
+    body = torch.randn(2, 2000)
+    body[0, 0] = 40.0  # outlier in group 0 only
+    alpha = mse_clip(body, torch.tensor([0, 1]), 2, -8, 7, 7)
+    assert alpha[0] < 10 and alpha[1] <= body[1].abs().max() + 1e-6
+    error = lambda a, x: ((torch.clamp(torch.round(x / (a / 7)), -8, 7) * a / 7 - x) ** 2).sum()
+    assert error(alpha[0], body[0]) < error(torch.tensor(40.0), body[0])
+
+
+def test_observer_misconfiguration_and_empty():
+    with pytest.raises(ValueError, match=r"method='kl' .*minmax"):
+        RangeObserver("kl")
+    with pytest.raises(ValueError, match=r"percentile=120 .*\(0, 100\]"):
+        RangeObserver("percentile", percentile=120)
+    with pytest.raises(RuntimeError, match="seen no data"):
+        RangeObserver().compute(torch.zeros(1, dtype=torch.long), 1, 0, 1, 1)

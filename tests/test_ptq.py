@@ -1,0 +1,117 @@
+"""PTQ and QAT as ordinary trainer fits, through the CLI and the Trainer, on real weights and images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from cimq_pl.callbacks import (
+    ArraywiseWeights,
+    BitSparseActivations,
+    PartialSumClipping,
+    PostTrainingQuantization,
+    QuantDropping,
+    QuantizationAwareTraining,
+)
+from cimq_pl.callbacks.calibration import quantizer_state
+from cimq_pl.datamodules import CIFAR10DataModule
+from cimq_pl.module import CIMQModule
+from cimq_pl.quant import CIMSpec, cim_layers
+from conftest import CIFAR10, RESNET20
+
+FAST = ["--data.init_args.calibration_size", "64", "--data.init_args.eval_batch_size", "100",
+        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"]
+
+
+class QuantizerSnapshots(Callback):
+    """Records the quantizer state after calibration and at the end of training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.calibrated = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in quantizer_state(pl_module.model).items()}
+        self.weights = {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if n.endswith("weight")}
+
+    def on_train_end(self, trainer, pl_module):
+        self.final = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in quantizer_state(pl_module.model).items()}
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                   enable_model_summary=False, callbacks=callbacks, **kwargs)
+
+
+def _datamodule():
+    return CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
+
+
+def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
+    snapshots = QuantizerSnapshots()
+    ptq = PostTrainingQuantization(iters_per_block=3, batch_size=16)
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec())
+    callbacks = [BitSparseActivations(max_ones=2, sparsity_weight=0.01), ArraywiseWeights(), PartialSumClipping(),
+                 QuantDropping(0.5), ptq, snapshots]
+    trainer = _trainer(tmp_path, callbacks, limit_val_batches=1)
+    trainer.fit(module, datamodule=_datamodule())
+    assert trainer.current_epoch == 11 and trainer.global_step == 11 * 3  # one epoch of 3 steps per unit
+    for key, before in snapshots.calibrated.items():
+        after = snapshots.final[key]
+        if key.endswith(".weight"):
+            assert torch.equal(before["step"], after["step"]), key  # weight steps stay calibrated
+            assert not torch.equal(before["rounding_logits"], after["rounding_logits"]), key  # AdaRound learns
+        elif key.endswith(".input"):
+            assert not torch.equal(before["step"], after["step"]), key  # activation step sizes learn
+        else:
+            assert not torch.equal(before["theta"], after["theta"]), key  # ADC clips learn
+            assert torch.equal(before["alpha0"], after["alpha0"]), key
+    for name, weight in snapshots.weights.items():
+        assert torch.equal(weight, dict(module.model.named_parameters())[name]), name  # weights frozen
+    assert all(layer.weight_quantizer.hard for _, layer in cim_layers(module.model))
+    assert ptq.objective.block_input_keep_prob == 0.5
+    logged = trainer.logged_metrics
+    assert "ptq/layer3.2/psum_clip_rate" in logged and 0 < logged["ptq/layer3.2/bit_density"] < 0.5
+    assert Path(ptq.checkpoint_path).is_file()
+
+
+def test_qat_trains_weights_and_quantizers_with_sparsity_penalty(tmp_path):
+    snapshots = QuantizerSnapshots()
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(), lr=1e-3)
+    callbacks = [BitSparseActivations(max_ones=2, sparsity_weight=0.05), PartialSumClipping(), QuantizationAwareTraining(), snapshots]
+    trainer = _trainer(tmp_path, callbacks, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    dm = _datamodule()
+    dm.batch_size = 16
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    assert trainer.logged_metrics["train/sparsity_penalty"] > 0
+    changed = [n for n, w in snapshots.weights.items() if not torch.equal(w, dict(module.model.named_parameters())[n])]
+    assert len(changed) == len(snapshots.weights)
+    key = "layer2.1.conv1.weight"
+    assert not torch.equal(snapshots.calibrated[key]["step"], snapshots.final[key]["step"])
+
+
+def test_cli_cimq_ptq_then_test_with_its_checkpoint(run_cli, tmp_path):
+    fit = run_cli("fit", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/cimq_ptq.yaml",
+                  "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
+                  "--trainer.callbacks.init_args.iters_per_block", "2", "--trainer.callbacks.init_args.batch_size", "16")
+    ptq = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization))
+    val_acc = fit.trainer.callback_metrics["val/acc"].item()
+    test = run_cli("test", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/cimq_ptq.yaml",
+                   "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
+                   "--ckpt_path", str(ptq.checkpoint_path))
+    # validation and test read the same 200 test images: the reloaded model must score exactly the same
+    assert test.trainer.callback_metrics["test/acc"].item() == pytest.approx(val_acc, abs=1e-6)
+    assert val_acc > 0.5  # W4A4 with a 4-bit ADC after a 2-step-per-block PTQ; FP is 0.915 on these images
+
+
+def test_cli_test_of_uncalibrated_cim_model_is_refused(tmp_path, capsys, monkeypatch):
+    from cimq_pl.cli import main
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cimq_pl"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/conventional.yaml",
+              "--data.root", str(CIFAR10), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "quantizers are not calibrated; run `fit`" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""Each CIMQ technique callback changes the model the way it claims, alone and together, at setup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cimq_pl.callbacks import (
+    ArraywiseWeights,
+    BitSparseActivations,
+    PartialSumClipping,
+    PostTrainingQuantization,
+    QuantDropping,
+    QuantizationAwareTraining,
+)
+from cimq_pl.errors import ConfigError
+from cimq_pl.module import CIMQModule
+from cimq_pl.quant import CIMSpec, calibrate_, cim_layers, set_collect_stats
+from cimq_pl.quant.techniques import (
+    ArraywiseWeightConfig,
+    BitSparseActivationConfig,
+    PartialSumClippingConfig,
+    QuantDroppingConfig,
+    quantize_,
+)
+from conftest import CIFAR10, RESNET20
+
+SPEC = CIMSpec(rows=128, cols=128, weight_bits=4, input_bits=4, adc_bits=4)
+
+
+@pytest.fixture(scope="module")
+def images():
+    from cimq_pl.datamodules import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=64)
+    return next(iter(dm.calibration_dataloader()))[0]
+
+
+def _model(*configs):
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=SPEC)
+    for config in configs:
+        quantize_(module.model, config)
+    return module.model.eval()
+
+
+def _bit_density(model, images) -> float:
+    set_collect_stats(model, True)
+    with torch.no_grad():
+        model(images)
+    stats = [layer.stats.as_dict() for _, layer in cim_layers(model)]
+    set_collect_stats(model, False)
+    return sum(s["input_ones_fed"] for s in stats) / sum(s["input_bits_fed"] for s in stats)
+
+
+def test_conventional_quantizers_are_the_baseline():
+    for _, layer in cim_layers(_model()):
+        assert layer.weight_quantizer.granularity == "layer" and layer.weight_quantizer.step.numel() == 1
+        assert layer.input_quantizer.max_ones is None
+        assert layer.psum_quantizer.granularity == "layer" and not layer.psum_quantizer.theta.requires_grad
+        assert layer.options.psum_observer == "minmax" and layer.input_quantizer.drop_prob is None
+
+
+def test_arraywise_gives_one_scale_per_tile():
+    for _, layer in cim_layers(_model(ArraywiseWeightConfig("array"))):
+        geo = layer.geometry
+        assert tuple(layer.weight_quantizer.step.shape) == (geo.groups, geo.n_row_blocks, geo.n_col_blocks)
+    layers = dict(cim_layers(_model(ArraywiseWeightConfig("array"))))
+    assert layers["layer3.0.conv2"].weight_quantizer.step.numel() == 5  # 576 rows -> 5 arrays of 128 rows
+
+
+def test_bit_sparse_codes_lower_measured_bit_density(images):
+    # same MSE step search on both sides: only the code set differs (measured here: 0.172 -> 0.110)
+    plain, sparse = _model(BitSparseActivationConfig(max_ones=None)), _model(BitSparseActivationConfig(max_ones=1))
+    calibrate_(plain, [images])
+    calibrate_(sparse, [images])
+    for _, layer in cim_layers(sparse):
+        codes = layer.input_quantizer.allowed_codes()[0]
+        one_hot = {-8, 0, 1, 2, 4} if layer.input_quantizer.signed else {0, 1, 2, 4, 8}  # 4-bit codes, <= 1 one bit
+        assert layer.input_quantizer.max_ones == 1 and set(codes.tolist()) == one_hot
+    assert _bit_density(sparse, images) < 0.7 * _bit_density(plain, images)
+
+
+def test_psum_clipping_is_per_array_learnable_and_mse_initialised(images):
+    baseline, clipped = _model(), _model(PartialSumClippingConfig("array", "mse", True))
+    calibrate_(baseline, [images])
+    calibrate_(clipped, [images])
+    name, layer = list(cim_layers(clipped))[3]
+    reference = dict(cim_layers(baseline))[name]
+    assert layer.psum_quantizer.theta.requires_grad and layer.psum_quantizer.alpha0.shape[1] == layer.geometry.n_row_blocks
+    # the MSE clip sits inside the min-max range of the conventional ADC
+    assert layer.psum_quantizer.alpha().max() < reference.psum_quantizer.alpha().max()
+
+
+def test_dropping_mixes_quantized_and_float_values_in_training_only(images):
+    model = _model(QuantDroppingConfig(keep_prob=0.5, targets=("activations",)))
+    calibrate_(model, [images])
+    layer = dict(cim_layers(model))["layer1.0.conv1"]
+    assert layer.input_quantizer.drop_prob == 0.5 and layer.psum_quantizer.drop_prob is None
+    x = torch.rand(2, 16, 8, 8)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    first = layer(x)
+    assert not torch.equal(first, layer(x))
+
+
+def test_techniques_compose_in_any_order_and_keep_runtime_switches():
+    configs = [QuantDroppingConfig(0.7), BitSparseActivationConfig(2, 0.1), ArraywiseWeightConfig(), PartialSumClippingConfig()]
+    for order in (configs, configs[::-1]):
+        for _, layer in cim_layers(_model(*order)):
+            assert layer.input_quantizer.drop_prob == 0.7 and layer.input_quantizer.sparsity_weight == 0.1
+            assert layer.input_quantizer.max_ones == 2 and layer.weight_quantizer.granularity == "array"
+            assert layer.psum_quantizer.granularity == "array"
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: ArraywiseWeights(granularity="tile"), r"granularity='tile' is invalid: expected one of \['layer', 'channel', 'array', 'array_channel'\]"),
+        (lambda: BitSparseActivations(max_ones=0), r"max_ones=0 is invalid: expected an integer >= 1"),
+        (lambda: BitSparseActivations(sparsity_weight=-1.0), r"sparsity_weight=-1.0 is invalid"),
+        (lambda: PartialSumClipping(init="kmeans"), r"init='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"),
+        (lambda: QuantDropping(keep_prob=1.5), r"keep_prob=1.5 is invalid: expected a probability in \(0, 1\]"),
+        (lambda: QuantDropping(targets=["weights"]), r"targets=\['weights'\] is invalid"),
+        (lambda: PostTrainingQuantization(iters_per_block=-1), r"iters_per_block=-1 is invalid: expected an integer >= 0"),
+        (lambda: PostTrainingQuantization(warmup=1.0), r"warmup=1.0 is invalid"),
+        (lambda: QuantizationAwareTraining(quantizer_lr_scale=0), r"quantizer_lr_scale=0 is invalid"),
+    ],
+)
+def test_misconfigured_callbacks_name_the_value(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_technique_without_cim_macro_is_a_clear_error():
+    module = CIMQModule("cifar_resnet20", 10)
+    with pytest.raises(ConfigError, match="ArraywiseWeights needs a CIM macro: set model.cim"):
+        ArraywiseWeights().setup(None, module, "fit")
