@@ -115,3 +115,28 @@ def test_cli_test_of_uncalibrated_cim_model_is_refused(tmp_path, capsys, monkeyp
               "--data.root", str(CIFAR10), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "quantizers are not calibrated; run `fit`" in capsys.readouterr().err
+
+
+def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
+    """`fit --config configs/resnet_cifar100.yaml` as written (all four techniques + PTQ), on a tiny budget.
+
+    Plumbing check only: ../shared holds no CIFAR-100 train split, so the 100 sample images serve as both
+    the calibration ("train") and the evaluated split here; no accuracy claim is made from it.
+    """
+    import numpy as np
+
+    from conftest import CIFAR100_SAMPLE
+
+    sample = np.load(CIFAR100_SAMPLE)
+    both = tmp_path / "cifar100_both.npz"
+    np.savez(both, train_images=sample["images"], train_labels=sample["labels"],
+             test_images=sample["images"], test_labels=sample["labels"], classes=sample["classes"])
+    fit = run_cli("fit", "--config", "configs/resnet_cifar100.yaml", "--data.root", str(both),
+                  "--data.init_args.calibration_size", "32", "--data.init_args.eval_batch_size", "100",
+                  "--trainer.callbacks.init_args.iters_per_block", "1", "--trainer.callbacks.init_args.batch_size", "8")
+    names = [type(cb).__name__ for cb in fit.trainer.callbacks]
+    for expected in ("BitSparseActivations", "ArraywiseWeights", "PartialSumClipping", "QuantDropping", "PostTrainingQuantization"):
+        assert expected in names
+    ptq = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization))
+    assert len(ptq.objective.blocks) == 29 and fit.trainer.current_epoch == 29  # stem + 27 blocks + fc
+    assert 0.0 <= fit.trainer.callback_metrics["val/acc"].item() <= 1.0

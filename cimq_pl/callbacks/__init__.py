@@ -6,6 +6,7 @@ List them under ``trainer.callbacks`` in a config; each owns one concern and att
 from cimq_pl.callbacks.arraywise import ArraywiseWeights
 from cimq_pl.callbacks.bit_sparse import BitSparseActivations
 from cimq_pl.callbacks.dropping import QuantDropping
+from cimq_pl.callbacks.hardware_report import HardwareReport
 from cimq_pl.callbacks.psum_clipping import PartialSumClipping
 from cimq_pl.callbacks.ptq import PostTrainingQuantization
 from cimq_pl.callbacks.qat import QuantizationAwareTraining
@@ -13,6 +14,7 @@ from cimq_pl.callbacks.qat import QuantizationAwareTraining
 __all__ = [
     "ArraywiseWeights",
     "BitSparseActivations",
+    "HardwareReport",
     "PartialSumClipping",
     "PostTrainingQuantization",
     "QuantDropping",

@@ -10,7 +10,7 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.quant import calibrate_, cim_layers
 from cimq_pl.quant.reconstruction import eval_mode
 
-__all__ = ["calibrate_module_", "quantizer_state", "load_quantizer_state_"]
+__all__ = ["calibrate_module_", "calibration_images", "load_quantizer_state_", "quantizer_state"]
 
 
 def quantizer_state(model: torch.nn.Module) -> dict[str, dict]:
@@ -29,21 +29,26 @@ def load_quantizer_state_(model: torch.nn.Module, state: dict[str, dict]) -> Non
             quantizer.load_state_dict(state[f"{name}.{role}"])
 
 
-@torch.no_grad()
-def calibrate_module_(trainer: Trainer, pl_module: LightningModule) -> int:
-    """Initialise every quantizer of ``pl_module.model`` from the calibration subset; returns the image count.
-
-    Every process calibrates on the same full calibration subset (train split, seeded), then takes process
-    0's quantizer parameters, so all processes hold bit-identical quantizers whatever the world size.
-    """
+def calibration_images(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+    """All images of the datamodule's calibration subset, in its fixed order, on the module's device."""
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
         raise ConfigError("calibration needs a cimq_pl datamodule (data.class_path: cimq_pl.datamodules....)")
-    batches = [batch[0].to(pl_module.device) for batch in datamodule.calibration_dataloader()]
-    images = sum(len(b) for b in batches)
-    rank_zero_info(f"[cimq] calibrating {len(list(cim_layers(pl_module.model)))} CIM layers on {images} train images")
-    with eval_mode(pl_module.model):
-        calibrate_(pl_module.model, batches)
+    return torch.cat([batch[0] for batch in datamodule.calibration_dataloader()]).to(pl_module.device)
+
+
+@torch.no_grad()
+def calibrate_module_(trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, batch_size: int = 256) -> None:
+    """Initialise every quantizer of ``pl_module.model`` from the calibration ``images``.
+
+    Every process calibrates on the same full calibration subset (train split, seeded) with the random
+    generator seeded from the datamodule's ``seed`` (observers subsample at random), then takes process 0's
+    quantizer parameters: all processes hold bit-identical quantizers, equal to a one-process run's.
+    """
+    rank_zero_info(f"[cimq] calibrating {len(cim_layers(pl_module.model))} CIM layers on {len(images)} train images")
+    device = pl_module.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(pl_module.model):
+        torch.manual_seed(getattr(trainer.datamodule, "seed", 0))
+        calibrate_(pl_module.model, images.split(batch_size))
     state = trainer.strategy.broadcast(quantizer_state(pl_module.model), src=0)
     load_quantizer_state_(pl_module.model, state)
-    return images

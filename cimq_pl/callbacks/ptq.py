@@ -4,7 +4,7 @@
 network weights frozen, reconstruction units found generically, the reconstruction objective installed,
 the datamodule switched to drawing batches from the calibration subset, one epoch per unit.
 ``on_fit_start``: calibration of every quantizer (skipped when resuming from a checkpoint).
-Each epoch reconstructs one unit (progress bar with ``ptq/rec_loss``), then hardens its rounding and logs
+Each epoch reconstructs one unit from block inputs/outputs cached over the calibration images (progress bar with ``ptq/rec_loss``), then hardens its rounding and logs
 its partial-sum clip rate and input bit density. At the end the quantized model is written, atomically, to
 ``<log dir>/checkpoints/ptq.ckpt`` for ``test --ckpt_path``.
 
@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from cimq_pl.callbacks.calibration import calibrate_module_
+from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.dropping import QuantDropping
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
-from cimq_pl.objectives import BlockReconstructionObjective
+from cimq_pl.objectives import BlockReconstructionObjective, quantizer_parameters
 from cimq_pl.quant import cim_layers, set_collect_stats
 from cimq_pl.quant.layers import _CIMLayerBase
-from cimq_pl.quant.reconstruction import eval_mode, find_blocks
+from cimq_pl.quant.reconstruction import capture_block_io, eval_mode, find_blocks
 from cimq_pl.quant.techniques import reconfigure_
 
 __all__ = ["PostTrainingQuantization"]
@@ -93,7 +94,7 @@ class PostTrainingQuantization(Callback):
         self.objective: BlockReconstructionObjective | None = None
         self.checkpoint_path: Path | None = None
         self._resumed = False
-        self._probe_images: torch.Tensor | None = None
+        self._calibration_images: torch.Tensor | None = None
 
     @property
     def reconstructs(self) -> bool:
@@ -107,8 +108,10 @@ class PostTrainingQuantization(Callback):
             reconfigure_(model, weight_rounding="adaround")
         if stage != "fit":
             return
-        for param in model.parameters():
-            param.requires_grad_(False)
+        learnable = {id(p) for params in quantizer_parameters(model, include_frozen=True).values() for p in params}
+        for param in model.parameters():  # weights, biases and weight steps stay fixed
+            param.requires_grad_(id(param) in learnable)
+        _let_ddp_skip_idle_blocks(trainer)
         blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
         dropping = next((cb for cb in trainer.callbacks if isinstance(cb, QuantDropping)), None)
         self.objective = BlockReconstructionObjective(
@@ -132,9 +135,9 @@ class PostTrainingQuantization(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._calibration_images = calibration_images(trainer, pl_module)
         if not (self._resumed and pl_module.quantizers_initialized()):
-            calibrate_module_(trainer, pl_module)
-        self._probe_images = next(iter(trainer.datamodule.calibration_dataloader()))[0][: self.batch_size]
+            calibrate_module_(trainer, pl_module, self._calibration_images)
         if not self.reconstructs:  # calibration is the whole PTQ: no epoch will run
             self._write_checkpoint(trainer)
 
@@ -146,6 +149,7 @@ class PostTrainingQuantization(Callback):
         self.objective.start_block(index, trainer.num_training_batches)
         name = self.objective.blocks[index][0]
         rank_zero_info(f"[cimq] reconstructing unit {index + 1}/{len(self.objective.blocks)}: {name}")
+        self.objective.cache_block_io(pl_module.model, self._calibration_images)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -157,10 +161,10 @@ class PostTrainingQuantization(Callback):
     @torch.no_grad()
     def _block_statistics(self, trainer, pl_module, name: str, block) -> dict[str, float]:
         """Partial-sum clip rate and input bit density of the unit on one batch of calibration images."""
-        images = self._probe_images.to(pl_module.device)
+        images = self._calibration_images[: self.batch_size]
         set_collect_stats(block, True)
         with eval_mode(pl_module.model):
-            pl_module.model(images)
+            capture_block_io(pl_module.model, block, images)  # the forward stops after the unit
         stats = [layer.stats.as_dict() for _, layer in cim_layers(block)]
         set_collect_stats(block, False)
         conversions = sum(s["adc_conversions"] for s in stats)
@@ -197,3 +201,11 @@ class PostTrainingQuantization(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed = True
+
+
+def _let_ddp_skip_idle_blocks(trainer: Trainer) -> None:
+    """Only one block learns at a time: DDP must tolerate parameters without gradients in a step."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        strategy._ddp_kwargs["find_unused_parameters"] = True
+        rank_zero_info("[cimq] PTQ under DDP: find_unused_parameters=True (one block learns at a time)")

@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from cimq_pl.callbacks.calibration import calibrate_module_
+from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
 from cimq_pl.models import read_state_dict
@@ -60,7 +60,7 @@ class QuantizationAwareTraining(Callback):
             load_ptq_checkpoint_(pl_module, self.init_from)
             rank_zero_info(f"[cimq] QAT starts from {self.init_from}")
         else:
-            calibrate_module_(trainer, pl_module)
+            calibrate_module_(trainer, pl_module, calibration_images(trainer, pl_module))
 
     @override
     def state_dict(self) -> dict[str, Any]:

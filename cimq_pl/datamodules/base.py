@@ -17,9 +17,23 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["ImageClassificationDataModule", "Split"]
+__all__ = ["ImageClassificationDataModule", "IndexedDataset", "Split"]
 
 Split = Literal["train", "test"]
+
+
+class IndexedDataset(Dataset):
+    """``(image, label, index)`` of a dataset: lets PTQ look samples up in per-block caches."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -137,7 +151,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
         PTQ reconstruction learns from the calibration images only: each epoch draws ``samples_per_epoch``
         of them with replacement (seeded with ``seed``), without augmentation, in batches of
-        ``batch_size``.
+        ``batch_size``. Batches are ``(images, labels, indices)``, indices being positions in the
+        calibration subset (the order of ``calibration_dataloader``).
         """
         if samples_per_epoch < 1 or batch_size < 1:
             raise ConfigError(f"samples_per_epoch and batch_size must be >= 1, got {samples_per_epoch}, {batch_size}")
@@ -148,9 +163,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             return self._loader(self.dataset("train", train_mode=True), self.batch_size, shuffle=True)
         samples, batch_size = self._calibration_fit
         generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(self.calibration_dataset(), replacement=True, num_samples=samples, generator=generator)
+        dataset = IndexedDataset(self.calibration_dataset())
+        sampler = RandomSampler(dataset, replacement=True, num_samples=samples, generator=generator)
         return DataLoader(
-            self.calibration_dataset(),
+            dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

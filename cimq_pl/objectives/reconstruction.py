@@ -1,12 +1,13 @@
 """Block-wise reconstruction (BRECQ) with random quantization dropping (QDrop): the PTQ training step.
 
-One block is reconstructed at a time (the PTQ callback advances blocks, one epoch per block). A step:
+One block is reconstructed at a time (the PTQ callback advances blocks, one epoch per block). When a block
+starts, the calibration images are run once: with every quantizer off to cache the block's full-precision
+input ``x_fp`` and output ``y_fp``, and with quantizers on (earlier blocks already reconstructed and
+hardened) to cache its quantized input ``x_q``; both forwards stop at the block. A step then reads the batch's
+cached tensors by calibration index and:
 
-1. with every quantizer off, run the network on the batch to get the block's full-precision input ``x_fp``
-   and output ``y_fp``; with quantizers on (earlier blocks already reconstructed and hardened), get the
-   block's quantized input ``x_q``; both forwards stop at the block;
-2. QDrop on the block input: each element is ``x_q`` with probability ``p`` and ``x_fp`` otherwise;
-3. run the block in training mode (soft AdaRound rounding, dropping inside its quantizers) and minimise
+1. QDrop on the block input: each element is ``x_q`` with probability ``p`` and ``x_fp`` otherwise;
+2. runs the block in training mode (soft AdaRound rounding, dropping inside its quantizers) and minimise
    ``||y - y_fp||^2`` (summed over channels, mean over batch and positions, as BRECQ)
    ``+ rounding_weight x sum(1 - |2h(V) - 1|^beta)`` (after the warm-up) ``+ the bit-sparsity penalty``.
 
@@ -70,6 +71,7 @@ class BlockReconstructionObjective:
         self.current = 0
         self.steps_in_block = 1
         self.step_in_block = 0
+        self.cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- block bookkeeping (driven by the PTQ callback) ----------------------------------------------------
     @property
@@ -85,8 +87,15 @@ class BlockReconstructionObjective:
                 for param in params:
                     param.requires_grad_(id(param) in learning)
 
+    @torch.no_grad()
+    def cache_block_io(self, model: nn.Module, images: torch.Tensor, chunk: int = 256) -> None:
+        """Cache ``(x_fp, y_fp, x_q)`` of the current block for all calibration ``images`` (in order)."""
+        parts = [self.block_io(model, images[i : i + chunk]) for i in range(0, len(images), chunk)]
+        self.cache = tuple(torch.cat(tensors) for tensors in zip(*parts))
+
     def finish_block(self, index: int) -> None:
-        """Freeze block ``index``: hard rounding from now on."""
+        """Freeze block ``index``: hard rounding from now on; its cache is dropped."""
+        self.cache = None
         for _, layer in cim_layers(self.blocks[index][1]):
             if layer.weight_quantizer is not None:
                 layer.weight_quantizer.hard = True
@@ -110,10 +119,10 @@ class BlockReconstructionObjective:
         return x_fp, y_fp, x_q
 
     def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        indices = batch[2]
         name, block = self.block
         self.step_in_block = batch_idx
-        x_fp, y_fp, x_q = self.block_io(module.model, images)
+        x_fp, y_fp, x_q = (tensor[indices] for tensor in self.cache)
         x = x_q
         if self.block_input_keep_prob is not None:
             x = torch.where(torch.rand_like(x_q) < self.block_input_keep_prob, x_q, x_fp)

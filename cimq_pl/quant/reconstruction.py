@@ -61,6 +61,35 @@ class _StopForward(Exception):
     pass
 
 
+def _run_to_block(model: nn.Module, block: nn.Module, images: torch.Tensor, through_block: bool, stop: bool = True):
+    """Run ``model(images)`` and return ``block``'s ``(input, output or None)``; stop there if ``stop``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def before(_module, args):
+        seen["input"] = args[0].detach()
+        if not through_block:
+            raise _StopForward
+
+    def after(_module, args, output):
+        seen["output"] = output.detach()
+        if stop:
+            raise _StopForward
+
+    handles = [block.register_forward_pre_hook(before)]
+    if through_block:
+        handles.append(block.register_forward_hook(after))
+    try:
+        model(images)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "input" not in seen:
+        raise RuntimeError(f"{type(block).__name__} did not run in the model's forward")
+    return seen["input"], seen.get("output")
+
+
 def capture_block_io(
     model: nn.Module, block: nn.Module, images: torch.Tensor, stop: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,24 +101,12 @@ def capture_block_io(
         images: the model input.
         stop: end the forward right after ``block`` (saves the rest of the network).
     """
-    seen: dict[str, torch.Tensor] = {}
+    return _run_to_block(model, block, images, through_block=True, stop=stop)
 
-    def hook(_module, args, output):
-        seen["input"] = args[0].detach()
-        seen["output"] = output.detach()
-        if stop:
-            raise _StopForward
 
-    handle = block.register_forward_hook(hook)
-    try:
-        model(images)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "input" not in seen:
-        raise RuntimeError(f"{type(block).__name__} did not run in the model's forward")
-    return seen["input"], seen["output"]
+def capture_block_input(model: nn.Module, block: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Run ``model(images)`` up to ``block`` and return the block's input; ``block`` itself does not run."""
+    return _run_to_block(model, block, images, through_block=False)[0]
 
 
 @dataclass(frozen=True)
@@ -116,26 +133,6 @@ class RoundingSchedule:
             return self.beta_start
         progress = min(1.0, (step - start) / max(1.0, self.steps - start))
         return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
-
-
-def capture_block_input(model: nn.Module, block: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Run ``model(images)`` up to ``block`` and return the block's input; ``block`` itself does not run."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def pre_hook(_module, args):
-        seen["input"] = args[0].detach()
-        raise _StopForward
-
-    handle = block.register_forward_pre_hook(pre_hook)
-    try:
-        model(images)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "input" not in seen:
-        raise RuntimeError(f"{type(block).__name__} did not run in the model's forward")
-    return seen["input"]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,318 @@
+"""Cost of a CIM configuration without training, for a user sizing a macro.
+
+`cost_report` converts a float model to a macro, calibrates it on a few images, runs a few evaluation
+images with the event counters on, and prints the per-layer cost beside the conventional baseline's.
+``python -m cimq_pl.cost.report`` does the same from the command line on a dataset folder::
+
+    python -m cimq_pl.cost.report --model cifar_resnet20 --pretrained ../shared/weights/resnet20-12fca82f.th \\
+        --data ../shared/data/cifar10_lossless --rows 128 --cols 128 --adc-bits 4 --images 64
+
+Only this command line imports the datamodules (and so Lightning); the function itself is pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from cimq_pl.cost.baseline import BASELINE_ADC_BITS, build_baseline
+from cimq_pl.cost.energy import EnergyTable
+from cimq_pl.cost.layers import describe_layers, gather_counts, reset_counts, uncosted_layers
+from cimq_pl.cost.model import NetworkCost, hw_efficiency, network_cost
+from cimq_pl.cost.tables import format_table
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant.convert import calibrate_, cim_layers, convert_to_cim, fold_batchnorm_, set_collect_stats
+from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.spec import CIMSpec
+
+__all__ = ["CostReport", "cost_report", "evaluate_cost", "main"]
+
+
+@dataclass
+class CostReport:
+    """What `cost_report` measured.
+
+    Attributes:
+        cost: the configuration's `NetworkCost`.
+        baseline: the conventional baseline's `NetworkCost` (None when not requested).
+        accuracy: top-1 accuracy of the configuration on the evaluated images (None without labels).
+        baseline_accuracy: the baseline's, likewise.
+        uncosted: float conv/linear layers left digital (not on the arrays, not costed).
+    """
+
+    cost: NetworkCost
+    baseline: Optional[NetworkCost] = None
+    accuracy: Optional[float] = None
+    baseline_accuracy: Optional[float] = None
+    uncosted: list = field(default_factory=list)
+
+    @property
+    def efficiency(self) -> float:
+        """Baseline energy / configuration energy per image (NaN without a baseline)."""
+        return hw_efficiency(self.baseline, self.cost) if self.baseline is not None else float("nan")
+
+    def format(self, title: str = "") -> str:
+        """The per-layer table, totals, baseline, efficiency and accuracies as text."""
+        text = format_table(self.cost, self.baseline, title)
+        if self.accuracy is not None:
+            text += f"\ntop-1 accuracy on the evaluated images: {self.accuracy:.4f}"
+            if self.baseline_accuracy is not None:
+                text += f" (baseline {self.baseline_accuracy:.4f})"
+        if self.uncosted:
+            text += f"\nnot costed (left digital): {', '.join(self.uncosted)}"
+        return text
+
+
+def _split(batch):
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+@torch.no_grad()
+def evaluate_cost(model: nn.Module, batches: Iterable, table: Optional[EnergyTable] = None) -> tuple:
+    """Run a converted, calibrated ``model`` on ``batches`` with the event counters on.
+
+    Args:
+        model: converted model (eval mode is set).
+        batches: image tensors or (images, labels) batches on the model's device.
+        table: per-event energies.
+
+    Returns:
+        ``(NetworkCost, accuracy)``; accuracy is None when no labels were given.
+    """
+    model.eval()
+    layers = [layer for _, layer in cim_layers(model)]
+    infos = describe_layers(model)
+    set_collect_stats(model, True, reset=True)
+    counts, correct, seen = None, 0, 0
+    try:
+        for batch in batches:
+            images, labels = _split(batch)
+            logits = model(images)
+            step = gather_counts(layers)
+            counts = step if counts is None else counts + step
+            reset_counts(layers)
+            if labels is not None:
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += labels.numel()
+    finally:
+        set_collect_stats(model, False, reset=True)
+    if counts is None:
+        raise ValueError("no evaluation batch was given: expected at least one batch of images")
+    return network_cost(infos, counts, table), (correct / seen if seen else None)
+
+
+def cost_report(
+    model: nn.Module,
+    spec: Optional[CIMSpec],
+    images: Iterable,
+    calibration: Optional[Iterable] = None,
+    options: Optional[QuantizerOptions] = None,
+    table: Optional[EnergyTable] = None,
+    baseline: bool = True,
+    baseline_adc_bits: int = BASELINE_ADC_BITS,
+    print_fn: Optional[Callable[[str], None]] = print,
+    title: str = "",
+) -> CostReport:
+    """Cost of running ``model`` on the macro ``spec``, measured on ``images``, and of its conventional baseline.
+
+    Args:
+        model: a float model (BN is folded and it is converted on a deep copy; the argument is untouched), or
+            an already converted and calibrated model (then ``spec`` must be None; used as is).
+        spec: the macro; None when ``model`` is already converted.
+        images: re-iterable evaluation batches (tensors or (images, labels)) on the model's device.
+        calibration: re-iterable calibration batches (train split); default ``images`` (acceptable for a
+            sizing estimate, not for an accuracy figure).
+        options: quantizer choices of the configuration (default `QuantizerOptions()`, the CIMQ defaults).
+        table: per-event energies (default `EnergyTable()`, NeuroSim 22 nm).
+        baseline: also build, calibrate and run the conventional baseline (`build_baseline`).
+        baseline_adc_bits: ADC bits of the baseline.
+        print_fn: where the table goes (None: print nothing).
+        title: first line of the printed table.
+
+    Raises:
+        ConfigError: when ``spec`` is missing for a float model or given for a converted one, or the
+            converted model has no CIM layer.
+    """
+    table = table or EnergyTable()
+    images = list(images)
+    calibration = images if calibration is None else list(calibration)
+    converted = bool(cim_layers(model))
+    if converted and spec is not None:
+        raise ConfigError("cost_report: the model is already converted: pass spec=None")
+    if not converted:
+        if spec is None:
+            raise ConfigError("cost_report: spec is required for a float model (e.g. CIMSpec(rows=128, cols=128))")
+        model = copy.deepcopy(model).eval()
+        fold_batchnorm_(model)
+        convert_to_cim(model, spec, options=options or QuantizerOptions())
+        if not cim_layers(model):
+            raise ConfigError("cost_report: no layer of the model could be mapped on the macro")
+        calibrate_(model, calibration)
+    cost, accuracy = evaluate_cost(model, images, table)
+    report = CostReport(cost=cost, accuracy=accuracy, uncosted=uncosted_layers(model))
+    if baseline:
+        reference = build_baseline(model, calibration, adc_bits=baseline_adc_bits)
+        report.baseline, report.baseline_accuracy = evaluate_cost(reference, images, table)
+    if print_fn is not None:
+        print_fn(report.format(title))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _optional_bits(text: str) -> Optional[int]:
+    if text.lower() in ("none", "null", "ideal", "float"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit-width: expected an integer or 'none'") from None
+
+
+def _pretrained(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m cimq_pl.cost.report`` argument parser."""
+    defaults_spec, defaults_options = CIMSpec(), QuantizerOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m cimq_pl.cost.report",
+        description="Print the hardware cost (energy/image, TOPS/W, breakdown per layer) of a CNN on a CIM macro, "
+        "beside the conventional 8-bit-ADC baseline, without training.",
+    )
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--model", default="cifar_resnet20", help="timm model name (default %(default)s)")
+    model.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default %(default)s)")
+    model.add_argument("--pretrained", type=_pretrained, default=False,
+                       help="checkpoint path/URL, 'true' (published weights) or 'false' (random init; default)")
+    model.add_argument("--data", required=True, help="dataset root (see the datamodules), e.g. ../shared/data/cifar10_lossless")
+    model.add_argument("--dataset", choices=("cifar10", "cifar100", "imagenet"), default="cifar10")
+    model.add_argument("--images", type=int, default=64, help="evaluation (test split) images (default %(default)s)")
+    model.add_argument("--calibration-images", type=int, default=64,
+                       help="calibration images from the train split (default %(default)s)")
+    model.add_argument("--batch-size", type=int, default=64, help="images per batch (default %(default)s)")
+    model.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    macro = parser.add_argument_group("macro (CIMSpec)")
+    macro.add_argument("--rows", type=int, default=defaults_spec.rows)
+    macro.add_argument("--cols", type=int, default=defaults_spec.cols)
+    macro.add_argument("--weight-bits", type=_optional_bits, default=defaults_spec.weight_bits)
+    macro.add_argument("--cell-bits", type=_optional_bits, default=defaults_spec.cell_bits)
+    macro.add_argument("--input-bits", type=_optional_bits, default=defaults_spec.input_bits)
+    macro.add_argument("--dac-bits", type=int, default=defaults_spec.dac_bits)
+    macro.add_argument("--adc-bits", type=_optional_bits, default=defaults_spec.adc_bits, help="'none' = ideal ADC")
+    macro.add_argument("--row-split", default=defaults_spec.row_split)
+    macro.add_argument("--weight-slicing", default=defaults_spec.weight_slicing)
+    macro.add_argument("--first-layer", default=defaults_spec.first_layer)
+    macro.add_argument("--last-layer", default=defaults_spec.last_layer)
+    quant = parser.add_argument_group("quantizers (QuantizerOptions)")
+    quant.add_argument("--conventional", action="store_true",
+                       help="conventional quantizers for the configuration too (layerwise min-max, min-max ADC)")
+    quant.add_argument("--weight-granularity", default=defaults_options.weight_granularity)
+    quant.add_argument("--psum-granularity", default=defaults_options.psum_granularity)
+    quant.add_argument("--input-max-ones", type=int, default=None, help="bit-sparse code set: at most k one bits")
+    quant.add_argument("--weight-observer", default=defaults_options.weight_observer)
+    quant.add_argument("--input-observer", default=defaults_options.input_observer)
+    quant.add_argument("--psum-observer", default=defaults_options.psum_observer)
+    cost = parser.add_argument_group("cost")
+    cost.add_argument("--energy-table", default=None, help="YAML energy table (default: NeuroSim 22 nm)")
+    cost.add_argument("--no-baseline", action="store_true", help="skip the conventional baseline")
+    cost.add_argument("--baseline-adc-bits", type=int, default=BASELINE_ADC_BITS)
+    cost.add_argument("--csv", default=None, help="write the per-layer table to this CSV file")
+    cost.add_argument("--summary-csv", default=None, help="write the one-row summary to this CSV file")
+    cost.add_argument("--plot", default=None, help="write the energy breakdown per layer to this PNG file")
+    return parser
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
+
+
+def _loaders(args, model: nn.Module):
+    import timm.data
+
+    from cimq_pl.datamodules import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule
+
+    config = timm.data.resolve_model_data_config(model)
+    classes = {"cifar10": CIFAR10DataModule, "cifar100": CIFAR100DataModule, "imagenet": ImageNetDataModule}
+    kwargs = dict(root=args.data, batch_size=args.batch_size, num_workers=0, calibration_size=args.calibration_images,
+                  mean=tuple(config["mean"]), std=tuple(config["std"]))
+    if args.dataset != "imagenet":
+        kwargs["download"] = False
+    datamodule = classes[args.dataset](**kwargs)
+    device = torch.device(args.device)
+
+    def take(loader, limit):
+        batches, seen = [], 0
+        for images, labels in loader:
+            images, labels = images[: limit - seen], labels[: limit - seen]
+            batches.append((images.to(device), labels.to(device)))
+            seen += len(labels)
+            if seen >= limit:
+                break
+        return batches
+
+    return take(datamodule.test_dataloader(), args.images), take(datamodule.calibration_dataloader(), args.calibration_images)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (2 on bad input, with one ``error:`` line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        for name in ("images", "calibration_images", "batch_size"):
+            _positive(name.replace("_", "-"), getattr(args, name))
+        spec = CIMSpec(rows=args.rows, cols=args.cols, weight_bits=args.weight_bits, cell_bits=args.cell_bits,
+                       input_bits=args.input_bits, dac_bits=args.dac_bits, adc_bits=args.adc_bits,
+                       row_split=args.row_split, weight_slicing=args.weight_slicing, first_layer=args.first_layer,
+                       last_layer=args.last_layer)
+        if args.conventional:
+            from cimq_pl.cost.baseline import baseline_options
+
+            options = baseline_options()
+        else:
+            options = QuantizerOptions(weight_granularity=args.weight_granularity,
+                                       psum_granularity=args.psum_granularity, input_max_ones=args.input_max_ones,
+                                       weight_observer=args.weight_observer, input_observer=args.input_observer,
+                                       psum_observer=args.psum_observer)
+        table = EnergyTable.from_yaml(args.energy_table) if args.energy_table else EnergyTable()
+        from cimq_pl.models import create_model
+
+        model = create_model(args.model, args.num_classes, args.pretrained).to(args.device).eval()
+        images, calibration = _loaders(args, model)
+        title = f"{args.model} on {spec.rows}x{spec.cols} arrays, W{spec.weight_bits}A{spec.input_bits} ADC {spec.adc_bits}"
+        report = cost_report(model, spec, images, calibration, options, table, baseline=not args.no_baseline,
+                             baseline_adc_bits=args.baseline_adc_bits, title=title)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _write_outputs(args, report, title)
+    return 0
+
+
+def _write_outputs(args, report: CostReport, title: str) -> None:
+    from cimq_pl.cost.tables import LAYER_COLUMNS, SUMMARY_COLUMNS, layer_rows, summary_row, write_csv_atomic
+
+    if args.csv:
+        write_csv_atomic(args.csv, layer_rows(report.cost), LAYER_COLUMNS)
+    if args.summary_csv:
+        row = summary_row(report.cost, report.baseline, run=title, stage="report", accuracy=report.accuracy)
+        write_csv_atomic(args.summary_csv, [row], SUMMARY_COLUMNS)
+    if args.plot:
+        from cimq_pl.cost.plots import plot_energy_breakdown
+
+        plot_energy_breakdown(report.cost, args.plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

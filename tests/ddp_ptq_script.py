@@ -1,0 +1,58 @@
+"""Run a short CIMQ PTQ of ResNet-20 under Lightning DDP on CPU (gloo); each rank dumps its quantizers.
+
+Usage: python tests/ddp_ptq_script.py OUT_DIR DEVICES ITERS_PER_BLOCK. Run by tests/test_ddp.py in a
+subprocess (Lightning's DDP launcher starts the other ranks by re-running this script).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import CIFAR10, RESNET20  # noqa: E402
+
+from cimq_pl.callbacks import ArraywiseWeights, BitSparseActivations, PartialSumClipping, PostTrainingQuantization, QuantDropping  # noqa: E402
+from cimq_pl.callbacks.calibration import quantizer_state  # noqa: E402
+from cimq_pl.datamodules import CIFAR10DataModule  # noqa: E402
+from cimq_pl.module import CIMQModule  # noqa: E402
+from cimq_pl.quant import CIMSpec  # noqa: E402
+
+
+class DumpQuantizers(Callback):
+    """Saves every rank's quantizer state after calibration and after the fit, and its val/acc."""
+
+    def __init__(self, out: Path, devices: int):
+        self.out, self.devices = out, devices
+
+    def _save(self, trainer, pl_module, tag: str) -> None:
+        path = self.out / f"{tag}_devices{self.devices}_rank{trainer.global_rank}.pt"
+        acc = trainer.callback_metrics.get("val/acc")
+        torch.save({"quantizers": quantizer_state(pl_module.model), "val_acc": None if acc is None else float(acc)}, path)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._save(trainer, pl_module, "calibrated")
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, pl_module, "final")
+
+
+def main(out: str, devices: int, iters: int) -> None:
+    seed_everything(0)
+    out_dir = Path(out)
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec())
+    data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
+    callbacks = [BitSparseActivations(max_ones=2), ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5),
+                 PostTrainingQuantization(iters_per_block=iters, batch_size=16), DumpQuantizers(out_dir, devices)]
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir,
+                      limit_val_batches=2, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(module, datamodule=data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
