@@ -33,7 +33,14 @@ ROWS = {
     "brecq": "configs/quant/ablation/brecq.yaml",
     "cimq_uniform_codes": "configs/quant/ablation/cimq_uniform_codes.yaml",
 }
-METRICS = ("test/acc", "test/bit_density", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline")
+METRICS = (
+    "test/acc",
+    "test/bit_density",
+    "test/energy_per_image_uj",
+    "test/tops_per_w",
+    "test/adc_energy_share",
+    "test/hw_efficiency_vs_baseline",
+)
 
 
 def _run_cli(args: list[str]):

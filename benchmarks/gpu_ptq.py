@@ -1,0 +1,66 @@
+"""CIMQ PTQ of ResNet-20 with a larger reconstruction budget, on whatever device is there (a GPU if any).
+
+Same callbacks as configs/quant/cimq_ptq.yaml (W4A4, 128x128 arrays, bit-serial inputs), driven through a
+plain Lightning Trainer (no W&B, no CLI), so it runs where only torch/lightning/timm are installed:
+
+    python benchmarks/gpu_ptq.py --data ../shared/data/cifar10_lossless --weights ../shared/weights/resnet20-12fca82f.th \
+        --iters 2000 --rows cimq cimq_uniform_codes --adc-bits 4
+
+Prints one line per row (test accuracy on the data's test split, fit seconds) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from cimq_pl.callbacks import ArraywiseWeights, BitSparseActivations, PartialSumClipping, PostTrainingQuantization, QuantDropping
+from cimq_pl.datamodules import CIFAR10DataModule
+from cimq_pl.module import CIMQModule
+from cimq_pl.quant import CIMSpec
+
+ROWS = {"cimq": 2, "cimq_uniform_codes": None}  # max_ones of the input code set
+
+
+def run(row: str, adc_bits: int, iters: int, data: str, weights: str) -> dict:
+    seed_everything(0)
+    module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits))
+    datamodule = CIFAR10DataModule(root=data, num_workers=4, eval_batch_size=500)
+    callbacks = [BitSparseActivations(max_ones=ROWS[row]), ArraywiseWeights(), PartialSumClipping(),
+                 QuantDropping(0.5, ("block_input", "activations")),
+                 PostTrainingQuantization(iters_per_block=iters, batch_size=32)]
+    trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+                      default_root_dir="/tmp/cimq-gpu-ptq")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"row": row, "adc_bits": adc_bits, "iters_per_block": iters, "test/acc": round(accuracy, 4),
+            "fit_seconds": round(fit_seconds, 1), "device": device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--adc-bits", nargs="+", type=int, default=[4])
+    args = parser.parse_args()
+    results = []
+    for row in args.rows:
+        for adc_bits in args.adc_bits:
+            results.append(run(row, adc_bits, args.iters, args.data, args.weights))
+            print(f"[gpu_ptq] {results[-1]}", flush=True)
+    print("\n| row | ADC bits | steps/unit | test/acc | fit s | device |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['row']} | {r['adc_bits']} | {r['iters_per_block']} | {r['test/acc']} | {r['fit_seconds']} | {r['device']} |")
+
+
+if __name__ == "__main__":
+    main()
