@@ -140,3 +140,29 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
     ptq = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization))
     assert len(ptq.objective.blocks) == 29 and fit.trainer.current_epoch == 29  # stem + 27 blocks + fc
     assert 0.0 <= fit.trainer.callback_metrics["val/acc"].item() <= 1.0
+
+
+def _first_cim_layer(model):
+    return dict(cim_layers(model))["layer2.1.conv1"]
+
+
+@pytest.mark.parametrize(
+    "config,check",
+    [
+        ("arraywise", lambda layer: layer.weight_quantizer.granularity == "array" and layer.weight_quantizer.step.numel() == 3),
+        ("bit_sparse", lambda layer: layer.input_quantizer.max_ones == 1),
+        ("psum_clipping", lambda layer: layer.psum_quantizer.granularity == "array" and layer.options.psum_observer == "mse"),
+        ("qdrop", lambda layer: layer.input_quantizer.drop_prob == 0.5 and layer.weight_quantizer.hard),
+    ],
+)
+def test_cli_each_technique_alone(run_cli, config, check):
+    """Each ablation config (conventional + one technique) through the CLI: the technique reaches the model."""
+    fit = run_cli("fit", "--config", "configs/resnet20_cifar10.yaml", "--config", f"configs/quant/ablation/{config}.yaml",
+                  "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
+                  "--trainer.callbacks.init_args.iters_per_block", "1" if config == "qdrop" else "0",
+                  "--trainer.callbacks.init_args.batch_size", "8")
+    layer = _first_cim_layer(fit.model.model)
+    assert fit.model.quantizers_initialized() and check(layer)
+    others = {"arraywise": layer.weight_quantizer.granularity == "layer", "bit_sparse": layer.input_quantizer.max_ones is None,
+              "psum_clipping": layer.psum_quantizer.granularity == "layer", "qdrop": layer.input_quantizer.drop_prob is None}
+    assert sum(others.values()) == 3  # the three other techniques stay conventional
