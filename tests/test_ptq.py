@@ -29,12 +29,16 @@ FAST = ["--data.init_args.calibration_size", "64", "--data.init_args.eval_batch_
 class QuantizerSnapshots(Callback):
     """Records the quantizer state after calibration and at the end of training."""
 
+    @staticmethod
+    def _tensors(pl_module) -> dict:
+        return {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in quantizer_state(pl_module.model).items()}
+
     def on_train_start(self, trainer, pl_module):
-        self.calibrated = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in quantizer_state(pl_module.model).items()}
+        self.calibrated = self._tensors(pl_module)
         self.weights = {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if n.endswith("weight")}
 
     def on_train_end(self, trainer, pl_module):
-        self.final = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in quantizer_state(pl_module.model).items()}
+        self.final = self._tensors(pl_module)
 
 
 def _trainer(tmp_path, callbacks, **kwargs):
@@ -142,10 +146,6 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
     assert 0.0 <= fit.trainer.callback_metrics["val/acc"].item() <= 1.0
 
 
-def _first_cim_layer(model):
-    return dict(cim_layers(model))["layer2.1.conv1"]
-
-
 @pytest.mark.parametrize(
     "config,check",
     [
@@ -161,7 +161,7 @@ def test_cli_each_technique_alone(run_cli, config, check):
                   "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
                   "--trainer.callbacks.init_args.iters_per_block", "1" if config == "qdrop" else "0",
                   "--trainer.callbacks.init_args.batch_size", "8")
-    layer = _first_cim_layer(fit.model.model)
+    layer = dict(cim_layers(fit.model.model))["layer2.1.conv1"]  # 288 rows: 3 arrays
     assert fit.model.quantizers_initialized() and check(layer)
     others = {"arraywise": layer.weight_quantizer.granularity == "layer", "bit_sparse": layer.input_quantizer.max_ones is None,
               "psum_clipping": layer.psum_quantizer.granularity == "layer", "qdrop": layer.input_quantizer.drop_prob is None}

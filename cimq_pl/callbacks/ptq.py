@@ -28,7 +28,7 @@ from cimq_pl.callbacks.dropping import QuantDropping
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
 from cimq_pl.objectives import BlockReconstructionObjective, quantizer_parameters
-from cimq_pl.quant import cim_layers, set_collect_stats
+from cimq_pl.quant import COUNTER_NAMES, CIMStats, cim_layers, set_collect_stats
 from cimq_pl.quant.layers import _CIMLayerBase
 from cimq_pl.quant.reconstruction import capture_block_io, eval_mode, find_blocks
 from cimq_pl.quant.techniques import reconfigure_
@@ -165,14 +165,11 @@ class PostTrainingQuantization(Callback):
         set_collect_stats(block, True)
         with eval_mode(pl_module.model):
             capture_block_io(pl_module.model, block, images)  # the forward stops after the unit
-        stats = [layer.stats.as_dict() for _, layer in cim_layers(block)]
+        total = CIMStats()
+        for _, layer in cim_layers(block):
+            total.add(**{counter: getattr(layer.stats, counter) for counter in COUNTER_NAMES})
         set_collect_stats(block, False)
-        conversions = sum(s["adc_conversions"] for s in stats)
-        bits = sum(s["input_bits_fed"] for s in stats)
-        return {
-            f"ptq/{name}/psum_clip_rate": sum(s["psum_clipped"] for s in stats) / max(conversions, 1),
-            f"ptq/{name}/bit_density": sum(s["input_ones_fed"] for s in stats) / max(bits, 1),
-        }
+        return {f"ptq/{name}/psum_clip_rate": total.psum_clip_rate, f"ptq/{name}/bit_density": total.input_bit_density}
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

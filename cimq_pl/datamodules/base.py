@@ -136,11 +136,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return Subset(self.dataset("train"), self.calibration_indices().tolist())
 
     # -- loaders -----------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -165,14 +166,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         dataset = IndexedDataset(self.calibration_dataset())
         sampler = RandomSampler(dataset, replacement=True, num_samples=samples, generator=generator)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return self._loader(dataset, batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.eval_batch_size)

@@ -42,7 +42,7 @@ def quantizer_parameters(model: nn.Module, include_frozen: bool = False) -> dict
             for name, param in quantizer.named_parameters(recurse=False):
                 if role == "weight" and name == "step":
                     continue
-                if role == "psum" and not getattr(quantizer, "learn_clip", True):
+                if role == "psum" and not quantizer.learn_clip:
                     continue
                 if not (param.requires_grad or include_frozen):
                     continue
