@@ -13,7 +13,9 @@ Spec: R = C = 128, 4-bit weights, 4-bit bit-serial inputs (dac_bits = 1, unsigne
 
 Usage::
 
-    python benchmarks/cim_layer_speed.py [--batch 128] [--device cpu|cuda] [--repeats 5]
+    python benchmarks/cim_layer_speed.py [--batch 128] [--device cpu|cuda] [--repeats 5] [--out-dir benchmarks/results]
+
+Writes ``cim_layer_speed_<device>.csv`` and ``cim_layer_speed_<device>.png`` (ratios per shape) in ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -133,30 +136,63 @@ def peak_memory_mb(shape, batch: int, device: torch.device) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
+COLUMNS = ("conv", "arrays", "cycles", "conv_fwd_ms", "cim_fwd_ms", "fwd_ratio", "fwd_bwd_ratio", "peak_mib")
+
+
+def plot(rows: list, title: str, path: Path) -> Path:
+    """Bars of the forward and forward+backward ratios per conv shape (PNG)."""
+    from cimq_pl.cost.plots import finish_figure, new_figure
+
+    figure = new_figure(6.5, 3.5)
+    axes = figure.add_subplot(1, 1, 1)
+    positions = range(len(rows))
+    axes.bar([p - 0.2 for p in positions], [r["fwd_ratio"] for r in rows], 0.4, label="forward")
+    axes.bar([p + 0.2 for p in positions], [r["fwd_bwd_ratio"] for r in rows], 0.4, label="forward + backward")
+    axes.axhline(1.5, color="k", linestyle=":", linewidth=1, label="target 1.5")
+    axes.set_xticks(list(positions))
+    axes.set_xticklabels([r["conv"] for r in rows], fontsize=7)
+    return finish_figure(figure, axes, path, "", "CIM time / (cycles x conv time)", title)
+
+
+def main(argv=None) -> list:
+    from cimq_pl.cost.tables import write_csv_atomic
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--smoke", action="store_true", help="batch 4, one repeat, no memory column")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.repeats, args.no_memory = 4, 1, True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# CIM layer speed: {name}, torch {torch.__version__}, batch {args.batch}, "
-          f"R=C={SPEC.rows}, W{SPEC.weight_bits} A{SPEC.input_bits} (bit-serial) ADC{SPEC.adc_bits}")
-    header = "| conv (Cin->Cout, stride, HxW) | arrays | cycles | conv fwd ms | CIM fwd ms | fwd ratio | fwd+bwd ratio | peak MiB |"
-    print(header)
+    title = (f"CIM layer speed: {name}, torch {torch.__version__}, batch {args.batch}, "
+             f"R=C={SPEC.rows}, W{SPEC.weight_bits} A{SPEC.input_bits} (bit-serial) ADC{SPEC.adc_bits}")
+    print(f"# {title}")
+    print("| conv (Cin->Cout, stride, HxW) | arrays | cycles | conv fwd ms | CIM fwd ms | fwd ratio | fwd+bwd ratio | peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for shape in RESNET20_CONV_SHAPES:
         row = measure(shape, args.batch, device, args.repeats)
         memory = float("nan") if args.no_memory else peak_memory_mb(shape, args.batch, device)
         cin, cout, stride, size = shape
-        print(f"| {cin}->{cout}, s{stride}, {size}x{size} | {row['arrays']} | {row['cycles']} | "
-              f"{row['conv_fwd_ms']:.2f} | {row['cim_fwd_ms']:.2f} | {row['fwd_ratio']:.2f} | "
-              f"{row['fwd_bwd_ratio']:.2f} | {memory:.0f} |", flush=True)
+        rows.append({"conv": f"{cin}->{cout}, s{stride}, {size}x{size}", "arrays": row["arrays"],
+                     "cycles": row["cycles"], "conv_fwd_ms": round(row["conv_fwd_ms"], 2),
+                     "cim_fwd_ms": round(row["cim_fwd_ms"], 2), "fwd_ratio": round(row["fwd_ratio"], 2),
+                     "fwd_bwd_ratio": round(row["fwd_bwd_ratio"], 2), "peak_mib": round(memory)
+                     if memory == memory else ""})
+        print("| " + " | ".join(str(rows[-1][c]) for c in COLUMNS) + " |", flush=True)
+    stem = f"cim_layer_speed_{device.type}"
+    csv_path = write_csv_atomic(args.out_dir / f"{stem}.csv", rows, COLUMNS)
+    picture = plot(rows, title, args.out_dir / f"{stem}.png")
+    print(f"\nwrote {csv_path} and {picture}")
+    return rows
 
 
 if __name__ == "__main__":

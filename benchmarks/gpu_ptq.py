@@ -25,21 +25,25 @@ from cimq_pl.quant import CIMSpec
 ROWS = {"cimq": 2, "cimq_uniform_codes": None}  # max_ones of the input code set
 
 
-def run(row: str, adc_bits: int, iters: int, data: str, weights: str) -> dict:
+def run(row: str, adc_bits: int, iters: int, data: str, weights: str, accelerator: str = "auto",
+        calibration_size: int = 1024, num_workers: int = 4) -> dict:
+    """Fit (PTQ) and test one row on ``accelerator``; returns accuracy, fit seconds and the device."""
     seed_everything(0)
     module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits))
-    datamodule = CIFAR10DataModule(root=data, num_workers=4, eval_batch_size=500)
+    datamodule = CIFAR10DataModule(root=data, num_workers=num_workers, eval_batch_size=500,
+                                   calibration_size=calibration_size)
     callbacks = [BitSparseActivations(max_ones=ROWS[row]), ArraywiseWeights(), PartialSumClipping(),
                  QuantDropping(0.5, ("block_input", "activations")),
                  PostTrainingQuantization(iters_per_block=iters, batch_size=32)]
-    trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+    trainer = Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
                       default_root_dir="/tmp/cimq-gpu-ptq")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    root = trainer.strategy.root_device
+    device = torch.cuda.get_device_name(root) if root.type == "cuda" else "cpu"
     return {"row": row, "adc_bits": adc_bits, "iters_per_block": iters, "test/acc": round(accuracy, 4),
             "fit_seconds": round(fit_seconds, 1), "device": device}
 

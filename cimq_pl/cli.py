@@ -4,19 +4,26 @@
 * Without a W&B API key, W&B runs offline (``WANDB_MODE=offline``) instead of failing or prompting.
 * The resolved config is logged to the run's logger and may be re-saved over an earlier run's copy.
 * Bad input (:class:`~cimq_pl.errors.ConfigError`) prints one ``error:`` line and exits with status 2.
+* A loss that turns NaN/inf stops the fit with one ``error:`` line naming the block and quantizer (status 1).
+* SIGTERM (pre-emption) stops a fit after the current step, with status 143 (128 + SIGTERM); a
+  ``ModelCheckpoint(save_on_exception=True)`` in the config has then saved the step to resume from.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cimq_pl.datamodules import ImageClassificationDataModule
 from cimq_pl.errors import ConfigError
+from cimq_pl.models.pretrained import read_checkpoint
 from cimq_pl.module import CIMQModule
 
 __all__ = ["CIMQCLI", "main"]
@@ -48,7 +55,32 @@ class CIMQCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_data", True)
+        # parse errors are raised (not printed with the whole usage) so that `main` can report them on one line
+        no_exit = {"exit_on_error": False}
+        kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in self.subcommands()}})
         super().__init__(CIMQModule, ImageClassificationDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Sections given as something other than a mapping (``model: [1, 2]``) are one clear error."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for section in ("model", "data", "trainer"):
+            value = config.get(section)
+            if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
+                raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads ``--ckpt_path`` here (for its hyperparameters) before anything else: check first that
+        # it is a readable weights-only checkpoint, so a missing, truncated or foreign file is one clear error.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc", "registry"):
+            checkpoint = read_checkpoint(path, "ckpt_path")
+            if "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
+                raise ConfigError(
+                    f"ckpt_path {path!r} is not a Lightning checkpoint written by `fit` (it holds "
+                    f"{sorted(checkpoint)[:4]}...); pretrained float weights go in model.pretrained"
+                )
+        super()._parse_ckpt_path()
 
 
 def _config_error_in_chain(err: BaseException) -> ConfigError | None:
@@ -68,6 +100,17 @@ def main(args: list[str] | None = None) -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
     try:
         CIMQCLI(args=args)
+    except SIGTERMException:
+        print("error: stopped by SIGTERM; the run's last checkpoint (ModelCheckpoint save_on_exception / save_last) "
+              "resumes it: fit ... --ckpt_path <checkpoints>/last.ckpt", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except ArgumentError as err:  # a malformed config or argument: jsonargparse's message, on one line
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:  # the NaN/inf guards of the objectives: the message names the culprit
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except Exception as err:
         config_error = _config_error_in_chain(err)
         if config_error is None:

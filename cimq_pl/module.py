@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.models import create_model
+from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
 from cimq_pl.quant import CIMSpec, cim_layers, convert_to_cim, fold_batchnorm_
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
@@ -100,6 +101,14 @@ class CIMQModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model, macro or technique set with one clear error line."""
+        check_state_dict_fits(
+            self.state_dict(), checkpoint.get("state_dict", {}), "the checkpoint (ckpt_path)",
+            f"model {self.hparams['name']!r} with cim={self.hparams['cim']}",
+            " (resume or test with the same model, model.cim and technique callbacks as the run that wrote it)",
+        )
 
     @property
     def is_cim(self) -> bool:

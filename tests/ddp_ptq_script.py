@@ -24,7 +24,7 @@ from cimq_pl.quant import CIMSpec  # noqa: E402
 
 
 class DumpQuantizers(Callback):
-    """Saves every rank's quantizer state after calibration and after the fit, and its val/acc."""
+    """Saves every rank's quantizer state after calibration, after each unit and after the fit, and its val/acc."""
 
     def __init__(self, out: Path, devices: int):
         self.out, self.devices = out, devices
@@ -36,6 +36,9 @@ class DumpQuantizers(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         self._save(trainer, pl_module, "calibrated")
+
+    def on_train_epoch_end(self, trainer, pl_module):  # one epoch = one reconstruction unit
+        self._save(trainer, pl_module, f"block{trainer.current_epoch}")
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer, pl_module, "final")

@@ -47,6 +47,12 @@ def test_calibration_is_identical_on_every_rank_and_equal_to_one_process(runs):
     _assert_same(one, rank0)
 
 
+def test_every_rank_holds_identical_quantizers_after_each_block(runs):
+    for block in range(11):  # ResNet-20: conv1, 9 residual blocks, fc
+        rank0, rank1 = (_load(runs, f"block{block}", 2, r)["quantizers"] for r in (0, 1))
+        _assert_same(rank0, rank1)
+
+
 def test_reconstruction_keeps_ranks_identical_and_accuracy_close_to_one_process(runs):
     rank0, rank1 = (_load(runs, "final", 2, r) for r in (0, 1))
     _assert_same(rank0["quantizers"], rank1["quantizers"])

@@ -117,13 +117,16 @@ class PostTrainingQuantization(Callback):
         self.objective = BlockReconstructionObjective(
             blocks,
             block_input_keep_prob=dropping.config.block_input_keep_prob if dropping else None,
+            batch_size=self.batch_size,
+            seed=getattr(trainer.datamodule, "seed", 0),
+            rank=trainer.global_rank,
             **self.objective_kwargs,
         )
         pl_module.objective = self.objective
         if self.reconstructs:
-            if trainer.datamodule is None or not hasattr(trainer.datamodule, "fit_on_calibration_set"):
+            if trainer.datamodule is None or not hasattr(trainer.datamodule, "fit_on_steps"):
                 raise ConfigError("PostTrainingQuantization needs a cimq_pl datamodule (data.class_path: cimq_pl.datamodules....)")
-            trainer.datamodule.fit_on_calibration_set(self.iters_per_block * self.batch_size, self.batch_size)
+            trainer.datamodule.fit_on_steps(self.iters_per_block)
             trainer.fit_loop.max_epochs = len(blocks)
             trainer.check_val_every_n_epoch = len(blocks)
         else:
@@ -143,6 +146,15 @@ class PostTrainingQuantization(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_unit(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.objective.cache is None:  # resumed in the middle of a unit: Lightning skips on_train_epoch_start
+            self._start_unit(trainer, pl_module)
+
+    def _start_unit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Make unit ``current_epoch`` the one that learns and cache its block I/O (earlier units are final)."""
         index = trainer.current_epoch
         for earlier in range(index):  # after a resume, earlier units are final
             self.objective.finish_block(earlier)

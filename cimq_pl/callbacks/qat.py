@@ -17,7 +17,7 @@ from typing_extensions import override
 from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
-from cimq_pl.models import read_state_dict
+from cimq_pl.models.pretrained import check_state_dict_fits, read_state_dict
 from cimq_pl.objectives import TaskObjective
 from cimq_pl.quant import cim_layers
 
@@ -81,17 +81,11 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
     Raises:
         ConfigError: the checkpoint cannot be read or does not fit the module.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, "QAT init_from")
     logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
     rest = {k: v for k, v in state.items() if k not in logits}
-    expected = pl_module.state_dict()
-    missing = [k for k in expected if k not in rest]
-    unexpected = [k for k in rest if k not in expected]
-    if missing or unexpected:
-        raise ConfigError(
-            f"QAT init_from {path!r} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
-            "(it must be a checkpoint of the same model and model.cim)"
-        )
+    check_state_dict_fits(pl_module.state_dict(), rest, f"QAT init_from {path!r}", "the model",
+                          " (it must be a PTQ checkpoint of the same model and model.cim)")
     pl_module.load_state_dict(rest, strict=True)
     for name, layer in cim_layers(pl_module.model):
         key = f"model.{name}.weight_quantizer.rounding_logits"

@@ -12,14 +12,15 @@ from typing import Optional, Sequence, Union
 
 from cimq_pl.cost.model import COMPONENTS, NetworkCost
 
-__all__ = ["plot_accuracy_vs_energy", "plot_energy_breakdown", "read_summaries"]
+__all__ = ["finish_figure", "new_figure", "plot_accuracy_vs_energy", "plot_energy_breakdown", "read_summaries", "save_figure"]
 
 _LABELS = {"adc": "ADC", "cell_read": "cell read", "wordline": "wordline", "shift_add": "shift-add",
            "scale": "scale multiply"}
 PathLike = Union[str, os.PathLike]
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot state, no display), ``width`` x ``height`` inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,13 +29,25 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _save(figure, path: PathLike) -> Path:
+def save_figure(figure, path: PathLike) -> Path:
+    """Write ``figure`` to ``path`` atomically (format from the suffix, default PNG); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     figure.savefig(temporary, format=path.suffix.lstrip(".") or "png")
     os.replace(temporary, path)
     return path
+
+
+def finish_figure(figure, axes, path: PathLike, xlabel: str, ylabel: str, title: str, legend: bool = True) -> Path:
+    """Label ``axes``, add the legend, lay ``figure`` out and write it to ``path`` (atomically)."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+    if legend:
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    return save_figure(figure, path)
 
 
 def plot_energy_breakdown(cost: NetworkCost, path: PathLike, title: Optional[str] = None) -> Path:
@@ -48,7 +61,7 @@ def plot_energy_breakdown(cost: NetworkCost, path: PathLike, title: Optional[str
     Returns:
         The path written.
     """
-    figure = _figure(max(6.0, 0.35 * len(cost.layers) + 2), 4.2)
+    figure = new_figure(max(6.0, 0.35 * len(cost.layers) + 2), 4.2)
     axes = figure.add_subplot(1, 1, 1)
     names = [layer.name for layer in cost.layers]
     positions = range(len(names))
@@ -64,7 +77,7 @@ def plot_energy_breakdown(cost: NetworkCost, path: PathLike, title: Optional[str
                             f"({cost.table.name})", fontsize=9)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def read_summaries(paths: Sequence[PathLike]) -> list:
@@ -112,7 +125,7 @@ def plot_accuracy_vs_energy(
     """
     if labels is not None and len(labels) != len(summaries):
         raise ValueError(f"labels has {len(labels)} entries: expected one per summary file ({len(summaries)})")
-    figure = _figure(6.0, 4.2)
+    figure = new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
     plotted = 0
     for index, file in enumerate(summaries):
@@ -130,9 +143,5 @@ def plot_accuracy_vs_energy(
             plotted += 1
     if not plotted:
         raise ValueError(f"no row of {[str(s) for s in summaries]} has both accuracy and energy_per_image_uj")
-    axes.set_xlabel("energy per image (uJ)")
-    axes.set_ylabel("top-1 accuracy")
-    axes.set_title("accuracy vs energy (hollow: conventional 8-bit-ADC baseline)", fontsize=9)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    return _save(figure, path)
+    return finish_figure(figure, axes, path, "energy per image (uJ)", "top-1 accuracy",
+                         "accuracy vs energy (hollow: conventional 8-bit-ADC baseline)")

@@ -13,27 +13,29 @@ from typing import Callable, Literal, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["ImageClassificationDataModule", "IndexedDataset", "Split"]
+__all__ = ["ImageClassificationDataModule", "StepNumbers", "Split"]
 
 Split = Literal["train", "test"]
 
 
-class IndexedDataset(Dataset):
-    """``(image, label, index)`` of a dataset: lets PTQ look samples up in per-block caches."""
+class StepNumbers(Dataset):
+    """Items ``0 .. steps - 1``: the training "data" of PTQ, whose samples come from cached block I/O.
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    A loader over it only paces the fit (one item per step); under DDP Lightning shards it like any dataset.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.steps
 
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index
+    def __getitem__(self, index: int) -> int:
+        return index
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -88,7 +90,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.std = tuple(std) if std is not None else None
         self.augment = augment
         self._datasets: dict[str, Dataset] = {}
-        self._calibration_fit: tuple[int, int] | None = None
+        self._steps_per_epoch: int | None = None
 
     # -- what subclasses provide -------------------------------------------------------------------------
     def _build_split(self, split: Split, transform: Callable) -> Dataset:
@@ -147,26 +149,21 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def fit_on_calibration_set(self, samples_per_epoch: int, batch_size: int) -> None:
-        """Make ``train_dataloader`` draw from the calibration subset instead of the train split.
+    def fit_on_steps(self, steps_per_epoch: int) -> None:
+        """Make ``train_dataloader`` yield step numbers instead of train images, ``steps_per_epoch`` per epoch.
 
-        PTQ reconstruction learns from the calibration images only: each epoch draws ``samples_per_epoch``
-        of them with replacement (seeded with ``seed``), without augmentation, in batches of
-        ``batch_size``. Batches are ``(images, labels, indices)``, indices being positions in the
-        calibration subset (the order of ``calibration_dataloader``).
+        PTQ reconstruction draws its samples itself from block inputs/outputs cached over the calibration
+        subset (seeded per step, so a resumed fit draws what an uninterrupted one drew); the loader only
+        paces the epoch and decodes nothing.
         """
-        if samples_per_epoch < 1 or batch_size < 1:
-            raise ConfigError(f"samples_per_epoch and batch_size must be >= 1, got {samples_per_epoch}, {batch_size}")
-        self._calibration_fit = (samples_per_epoch, batch_size)
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        self._steps_per_epoch = steps_per_epoch
 
     def train_dataloader(self) -> DataLoader:
-        if self._calibration_fit is None:
+        if self._steps_per_epoch is None:
             return self._loader(self.dataset("train", train_mode=True), self.batch_size, shuffle=True)
-        samples, batch_size = self._calibration_fit
-        generator = torch.Generator().manual_seed(self.seed)
-        dataset = IndexedDataset(self.calibration_dataset())
-        sampler = RandomSampler(dataset, replacement=True, num_samples=samples, generator=generator)
-        return self._loader(dataset, batch_size, sampler=sampler)
+        return DataLoader(StepNumbers(self._steps_per_epoch), batch_size=1)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.eval_batch_size)

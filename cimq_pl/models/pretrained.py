@@ -22,7 +22,7 @@ from torch import nn
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["load_pretrained_", "read_state_dict", "verify_sha256_prefix"]
+__all__ = ["check_state_dict_fits", "load_pretrained_", "read_checkpoint", "read_state_dict", "verify_sha256_prefix"]
 
 # torch.hub convention: <name>-<sha256 prefix of at least 8 hex digits>.<ext>
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
@@ -61,23 +61,32 @@ def _unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local path (preferred) or an http(s) URL.
+def read_checkpoint(source: str | os.PathLike, what: str = "pretrained weights") -> Mapping:
+    """Read a torch checkpoint (a mapping) from a local path (preferred) or an http(s) URL, weights-only.
+
+    ``torch.load(weights_only=True)`` never executes code from the file.
+
+    Args:
+        source: path or URL.
+        what: how the message names the file (``pretrained weights``, ``ckpt_path``).
 
     Raises:
         ConfigError: the path does not exist, the URL cannot be fetched, the file is not a weights-only torch
-            checkpoint, or its sha256 does not match its name.
+            checkpoint (truncated, foreign, or needing code to load), or its sha256 does not match its name.
     """
     source = str(source)
     if os.path.exists(source):
         path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{what} {source!r} is a directory: expected a checkpoint file")
         verify_sha256_prefix(path)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
-                f"cannot read checkpoint {source!r} as a weights-only torch file: {first_line}"
+                f"cannot read {what} {source!r} as a weights-only torch file (truncated or not a torch "
+                f"checkpoint?): {first_line}"
             ) from err
     elif re.match(r"^https?://", source):
         try:
@@ -87,17 +96,53 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as err:  # noqa: BLE001 - network, hash and format errors all mean "cannot get it"
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(source).name
             raise ConfigError(
-                f"cannot download pretrained weights {source!r} ({type(err).__name__}: {err}); "
+                f"cannot download {what} {source!r} ({type(err).__name__}: {err}); "
                 f"without a network, put the file at {str(cache)!r} or pass a local path"
             ) from err
     else:
-        raise ConfigError(f"pretrained weights {source!r} not found: expected an existing file path or an http(s) URL")
+        raise ConfigError(f"{what} {source!r} not found: expected an existing file path or an http(s) URL")
     if not isinstance(checkpoint, Mapping):
-        raise ConfigError(f"checkpoint {source!r} holds a {type(checkpoint).__name__}, expected a state dict")
-    state_dict = _unwrap(checkpoint)
+        raise ConfigError(f"{what} {source!r} holds a {type(checkpoint).__name__}, expected a state dict")
+    return checkpoint
+
+
+def read_state_dict(source: str | os.PathLike, what: str = "pretrained weights") -> dict[str, torch.Tensor]:
+    """The state dict of the checkpoint at ``source`` (`read_checkpoint`, then unwrapped and de-prefixed).
+
+    Raises:
+        ConfigError: as `read_checkpoint`, or the checkpoint holds no tensors.
+    """
+    state_dict = _unwrap(read_checkpoint(source, what))
     if not state_dict:
-        raise ConfigError(f"checkpoint {source!r} holds no tensors")
+        raise ConfigError(f"{what} {str(source)!r} holds no tensors")
     return state_dict
+
+
+def check_state_dict_fits(expected: Mapping, found: Mapping, source: str, target: str, hint: str = "") -> None:
+    """Raise a `ConfigError` naming the first missing, unexpected and wrongly shaped keys of ``found``.
+
+    Only BatchNorm's ``num_batches_tracked`` counters may be missing (old checkpoints lack them).
+
+    Args:
+        expected: the state dict the target holds.
+        found: the state dict read from ``source``.
+        source: what was read, for the message (e.g. ``checkpoint 'x.ckpt'``).
+        target: what it should fit, for the message.
+        hint: appended to the message (what a fitting file is).
+    """
+    missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in found if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in found.items()
+        if k in expected and hasattr(v, "shape") and v.shape != expected[k].shape
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if parts:
+        raise ConfigError(f"{source} does not fit {target}: {'; '.join(parts)}{hint}")
 
 
 def load_pretrained_(
@@ -115,21 +160,6 @@ def load_pretrained_(
     state_dict = read_state_dict(source)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-        raise ConfigError(
-            f"checkpoint {str(source)!r} does not fit {type(model).__name__}: {'; '.join(parts)}"
-        )
+    check_state_dict_fits(model.state_dict(), state_dict, f"checkpoint {str(source)!r}", type(model).__name__)
     model.load_state_dict(state_dict, strict=False)
     return model

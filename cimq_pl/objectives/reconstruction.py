@@ -3,8 +3,8 @@
 One block is reconstructed at a time (the PTQ callback advances blocks, one epoch per block). When a block
 starts, the calibration images are run once: with every quantizer off to cache the block's full-precision
 input ``x_fp`` and output ``y_fp``, and with quantizers on (earlier blocks already reconstructed and
-hardened) to cache its quantized input ``x_q``; both forwards stop at the block. A step then reads the batch's
-cached tensors by calibration index and:
+hardened) to cache its quantized input ``x_q``; both forwards stop at the block. A step then draws
+``batch_size`` calibration samples of the cache and:
 
 1. QDrop on the block input: each element is ``x_q`` with probability ``p`` and ``x_fp`` otherwise;
 2. runs the block in training mode (soft AdaRound rounding, dropping inside its quantizers) and minimise
@@ -13,6 +13,9 @@ cached tensors by calibration index and:
 
 Only the current block's AdaRound logits, input step sizes and ADC clip parameters learn; weights, biases
 and weight step sizes stay fixed.
+
+Every random draw of a step (which samples, which elements QDrop keeps) is seeded from ``(seed, rank, block,
+step)`` alone, so a fit resumed from a mid-block checkpoint makes exactly the draws of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from cimq_pl.objectives.base import quantizer_parameters, sparsity_penalty
 from cimq_pl.quant import cim_layers
+from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.quant.reconstruction import (
     RoundingSchedule,
     capture_block_input,
@@ -48,6 +52,9 @@ class BlockReconstructionObjective:
         lr_step: Adam learning rate of the input step sizes.
         lr_clip: Adam learning rate of the ADC clip parameters theta.
         block_input_keep_prob: QDrop keep probability of the block input (None: always the quantized input).
+        batch_size: calibration samples per step.
+        seed: base seed of the per-step draws.
+        rank: this process's rank under DDP (ranks draw different samples).
     """
 
     def __init__(
@@ -61,6 +68,9 @@ class BlockReconstructionObjective:
         lr_step: float = 4e-5,
         lr_clip: float = 1e-3,
         block_input_keep_prob: float | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        rank: int = 0,
     ):
         self.blocks = blocks
         self.rounding_weight = rounding_weight
@@ -68,6 +78,7 @@ class BlockReconstructionObjective:
         self.beta_start, self.beta_end = beta_start, beta_end
         self.learning_rates = {"rounding": lr_rounding, "step": lr_step, "clip": lr_clip}
         self.block_input_keep_prob = block_input_keep_prob
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.current = 0
         self.steps_in_block = 1
         self.step_in_block = 0
@@ -118,11 +129,21 @@ class BlockReconstructionObjective:
             x_q = capture_block_input(model, block, images)
         return x_fp, y_fp, x_q
 
+    def step_seed(self, step: int) -> int:
+        """Seed of step ``step`` of the current block: a function of (seed, rank, block, step) only."""
+        value = self.seed
+        for part in (self.rank, self.current, step):
+            value = (value * 1_000_003 + part) % (2**63 - 1)
+        return value
+
     def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:
-        indices = batch[2]
         name, block = self.block
         self.step_in_block = batch_idx
-        x_fp, y_fp, x_q = (tensor[indices] for tensor in self.cache)
+        seed = self.step_seed(batch_idx)
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randint(len(self.cache[0]), (self.batch_size,), generator=generator)
+        torch.manual_seed(seed)  # QDrop masks of this step (block input and inside the quantizers)
+        x_fp, y_fp, x_q = (tensor[indices.to(tensor.device)] for tensor in self.cache)
         x = x_q
         if self.block_input_keep_prob is not None:
             x = torch.where(torch.rand_like(x_q) < self.block_input_keep_prob, x_q, x_fp)
@@ -143,8 +164,7 @@ class BlockReconstructionObjective:
         if penalty is not None:
             loss = loss + penalty
             module.log("ptq/sparsity_penalty", penalty, on_step=True, on_epoch=False)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"PTQ reconstruction loss of block {name!r} became {loss.item()} at step {batch_idx}")
+        check_finite(loss, block, x, where=f"PTQ reconstruction of block {name!r} at step {batch_idx}", prefix=name)
         module.log("ptq/block", float(self.current), on_step=True, on_epoch=False)
         module.log("ptq/rec_loss", reconstruction, on_step=True, on_epoch=False, prog_bar=True)
         module.log(f"ptq/{name}/rec_loss", reconstruction, on_step=False, on_epoch=True)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from cimq_pl.objectives.base import sparsity_penalty
 from cimq_pl.quant import cim_layers
+from cimq_pl.quant.diagnostics import check_finite
 
 __all__ = ["TaskObjective"]
 
@@ -33,6 +34,7 @@ class TaskObjective:
         if penalty is not None:
             module.log("train/sparsity_penalty", penalty)
             loss = loss + penalty
+        check_finite(loss, module.model, images, where=f"training step {batch_idx} of epoch {module.current_epoch}")
         module.log("train/loss", loss, prog_bar=True)
         module.log("train/acc", (logits.argmax(1) == labels).float().mean())
         return loss

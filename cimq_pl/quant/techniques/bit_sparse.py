@@ -30,13 +30,15 @@ class BitSparseActivationConfig:
     """Bit-sparse input codes and the popcount regularizer.
 
     Attributes:
-        max_ones: most 1 bits per input code (k); None or k >= input_bits is the plain uniform code set.
+        max_ones: most 1 bits per input code (k); None or k = input_bits is the plain uniform code set (a layer
+            with more input bits, e.g. an int8 first layer, keeps k); k above every layer's input_bits is an error.
         sparsity_weight: lambda of the popcount regularizer (0 disables it).
         observer: input step initialisation, ``"mse"`` (default, searched over the allowed codes),
             ``"minmax"`` or ``"percentile"``.
 
     Raises:
-        ConfigError: max_ones < 1, a negative sparsity_weight or an unknown observer.
+        ConfigError: max_ones < 1, a negative sparsity_weight or an unknown observer (max_ones above the
+            macro's input_bits: when applied).
     """
 
     max_ones: Optional[int] = 2
@@ -52,7 +54,17 @@ class BitSparseActivationConfig:
             raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
 
     def apply_(self, model: nn.Module) -> None:
-        """Restrict every CIM layer's input codes and set its regularizer weight."""
+        """Restrict every CIM layer's input codes and set its regularizer weight.
+
+        Raises:
+            ConfigError: ``max_ones`` exceeds every layer's input bits (no code can have that many one bits).
+        """
+        widths = [layer.spec.input_bits for _, layer in cim_layers(model) if layer.input_quantizer is not None]
+        if self.max_ones is not None and widths and self.max_ones > max(widths):
+            raise ConfigError(
+                f"max_ones={self.max_ones} exceeds the macro's input_bits={max(widths)}: a code has at most "
+                "input_bits one bits (max_ones: null gives the plain uniform code set)"
+            )
         reconfigure_(model, input_max_ones=self.max_ones, input_observer=self.observer)
         for _, layer in cim_layers(model):
             if layer.input_quantizer is not None:

@@ -1,0 +1,347 @@
+"""What every benchmark script shares: one *setting* measured through the same CLI and configs users run.
+
+A `Setting` names a model config (`configs/<model>.yaml`), a technique config (`configs/quant/...`) and the
+changes a sweep makes to it (macro geometry and bits, technique arguments, PTQ budget). `measure` writes
+those changes into a derived YAML next to the run (``<work>/<key>.yaml``, so every row's exact config is
+on disk), builds the project's `CIMQCLI` from ``--config model --config derived``, runs ``trainer.fit``
+(calibration + reconstruction) and ``trainer.test`` on ``cifar10_lossless`` (1,000 images, with the
+`HardwareReport`), and optionally tests the same quantized network on ``cifar10_jpeg`` (10,000 images,
+accuracy only). It is what ``python -m cimq_pl fit`` then ``test --ckpt_path ptq.ckpt`` gives (the test suite
+checks that the two agree exactly), without reloading the checkpoint.
+
+`ResultStore` keeps the rows of a CSV keyed by setting, so a stopped suite resumes where it stopped and
+a script can reuse a setting another script already measured (the ADC sweep reuses the ablation's rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CIMQ_SHARED", REPO.parent / "shared")).resolve()
+LOSSLESS = SHARED / "data" / "cifar10_lossless"
+JPEG = SHARED / "data" / "cifar10_jpeg"
+RESULTS = REPO / "benchmarks" / "results"
+
+MODEL_CONFIGS = {
+    "resnet20": "configs/resnet20_cifar10.yaml",
+    "resnet32": "configs/resnet32_cifar10.yaml",
+}
+# row -> (technique config or None for the float model, changes to its `model.cim`)
+ROWS = {
+    "fp": (None, {}),
+    "conventional": ("configs/quant/conventional.yaml", {}),
+    "arraywise": ("configs/quant/ablation/arraywise.yaml", {}),
+    "bit_sparse": ("configs/quant/ablation/bit_sparse.yaml", {}),
+    "psum_clipping": ("configs/quant/ablation/psum_clipping.yaml", {}),
+    "qdrop": ("configs/quant/ablation/qdrop.yaml", {}),
+    "cimq": ("configs/quant/cimq_ptq.yaml", {}),
+    "qdrop_no_cim": ("configs/quant/ablation/qdrop.yaml", {"adc_bits": None}),
+    "brecq": ("configs/quant/ablation/brecq.yaml", {}),
+    "cimq_uniform_codes": ("configs/quant/ablation/cimq_uniform_codes.yaml", {}),
+    "cimq_qat": ("configs/quant/cimq_qat.yaml", {}),
+}
+ROW_LABELS = {
+    "fp": "FP (no quantization)",
+    "conventional": "conventional PTQ (layerwise min-max, 8-bit-ADC-style min-max clip)",
+    "arraywise": "+ arraywise weight scales alone",
+    "bit_sparse": "+ bit-sparse activations (k=1) alone",
+    "psum_clipping": "+ per-array MSE ADC clipping alone",
+    "qdrop": "+ reconstruction with quantization dropping alone",
+    "cimq": "CIMQ: all four",
+    "qdrop_no_cim": "plain QDrop, no CIM constraint (ideal ADC)",
+    "brecq": "BRECQ (reconstruction, no dropping)",
+    "cimq_uniform_codes": "CIMQ with uniform activation codes",
+    "cimq_qat": "CIMQ QAT (all techniques but dropping)",
+}
+METRICS = (
+    "test/acc",
+    "test/bit_density",
+    "test/energy_per_image_uj",
+    "test/tops_per_w",
+    "test/adc_energy_share",
+    "test/hw_efficiency_vs_baseline",
+)
+CALLBACKS = "cimq_pl.callbacks."
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One measured configuration. ``None`` fields keep the technique config's value.
+
+    Attributes:
+        model: key of `MODEL_CONFIGS`.
+        row: key of `ROWS` (which technique config).
+        weight_bits / input_bits / adc_bits: macro bits (``adc_bits`` None in the row = ideal ADC).
+        array: rows = columns of one array (cells).
+        max_ones: k of `BitSparseActivations` (0 = uniform codes; only where the config has that callback).
+        keep_prob: p of `QuantDropping` (only where the config has that callback).
+        iters: PTQ reconstruction steps per unit (only for configs that reconstruct).
+    """
+
+    model: str
+    row: str
+    weight_bits: Optional[int] = None
+    input_bits: Optional[int] = None
+    adc_bits: Optional[int] = None
+    array: Optional[int] = None
+    max_ones: Optional[int] = None
+    keep_prob: Optional[float] = None
+    iters: Optional[int] = None
+
+    def __post_init__(self):
+        if self.model not in MODEL_CONFIGS:
+            raise ValueError(f"model {self.model!r} is unknown: expected one of {sorted(MODEL_CONFIGS)}")
+        if self.row not in ROWS:
+            raise ValueError(f"row {self.row!r} is unknown: expected one of {sorted(ROWS)}")
+
+    @property
+    def quantized(self) -> bool:
+        return ROWS[self.row][0] is not None
+
+    @property
+    def key(self) -> str:
+        """Stable identifier: model, row and every field that is set (used for resuming and file names)."""
+        parts = [self.model, self.row]
+        for item in fields(self)[2:]:
+            value = getattr(self, item.name)
+            if value is not None:
+                parts.append(f"{item.name}{value}")
+        return "-".join(parts)
+
+    def columns(self) -> dict:
+        """The setting as CSV cells (empty where unset)."""
+        return {name: ("" if value is None else value) for name, value in asdict(self).items()}
+
+
+SETTING_COLUMNS = tuple(item.name for item in fields(Setting))
+RESULT_COLUMNS = ("key", *SETTING_COLUMNS, *METRICS, "jpeg/acc", "fit_seconds", "test_seconds", "config")
+
+
+def derived_config(setting: Setting) -> Optional[dict]:
+    """The technique config of ``setting`` with its changes applied (None for the float model).
+
+    Raises:
+        ValueError: when a change names a callback the config does not list (e.g. ``max_ones`` on a
+            config without `BitSparseActivations`), instead of silently measuring something else.
+    """
+    path, cim_changes = ROWS[setting.row]
+    if path is None:
+        return None
+    config = yaml.safe_load((REPO / path).read_text())
+    cim = config.setdefault("model", {}).setdefault("cim", {})
+    cim.update(cim_changes)
+    for name in ("weight_bits", "input_bits", "adc_bits"):
+        if getattr(setting, name) is not None:
+            cim[name] = getattr(setting, name)
+    if setting.array is not None:
+        cim["rows"] = cim["cols"] = setting.array
+    callbacks = {entry["class_path"].removeprefix(CALLBACKS): entry.setdefault("init_args", {})
+                 for entry in config["trainer"]["callbacks"]}
+    for name, callback, argument, value in (
+        ("max_ones", "BitSparseActivations", "max_ones", None if setting.max_ones == 0 else setting.max_ones),
+        ("keep_prob", "QuantDropping", "keep_prob", setting.keep_prob),
+        ("iters", "PostTrainingQuantization", "iters_per_block", setting.iters),
+    ):
+        if getattr(setting, name) is None:
+            continue
+        if callback not in callbacks:
+            raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
+        if name == "iters" and callbacks[callback].get("iters_per_block", 1) == 0:
+            continue  # calibration-only configs stay calibration-only
+        callbacks[callback][argument] = value
+    return config
+
+
+def cli(args: list[str]):
+    """The project's `CIMQCLI` on ``args``, not run (the caller drives the trainer); one W&B run per call."""
+    import sys
+
+    import wandb
+
+    from cimq_pl.cli import CIMQCLI
+
+    wandb.finish()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the script's own flags are not the CLI's
+    try:
+        return CIMQCLI(args=args, run=False)
+    finally:
+        sys.argv = argv
+
+
+def _jpeg_datamodule(datamodule):
+    """The same datamodule (class and settings) on ``cifar10_jpeg``."""
+    return type(datamodule)(
+        root=str(JPEG), batch_size=datamodule.batch_size, eval_batch_size=datamodule.eval_batch_size,
+        num_workers=datamodule.num_workers, calibration_size=datamodule.calibration_size, seed=datamodule.seed,
+        mean=datamodule.mean, std=datamodule.std, augment=datamodule.augment,
+    )
+
+
+def measure(setting: Setting, work_dir: Path, jpeg: bool = False, extra_args: Sequence[str] = (),
+            callbacks: Sequence = (), test: bool = True) -> dict:
+    """Fit (when quantized) and test ``setting``; returns a row of `RESULT_COLUMNS`.
+
+    Args:
+        setting: what to measure.
+        work_dir: folder for the derived config, the W&B run and the PTQ checkpoint.
+        jpeg: also test on ``cifar10_jpeg`` (10,000 images; accuracy only, the hardware report is dropped).
+        extra_args: more CLI arguments for the run (the smoke tests shrink the data with them).
+        callbacks: more Lightning callbacks for the run (timers).
+        test: run the test (off when only the fit is timed).
+    """
+    from cimq_pl.callbacks import HardwareReport
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--config", MODEL_CONFIGS[setting.model]]
+    config = derived_config(setting)
+    config_path = ""
+    if config is not None:
+        derived = work_dir / f"{setting.key}.yaml"
+        derived.write_text(yaml.safe_dump(config, sort_keys=False))
+        args += ["--config", str(derived)]
+        config_path = str(derived)
+    args += ["--data.init_args.root", str(LOSSLESS), "--trainer.logger.init_args.save_dir", str(work_dir),
+             "--trainer.enable_progress_bar", "false", *extra_args]
+    built = cli(args)
+    trainer, module, datamodule = built.trainer, built.model, built.datamodule
+    trainer.callbacks.extend(callbacks)
+    row = {"key": setting.key, **setting.columns(), "fit_seconds": 0.0, "config": config_path}
+    if setting.quantized:
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        row["fit_seconds"] = round(time.perf_counter() - start, 1)
+    if not test:
+        return row
+    start = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    row["test_seconds"] = round(time.perf_counter() - start, 1)
+    for name in METRICS:
+        value = trainer.callback_metrics.get(name)
+        row[name] = round(float(value), 4) if value is not None else ""
+    if jpeg:
+        trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, HardwareReport)]
+        trainer.test(module, datamodule=_jpeg_datamodule(datamodule), verbose=False)
+        row["jpeg/acc"] = round(float(trainer.callback_metrics["test/acc"]), 4)
+    return row
+
+
+class ResultStore:
+    """Rows of a results CSV keyed by `Setting.key`; every `add` rewrites the file atomically.
+
+    Args:
+        path: the CSV this store writes (read first when it exists, so a stopped run resumes).
+        reuse: other results CSVs whose rows may be reused for identical settings (read only).
+    """
+
+    def __init__(self, path: Path, reuse: Iterable[Path] = ()):
+        self.path = Path(path)
+        self.rows = _read_rows(self.path)
+        self._reusable: dict[str, dict] = {}
+        for source in reuse:
+            self._reusable.update(_read_rows(Path(source)))
+        self._reusable.update(self.rows)
+
+    def get(self, setting: Setting, jpeg: bool = False) -> Optional[dict]:
+        """A stored row for ``setting`` (with a JPEG accuracy when ``jpeg``), or None."""
+        row = self._reusable.get(setting.key)
+        if row is None or (jpeg and row.get("jpeg/acc", "") == ""):
+            return None
+        return row
+
+    def add(self, row: dict) -> None:
+        from cimq_pl.cost.tables import write_csv_atomic
+
+        self.rows[row["key"]] = row
+        self._reusable[row["key"]] = row
+        write_csv_atomic(self.path, list(self.rows.values()), RESULT_COLUMNS)
+
+
+def _read_rows(path: Path) -> dict[str, dict]:
+    """Rows of a results CSV by key ({} when the file does not exist)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as stream:
+        return {row["key"]: row for row in csv.DictReader(stream)}
+
+
+def run_settings(settings: Sequence[tuple[Setting, bool]], store: ResultStore, work_dir: Path,
+                 extra_args: Sequence[str] = ()) -> list[dict]:
+    """Measure each ``(setting, jpeg)`` not already in ``store`` (or its reusable CSVs); returns all rows in order."""
+    rows = []
+    for index, (setting, jpeg) in enumerate(settings, 1):
+        row = store.get(setting, jpeg)
+        if row is None:
+            print(f"[bench] {index}/{len(settings)} {setting.key}{' (+jpeg)' if jpeg else ''}", flush=True)
+            row = measure(setting, work_dir, jpeg=jpeg, extra_args=extra_args)
+            print(f"[bench]   test/acc={row['test/acc']} jpeg/acc={row.get('jpeg/acc', '')} "
+                  f"fit {row['fit_seconds']} s, test {row['test_seconds']} s", flush=True)
+        else:
+            print(f"[bench] {index}/{len(settings)} {setting.key}: reused", flush=True)
+        store.add({key: row.get(key, "") for key in RESULT_COLUMNS})
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Optional[Sequence[str]] = None) -> str:
+    """A GitHub markdown table of ``rows`` (missing cells empty)."""
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """One line naming this machine: CPU model, cores, torch version."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def base_parser(description: str, models: bool = False):
+    """Arguments every benchmark script takes (and ``--models`` when ``models``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    if models:
+        parser.add_argument("--models", nargs="+", default=list(MODEL_CONFIGS), choices=list(MODEL_CONFIGS))
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where CSV and PNG files go")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "benchmarks",
+                        help="derived configs, W&B runs and checkpoints")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny data and budgets (the test suite's check that the script works)")
+    return parser
+
+
+SMOKE_ARGS = (
+    "--data.init_args.eval_batch_size", "50",
+    "--data.init_args.calibration_size", "64",
+    "--data.init_args.num_workers", "0",
+    "--trainer.limit_test_batches", "2",
+)
+
+
+def prepare(args) -> list[str]:
+    """Run from the repo root with W&B offline; returns the extra CLI arguments (the smoke shrink)."""
+    os.chdir(REPO)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    return list(SMOKE_ARGS) if args.smoke else []

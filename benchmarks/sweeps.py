@@ -1,0 +1,120 @@
+"""Sweeps of CIMQ on ResNet-20 (W4A4): ADC bits, array size, max one-bits k, keep probability p.
+
+Each point is `configs/quant/cimq_ptq.yaml` with one argument changed (the others at the CIMQ defaults:
+ADC 4, 128x128 arrays, k = 2, p = 0.5), measured by `runner.measure` (fit + test on ``cifar10_lossless``).
+Writes ``sweeps.csv`` and ``pareto.png``: accuracy against energy per image of every point, with the
+ablation's settings (``ablation.csv``, when present) and the Pareto front (no other point is both more
+accurate and cheaper). The ADC points are the ablation's CIMQ rows: they are reused from ``ablation.csv``
+when it holds them, measured otherwise.
+
+    python benchmarks/sweeps.py            # ~15 min on 2 cores after ablation.py (3 new points)
+    python benchmarks/sweeps.py --smoke    # tiny data, 2 steps per unit
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from runner import ResultStore, Setting, base_parser, markdown_table, prepare, run_settings
+
+SWEEPS = {
+    "adc_bits": (8, 5, 4, 3),  # the ablation's CIMQ rows
+    "array": (64, 128),
+    "max_ones": (2, 0),  # 0 = uniform codes (no bit-sparsity constraint)
+    "keep_prob": (0.5, 1.0),  # 1.0 = no dropping
+}
+BASE = {"adc_bits": 4, "array": 128, "max_ones": 2, "keep_prob": 0.5}
+
+
+def sweep_settings(iters: int, sweeps: dict = SWEEPS) -> list[tuple[str, object, Setting]]:
+    """``(swept argument, value, setting)`` for every sweep point; the CIMQ default is left unset (same key as
+    the ablation's CIMQ row, so it is measured once)."""
+    base = Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=4, iters=iters)
+    points = []
+    for name, values in sweeps.items():
+        for value in values:
+            setting = base if value == BASE[name] else replace(base, **{name: value})
+            points.append((name, value, setting))
+    return points
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (energy, accuracy) points that no other point beats on both (lower energy, higher accuracy)."""
+    front, best = [], float("-inf")
+    for energy, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            front.append((energy, accuracy))
+            best = accuracy
+    return front
+
+
+def plot(groups: dict[str, list[tuple[float, float]]], path: Path) -> Path:
+    """Accuracy against energy per image, one marker per group, the Pareto front of all points joined."""
+    from cimq_pl.cost.plots import finish_figure, new_figure
+
+    figure = new_figure(6.5, 4.5)
+    axes = figure.add_subplot(1, 1, 1)
+    for label, points in groups.items():
+        if points:
+            axes.plot(*zip(*points), "o", label=label, alpha=0.8)
+    front = pareto_front([p for points in groups.values() for p in points])
+    axes.plot(*zip(*front), "k-", linewidth=1, label="Pareto front")
+    return finish_figure(figure, axes, path, "energy per image (uJ, NeuroSim 22 nm table)",
+                         "top-1 accuracy (cifar10_lossless, 1,000)", "ResNet-20 W4A4: accuracy vs energy")
+
+
+def _point(row: dict) -> Optional[tuple[float, float]]:
+    if row.get("test/energy_per_image_uj", "") in ("", None):
+        return None
+    return float(row["test/energy_per_image_uj"]), float(row["test/acc"])
+
+
+def tables(points: list[tuple[str, object, dict]]) -> str:
+    """Markdown: one table per swept argument (accuracy, energy, efficiency, bit density, fit time)."""
+    out = []
+    for name in dict.fromkeys(p[0] for p in points):
+        lines = [{"value": ("uniform" if name == "max_ones" and value == 0 else value), **row}
+                 for swept, value, row in points if swept == name]
+        columns = ["value", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
+                   "test/bit_density", "fit_seconds"]
+        headers = [name, "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s"]
+        out.append(f"**sweep of {name}** (others: ADC 4, 128x128, k=2, p=0.5)\n\n"
+                   + markdown_table(lines, columns, headers))
+    return "\n\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> list[tuple[str, object, dict]]:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=100, help="reconstruction steps per unit (suite preset: 100)")
+    args = parser.parse_args(argv)
+    extra = prepare(args)
+    sweeps = SWEEPS
+    if args.smoke:
+        sweeps = {"adc_bits": (4,), "array": (64,), "max_ones": (1,), "keep_prob": (1.0,)}
+    points = sweep_settings(2 if args.smoke else args.iters, sweeps)
+    ablation = args.out_dir / "ablation.csv"
+    store = ResultStore(args.out_dir / "sweeps.csv", reuse=[ablation])
+    unique = list({setting.key: (setting, False) for _, _, setting in points}.values())
+    rows = {row["key"]: row for row in run_settings(unique, store, args.work_dir, extra)}
+    measured = [(name, value, rows[setting.key]) for name, value, setting in points]
+    print("\n" + tables(measured))
+    groups: dict[str, list] = {f"CIMQ, {name} sweep": [] for name in sweeps}
+    for name, _, row in measured:
+        if _point(row):
+            groups[f"CIMQ, {name} sweep"].append(_point(row))
+    if ablation.is_file():
+        import csv
+
+        with open(ablation, newline="") as stream:
+            for row in csv.DictReader(stream):
+                if row["model"] == "resnet20" and row["row"] != "cimq" and _point(row) and row["weight_bits"] == "4":
+                    groups.setdefault(f"ablation: {row['row']}", []).append(_point(row))
+    picture = plot(groups, args.out_dir / "pareto.png")
+    print(f"\nwrote {store.path} and {picture}")
+    return measured
+
+
+if __name__ == "__main__":
+    main()
