@@ -1,12 +1,14 @@
-"""Reliability of PTQ through the CLI: pre-emption (SIGTERM) mid-block and resume, determinism, checkpoint files.
+"""Reliability through the CLI: pre-emption (SIGTERM) mid-block / mid-epoch and resume, determinism, checkpoints.
 
 One small CIMQ PTQ (ResNet-20, all four techniques, 32 calibration images, 6 steps of 8 images per unit) is
 run three ways: twice uninterrupted (determinism) and once stopped by SIGTERM in the middle of unit 4, then
-resumed with ``--ckpt_path last.ckpt``. The quantized models must be bit-identical.
+resumed with ``--ckpt_path last.ckpt``. A small QAT (2 epochs of 5 steps of 16 augmented images) is run
+uninterrupted and stopped in the middle of its second epoch, then resumed. Each pair must be bit-identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,20 +31,32 @@ COMMON = [
 ]
 
 
-def _config(path: Path, gate: bool) -> Path:
-    """configs/quant/cimq_ptq.yaml on a tiny budget, without the hardware report; with the SIGTERM gate if asked."""
-    config = yaml.safe_load((REPO / "configs/quant/cimq_ptq.yaml").read_text())
+def _config(path: Path, gate: bool, source: str = "configs/quant/cimq_ptq.yaml", gate_step: int = GATE_STEP,
+            every: int = 4) -> Path:
+    """``source`` on a tiny budget, without the hardware report; with the SIGTERM gate if asked."""
+    config = yaml.safe_load((REPO / source).read_text())
     callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("HardwareReport")]
     for callback in callbacks:
         if callback["class_path"].endswith("PostTrainingQuantization"):
             callback["init_args"].update(iters_per_block=ITERS, batch_size=8)
         if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["every_n_train_steps"] = 4
+            callback["init_args"]["every_n_train_steps"] = every
     if gate:
-        callbacks.insert(0, {"class_path": "sigterm_gate.SigtermGate", "init_args": {"step": GATE_STEP}})
+        callbacks.insert(0, {"class_path": "sigterm_gate.SigtermGate", "init_args": {"step": gate_step}})
     config["trainer"]["callbacks"] = callbacks
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@contextlib.contextmanager
+def _at_repo():
+    """Run from the repository root (the configs' relative paths), back to the old folder afterwards."""
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
 
 
 def _in_process(*args: str):
@@ -52,6 +66,23 @@ def _in_process(*args: str):
 
     wandb.finish()
     return CIMQCLI(args=list(args))
+
+
+def _interrupt(config: Path, folder: Path, step: int, extra: tuple = ()) -> dict:
+    """Run ``fit`` in a subprocess, send it SIGTERM at the gate step; its exit status, stderr and last.ckpt."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cimq_pl", "fit", *COMMON, "--config", str(config), *extra,
+         "--trainer.default_root_dir", str(folder)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("SIGTERM-GATE"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=300)
+    return {"returncode": process.returncode, "stderr": stderr,
+            "last": torch.load(folder / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)}
 
 
 def _state(path: Path) -> dict:
@@ -66,31 +97,15 @@ def _same(a, b) -> bool:
 def runs(tmp_path_factory):
     """The three PTQ runs; returns their folders and the interrupted process's outcome."""
     root = tmp_path_factory.mktemp("reliability")
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with _at_repo():
         plain = _config(root / "ptq.yaml", gate=False)
         for name in ("a", "a2"):
             _in_process("fit", *COMMON, "--config", str(plain), "--trainer.default_root_dir", str(root / name))
         gated = _config(root / "ptq_gate.yaml", gate=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cimq_pl", "fit", *COMMON, "--config", str(gated),
-             "--trainer.default_root_dir", str(root / "b")],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for line in process.stdout:
-            if line.startswith("SIGTERM-GATE"):
-                process.send_signal(signal.SIGTERM)
-                break
-        _, stderr = process.communicate(timeout=300)
-        interrupted = {"returncode": process.returncode, "stderr": stderr,
-                       "last": torch.load(root / "b/checkpoints/last.ckpt", map_location="cpu", weights_only=True)}
+        interrupted = _interrupt(gated, root / "b", GATE_STEP)
         _in_process("fit", *COMMON, "--config", str(plain), "--trainer.default_root_dir", str(root / "b"),
                     "--ckpt_path", str(root / "b/checkpoints/last.ckpt"))
-        yield root, plain, interrupted
-    finally:
-        os.chdir(cwd)
+    return root, plain, interrupted
 
 
 def test_sigterm_mid_block_saves_a_resumable_checkpoint_and_exits_143(runs):
@@ -121,18 +136,46 @@ def test_same_seed_and_config_give_bit_identical_quantizers(runs):
 
 def test_resumed_and_uninterrupted_runs_test_the_same(runs):
     root, plain, _ = runs
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with _at_repo():
         accuracies = [
             _in_process("test", *COMMON, "--config", str(plain), "--trainer.default_root_dir", str(root / name),
                         "--ckpt_path", str(root / name / "checkpoints/ptq.ckpt")).trainer.callback_metrics["test/acc"].item()
             for name in ("a", "b")
         ]
-    finally:
-        os.chdir(cwd)
     assert accuracies[0] == accuracies[1]
     assert accuracies[0] > 0.5  # W4A4, 4-bit ADC, 6 steps per unit; FP is 0.92 on these 200 images
+
+
+QAT = ("--data.init_args.batch_size", "16", "--trainer.limit_train_batches", "5", "--trainer.max_epochs", "2")
+QAT_GATE = 7  # epoch 1 (0-based), 2 of its 5 steps done
+
+
+@pytest.fixture(scope="module")
+def qat_runs(tmp_path_factory):
+    """QAT (2 epochs of 5 steps of 16 augmented images): uninterrupted, and stopped at step 7 then resumed."""
+    root = tmp_path_factory.mktemp("reliability_qat")
+    with _at_repo():
+        plain = _config(root / "qat.yaml", gate=False, source="configs/quant/cimq_qat.yaml", every=1)
+        _in_process("fit", *COMMON, "--config", str(plain), *QAT, "--trainer.default_root_dir", str(root / "a"))
+        gated = _config(root / "qat_gate.yaml", gate=True, source="configs/quant/cimq_qat.yaml", gate_step=QAT_GATE,
+                        every=1)
+        interrupted = _interrupt(gated, root / "b", QAT_GATE, QAT)
+        _in_process("fit", *COMMON, "--config", str(plain), *QAT, "--trainer.default_root_dir", str(root / "b"),
+                    "--ckpt_path", str(root / "b/checkpoints/last.ckpt"))
+    return root, interrupted
+
+
+def test_qat_resumed_mid_epoch_equals_uninterrupted_bit_for_bit(qat_runs):
+    root, interrupted = qat_runs
+    assert interrupted["returncode"] == 128 + signal.SIGTERM, interrupted["stderr"][-2000:]
+    assert interrupted["last"]["global_step"] == QAT_GATE and interrupted["last"]["epoch"] == 1
+    reference = torch.load(root / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(root / "b/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert reference["global_step"] == resumed["global_step"] == 10
+    weights = [k for k in reference["state_dict"] if k.endswith(".weight")]
+    assert weights and any("quantizer" in k for k in reference["state_dict"])
+    different = [k for k in reference["state_dict"] if not _same(reference["state_dict"][k], resumed["state_dict"][k])]
+    assert not different, different[:5]
 
 
 def test_a_save_killed_midway_leaves_no_file_and_a_truncated_file_is_refused(tmp_path, capsys):
@@ -166,14 +209,9 @@ def test_a_save_killed_midway_leaves_no_file_and_a_truncated_file_is_refused(tmp
     truncated.write_bytes(target.read_bytes()[:500])
     from cimq_pl.cli import main
 
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["test", "--config", "configs/resnet20_cifar10.yaml", "--ckpt_path", str(truncated),
-                  "--trainer.logger", "false"])
-    finally:
-        os.chdir(cwd)
+    with _at_repo(), pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", "configs/resnet20_cifar10.yaml", "--ckpt_path", str(truncated),
+              "--trainer.logger", "false"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"cannot read ckpt_path {str(truncated)!r} as a weights-only torch file" in err

@@ -8,6 +8,7 @@ LightningModule exposes ``data_config`` (timm's ``mean``/``std`` of that model f
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Sequence
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from cimq_pl.datamodules.resumable import ResumableSampler, SeededAugmentation
 from cimq_pl.errors import ConfigError
 
 __all__ = ["ImageClassificationDataModule", "StepNumbers", "Split"]
@@ -161,9 +163,30 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self._steps_per_epoch = steps_per_epoch
 
     def train_dataloader(self) -> DataLoader:
-        if self._steps_per_epoch is None:
-            return self._loader(self.dataset("train", train_mode=True), self.batch_size, shuffle=True)
-        return DataLoader(StepNumbers(self._steps_per_epoch), batch_size=1)
+        """Shuffled, augmented train batches, reproducible by position: the order of an epoch is seeded by
+        ``(seed, epoch)`` and each image's augmentation by ``(seed, epoch, index)``, and a fit resumed in the
+        middle of an epoch starts after the batches its checkpoint had consumed (exact resume)."""
+        if self._steps_per_epoch is not None:
+            return DataLoader(StepNumbers(self._steps_per_epoch), batch_size=1)
+        dataset = self.dataset("train", train_mode=True)
+        sampler = ResumableSampler(dataset, self.seed)
+        epoch, batches_done = self._resume_position(math.ceil(len(sampler) / self.batch_size))
+        sampler.start_at(epoch, batches_done * self.batch_size)
+        return self._loader(SeededAugmentation(dataset, self.seed), self.batch_size, sampler=sampler)
+
+    def _resume_position(self, batches_per_epoch: int) -> tuple[int, int]:
+        """``(epoch, batches of it already done)`` of the fit being (re)started; (0, 0) for a fresh one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        loop = trainer.fit_loop
+        # "processed" batches: a checkpoint written in on_train_batch_end has not yet counted its batch "completed"
+        epoch, done = loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+        limit = trainer.limit_train_batches
+        limit = min(batches_per_epoch, limit) if isinstance(limit, int) else int(batches_per_epoch * limit)
+        if done >= max(1, limit):  # the checkpoint closed its epoch: start the next one
+            return epoch + 1, 0
+        return epoch, done
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.eval_batch_size)

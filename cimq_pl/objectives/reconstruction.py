@@ -28,6 +28,7 @@ from torch import nn
 from cimq_pl.objectives.base import quantizer_parameters, sparsity_penalty
 from cimq_pl.quant import cim_layers
 from cimq_pl.quant.diagnostics import check_finite
+from cimq_pl.seeding import derive_seed
 from cimq_pl.quant.reconstruction import (
     RoundingSchedule,
     capture_block_input,
@@ -131,10 +132,7 @@ class BlockReconstructionObjective:
 
     def step_seed(self, step: int) -> int:
         """Seed of step ``step`` of the current block: a function of (seed, rank, block, step) only."""
-        value = self.seed
-        for part in (self.rank, self.current, step):
-            value = (value * 1_000_003 + part) % (2**63 - 1)
-        return value
+        return derive_seed(self.seed, self.rank, self.current, step)
 
     def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:
         name, block = self.block

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from cimq_pl.objectives.base import sparsity_penalty
 from cimq_pl.quant import cim_layers
 from cimq_pl.quant.diagnostics import check_finite
+from cimq_pl.seeding import derive_seed
 
 __all__ = ["TaskObjective"]
 
@@ -27,6 +30,10 @@ class TaskObjective:
 
     def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        # the step's random draws (QDrop masks) depend on where the step is, not on what ran before: exact resume
+        datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+        rank = getattr(module, "global_rank", 0)
+        torch.manual_seed(derive_seed(getattr(datamodule, "seed", 0), rank, module.current_epoch, batch_idx))
         logits = module(images)
         loss = F.cross_entropy(logits, labels)
         module.log("train/ce", loss)
@@ -54,7 +61,12 @@ class TaskObjective:
         if quantizer:
             groups.append({"params": quantizer, "weight_decay": 0.0, "lr": hp.lr * self.quantizer_lr_scale})
         optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, int(module.trainer.estimated_stepping_batches))
-        )
+        trainer = module.trainer
+
+        def cosine(step: int) -> float:
+            # The length of the fit is read at the first step, not here: asking Lightning for it now would build
+            # the train loader before a checkpoint is restored, and a resumed fit would replay the wrong batches.
+            return 1.0 if step == 0 else 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, trainer.estimated_stepping_batches))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
