@@ -104,10 +104,14 @@ def render(out_dir: Path, iters: int = 100) -> str:
              f"Machine: {info.get('machine', runner.machine())}. Date: {info.get('date', 'not recorded')}."]
     script_times = _read(out_dir / "suite_times.csv")
     if script_times:
+        for row in script_times:  # fit + test seconds of the settings a script measured (no process start-up)
+            settings = _read(out_dir / row["script"].replace(".py", ".csv"))
+            if settings and "fit_seconds" in settings[0] and "test_seconds" in settings[0]:
+                row["work"] = f"{sum(_float(r, 'fit_seconds') or 0 for r in settings) + sum(_float(r, 'test_seconds') or 0 for r in settings):.0f}"
         total = sum(float(r["seconds"]) for r in script_times)
         parts.append("#### Per-script wall time\n\n" + runner.markdown_table(
             [*script_times, {"script": "**total**", "seconds": f"{total:.0f} ({total / 3600:.2f} h)"}],
-            TIME_COLUMNS, ["script", "command", "seconds"]))
+            [*TIME_COLUMNS, "work"], ["script", "command", "wall seconds", "fit + test seconds of its settings"]))
     checks = targets(out_dir, iters)
     if checks.count("\n") > 1:
         parts.append("#### Against the targets of the techniques issue\n\n" + checks)

@@ -51,7 +51,7 @@ ROWS = {
 }
 ROW_LABELS = {
     "fp": "FP (no quantization)",
-    "conventional": "conventional PTQ (layerwise min-max, 8-bit-ADC-style min-max clip)",
+    "conventional": "conventional PTQ (layerwise min-max weights, min-max ADC range)",
     "arraywise": "+ arraywise weight scales alone",
     "bit_sparse": "+ bit-sparse activations (k=1) alone",
     "psum_clipping": "+ per-array MSE ADC clipping alone",

@@ -9,6 +9,7 @@ LightningModule exposes ``data_config`` (timm's ``mean``/``std`` of that model f
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Literal, Sequence
 
 import lightning.pytorch as pl
@@ -20,6 +21,11 @@ from cimq_pl.datamodules.resumable import ResumableSampler, SeededAugmentation
 from cimq_pl.errors import ConfigError
 
 __all__ = ["ImageClassificationDataModule", "StepNumbers", "Split"]
+
+# Lightning warns that a mid-epoch resume replays an unknown part of the epoch unless the loader is "stateful".
+# Ours resume exactly without that protocol (PTQ draws by step, training reads its position from the restored
+# loop state), so the warning would only mislead.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 Split = Literal["train", "test"]
 
