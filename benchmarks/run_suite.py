@@ -76,7 +76,7 @@ def targets(out_dir: Path, iters: int = 100) -> str:
         cost = 100 * (_float(uniform, "test/acc") - _float(sparse, "test/acc"))
         lines.append({"target": "bit-sparse codes (k = 2): >= 30% lower input bit density than uniform codes, <= 1 point",
                       "measured": f"density {_float(uniform, 'test/bit_density'):.3f} -> {_float(sparse, 'test/bit_density'):.3f} "
-                                  f"(-{drop:.0f}%), accuracy {cost:+.1f} points lost",
+                                  f"(-{drop:.0f}%) for {cost:.1f} points of accuracy",
                       "met": "yes" if drop >= 30 and cost <= 1 else "**no**"})
     for row in _read(out_dir / "training_time.csv"):
         if row["model"] == "resnet20" and row["method"].startswith("PTQ"):
