@@ -5,7 +5,7 @@ Every row is a technique config of ``configs/quant/`` on a model config, measure
 tested on ``cifar10_jpeg`` test (10,000 images). Prints one markdown table per model and precision, writes
 ``ablation.csv`` and ``ablation.png`` (accuracy against ADC bits).
 
-    python benchmarks/ablation.py                   # the suite grid (ResNet-20 and ResNet-32), ~1 h on 2 cores
+    python benchmarks/ablation.py                   # the suite grid (ResNet-20 and ResNet-32), ~75 min on 2 cores
     python benchmarks/ablation.py --models resnet20 # one model
     python benchmarks/ablation.py --smoke           # seconds: tiny data, 2 steps per unit
 

@@ -1,6 +1,6 @@
 """The whole benchmark suite, one command: every script in turn, timed, then the results written into the README.
 
-    python benchmarks/run_suite.py                 # ~2 h on 2 cores; regenerates README's "Benchmark suite"
+    python benchmarks/run_suite.py                 # ~1.5 h on 2 cores; regenerates README's "Benchmark suite"
     python benchmarks/run_suite.py --report-only   # re-render the README section from the CSVs
     python benchmarks/run_suite.py --smoke --out-dir /tmp/suite   # every script on tiny data (test suite)
 
@@ -104,10 +104,12 @@ def render(out_dir: Path, iters: int = 100) -> str:
              f"Machine: {info.get('machine', runner.machine())}. Date: {info.get('date', 'not recorded')}."]
     script_times = _read(out_dir / "suite_times.csv")
     if script_times:
+        measured: set = set()  # a setting reused from an earlier script's CSV counts for that script only
         for row in script_times:  # fit + test seconds of the settings a script measured (no process start-up)
-            settings = _read(out_dir / row["script"].replace(".py", ".csv"))
+            settings = [r for r in _read(out_dir / row["script"].replace(".py", ".csv")) if r.get("key") not in measured]
             if settings and "fit_seconds" in settings[0] and "test_seconds" in settings[0]:
-                row["work"] = f"{sum(_float(r, 'fit_seconds') or 0 for r in settings) + sum(_float(r, 'test_seconds') or 0 for r in settings):.0f}"
+                row["work"] = f"{sum((_float(r, 'fit_seconds') or 0) + (_float(r, 'test_seconds') or 0) for r in settings):.0f}"
+                measured.update(r["key"] for r in settings)
         total = sum(float(r["seconds"]) for r in script_times)
         parts.append("#### Per-script wall time\n\n" + runner.markdown_table(
             [*script_times, {"script": "**total**", "seconds": f"{total:.0f} ({total / 3600:.2f} h)"}],

@@ -7,7 +7,7 @@ ablation's settings (``ablation.csv``, when present) and the Pareto front (no ot
 accurate and cheaper). The ADC points are the ablation's CIMQ rows: they are reused from ``ablation.csv``
 when it holds them, measured otherwise.
 
-    python benchmarks/sweeps.py            # ~15 min on 2 cores after ablation.py (3 new points)
+    python benchmarks/sweeps.py            # ~12 min on 2 cores after ablation.py (3 new points)
     python benchmarks/sweeps.py --smoke    # tiny data, 2 steps per unit
 """
 
