@@ -21,7 +21,6 @@ Writes ``cim_layer_speed_<device>.csv`` and ``cim_layer_speed_<device>.png`` (ra
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import cim_layer_speed  # noqa: E402
 import gpu_ptq  # noqa: E402
+from runner import markdown_table  # noqa: E402
 
 COLUMNS = ("check", "cpu", "device", "ratio cpu/device")
 
@@ -74,9 +75,7 @@ def main(argv=None) -> list[dict]:
     rows.append({"check": "PTQ test/acc", "cpu": results["cpu"]["test/acc"], "device": results["device"]["test/acc"],
                  "ratio cpu/device": ""})
     print(f"\n# GPU check: {name}, torch {torch.__version__}\n")
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    print(markdown_table(rows, COLUMNS))
     path = write_csv_atomic(args.out_dir / f"gpu_check_{device.type}.csv", rows, COLUMNS)
     print(f"\nwrote {path}")
     return rows

@@ -20,17 +20,22 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from cimq_pl.cost.baseline import BASELINE_ADC_BITS, build_baseline
-from cimq_pl.cost.energy import EnergyTable
-from cimq_pl.cost.layers import describe_layers, gather_counts, reset_counts, uncosted_layers
-from cimq_pl.cost.model import NetworkCost, hw_efficiency
-from cimq_pl.cost.plots import plot_energy_breakdown
-from cimq_pl.cost.tables import (
+from cimq_pl.cost import (
+    BASELINE_ADC_BITS,
     LAYER_COLUMNS,
     SUMMARY_COLUMNS,
+    EnergyTable,
+    NetworkCost,
+    build_baseline,
+    describe_layers,
     format_table,
+    gather_counts,
+    hw_efficiency,
     layer_rows,
+    plot_energy_breakdown,
+    reset_counts,
     summary_row,
+    uncosted_layers,
     write_csv_atomic,
 )
 from cimq_pl.errors import ConfigError
