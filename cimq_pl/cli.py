@@ -1,4 +1,4 @@
-"""``python -m cimq_pl {fit,validate,test,predict} --config ...``: LightningCLI with friendly failures.
+"""``python -m cimq_pl {fit,validate,test,predict,export} --config ...``: LightningCLI with friendly failures.
 
 * Several ``--config`` files compose, later ones overriding earlier ones (model/data config + technique config).
 * Without a W&B API key, W&B runs offline (``WANDB_MODE=offline``) instead of failing or prompting.
@@ -25,6 +25,7 @@ from cimq_pl.datamodules import ImageClassificationDataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import read_checkpoint
 from cimq_pl.module import CIMQModule
+from cimq_pl.trainer import CIMQTrainer
 
 __all__ = ["CIMQCLI", "main"]
 
@@ -51,7 +52,13 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 class CIMQCLI(LightningCLI):
     """The project's LightningCLI: :class:`CIMQModule` plus any :class:`ImageClassificationDataModule`."""
 
+    @staticmethod
+    def subcommands() -> dict:
+        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("trainer_class", CIMQTrainer)
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_data", True)

@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cimq_pl.errors import ConfigError
+from cimq_pl.export import IntegerExecutor
 from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
@@ -43,6 +44,9 @@ class CIMQModule(pl.LightningModule):
         weight_decay: SGD weight decay.
         cim: the CIM macro to run the network on (None: the float network). Read by every technique
             callback; ``--model.cim.adc_bits 4`` sets one field from the command line.
+        export: an export directory (``python -m cimq_pl export``) to evaluate instead: the network is then the
+            export's `IntegerExecutor` (integer arithmetic, inference only: test, validate, predict) and
+            ``cim`` is the export's; ``pretrained`` is not read.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class CIMQModule(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         cim: CIMSpec | None = None,
+        export: str | None = None,
     ):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -61,12 +66,19 @@ class CIMQModule(pl.LightningModule):
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr!r}")
         self.save_hyperparameters(ignore=["cim"])
-        self.hparams["cim"] = dataclasses.asdict(cim) if cim is not None else None  # plain types in checkpoints
-        self.model = create_model(name, num_classes, pretrained)
         self.num_classes = num_classes
-        self.cim = cim
         self.conversion_report = None
-        if cim is not None:
+        if export is not None:
+            self.model = self._load_export(export, name, num_classes)
+            if cim is not None and cim != self.model.spec:
+                raise ConfigError(f"model.cim={cim} disagrees with the export {export!r}, made for {self.model.spec}; "
+                                  "leave model.cim unset (the export carries its macro)")
+            cim = self.model.spec
+        else:
+            self.model = create_model(name, num_classes, pretrained)
+        self.hparams["cim"] = dataclasses.asdict(cim) if cim is not None else None  # plain types in checkpoints
+        self.cim = cim
+        if cim is not None and export is None:
             self.model.eval()
             fold_batchnorm_(self.model)
             self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS)
@@ -74,6 +86,21 @@ class CIMQModule(pl.LightningModule):
         top_k = min(5, num_classes)
         self.val_metrics = self._metrics("val/", top_k)
         self.test_metrics = self._metrics("test/", top_k)
+
+    @staticmethod
+    def _load_export(path: str, name: str, num_classes: int) -> IntegerExecutor:
+        executor = IntegerExecutor(path)
+        exported = executor.manifest.get("model", {})
+        for field, value in (("name", name), ("num_classes", num_classes)):
+            if field in exported and exported[field] != value:
+                raise ConfigError(f"model.{field}={value!r} disagrees with the export {path!r}, made from "
+                                  f"{field}={exported[field]!r}; use the model config the export was made with")
+        return executor
+
+    @property
+    def is_export(self) -> bool:
+        """Whether the network is an export's integer executor (``export`` was given)."""
+        return isinstance(self.model, IntegerExecutor)
 
     def _metrics(self, prefix: str, top_k: int) -> MetricCollection:
         """Top-1 (``acc``) and top-k (``acc_top5``) accuracy as fractions, DDP-reduced by torchmetrics."""
@@ -91,6 +118,9 @@ class CIMQModule(pl.LightningModule):
         return timm.data.resolve_model_data_config(self.model)
 
     def setup(self, stage: str) -> None:
+        if self.is_export and stage == "fit":
+            raise ConfigError(f"model.export={self.hparams['export']!r} is inference only: use test, validate or "
+                              "predict (fit the float or CIM model, then export it)")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes and data_classes != self.num_classes:

@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import ablation  # noqa: E402
 import cim_layer_speed  # noqa: E402
+import export_check  # noqa: E402
 import other_models  # noqa: E402
 import run_suite  # noqa: E402
 import sweeps  # noqa: E402
@@ -108,3 +109,12 @@ def test_gpu_check_dry_run_on_cpu(out):
     accuracy = next(r for r in rows if r["check"] == "PTQ test/acc")
     assert accuracy["cpu"] == accuracy["device"]  # the same device twice: the PTQ is deterministic
     assert all(r["ratio cpu/device"] != "" for r in rows if "fwd ms" in r["check"])
+
+
+def test_export_check_smoke(out):
+    row = export_check.main(_args(out))
+    assert row["images"] == 100  # the 2 test batches of 50 the fake-quant model was tested on
+    assert row["same_predictions"] == 100
+    assert float(row["max_relative_logit_error"]) <= 1e-4
+    assert row["export_test_acc"] == row["fake_quant_acc"]
+    assert _rows(out / "export_check.csv")[0]["same_predictions"] == "100"

@@ -13,6 +13,11 @@ __all__ = ["TechniqueCallback", "require_cim"]
 
 def require_cim(pl_module: LightningModule, who: str) -> None:
     """Raise unless ``pl_module`` runs its network on a CIM macro (``model.cim`` set)."""
+    if getattr(pl_module, "is_export", False):
+        raise ConfigError(
+            f"{who} cannot act on model.export (an export is already quantized and runs integer-only): test an "
+            "export with the model config alone, without technique, PTQ or QAT callbacks"
+        )
     if getattr(pl_module, "cim", None) is None:
         raise ConfigError(
             f"{who} needs a CIM macro: set model.cim (e.g. `cim: {{rows: 128, cols: 128, weight_bits: 4, "

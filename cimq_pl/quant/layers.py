@@ -75,21 +75,15 @@ def split_input_cycles(
 
     ``exact`` promises integer codes within ``code_range`` (skips the floor/residual pass)."""
     digit_bits, cycle_weights = geometry.input_cycles(signed, bits)
-    shifts, shift = [], 0
-    for width in digit_bits[: len(digit_bits) - int(signed)]:
-        shifts.append(shift)
-        shift += width
-    if signed:
-        shifts.append(bits - 1)
-    digits = _DigitSplit.apply(codes, tuple(shifts), digit_bits, cycle_weights, 0, *code_range, exact)
+    shifts = geometry.input_digit_shifts(signed, bits)
+    digits = _DigitSplit.apply(codes, shifts, digit_bits, cycle_weights, 0, *code_range, exact)
     return digits, cycle_weights
 
 
 def split_weight_slices(codes: torch.Tensor, geometry: TileGeometry, code_range: tuple, exact: bool = False):
     """Weight digits per cell slice, shape (n_weight_slices, *codes.shape), their shift-add weights and the
     reference-column digit (0 without offset slicing)."""
-    n_slices, cell_bits = geometry.n_weight_slices, geometry.cell_bits
-    shifts = tuple(s * cell_bits for s in range(n_slices))
+    shifts = geometry.slice_shifts()
     weights = geometry.slice_weights()
     if geometry.weight_slicing == "offset":
         digits = _DigitSplit.apply(
@@ -243,11 +237,10 @@ class _CIMLayerBase(nn.Module):
             kind = torch.cat([torch.arange(n_slices, device=device).repeat_interleave(cout_g),
                               torch.full((n_ref,), n_slices, device=device, dtype=torch.long)])
             col = torch.cat([self._col_block_of_column.repeat(n_slices), torch.arange(n_ref, device=device)])
-            signed_kind = torch.zeros(n_slices + 1, dtype=torch.bool, device=device)
             if float_weights or float_inputs:
-                signed_kind[:] = True
-            elif geo.weight_slicing == "twos_complement":
-                signed_kind[n_slices - 1] = True
+                signed_kind = torch.ones(n_slices + 1, dtype=torch.bool, device=device)
+            else:  # the reference column (last kind) reads unsigned digits
+                signed_kind = torch.tensor(geo.slice_signed() + (False,), dtype=torch.bool, device=device)
             row_array = torch.arange(geo.groups, device=device).view(-1, 1) * geo.n_row_blocks + blocks.view(1, -1)
             n_arrays = row_array.numel()
             kind_all = kind.repeat(n_arrays)

@@ -278,6 +278,30 @@ class TileGeometry:
             weights.append(-(2 ** (bits - 1)))
         return tuple(digit_bits), tuple(weights)
 
+    def input_digit_shifts(self, signed: bool, input_bits: Optional[int] = None) -> tuple:
+        """Lowest code bit read by each input cycle (same order as `input_cycles`); the sign cycle reads bit b_a - 1.
+
+        Cycle j feeds the digit ``(code >> shift_j) & (2^digit_bits_j - 1)`` of the two's-complement code.
+        """
+        bits = self.input_bits if input_bits is None else input_bits
+        digit_bits, _ = self.input_cycles(signed, bits)
+        shifts, shift = [], 0
+        for width in digit_bits[: len(digit_bits) - int(signed)]:
+            shifts.append(shift)
+            shift += width
+        if signed:
+            shifts.append(bits - 1)
+        return tuple(shifts)
+
+    def slice_shifts(self) -> tuple:
+        """Lowest code bit held by each weight slice, least significant first ((0,) for float weights)."""
+        return tuple(s * (self.cell_bits or 0) for s in range(self.n_weight_slices))
+
+    def slice_signed(self) -> tuple:
+        """Whether each weight slice holds a signed digit: the top slice of two's-complement slicing only."""
+        top = self.n_weight_slices - 1
+        return tuple(self.weight_slicing == "twos_complement" and s == top for s in range(self.n_weight_slices))
+
     def n_cycles(self, signed: bool = False) -> int:
         """Input cycles per inference: ceil(b_a/b_d) unsigned, 1 + ceil((b_a-1)/b_d) signed, 1 for float."""
         return len(self.input_cycles(signed)[1])
