@@ -195,10 +195,42 @@ def test_unsupported_operation_is_named(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_uncalibrated_model_is_refused(tmp_path):
+class _EveryDigitalOp(nn.Module):
+    """A small network using each digital op of the format that ResNet-20 does not (pooling, functions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(34, 5)
+
+    def forward(self, x):
+        x = self.pool(nn.functional.relu(self.conv1(x)))
+        x = x + torch.relu(self.conv2(x))
+        x = torch.flatten(self.flatten(nn.functional.adaptive_avg_pool2d(x, 2)), 1)
+        return self.fc(nn.functional.pad(x, (1, 1)))
+
+
+def test_pooling_and_functional_ops_are_exported(tmp_path):
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 8, 8)
+    model = _calibrated(_EveryDigitalOp(), CIMSpec(rows=32, cols=16), images)
+    executor = IntegerExecutor(export_model(model, CIMSpec(rows=32, cols=16), tmp_path / "export", (3, 8, 8)))
+    ops = [node["op"] for node in executor.manifest["graph"]]
+    assert {"max_pool2d", "adaptive_avg_pool2d", "flatten", "relu", "add", "pad"} <= set(ops)
+    assert torch.allclose(executor(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_uncalibrated_model_or_disabled_adc_is_refused(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     convert_to_cim(model, CIMSpec())
     with pytest.raises(ExportError, match="quantizer is not calibrated"):
+        export_model(model, CIMSpec(), tmp_path / "export", (3, 8, 8))
+    calibrate_(model, [torch.randn(2, 3, 8, 8)])
+    model[0].psum_quantizer.enabled = False
+    with pytest.raises(ExportError, match="ADC quantizer disabled but its spec has adc_bits=4"):
         export_model(model, CIMSpec(), tmp_path / "export", (3, 8, 8))
 
 

@@ -33,6 +33,11 @@ class ExportError(ConfigError):
     """A malformed or mismatched export; the message names the directory, the field or tensor and what is expected."""
 
 
+def pair(value) -> list:
+    """``[h, w]`` from an int or a pair (kernel sizes, strides, paddings), as JSON-ready list."""
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+
+
 def smallest_int_dtype(low: int, high: int) -> torch.dtype:
     """The narrowest signed integer dtype holding every value in [low, high]."""
     for dtype in INT_DTYPES:
@@ -138,5 +143,6 @@ __all__ = [
     "adc_threshold_count",
     "expected_tensors",
     "layer_layout",
+    "pair",
     "smallest_int_dtype",
 ]

@@ -15,12 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cimq_pl.export.format import CIM_LAYER_OPS, DIGITAL_LAYER_OPS, ExportError
+from cimq_pl.export.format import CIM_LAYER_OPS, DIGITAL_LAYER_OPS, ExportError, pair
 from cimq_pl.quant.layers import CIMConv2d, CIMLinear, _CIMLayerBase
-
-
-def _pair(value) -> list:
-    return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
 
 def _slice_index(index) -> list:
@@ -71,10 +67,10 @@ def _module_node(module: nn.Module, target: str) -> dict:
     if isinstance(module, nn.Flatten):
         return {"op": "flatten", "start_dim": module.start_dim, "end_dim": module.end_dim}
     if isinstance(module, nn.AdaptiveAvgPool2d):
-        return {"op": "adaptive_avg_pool2d", "output_size": _pair(module.output_size)}
+        return {"op": "adaptive_avg_pool2d", "output_size": pair(module.output_size)}
     if isinstance(module, nn.MaxPool2d):
-        return {"op": "max_pool2d", "kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride),
-                "padding": _pair(module.padding), "dilation": _pair(module.dilation), "ceil_mode": module.ceil_mode}
+        return {"op": "max_pool2d", "kernel_size": pair(module.kernel_size), "stride": pair(module.stride),
+                "padding": pair(module.padding), "dilation": pair(module.dilation), "ceil_mode": module.ceil_mode}
     raise ValueError(f"module type {type(module).__name__}")
 
 
@@ -101,7 +97,7 @@ def _function_node(target, args: tuple, kwargs: dict) -> dict:
     if target is operator.getitem:
         return {"op": "slice", "index": _slice_index(args[1])}
     if target is F.adaptive_avg_pool2d:
-        return {"op": "adaptive_avg_pool2d", "output_size": _pair(args[1] if len(args) > 1 else kwargs["output_size"])}
+        return {"op": "adaptive_avg_pool2d", "output_size": pair(args[1] if len(args) > 1 else kwargs["output_size"])}
     raise ValueError(f"function {getattr(target, '__name__', target)}")
 
 

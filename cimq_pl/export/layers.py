@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cimq_pl.export.format import ExportError, adc_threshold_count, layer_layout, smallest_int_dtype
+from cimq_pl.export.format import ExportError, adc_threshold_count, layer_layout, pair, smallest_int_dtype
 from cimq_pl.quant.layers import CIMLinear, _CIMLayerBase, split_weight_slices
 from cimq_pl.quant.psum import PsumQuantizer
 
@@ -26,20 +26,16 @@ from cimq_pl.quant.psum import PsumQuantizer
 EXACT_FLOAT32_INTEGERS = 2**24
 
 
-def _pair(value) -> list:
-    return list(value) if isinstance(value, (tuple, list)) else [value, value]
-
-
 def _padding(layer: nn.Module) -> list:
     padding = layer.padding
     if padding == "valid":
         return [0, 0]
     if padding == "same":
-        totals = [d * (k - 1) for d, k in zip(_pair(layer.dilation), layer.kernel_size)]
+        totals = [d * (k - 1) for d, k in zip(pair(layer.dilation), layer.kernel_size)]
         if any(total % 2 for total in totals):
             raise ExportError("padding='same' with an even kernel pads unevenly; export needs symmetric padding")
         return [total // 2 for total in totals]
-    return _pair(padding)
+    return pair(padding)
 
 
 def _shape_fields(layer: nn.Module, linear: bool) -> dict:
@@ -48,9 +44,9 @@ def _shape_fields(layer: nn.Module, linear: bool) -> dict:
         "in_channels": layer.in_features if linear else layer.in_channels,
         "out_channels": layer.out_features if linear else layer.out_channels,
         "kernel_size": kernel,
-        "stride": [1, 1] if linear else _pair(layer.stride),
+        "stride": [1, 1] if linear else pair(layer.stride),
         "padding": [0, 0] if linear else _padding(layer),
-        "dilation": [1, 1] if linear else _pair(layer.dilation),
+        "dilation": [1, 1] if linear else pair(layer.dilation),
         "groups": 1 if linear else layer.groups,
         "bias": layer.bias is not None,
     }
@@ -73,6 +69,9 @@ def check_exportable(name: str, layer: _CIMLayerBase) -> None:
         if quantizer is None or not quantizer.enabled:
             raise ExportError(f"layer {name!r} has float {role}s (quantizer missing or disabled): an integer export "
                               f"needs quantized weights and inputs (CIMSpec.weight_bits/input_bits not None)")
+    if layer.psum_quantizer is not None and not layer.psum_quantizer.enabled:
+        raise ExportError(f"layer {name!r} has its ADC quantizer disabled but its spec has adc_bits="
+                          f"{layer.spec.adc_bits}: enable it, or export for a spec with adc_bits null (ideal ADC)")
     for role, quantizer in layer.quantizers().items():
         if quantizer.enabled and not quantizer.initialized:
             raise ExportError(f"layer {name!r}: the {role} quantizer is not calibrated; export a model after PTQ "
