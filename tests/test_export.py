@@ -316,6 +316,7 @@ BAD_EXPORTS = {
     "graph reads a later node": (dict(manifest_edit=_set("graph/1/inputs", ["_1"])), r"reads \['_1'\], which no earlier node"),
     "unknown op": (dict(manifest_edit=_set("graph/2/op", "gelu")), "unknown op 'gelu'"),
     "layer missing": (dict(manifest_edit=lambda m: m["layers"].pop("0")), "names layer '0', which 'layers' does not hold"),
+    "field of the wrong kind": (dict(manifest_edit=_set("layers/0/input", "4 bits")), r"malformed manifest \(AttributeError"),
     "scale not positive": (dict(tensors_edit=lambda t: t["0.input_scale"].fill_(0)), "scales .* must be finite and > 0"),
 }
 

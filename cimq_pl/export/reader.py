@@ -78,14 +78,19 @@ def read_export(dirpath) -> Export:
         export.spec
     except (ConfigError, TypeError) as error:
         raise ExportError(f"{where}: manifest 'cim' is not a valid CIMSpec: {error}") from error
-    check_graph(manifest["graph"], manifest["layers"])
-    expected = {}
-    for name, entry in manifest["layers"].items():
-        expected.update(_check_layer(where, name, entry))
-    _check_tensors(where, expected, tensors)
-    for name, entry in manifest["layers"].items():
-        if entry["op"] in CIM_LAYER_OPS:
-            _check_values(where, name, entry, tensors)
+    try:
+        check_graph(manifest["graph"], manifest["layers"])
+        expected = {}
+        for name, entry in manifest["layers"].items():
+            expected.update(_check_layer(where, name, entry))
+        _check_tensors(where, expected, tensors)
+        for name, entry in manifest["layers"].items():
+            if entry["op"] in CIM_LAYER_OPS:
+                _check_values(where, name, entry, tensors)
+    except ExportError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:  # a field of the wrong kind
+        raise ExportError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from error
     return export
 
 
