@@ -15,6 +15,8 @@ calls, so the exported steps are bit-for-bit the ones the fake-quant simulation 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -78,7 +80,7 @@ def check_exportable(name: str, layer: _CIMLayerBase) -> None:
                               "or QAT (pass the checkpoint it wrote as --ckpt_path)")
 
 
-def _cells(geometry, layout: dict, codes: torch.Tensor, slices: torch.Tensor, reference_digit: int) -> torch.Tensor:
+def _cells(geometry, layout: dict, slices: torch.Tensor, reference_digit: int) -> torch.Tensor:
     """(tiles, rows, cols) cell values; wordline i / bitline o * n_slices + s as `layer_layout` documents."""
     geo = geometry
     n_slices = slices.shape[0]
@@ -170,7 +172,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
     weight_step = wq.expanded_step()
     codes = wq.codes(layer._weight4d(), weight_step)
     slices, _, reference_digit = split_weight_slices(codes, geo, wq.code_range, exact=True)
-    cells = _cells(geo, layout, codes, slices.round().long().cpu(), reference_digit)
+    cells = _cells(geo, layout, slices.round().long().cpu(), reference_digit)
 
     cell_low, cell_high = int(cells.min()), int(cells.max())
     max_digit = max(2 ** cycle["bits"] - 1 for cycle in layout["cycles"])
@@ -181,7 +183,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
 
     entry = {
         "op": "cim_linear" if linear else "cim_conv2d",
-        "spec": {field: getattr(spec, field) for field in spec.__dataclass_fields__},
+        "spec": dataclasses.asdict(spec),
         **_shape_fields(layer, linear),
         "input_shape": list(input_shape),
         "input": {"bits": iq.bits, "signed": signed, "max_ones": iq.max_ones if iq.sparse_codes else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -83,7 +84,7 @@ def export_manifest_and_tensors(model: nn.Module, spec, input_shape: tuple, info
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "cim": {field: getattr(spec, field) for field in spec.__dataclass_fields__},
+        "cim": dataclasses.asdict(spec),
         "input_shape": list(input_shape),
         **(info or {}),
         "graph": nodes,
