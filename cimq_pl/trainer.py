@@ -49,8 +49,7 @@ class CIMQTrainer(pl.Trainer):
         results = self.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
         path = None
         if self.is_global_zero:
-            data_config = {key: list(value) if isinstance(value, tuple) else value
-                           for key, value in model.data_config.items()}
+            data_config = model.data_config  # tuples are written as JSON lists
             info = {
                 "model": {"name": model.hparams["name"], "num_classes": model.num_classes},
                 "data_config": data_config,

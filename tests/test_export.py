@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cimq_pl.export import ExportError, IntegerExecutor, export_model, read_export
-from cimq_pl.export.writer import file_sha256
+from cimq_pl.files import file_sha256
 from cimq_pl.models import create_model
 from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, cim_layers, convert_to_cim, fold_batchnorm_
 

@@ -72,12 +72,8 @@ def plot_energy_breakdown(cost: NetworkCost, path: PathLike, title: Optional[str
         bottom = [b + v for b, v in zip(bottom, values)]
     axes.set_xticks(list(positions))
     axes.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
-    axes.set_ylabel("energy per image (uJ)")
-    axes.set_title(title or f"{cost.energy_per_image_uj:.3f} uJ/image, {cost.tops_per_w:.1f} TOPS/W "
-                            f"({cost.table.name})", fontsize=9)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    return save_figure(figure, path)
+    title = title or f"{cost.energy_per_image_uj:.3f} uJ/image, {cost.tops_per_w:.1f} TOPS/W ({cost.table.name})"
+    return finish_figure(figure, axes, path, "", "energy per image (uJ)", title)
 
 
 def read_summaries(paths: Sequence[PathLike]) -> list:

@@ -143,11 +143,12 @@ class IntegerExecutor(nn.Module):
             first_row = tile["group"] * mapping["unrolled_rows"] + row_start
             wordlines = patches[:, :, first_row:first_row + n_rows, :].transpose(-1, -2)  # (cycles, N, positions, rows)
             partial_sums = _integer_matmul(wordlines, cells[index, :n_rows, :tile["bitlines"]])
-            adc_codes = self._adc(name, index, partial_sums) if entry["adc"] is not None else partial_sums
-            shifted = (adc_codes * cycle_weights).sum(0)  # (N, positions, bitlines): integer shift-add over cycles
-            values = shifted.to(x.dtype)
             if entry["adc"] is not None:
                 setting = self.tensor(f"{name}.adc_setting")[index, :tile["bitlines"]].long()
+                partial_sums = self._adc(name, setting, partial_sums)
+            shifted = (partial_sums * cycle_weights).sum(0)  # (N, positions, bitlines): integer shift-add over cycles
+            values = shifted.to(x.dtype)
+            if entry["adc"] is not None:
                 values = values * self.tensor(f"{name}.adc_scale")[setting]
             first_out = tile["group"] * cout_g + col_start
             tile_scale = weight_scale[tile["group"], tile["row_block"], col_start:col_start + n_cols]
@@ -166,10 +167,10 @@ class IntegerExecutor(nn.Module):
             output = output + self.tensor(f"{name}.bias").view(1, -1, 1, 1)
         return output.reshape(*leading, entry["out_channels"]) if linear else output
 
-    def _adc(self, name: str, tile_index: int, partial_sums: torch.Tensor) -> torch.Tensor:
-        """ADC codes of a tile's partial sums (cycles, N, positions, bitlines): code_min + #{thresholds <= p}."""
+    def _adc(self, name: str, setting: torch.Tensor, partial_sums: torch.Tensor) -> torch.Tensor:
+        """ADC codes of a tile's partial sums (cycles, N, positions, bitlines), read by the ADC settings ``setting``
+        (one per bitline): code_min + #{thresholds <= p}."""
         bitlines = partial_sums.shape[-1]
-        setting = self.tensor(f"{name}.adc_setting")[tile_index, :bitlines].long()
         thresholds = self.tensor(f"{name}.adc_thresholds").long()[setting]  # (bitlines, thresholds)
         per_bitline = partial_sums.reshape(-1, bitlines).t().contiguous()
         codes = torch.searchsorted(thresholds, per_bitline, right=True)

@@ -27,8 +27,9 @@ from cimq_pl.export.format import (
     layer_layout,
 )
 from cimq_pl.export.graph import check_graph
-from cimq_pl.export.writer import file_sha256
+from cimq_pl.files import file_sha256
 from cimq_pl.quant.spec import CIMSpec
+from cimq_pl.quant.ste import code_range
 from cimq_pl.quant.tiling import TileGeometry
 
 REQUIRED_FIELDS = ("format", "format_version", "cim", "input_shape", "graph", "layers", "tensors_sha256")
@@ -164,7 +165,7 @@ def _check_values(where: str, name: str, entry: dict, tensors: dict) -> None:
         raise ExportError(f"{where}: layer {name!r}: {message}")
 
     bits, signed = entry["input"]["bits"], entry["input"]["signed"]
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    low, high = code_range(bits, signed)
     codes = tensors[f"{name}.input_codes"].long()
     if codes.numel() == 0 or int(codes.min()) < low or int(codes.max()) > high or bool((codes.diff() <= 0).any()):
         fail(f"input_codes must be strictly increasing {bits}-bit {'signed' if signed else 'unsigned'} codes in "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -18,16 +17,8 @@ from torch import nn
 from cimq_pl.export.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, ExportError
 from cimq_pl.export.graph import trace_graph
 from cimq_pl.export.layers import check_exportable, cim_layer_record, digital_layer_record
+from cimq_pl.files import file_sha256
 from cimq_pl.quant.layers import _CIMLayerBase
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -149,9 +140,8 @@ def export_model(model: nn.Module, spec, dirpath, input_shape: tuple, info: Opti
     Returns:
         The directory written.
     """
-    check_export_target(Path(dirpath), overwrite)  # before the work, so a long export does not fail at its end
     manifest, tensors = export_manifest_and_tensors(model, spec, input_shape, info)
     return write_export(dirpath, manifest, tensors, overwrite)
 
 
-__all__ = ["check_export_target", "export_manifest_and_tensors", "export_model", "file_sha256", "write_export"]
+__all__ = ["check_export_target", "export_manifest_and_tensors", "export_model", "write_export"]

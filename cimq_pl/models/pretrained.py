@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from cimq_pl.errors import ConfigError
+from cimq_pl.files import file_sha256
 
 __all__ = ["check_state_dict_fits", "load_pretrained_", "read_checkpoint", "read_state_dict", "verify_sha256_prefix"]
 
@@ -39,14 +39,11 @@ def verify_sha256_prefix(path: Path) -> None:
     match = _HASH_IN_NAME.search(path.name)
     if match is None:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if not digest.hexdigest().startswith(match.group(1)):
+    digest = file_sha256(path)
+    if not digest.startswith(match.group(1)):
         raise ConfigError(
             f"checkpoint {str(path)!r} is corrupt or not the named file: its sha256 starts with "
-            f"{digest.hexdigest()[:len(match.group(1))]!r}, but its name says {match.group(1)!r}"
+            f"{digest[:len(match.group(1))]!r}, but its name says {match.group(1)!r}"
         )
 
 
