@@ -11,19 +11,27 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cimq_pl import preemption
+from cimq_pl.checkpointing import resume_checkpoint
 from cimq_pl.datamodules import ImageClassificationDataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import read_checkpoint
+from cimq_pl.provenance import RECORD_KEY, check_config_agrees, configured_techniques
 from cimq_pl.module import CIMQModule
 from cimq_pl.trainer import CIMQTrainer
 
@@ -68,18 +76,91 @@ class CIMQCLI(LightningCLI):
         super().__init__(CIMQModule, ImageClassificationDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Sections given as something other than a mapping (``model: [1, 2]``) are one clear error."""
+        """Sections given as something other than a mapping (``model: [1, 2]``) are one clear error; more CPU
+        processes than cores is a warning (each process then runs at a fraction of a core)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         for section in ("model", "data", "trainer"):
             value = config.get(section)
             if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
+        _warn_devices_over_cores(config.trainer)
+
+    def after_instantiate_classes(self) -> None:
+        """Data that is not there, or of another number of classes, is refused before the run (and W&B) starts."""
+        super().after_instantiate_classes()
+        if self.datamodule is not None:
+            self.datamodule.check_source()
+            self.model.check_data(self.datamodule)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand with SIGTERM deferred to a safe point, then print where its results went."""
+        with preemption.deferring():
+            try:
+                super()._run_subcommand(subcommand)
+            except preemption.Preempted:
+                raise
+            except SIGTERMException as stop:
+                resume = resume_checkpoint(self.trainer) if subcommand == "fit" else None
+                raise preemption.Preempted(subcommand, resume) from stop
+            except Exception as err:
+                if preemption.requested():  # e.g. a DataLoader worker the same SIGTERM stopped first
+                    raise preemption.Preempted(subcommand, None) from err
+                raise
+        if self.trainer.is_global_zero:
+            self._print_outputs()
+
+    def _print_outputs(self) -> None:
+        """One line per output of the run: its folder, the checkpoints and the hardware report's files."""
+        trainer = self.trainer
+        lines = []
+        if isinstance(trainer.logger, WandbLogger):
+            lines.append(("run folder", Path(trainer.logger.experiment.dir).parent))
+        elif trainer.logger is not None:
+            lines.append(("run folder", trainer.log_dir))
+        for callback in trainer.callbacks:
+            lines.extend(callback.output_files() if hasattr(callback, "output_files") else ())
+        for checkpointing in trainer.checkpoint_callbacks:
+            if getattr(checkpointing, "last_model_path", ""):
+                lines.append(("last checkpoint", checkpointing.last_model_path))
+        for label, path in lines:
+            print(f"[cimq] {label}: {path}", flush=True)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        if "weights_only" in {action.dest for action in parser._actions}:
+            # --ckpt_path is verified weights-only before Lightning loads it (`_parse_ckpt_path`); load it so too
+            parser.set_defaults(weights_only=True)
+        parser.add_argument(
+            "--without", type=Optional[str], default=None,
+            help="Comma-separated callbacks to drop from trainer.callbacks, by class name, e.g. "
+                 "'BitSparseActivations,QuantDropping' (switch techniques off without copying the callback list)",
+        )
+
+    def _drop_callbacks_without(self, config) -> None:
+        """Remove the callbacks named by ``--without`` from ``config.trainer.callbacks`` (unknown names are an error)."""
+        names = [name.strip() for name in (config.get("without") or "").split(",") if name.strip()]
+        if not names:
+            return
+        callbacks = config.trainer.get("callbacks") or []
+        listed = [entry.class_path.rpartition(".")[2] for entry in callbacks]
+        for name in names:
+            short = name.rpartition(".")[2]
+            if short not in listed:
+                close = difflib.get_close_matches(short, listed, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"--without {name!r}: no such callback in trainer.callbacks{hint}; listed: "
+                                  f"{', '.join(listed) or 'none'}")
+        drop = {name.rpartition(".")[2] for name in names}
+        config.trainer.callbacks = [entry for entry, short in zip(callbacks, listed) if short not in drop]
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads ``--ckpt_path`` here (for its hyperparameters) before anything else: check first that
-        # it is a readable weights-only checkpoint, so a missing, truncated or foreign file is one clear error.
+        # Runs right after parsing, before LightningCLI merges the checkpoint's hyperparameters into the config:
+        # apply --without, then check that ``--ckpt_path`` is a readable weights-only checkpoint written for this
+        # model, macro and technique set, so that any mismatch is one clear error before anything is built.
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        config = self.config[subcommand] if subcommand else None
+        if config is not None:
+            self._drop_callbacks_without(config)
+        path = config.get("ckpt_path") if config is not None else None
         if path and path not in ("last", "best", "hpc", "registry"):
             checkpoint = read_checkpoint(path, "ckpt_path")
             if "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
@@ -87,7 +168,37 @@ class CIMQCLI(LightningCLI):
                     f"ckpt_path {path!r} is not a Lightning checkpoint written by `fit` (it holds "
                     f"{sorted(checkpoint)[:4]}...); pretrained float weights go in model.pretrained"
                 )
+            techniques = configured_techniques(config.trainer.get("callbacks"))
+            check_config_agrees(checkpoint, config.model.as_dict(), techniques, path)
+            if subcommand == "fit":
+                _resume_logger_run(config, checkpoint)
         super()._parse_ckpt_path()
+
+
+def _warn_devices_over_cores(trainer_config) -> None:
+    """Warn when a CPU run asks for more processes (``trainer.devices``) than this machine has cores."""
+    import torch
+
+    devices, accelerator = trainer_config.get("devices"), trainer_config.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and devices > cores:
+        rank_zero_warn(f"trainer.devices={devices} CPU processes on a machine with {cores} cores: each process gets "
+                       f"a fraction of a core and the run is slower, not faster; use --trainer.devices {cores} or fewer")
+
+
+def _resume_logger_run(config, checkpoint) -> None:
+    """A fit resumed from ``checkpoint`` logs into the W&B run that wrote it (same run id, same checkpoint folder)."""
+    record = checkpoint.get(RECORD_KEY) or {}
+    run_id = record.get("wandb_run_id")
+    logger = config.trainer.get("logger")
+    if not run_id or not hasattr(logger, "class_path") or not logger.class_path.endswith("WandbLogger"):
+        return
+    if logger.init_args.get("id") or logger.init_args.get("version"):
+        return  # the user chose a run
+    logger.init_args.id = run_id
+    logger.init_args.resume = "allow"
+    rank_zero_info(f"[cimq] resuming W&B run {run_id} (from the checkpoint)")
 
 
 def _config_error_in_chain(err: BaseException) -> ConfigError | None:
@@ -105,15 +216,19 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m cimq_pl`` and the ``cimq-pl`` script."""
     if not wandb_key_available():
         os.environ.setdefault("WANDB_MODE", "offline")
+    preemption.install()
     try:
         CIMQCLI(args=args)
-    except SIGTERMException:
-        print("error: stopped by SIGTERM; the run's last checkpoint (ModelCheckpoint save_on_exception / save_last) "
-              "resumes it: fit ... --ckpt_path <checkpoints>/last.ckpt", file=sys.stderr)
+    except SIGTERMException as stop:
+        print(f"error: {preemption.describe(stop, args if args is not None else sys.argv[1:])}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except ArgumentError as err:  # a malformed config or argument: jsonargparse's message, on one line
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    except MisconfigurationException as err:  # e.g. trainer.devices or accelerator the machine does not have
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:  # the NaN/inf guards of the objectives: the message names the culprit
         print(f"error: {err}", file=sys.stderr)
@@ -122,5 +237,19 @@ def main(args: list[str] | None = None) -> None:
         config_error = _config_error_in_chain(err)
         if config_error is None:
             raise
+        _discard_offline_run()
         print(f"error: {config_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _discard_offline_run() -> None:
+    """A run refused for bad input leaves no offline W&B folder behind: it holds nothing worth syncing."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    if run is None:
+        return
+    folder = Path(run.dir).parent
+    offline = run.offline
+    run.finish(exit_code=2)
+    if offline:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -25,6 +25,7 @@ from cimq_pl.export import IntegerExecutor
 from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
+from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, run_record
 from cimq_pl.quant import CIMSpec, cim_layers, convert_to_cim, fold_batchnorm_
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
@@ -121,7 +122,10 @@ class CIMQModule(pl.LightningModule):
         if self.is_export and stage == "fit":
             raise ConfigError(f"model.export={self.hparams['export']!r} is inference only: use test, validate or "
                               "predict (fit the float or CIM model, then export it)")
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+
+    def check_data(self, datamodule) -> None:
+        """Raise `ConfigError` when ``datamodule`` has another number of classes than the classifier."""
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes and data_classes != self.num_classes:
             raise ConfigError(
@@ -132,6 +136,10 @@ class CIMQModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the macro, technique set, quantizer options and W&B run (`cimq_pl.provenance`)."""
+        checkpoint[RECORD_KEY] = run_record(self)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model, macro or technique set with one clear error line."""
         check_state_dict_fits(
@@ -139,6 +147,9 @@ class CIMQModule(pl.LightningModule):
             f"model {self.hparams['name']!r} with cim={self.hparams['cim']}",
             " (resume or test with the same model, model.cim and technique callbacks as the run that wrote it)",
         )
+        current = {name: dataclasses.asdict(layer.options) for name, layer in cim_layers(self.model)
+                   if hasattr(layer, "options")}
+        check_quantizer_options(checkpoint.get(RECORD_KEY), current, "the checkpoint (ckpt_path)")
 
     @property
     def is_cim(self) -> bool:

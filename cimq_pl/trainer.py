@@ -46,7 +46,7 @@ class CIMQTrainer(pl.Trainer):
             raise ConfigError("export needs a CIM model fit with PTQ or QAT: set model.cim and pass --ckpt_path "
                               "(model.export is already an export)")
         check_export_target(Path(dirpath), overwrite)
-        results = self.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        results = self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         path = None
         if self.is_global_zero:
             data_config = model.data_config  # tuples are written as JSON lists

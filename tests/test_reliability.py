@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,8 +33,9 @@ COMMON = [
 
 
 def _config(path: Path, gate: bool, source: str = "configs/quant/cimq_ptq.yaml", gate_step: int = GATE_STEP,
-            every: int = 4) -> Path:
-    """``source`` on a tiny budget, without the hardware report; with the SIGTERM gate if asked."""
+            every: int = 4, gate_args: dict | None = None) -> Path:
+    """``source`` on a tiny budget, without the hardware report; with the SIGTERM gate if asked (at training step
+    ``gate_step``, or where ``gate_args`` say)."""
     config = yaml.safe_load((REPO / source).read_text())
     callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("HardwareReport")]
     for callback in callbacks:
@@ -42,7 +44,7 @@ def _config(path: Path, gate: bool, source: str = "configs/quant/cimq_ptq.yaml",
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = every
     if gate:
-        callbacks.insert(0, {"class_path": "sigterm_gate.SigtermGate", "init_args": {"step": gate_step}})
+        callbacks.insert(0, {"class_path": "sigterm_gate.SigtermGate", "init_args": gate_args or {"step": gate_step}})
     config["trainer"]["callbacks"] = callbacks
     path.write_text(yaml.safe_dump(config))
     return path
@@ -68,21 +70,33 @@ def _in_process(*args: str):
     return CIMQCLI(args=list(args))
 
 
-def _interrupt(config: Path, folder: Path, step: int, extra: tuple = ()) -> dict:
-    """Run ``fit`` in a subprocess, send it SIGTERM at the gate step; its exit status, stderr and last.ckpt."""
+def _interrupt(config: Path, folder: Path, step: int, extra: tuple = (), command: str = "fit",
+               whole_group: bool = False) -> dict:
+    """Run ``command`` in a subprocess, send it SIGTERM at the gate (to the whole process group, DataLoader
+    workers included, when ``whole_group``); its exit status, stderr and last.ckpt (if any)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
-        [sys.executable, "-m", "cimq_pl", "fit", *COMMON, "--config", str(config), *extra,
+        [sys.executable, "-m", "cimq_pl", command, *COMMON, "--config", str(config), *extra,
          "--trainer.default_root_dir", str(folder)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=whole_group,
     )
     for line in process.stdout:
         if line.startswith("SIGTERM-GATE"):
-            process.send_signal(signal.SIGTERM)
+            if whole_group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=300)
+    last = folder / "checkpoints/last.ckpt"
     return {"returncode": process.returncode, "stderr": stderr,
-            "last": torch.load(folder / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)}
+            "last": torch.load(last, map_location="cpu", weights_only=True) if last.is_file() else None}
+
+
+def _resume_command(stderr: str) -> list[str]:
+    """The arguments of the resume command the CLI printed (after ``python -m cimq_pl``)."""
+    line = next(line for line in stderr.splitlines() if line.startswith("error: stopped by SIGTERM"))
+    return shlex.split(line.split("resume with: ", 1)[1])[3:]
 
 
 def _state(path: Path) -> dict:
@@ -95,7 +109,7 @@ def _same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The three PTQ runs; returns their folders and the interrupted process's outcome."""
+    """The PTQ runs: two uninterrupted, one stopped mid-unit and one stopped while calibrating, each resumed."""
     root = tmp_path_factory.mktemp("reliability")
     with _at_repo():
         plain = _config(root / "ptq.yaml", gate=False)
@@ -105,13 +119,19 @@ def runs(tmp_path_factory):
         interrupted = _interrupt(gated, root / "b", GATE_STEP)
         _in_process("fit", *COMMON, "--config", str(plain), "--trainer.default_root_dir", str(root / "b"),
                     "--ckpt_path", str(root / "b/checkpoints/last.ckpt"))
-    return root, plain, interrupted
+        # stopped while calibrating (before Lightning's own SIGTERM handler exists), then the printed command resumes
+        gated = _config(root / "ptq_gate_calibration.yaml", gate=True, gate_args={"stage": "calibration"})
+        calibrating = _interrupt(gated, root / "c", 0)
+        _in_process(*_resume_command(calibrating["stderr"]))
+    return root, plain, interrupted, calibrating
 
 
 def test_sigterm_mid_block_saves_a_resumable_checkpoint_and_exits_143(runs):
-    _, _, interrupted = runs
+    root, _, interrupted, _ = runs
     assert interrupted["returncode"] == 128 + signal.SIGTERM, interrupted["stderr"][-2000:]
-    assert "error: stopped by SIGTERM" in interrupted["stderr"]
+    assert "error: stopped by SIGTERM during fit; resume with: python -m cimq_pl fit" in interrupted["stderr"]
+    resume = _resume_command(interrupted["stderr"])
+    assert resume[-2:] == ["--ckpt_path", str(root / "b/checkpoints/last.ckpt")]  # the real file, not a placeholder
     last = interrupted["last"]
     assert last["global_step"] == GATE_STEP and GATE_STEP % ITERS != 0  # strictly inside a unit
     assert last["epoch"] == GATE_STEP // ITERS  # unit 4 (0-based epoch 3)
@@ -119,7 +139,7 @@ def test_sigterm_mid_block_saves_a_resumable_checkpoint_and_exits_143(runs):
 
 
 def test_resumed_ptq_equals_uninterrupted_bit_for_bit(runs):
-    root, _, _ = runs
+    root, _, _, _ = runs
     reference, resumed = _state(root / "a/checkpoints/ptq.ckpt"), _state(root / "b/checkpoints/ptq.ckpt")
     assert reference.keys() == resumed.keys()
     quantizer_keys = [k for k in reference if "quantizer" in k]
@@ -129,13 +149,41 @@ def test_resumed_ptq_equals_uninterrupted_bit_for_bit(runs):
 
 
 def test_same_seed_and_config_give_bit_identical_quantizers(runs):
-    root, _, _ = runs
+    root, _, _, _ = runs
     first, second = _state(root / "a/checkpoints/ptq.ckpt"), _state(root / "a2/checkpoints/ptq.ckpt")
     assert first.keys() == second.keys() and all(_same(first[k], second[k]) for k in first)
 
 
+def test_sigterm_during_calibration_saves_the_calibrated_quantizers_and_resumes_exactly(runs):
+    root, _, _, calibrating = runs
+    assert calibrating["returncode"] == 128 + signal.SIGTERM, calibrating["stderr"][-2000:]
+    saved = root / "c/checkpoints/calibrated.ckpt"
+    assert f"SIGTERM during calibration: calibrated quantizers saved to {saved}" in calibrating["stderr"]
+    assert _resume_command(calibrating["stderr"])[-2:] == ["--ckpt_path", str(saved)]
+    checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 0  # stopped before the first reconstruction step
+    reference, resumed = _state(root / "a/checkpoints/ptq.ckpt"), _state(root / "c/checkpoints/ptq.ckpt")
+    flags = [v["initialized"] for k, v in checkpoint["state_dict"].items() if k.endswith("quantizer._extra_state")]
+    assert len(flags) == sum(k.endswith("quantizer._extra_state") for k in reference) and all(flags)  # all calibrated
+    different = [k for k in reference if not _same(reference[k], resumed[k])]
+    assert reference.keys() == resumed.keys() and not different, different[:5]
+
+
+def test_sigterm_to_the_process_group_during_test_is_one_line(runs, tmp_path):
+    """SIGTERM to the whole group (the DataLoader workers too), as a job scheduler sends it: no worker traceback."""
+    root, _, _, _ = runs
+    gated = _config(tmp_path / "test_gate.yaml", gate=True, gate_args={"stage": "test", "step": 0})
+    stopped = _interrupt(gated, tmp_path / "t", 0, ("--data.init_args.num_workers", "2", "--ckpt_path",
+                                                    str(root / "a/checkpoints/ptq.ckpt")), command="test",
+                         whole_group=True)
+    assert stopped["returncode"] == 128 + signal.SIGTERM, stopped["stderr"][-2000:]
+    assert "Traceback" not in stopped["stderr"], stopped["stderr"][-3000:]
+    assert stopped["stderr"].strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM during test; nothing to resume: run the command again")
+
+
 def test_resumed_and_uninterrupted_runs_test_the_same(runs):
-    root, plain, _ = runs
+    root, plain, _, _ = runs
     with _at_repo():
         accuracies = [
             _in_process("test", *COMMON, "--config", str(plain), "--trainer.default_root_dir", str(root / name),

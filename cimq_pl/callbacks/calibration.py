@@ -6,11 +6,16 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from cimq_pl import preemption
+from cimq_pl.checkpointing import save_checkpoint_atomic
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant import calibrate_, cim_layers
 from cimq_pl.quant.reconstruction import eval_mode
 
-__all__ = ["calibrate_module_", "calibration_images", "load_quantizer_state_", "quantizer_state"]
+__all__ = ["CALIBRATED_CHECKPOINT", "calibrate_module_", "calibration_images", "load_quantizer_state_", "quantizer_state"]
+
+#: Written into the run's checkpoint folder when a SIGTERM arrives during calibration: resume from it.
+CALIBRATED_CHECKPOINT = "calibrated.ckpt"
 
 
 def quantizer_state(model: torch.nn.Module) -> dict[str, dict]:
@@ -52,3 +57,8 @@ def calibrate_module_(trainer: Trainer, pl_module: LightningModule, images: torc
         calibrate_(pl_module.model, images.split(batch_size))
     state = trainer.strategy.broadcast(quantizer_state(pl_module.model), src=0)
     load_quantizer_state_(pl_module.model, state)
+    if trainer.state.fn == "fit" and trainer.strategy.broadcast(preemption.requested(), src=0):
+        # SIGTERM while calibrating (before Lightning's own handler is in place): keep the work, then stop
+        path = save_checkpoint_atomic(trainer, CALIBRATED_CHECKPOINT)
+        rank_zero_info(f"[cimq] SIGTERM during calibration: calibrated quantizers saved to {path}")
+        raise preemption.Preempted("calibration", path)

@@ -293,7 +293,7 @@ class HardwareReport(Callback):
         rows = layer_rows(run.cost)
         layers_csv = write_csv_atomic(folder / f"hardware_{stage}_layers.csv", rows, LAYER_COLUMNS)
         summary = summary_row(run.cost, run.baseline_cost, run=run_name, stage=stage, accuracy=accuracy)
-        write_csv_atomic(folder / f"hardware_{stage}_summary.csv", [summary], SUMMARY_COLUMNS)
+        summary_csv = write_csv_atomic(folder / f"hardware_{stage}_summary.csv", [summary], SUMMARY_COLUMNS)
         picture = plot_energy_breakdown(run.cost, folder / f"hardware_{stage}_energy.png") if self.plots else None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -301,7 +301,7 @@ class HardwareReport(Callback):
                 logger.log_table(key=f"{stage}/hardware_layers", columns=list(LAYER_COLUMNS), data=data)
                 if picture is not None:
                     logger.log_image(key=f"{stage}/energy_breakdown", images=[str(picture)])
-        self.last_results[stage].update(layers_csv=layers_csv, picture=picture)
+        self.last_results[stage].update(layers_csv=layers_csv, summary_csv=summary_csv, picture=picture)
         if self.print_table:
             title = f"[cimq] hardware cost, {stage} ({run.cost.images} images)"
             text = format_table(run.cost, run.baseline_cost, title=title)
@@ -309,6 +309,12 @@ class HardwareReport(Callback):
             if uncosted:
                 text += f"\nnot costed (left digital): {', '.join(uncosted)}"
             print(text, flush=True)
+
+    def output_files(self) -> list[tuple[str, Path]]:
+        """The files written (per stage), for the CLI's closing lines."""
+        return [(f"hardware report ({stage})", ", ".join(str(result[key]) for key in ("layers_csv", "summary_csv", "picture")
+                                                           if result.get(key) is not None))
+                for stage, result in self.last_results.items() if "layers_csv" in result]
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -13,7 +13,6 @@ With ``iters_per_block: 0`` the fit only calibrates (the conventional baseline) 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from typing_extensions import override
 from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.dropping import QuantDropping
 from cimq_pl.callbacks.technique import require_cim
+from cimq_pl.checkpointing import save_checkpoint_atomic
 from cimq_pl.errors import ConfigError
 from cimq_pl.objectives import BlockReconstructionObjective, quantizer_parameters
 from cimq_pl.quant import COUNTER_NAMES, CIMStats, cim_layers, set_collect_stats
@@ -189,19 +189,12 @@ class PostTrainingQuantization(Callback):
 
     def _write_checkpoint(self, trainer: Trainer) -> None:
         """Save the quantized model into the run's checkpoint folder atomically (temporary file + rename)."""
-        checkpointing = trainer.checkpoint_callback
-        if checkpointing is not None and getattr(checkpointing, "dirpath", None):
-            directory = Path(checkpointing.dirpath)  # the run's own folder, beside Lightning's checkpoints
-        else:
-            directory = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        self.checkpoint_path = directory / self.checkpoint_name
-        if trainer.is_global_zero:
-            directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / f".{self.checkpoint_name}.partial"
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            os.replace(partial, self.checkpoint_path)
+        self.checkpoint_path = save_checkpoint_atomic(trainer, self.checkpoint_name)
         rank_zero_info(f"[cimq] quantized model written to {self.checkpoint_path}")
+
+    def output_files(self) -> list[tuple[str, Path]]:
+        """What this run wrote, for the CLI's closing lines."""
+        return [("quantized model", self.checkpoint_path)] if self.checkpoint_path is not None else []
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -110,6 +110,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def eval_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
         raise NotImplementedError
 
+    def check_source(self) -> None:
+        """Raise `ConfigError` now if ``root`` cannot provide the data (called by the CLI before a run starts)."""
+
     # -- normalisation -----------------------------------------------------------------------------------
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std): explicit arguments, else the attached model's data config, else the dataset default."""

@@ -61,6 +61,9 @@ class _CIFARDataModule(ImageClassificationDataModule):
     def dataset_label(self) -> str:
         return type(self).__name__.replace("DataModule", "")
 
+    def check_source(self) -> None:
+        self._layout()
+
     def prepare_data(self) -> None:
         if self._layout() == "torchvision" and not (Path(self.root) / self.torchvision_folder).is_dir():
             for train in (True, False):

@@ -38,6 +38,10 @@ class ImageNetDataModule(ImageClassificationDataModule):
         self.image_size = image_size
         self.crop_pct = crop_pct
 
+    def check_source(self) -> None:
+        if not any((Path(self.root) / split).is_dir() for split in ("train", "val")):
+            raise ConfigError(f"no ImageNet data in data.root {self.root!r}: it must hold train/ and val/ ImageFolder trees")
+
     def _build_split(self, split: Split, transform: Callable):
         folder = Path(self.root) / ("val" if split == "test" else "train")
         if not folder.is_dir():

@@ -1,0 +1,179 @@
+"""What a `fit` checkpoint records of the run that wrote it, and the check that a later run agrees with it.
+
+Every checkpoint of a `CIMQModule` (``last.ckpt``, ``ptq.ckpt``) carries, under ``checkpoint["cimq"]``:
+
+* ``cim``: the macro (the `CIMSpec` fields, or None for the float network);
+* ``techniques``: the technique callbacks and their settings, e.g. ``{"BitSparseActivations": {"max_ones": 2, ...}}``;
+* ``quantizer_options``: each CIM layer's `QuantizerOptions`, what its quantizers were built from;
+* ``wandb_run_id``: the W&B run, so that a resumed fit logs into the same run and checkpoint folder.
+
+``test``/``validate``/``export``/a resumed ``fit`` whose config disagrees (another model, macro or technique set)
+is refused while the command line is parsed, before the model is built or W&B starts, with one line naming
+the field, both values and the flag that makes them agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from typing import Any, Iterable, Mapping
+
+from cimq_pl.errors import ConfigError
+
+__all__ = ["RECORD_KEY", "check_config_agrees", "check_quantizer_options", "configured_techniques", "run_record",
+           "technique_settings"]
+
+RECORD_KEY = "cimq"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types (tuples become lists), so records compare equal however they were made."""
+    return json.loads(json.dumps(value))
+
+
+def technique_settings(callbacks: Iterable[Any]) -> dict[str, dict]:
+    """``{callback class name: its technique config as plain values}`` for the technique callbacks listed."""
+    from cimq_pl.callbacks.technique import TechniqueCallback
+
+    return {type(cb).__name__: _plain(dataclasses.asdict(cb.config))
+            for cb in callbacks if isinstance(cb, TechniqueCallback)}
+
+
+def run_record(pl_module) -> dict[str, Any]:
+    """The record `CIMQModule.on_save_checkpoint` stores under ``checkpoint["cimq"]``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from cimq_pl.quant import cim_layers
+
+    trainer = pl_module.trainer
+    record = {
+        "cim": _plain(pl_module.hparams.get("cim")),
+        "techniques": technique_settings(trainer.callbacks),
+        "quantizer_options": {name: _plain(dataclasses.asdict(layer.options))
+                              for name, layer in cim_layers(pl_module.model) if hasattr(layer, "options")},
+    }
+    logger = trainer.logger
+    if isinstance(logger, WandbLogger):
+        record["wandb_run_id"] = logger.version
+    return record
+
+
+def _as_dict(value: Any) -> Any:
+    """A jsonargparse Namespace (or dataclass) as a plain dict; anything else unchanged."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _resolve_class(class_path: str) -> type | None:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return None  # jsonargparse reports unknown classes itself
+
+
+def configured_techniques(callbacks_config: Any) -> dict[str, dict]:
+    """The technique settings a parsed ``trainer.callbacks`` config will build (same shape as `technique_settings`)."""
+    from cimq_pl.callbacks.technique import TechniqueCallback
+
+    settings = {}
+    for entry in callbacks_config or []:
+        entry = _as_dict(entry)
+        if not isinstance(entry, Mapping) or "class_path" not in entry:
+            continue
+        cls = _resolve_class(entry["class_path"])
+        if isinstance(cls, type) and issubclass(cls, TechniqueCallback):
+            callback = cls(**(_as_dict(entry.get("init_args")) or {}))
+            settings[cls.__name__] = _plain(dataclasses.asdict(callback.config))
+    return settings
+
+
+def _cim_flag(field: str, value: Any) -> str:
+    return f"--model.cim.{field} {'null' if value is None else value}"
+
+
+def check_config_agrees(checkpoint: Mapping, model_config: Mapping, techniques: dict[str, dict] | None,
+                        path: str) -> None:
+    """Refuse ``checkpoint`` (read from ``path``) when the run's config differs from the one that wrote it.
+
+    Args:
+        checkpoint: the Lightning checkpoint.
+        model_config: the parsed ``model`` section (name, num_classes, cim).
+        techniques: the technique settings of the parsed ``trainer.callbacks`` (`configured_techniques`).
+        path: the checkpoint's path, for the message.
+
+    Raises:
+        ConfigError: naming the first field that differs, both values and the flag that makes them agree.
+    """
+    where = f"ckpt_path {path!r}"
+    hparams = checkpoint.get("hyper_parameters") or {}
+    for field in ("name", "num_classes"):
+        if field in hparams and field in model_config and hparams[field] != model_config[field]:
+            raise ConfigError(f"{where} was written for model.{field}={hparams[field]!r} but the config gives "
+                              f"{model_config[field]!r}: pass --model.{field} {hparams[field]} or use the run's config")
+    record = checkpoint.get(RECORD_KEY)
+    saved_cim = record["cim"] if isinstance(record, Mapping) else hparams.get("cim", "unrecorded")
+    if saved_cim != "unrecorded" and "cim" in model_config:
+        _check_cim(where, _plain(saved_cim), _plain(_as_dict(model_config["cim"])))
+    if isinstance(record, Mapping) and techniques is not None:
+        _check_techniques(where, record.get("techniques", {}), techniques)
+
+
+def _check_cim(where: str, saved: dict | None, configured: dict | None) -> None:
+    if saved is None and configured is None:
+        return
+    if saved is None:
+        raise ConfigError(f"{where} holds the float network (model.cim null) but the config puts it on a CIM macro: "
+                          "pass --model.cim null, or test the checkpoint the quantized run wrote")
+    if configured is None:
+        raise ConfigError(f"{where} was written for a CIM macro ({_short(saved)}) but the config gives model.cim "
+                          "null: add the technique config the run used (--config configs/quant/...)")
+    for field in sorted(saved.keys() | configured.keys()):
+        if saved.get(field) != configured.get(field):
+            raise ConfigError(f"{where} was written for model.cim.{field}={saved.get(field)!r} but the config gives "
+                              f"{configured.get(field)!r}: pass {_cim_flag(field, saved.get(field))} "
+                              "(or use the config the run was made with)")
+
+
+def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping[str, dict]) -> None:
+    missing, extra = sorted(saved.keys() - configured.keys()), sorted(configured.keys() - saved.keys())
+    if missing:
+        made_with = "; ".join(f"{name}({_short(saved[name])})" for name in missing)
+        raise ConfigError(f"{where} was made with the technique(s) {made_with}, which the config does not list: "
+                          "add them to trainer.callbacks (use the technique config the run used)")
+    if extra:
+        raise ConfigError(f"{where} was made without the technique(s) {', '.join(extra)}, which the config lists: "
+                          f"pass --without {','.join(extra)}")
+    for name in sorted(saved):
+        for field in sorted(saved[name].keys() | configured[name].keys()):
+            if saved[name].get(field) != configured[name].get(field):
+                raise ConfigError(f"{where} was made with {name}.{field}={saved[name].get(field)!r} but the config "
+                                  f"gives {configured[name].get(field)!r}: set {field}: {saved[name].get(field)!r} in "
+                                  f"the {name} init_args (or use the config the run was made with)")
+
+
+def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict], where: str) -> None:
+    """Refuse a checkpoint whose layers' `QuantizerOptions` differ from the model's (the last safety net:
+    the macro and technique checks at parse time normally catch the cause first)."""
+    if not isinstance(record, Mapping) or "quantizer_options" not in record:
+        return
+    saved = record["quantizer_options"]
+    for layer in sorted(saved.keys() | current.keys()):
+        if layer not in saved or layer not in current:
+            holder, other = ("this run", "the checkpoint's model") if layer not in saved else \
+                ("the checkpoint", "this run's model")
+            raise ConfigError(f"{where}: {holder} has CIM layer {layer!r}, which {other} does not; use the model "
+                              "config the run was made with")
+        for field in sorted(saved[layer]):
+            if saved[layer][field] != current[layer].get(field):
+                raise ConfigError(f"{where}: layer {layer!r} was quantized with {field}={saved[layer][field]!r} but "
+                                  f"this run builds {current[layer].get(field)!r}; use the technique and PTQ/QAT "
+                                  "callbacks the run was made with")
+
+
+def _short(settings: Mapping) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items())
