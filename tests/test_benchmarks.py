@@ -20,6 +20,7 @@ import ablation  # noqa: E402
 import cim_layer_speed  # noqa: E402
 import export_check  # noqa: E402
 import other_models  # noqa: E402
+import presets  # noqa: E402
 import run_suite  # noqa: E402
 import sweeps  # noqa: E402
 import training_time  # noqa: E402
@@ -54,6 +55,15 @@ def test_ablation_smoke(ablation_rows, out):
     assert 0.3 < float(ablation_rows["cimq"]["test/acc"]) <= 1.0
     assert len(_rows(out / "ablation.csv")) == 3 and (out / "ablation.png").stat().st_size > 0
     assert "CIMQ: all four" in ablation.tables(_rows(out / "ablation.csv"))
+
+
+def test_presets_smoke(out):
+    rows = {row["preset"]: row for row in presets.main(_args(out))}
+    assert rows["cimq"]["points_below_full"] == 0.0 and rows["cimq"]["fit_time_vs_full"] == 1.0  # its own baseline
+    assert (rows["cimq_quick"]["calibration_images"], rows["cimq"]["calibration_images"]) == (256, 1024)  # the configs'
+    assert rows["cimq_quick"]["steps_per_unit"] == rows["cimq"]["steps_per_unit"] == 2  # --smoke budget
+    assert 0.3 < float(rows["cimq_quick"]["test/acc"]) <= 1.0
+    assert len(_rows(out / "presets.csv")) == 2
 
 
 def test_sweeps_smoke_reuses_the_ablation_and_k1_lowers_bit_density(ablation_rows, out):
