@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cimq_pl.cli_errors import explain_parse_error
 from cimq_pl.datamodules import ImageClassificationDataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import read_checkpoint
@@ -111,9 +112,10 @@ def main(args: list[str] | None = None) -> None:
         print("error: stopped by SIGTERM; the run's last checkpoint (ModelCheckpoint save_on_exception / save_last) "
               "resumes it: fit ... --ckpt_path <checkpoints>/last.ckpt", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except ArgumentError as err:  # a malformed config or argument: jsonargparse's message, on one line
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"error: {message} (see --help)", file=sys.stderr)
+    except ArgumentError as err:  # a malformed config or argument: its cause in one short line, else jsonargparse's
+        message = explain_parse_error(str(err), sys.argv[1:] if args is None else args, CIMQCLI.subcommands())
+        message = message or " ".join(line.strip() for line in str(err).splitlines() if line.strip()) + " (see --help)"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:  # the NaN/inf guards of the objectives: the message names the culprit
         print(f"error: {err}", file=sys.stderr)
