@@ -65,12 +65,17 @@ CASES = [
     ("empty config file", lambda t: ["--config", _yaml(t, "empty.yaml", "# nothing\n")], "empty.yaml' is empty"),
     ("config file holding a list", lambda t: ["--config", _yaml(t, "a_list.yaml", "- 1\n")], "a_list.yaml' holds a list"),
     ("config file holding a scalar", lambda t: ["--config", _yaml(t, "scalar.yaml", "hello\n")], "scalar.yaml' holds"),
+    ("mistyped data argument", lambda t: ["--data.init_args.batch_sise", "8"], "did you mean 'batch_size'"),
+    ("mistyped trainer key", lambda t: ["--config", _yaml(t, "t.yaml", "trainer: {max_epoch: 1}\n")], "'max_epochs'"),
+    ("short callback name", lambda t: ["--config", _yaml(t, "short.yaml", SHORT_NAME)], "Activations needs a CIM"),
 ]
 TYPO = "trainer:\n  callbacks:\n    - class_path: BitSparseActivation\n"
+SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n"  # resolved, then needs model.cim
 # mistakes jsonargparse reports as a multi-line union dump: their error line must be short and name the cause
 SHORT = {"ADC bits not a number", "fractional weight bits", "unknown row split", "unknown callback",
          "mistyped macro key", "mistyped callback argument", "mistyped callback class", "empty config file",
-         "config file holding a list", "config file holding a scalar"}
+         "config file holding a list", "config file holding a scalar", "mistyped data argument", "mistyped trainer key",
+         "short callback name"}
 
 
 def _run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
