@@ -160,7 +160,7 @@ def _classes(section: str, value: Any, last: str | None) -> Iterator[tuple[str, 
         yield from _class_arguments(section, last, _entry_arguments(value))
         return last
     for entry in value if isinstance(value, list) else [value]:
-        if isinstance(entry, str) and not Path(entry).is_file():
+        if isinstance(entry, str) and not _is_file(entry):
             entry = {"class_path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("class_path"), str):
             continue
@@ -170,6 +170,13 @@ def _classes(section: str, value: Any, last: str | None) -> Iterator[tuple[str, 
         else:
             yield from _class_arguments(section, last, _entry_arguments(entry))
     return last
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
 
 
 def _entry_arguments(entry: dict) -> dict:
