@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cimq_pl import preemption
 from cimq_pl.checkpointing import resume_checkpoint
+from cimq_pl.cli_errors import explain_parse_error
 from cimq_pl.datamodules import ImageClassificationDataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import read_checkpoint
@@ -222,9 +223,10 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException as stop:
         print(f"error: {preemption.describe(stop, args if args is not None else sys.argv[1:])}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except ArgumentError as err:  # a malformed config or argument: jsonargparse's message, on one line
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"error: {message} (see --help)", file=sys.stderr)
+    except ArgumentError as err:  # a malformed config or argument: its cause in one short line, else jsonargparse's
+        message = explain_parse_error(str(err), sys.argv[1:] if args is None else args, CIMQCLI.subcommands())
+        message = message or " ".join(line.strip() for line in str(err).splitlines() if line.strip()) + " (see --help)"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except MisconfigurationException as err:  # e.g. trainer.devices or accelerator the machine does not have
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
