@@ -72,7 +72,8 @@ class CIMQCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_data", True)
         # parse errors are raised (not printed with the whole usage) so that `main` can report them on one line
-        no_exit = {"exit_on_error": False}
+        # ... and an abbreviated flag (`--trainer.max_epoch`) is an unknown key, not silently another one
+        no_exit = {"exit_on_error": False, "allow_abbrev": False}
         kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in self.subcommands()}})
         super().__init__(CIMQModule, ImageClassificationDataModule, *args, **kwargs)
 
@@ -230,7 +231,7 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     except MisconfigurationException as err:  # e.g. trainer.devices or accelerator the machine does not have
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: trainer: {message} (trainer.accelerator / trainer.devices)", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:  # the NaN/inf guards of the objectives: the message names the culprit
         print(f"error: {err}", file=sys.stderr)

@@ -68,6 +68,10 @@ CASES = [
     ("mistyped data argument", lambda t: ["--data.init_args.batch_sise", "8"], "did you mean 'batch_size'"),
     ("mistyped trainer key", lambda t: ["--config", _yaml(t, "t.yaml", "trainer: {max_epoch: 1}\n")], "'max_epochs'"),
     ("short callback name", lambda t: ["--config", _yaml(t, "short.yaml", SHORT_NAME)], "Activations needs a CIM"),
+    ("abbreviated trainer flag", lambda t: ["--trainer.max_epoch", "3"], "did you mean 'max_epochs'"),
+    ("unknown callback in --without", lambda t: [*CONVENTIONAL, "--without", "QuantDropping"],
+     "--without 'QuantDropping': no such callback in trainer.callbacks; listed: HardwareReport, PostTrainingQuantization"),
+    ("more GPUs than the machine has", lambda t: ["--trainer.accelerator", "gpu", "--trainer.devices", "64"], "trainer: "),
 ]
 TYPO = "trainer:\n  callbacks:\n    - class_path: BitSparseActivation\n"
 SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n"  # resolved, then needs model.cim
@@ -75,7 +79,7 @@ SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n" 
 SHORT = {"ADC bits not a number", "fractional weight bits", "unknown row split", "unknown callback",
          "mistyped macro key", "mistyped callback argument", "mistyped callback class", "empty config file",
          "config file holding a list", "config file holding a scalar", "mistyped data argument", "mistyped trainer key",
-         "short callback name"}
+         "short callback name", "abbreviated trainer flag"}
 
 
 def _run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
