@@ -32,7 +32,7 @@ from cimq_pl.cli_errors import explain_parse_error
 from cimq_pl.datamodules import ImageClassificationDataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import read_checkpoint
-from cimq_pl.provenance import RECORD_KEY, check_config_agrees, configured_techniques
+from cimq_pl.provenance import RECORD_KEY, check_config_agrees, configured_techniques, resolve_class
 from cimq_pl.module import CIMQModule
 from cimq_pl.trainer import CIMQTrainer
 
@@ -86,12 +86,12 @@ class CIMQCLI(LightningCLI):
             if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
         _warn_devices_over_cores(config.trainer)
+        _check_data_source(config.get("data"))
 
     def after_instantiate_classes(self) -> None:
-        """Data that is not there, or of another number of classes, is refused before the run (and W&B) starts."""
+        """Data of another number of classes than the model is refused before the run (and W&B) starts."""
         super().after_instantiate_classes()
         if self.datamodule is not None:
-            self.datamodule.check_source()
             self.model.check_data(self.datamodule)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -175,6 +175,14 @@ class CIMQCLI(LightningCLI):
             if subcommand == "fit":
                 _resume_logger_run(config, checkpoint)
         super()._parse_ckpt_path()
+
+
+def _check_data_source(data_config) -> None:
+    """Refuse missing data (``data.root``) before the model is built or W&B starts: the datamodule is cheap to
+    build, its data is not read here."""
+    cls = resolve_class(data_config.class_path) if hasattr(data_config, "class_path") else None
+    if isinstance(cls, type) and issubclass(cls, ImageClassificationDataModule):
+        cls(**data_config.init_args.as_dict()).check_source()
 
 
 def _warn_devices_over_cores(trainer_config) -> None:

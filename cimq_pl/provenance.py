@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["RECORD_KEY", "check_config_agrees", "check_quantizer_options", "configured_techniques", "run_record",
+__all__ = ["RECORD_KEY", "check_config_agrees", "check_quantizer_options", "configured_techniques", "resolve_class", "run_record",
            "technique_settings"]
 
 RECORD_KEY = "cimq"
@@ -68,7 +68,8 @@ def _as_dict(value: Any) -> Any:
     return value
 
 
-def _resolve_class(class_path: str) -> type | None:
+def resolve_class(class_path: str) -> type | None:
+    """The class a config's ``class_path`` names, or None when it cannot be imported (the parser reports that)."""
     module_name, _, class_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), class_name)
@@ -85,7 +86,7 @@ def configured_techniques(callbacks_config: Any) -> dict[str, dict]:
         entry = _as_dict(entry)
         if not isinstance(entry, Mapping) or "class_path" not in entry:
             continue
-        cls = _resolve_class(entry["class_path"])
+        cls = resolve_class(entry["class_path"])
         if isinstance(cls, type) and issubclass(cls, TechniqueCallback):
             callback = cls(**(_as_dict(entry.get("init_args")) or {}))
             settings[cls.__name__] = _plain(dataclasses.asdict(callback.config))

@@ -152,3 +152,13 @@ def test_callback_help_takes_a_short_class_name():
     result = subprocess.run([sys.executable, "-m", "cimq_pl", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--trainer.callbacks.iters_per_block" in result.stdout
+
+
+def test_a_run_refused_after_wandb_started_leaves_no_offline_run_folder(tmp_path, capsys, monkeypatch):
+    args = ["fit", "--config", "configs/resnet20_cifar10.yaml", "--data.root", str(CIFAR10), "--model.pretrained",
+            str(RESNET20), "--trainer.callbacks+=cimq_pl.callbacks.ArraywiseWeights",  # refused in setup: no macro
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    code, err = _run_main(args, capsys, monkeypatch)
+    _assert_clear(code, err, "ArraywiseWeights needs a CIM macro")
+    assert (tmp_path / "wandb").is_dir()  # the W&B run had started
+    assert not list((tmp_path / "wandb").glob("offline-run-*"))
