@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,8 @@ def test_readme_command_prints_resnet20_accuracy_and_logs_offline_wandb(tmp_path
         assert out.returncode == 0, out.stderr[-2000:]
         printed = float(re.search(r"test/acc\s+([0-9.]+)", out.stdout).group(1))
         assert printed == pytest.approx(0.915, abs=0.002)
+        folder = re.search(r"^\[cimq\] run folder: (.+)$", out.stdout, re.M).group(1)  # where the results went
+        assert Path(folder).parent == tmp_path / "wandb" and Path(folder).is_dir()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 2
     assert logged_metrics(runs[-1])["test/acc"] == pytest.approx(printed)

@@ -86,6 +86,8 @@ def test_test_run_logs_energy_tops_density_and_efficiency(tmp_path, capsys):
     assert float(summary["accuracy"]) == pytest.approx(logged["test/acc"])
     assert float(summary["hw_efficiency_vs_baseline"]) == pytest.approx(logged["test/hw_efficiency_vs_baseline"], rel=1e-6)
     assert (folder / "hardware_test_energy.png").read_bytes()[:4] == b"\x89PNG"
+    files = ", ".join(str(folder / f"hardware_test_{name}") for name in ("layers.csv", "summary.csv", "energy.png"))
+    assert report.output_files() == [("hardware report (test)", files)]  # the CLI's closing line
 
     # what reached the W&B run file: the scalars, the table and the picture
     import wandb
