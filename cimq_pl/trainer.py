@@ -9,12 +9,18 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from cimq_pl.errors import ConfigError
+from cimq_pl.quiet import quiet_wandb_logger
 
 __all__ = ["CIMQTrainer"]
 
 
 class CIMQTrainer(pl.Trainer):
     """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for logger in self.loggers:  # before a W&B run starts (the first use of `logger.experiment`)
+            quiet_wandb_logger(logger)
 
     def export(
         self,

@@ -198,7 +198,7 @@ class PostTrainingQuantization(Callback):
         if trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
         partial = directory / f".{self.checkpoint_name}.partial"
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the default, stated: Lightning logs no "not set" line
         if trainer.is_global_zero:
             os.replace(partial, self.checkpoint_path)
         rank_zero_info(f"[cimq] quantized model written to {self.checkpoint_path}")
