@@ -34,6 +34,7 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import read_checkpoint
 from cimq_pl.provenance import RECORD_KEY, check_config_agrees, configured_techniques, resolve_class
 from cimq_pl.module import CIMQModule
+from cimq_pl.quiet import quiet
 from cimq_pl.trainer import CIMQTrainer
 
 __all__ = ["CIMQCLI", "main"]
@@ -224,6 +225,7 @@ def _config_error_in_chain(err: BaseException) -> ConfigError | None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m cimq_pl`` and the ``cimq-pl`` script."""
+    quiet()  # drop the messages of a normal run that read like defects (cimq_pl/quiet.py lists them)
     if not wandb_key_available():
         os.environ.setdefault("WANDB_MODE", "offline")
     preemption.install()

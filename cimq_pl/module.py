@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import dataclasses
+import sys
 
 import lightning.pytorch as pl
 import timm.data
@@ -21,7 +22,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.export import IntegerExecutor
 from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
@@ -89,7 +89,10 @@ class CIMQModule(pl.LightningModule):
         self.test_metrics = self._metrics("test/", top_k)
 
     @staticmethod
-    def _load_export(path: str, name: str, num_classes: int) -> IntegerExecutor:
+    def _load_export(path: str, name: str, num_classes: int) -> torch.nn.Module:
+        """The export's `IntegerExecutor` (the export package is imported only when ``export`` is given)."""
+        from cimq_pl.export import IntegerExecutor
+
         executor = IntegerExecutor(path)
         exported = executor.manifest.get("model", {})
         for field, value in (("name", name), ("num_classes", num_classes)):
@@ -101,7 +104,8 @@ class CIMQModule(pl.LightningModule):
     @property
     def is_export(self) -> bool:
         """Whether the network is an export's integer executor (``export`` was given)."""
-        return isinstance(self.model, IntegerExecutor)
+        executor = sys.modules.get("cimq_pl.export.executor")  # never imported: no executor exists
+        return executor is not None and isinstance(self.model, executor.IntegerExecutor)
 
     def _metrics(self, prefix: str, top_k: int) -> MetricCollection:
         """Top-1 (``acc``) and top-k (``acc_top5``) accuracy as fractions, DDP-reduced by torchmetrics."""

@@ -9,14 +9,18 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.export import export_model
-from cimq_pl.export.writer import check_export_target
+from cimq_pl.quiet import quiet_wandb_logger
 
 __all__ = ["CIMQTrainer"]
 
 
 class CIMQTrainer(pl.Trainer):
     """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for logger in self.loggers:  # before a W&B run starts (the first use of `logger.experiment`)
+            quiet_wandb_logger(logger)
 
     def export(
         self,
@@ -42,6 +46,9 @@ class CIMQTrainer(pl.Trainer):
         Returns:
             The export directory (None on other ranks).
         """
+        from cimq_pl.export import export_model  # imported here: the other subcommands do not need it
+        from cimq_pl.export.writer import check_export_target
+
         if not getattr(model, "is_cim", False) or getattr(model, "is_export", False):
             raise ConfigError("export needs a CIM model fit with PTQ or QAT: set model.cim and pass --ckpt_path "
                               "(model.export is already an export)")

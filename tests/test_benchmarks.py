@@ -7,6 +7,8 @@ they produce on 100 images are not results, but some of them are exact propertie
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import export_check  # noqa: E402
 import other_models  # noqa: E402
 import presets  # noqa: E402
 import run_suite  # noqa: E402
+import startup  # noqa: E402
 import sweeps  # noqa: E402
 import training_time  # noqa: E402
 
@@ -128,3 +131,37 @@ def test_export_check_smoke(out):
     assert float(row["max_relative_logit_error"]) <= 1e-4
     assert row["export_test_acc"] == row["fake_quant_acc"]
     assert _rows(out / "export_check.csv")[0]["same_predictions"] == "100"
+
+
+def _imported_by(statement: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after ``statement`` (run from the repository root)."""
+    code = f"import json, sys; {statement}; print(json.dumps([m for m in {list(modules)!r} if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout)
+
+
+def test_startup_smoke_prints_a_table_of_ratios(capsys):
+    rows = startup.main(["--repeats", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == list(startup.COLUMNS) and set(lines[1]) == {"|", "-"}
+    table = {cells[0].strip("`"): [float(c) for c in cells[1:]]
+             for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert list(table) == [label for label, _ in startup.COMMANDS] == [row["command"] for row in rows]
+    assert all(value > 0 for values in table.values() for value in values)
+    assert table["import torch"][2] == 1.0 and table["import lightning.pytorch"][3] == 1.0  # each baseline is 1x itself
+
+
+def test_startup_import_leaves_wandb_export_and_plots_for_later():
+    """`import cimq_pl` registers the models (timm) without W&B, the export package or matplotlib; the CLI module
+    does not import W&B or the export package either (Lightning imports matplotlib through torchmetrics)."""
+    heavy = ("wandb", "matplotlib", "cimq_pl.export", "lightning")
+    assert _imported_by("import cimq_pl, timm; timm.create_model('cifar_resnet20')", heavy) == []
+    assert _imported_by("import cimq_pl.quant", heavy) == []
+    assert _imported_by("import cimq_pl.cli", ("wandb", "cimq_pl.export")) == []
+
+
+def test_startup_timm_still_reaches_wandb_on_first_use():
+    """timm's own `update_summary(log_wandb=True)` finds W&B: the stand-in imports it when first used."""
+    code = "import cimq_pl, timm.utils.summary as s; import wandb; assert s.wandb.log is wandb.log"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
