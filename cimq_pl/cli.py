@@ -88,6 +88,8 @@ class CIMQCLI(LightningCLI):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
         _warn_devices_over_cores(config.trainer)
         _check_data_source(config.get("data"))
+        if "weights_only" in config and config.weights_only is None:
+            config.weights_only = True  # --ckpt_path was verified weights-only (`_parse_ckpt_path`): load it so too
 
     def after_instantiate_classes(self) -> None:
         """Data of another number of classes than the model is refused before the run (and W&B) starts."""
@@ -129,9 +131,6 @@ class CIMQCLI(LightningCLI):
             print(f"[cimq] {label}: {path}", flush=True)
 
     def add_arguments_to_parser(self, parser) -> None:
-        if "weights_only" in {action.dest for action in parser._actions}:
-            # --ckpt_path is verified weights-only before Lightning loads it (`_parse_ckpt_path`); load it so too
-            parser.set_defaults(weights_only=True)
         parser.add_argument(
             "--without", type=Optional[str], default=None,
             help="Comma-separated callbacks to drop from trainer.callbacks, by class name, e.g. "

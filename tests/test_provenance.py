@@ -137,6 +137,7 @@ def test_without_switches_techniques_off(conventional_checkpoint, capsys, monkey
     names = [type(cb).__name__ for cb in test.trainer.callbacks]
     assert not {"BitSparseActivations", "QuantDropping", "HardwareReport"} & set(names)
     assert test.trainer.callback_metrics["test/acc"].item() == accuracy
+    assert test.config["test"]["weights_only"] is True  # the checkpoint was loaded weights-only
     assert os.getcwd() == str(REPO)
     code, err = _run_main(["test", *BASE, *CIMQ, "--without", "BitSparseActivation", "--ckpt_path", str(path)],
                           capsys, monkeypatch)
