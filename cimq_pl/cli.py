@@ -79,14 +79,14 @@ class CIMQCLI(LightningCLI):
         super().__init__(CIMQModule, ImageClassificationDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Sections given as something other than a mapping (``model: [1, 2]``) are one clear error; more CPU
-        processes than cores is a warning (each process then runs at a fraction of a core)."""
+        """Checks that need no model, before it is built: sections given as something other than a mapping
+        (``model: [1, 2]``), devices the machine lacks (more CPU processes than cores is a warning), missing data."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         for section in ("model", "data", "trainer"):
             value = config.get(section)
             if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
-        _warn_devices_over_cores(config.trainer)
+        _check_devices(config.trainer)
         _check_data_source(config.get("data"))
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # --ckpt_path was verified weights-only (`_parse_ckpt_path`): load it so too
@@ -185,11 +185,19 @@ def _check_data_source(data_config) -> None:
         cls(**data_config.init_args.as_dict()).check_source()
 
 
-def _warn_devices_over_cores(trainer_config) -> None:
-    """Warn when a CPU run asks for more processes (``trainer.devices``) than this machine has cores."""
+def _check_devices(trainer_config) -> None:
+    """Refuse more GPUs than the machine has, before the model is built; warn when a CPU run asks for more
+    processes (``trainer.devices``) than this machine has cores."""
     import torch
 
     devices, accelerator = trainer_config.get("devices"), trainer_config.get("accelerator")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > gpus:
+        raise ConfigError(f"trainer.devices={devices} GPUs requested with trainer.accelerator={accelerator!r}, but this "
+                          f"machine has {gpus}: use --trainer.devices {gpus} or --trainer.accelerator cpu" if gpus else
+                          f"trainer.accelerator={accelerator!r} but this machine has no GPU: use --trainer.accelerator cpu")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1
     if on_cpu and isinstance(devices, int) and devices > cores:

@@ -71,7 +71,8 @@ CASES = [
     ("abbreviated trainer flag", lambda t: ["--trainer.max_epoch", "3"], "did you mean 'max_epochs'"),
     ("unknown callback in --without", lambda t: [*CONVENTIONAL, "--without", "QuantDropping"],
      "--without 'QuantDropping': no such callback in trainer.callbacks; listed: HardwareReport, PostTrainingQuantization"),
-    ("more GPUs than the machine has", lambda t: ["--trainer.accelerator", "gpu", "--trainer.devices", "64"], "trainer: "),
+    ("more GPUs than the machine has", lambda t: ["--trainer.accelerator", "gpu", "--trainer.devices", "64"],
+     "trainer.accelerator='gpu'"),
 ]
 TYPO = "trainer:\n  callbacks:\n    - class_path: BitSparseActivation\n"
 SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n"  # resolved, then needs model.cim

@@ -146,9 +146,9 @@ def test_without_switches_techniques_off(conventional_checkpoint, capsys, monkey
 
 
 def test_more_cpu_processes_than_cores_is_a_warning():
-    from cimq_pl.cli import _warn_devices_over_cores
+    from cimq_pl.cli import _check_devices
 
     cores = os.cpu_count()
     with pytest.warns(UserWarning, match=rf"trainer\.devices={cores + 1} CPU processes on a machine with {cores} cores"):
-        _warn_devices_over_cores({"devices": cores + 1, "accelerator": "cpu"})
+        _check_devices({"devices": str(cores + 1), "accelerator": "cpu"})  # as the command line gives it
 
