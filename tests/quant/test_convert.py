@@ -44,6 +44,13 @@ def test_import_does_not_pull_lightning():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_core_is_importable_from_the_package_top_without_lightning():
+    code = ("import sys, cimq_pl; from cimq_pl import CIMSpec, convert_to_cim, quantize_; "
+            "assert CIMSpec is cimq_pl.quant.CIMSpec and 'lightning' not in sys.modules; "
+            "import lightning; assert cimq_pl.CIMQModule.__name__ == 'CIMQModule'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_convert_report_and_edge_layer_modes():
     model = small_net()
     report = convert_to_cim(model, CIMSpec(rows=32, cols=8, first_layer="int8", last_layer="digital"))
