@@ -28,6 +28,8 @@ import startup  # noqa: E402
 import sweeps  # noqa: E402
 import training_time  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):

@@ -11,6 +11,8 @@ from cimq_pl.callbacks import PostTrainingQuantization
 from cimq_pl.export import IntegerExecutor, compare_with_model
 from conftest import CIFAR10, REPO, RESNET20
 
+pytestmark = pytest.mark.slow
+
 DATA = ["--config", "configs/resnet20_cifar10.yaml", "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20),
         "--data.init_args.eval_batch_size", "250"]
 CIMQ = [*DATA, "--config", "configs/quant/cimq_ptq.yaml", "--data.init_args.calibration_size", "64"]

@@ -22,6 +22,8 @@ import yaml
 
 from conftest import CIFAR10, REPO, RESNET20
 
+pytestmark = pytest.mark.slow
+
 ITERS = 6
 GATE_STEP = 3 * ITERS + 2  # global step 20: unit 4 (layer1.2), 2 of its 6 steps done
 COMMON = [

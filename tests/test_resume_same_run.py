@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import CIFAR10, REPO, RESNET20
+
+pytestmark = pytest.mark.slow
 
 GATE_STEP = 5  # unit 2 (layer1.0) of 3 steps per unit
 
