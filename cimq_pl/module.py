@@ -26,7 +26,7 @@ from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
 from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, run_record
-from cimq_pl.quant import CIMSpec, cim_layers, convert_to_cim, fold_batchnorm_
+from cimq_pl.quant import CIMSpec, cim_layers, convert_to_cim, fold_batchnorm_, iter_quantizers
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
 __all__ = ["CIMQModule"]
@@ -162,9 +162,7 @@ class CIMQModule(pl.LightningModule):
 
     def quantizers_initialized(self) -> bool:
         """Whether every enabled quantizer of every CIM layer has its scales/ranges set."""
-        return all(
-            q.initialized for _, layer in cim_layers(self.model) for q in layer.quantizers().values() if q.enabled
-        )
+        return all(q.initialized for *_, q in iter_quantizers(self.model) if q.enabled)
 
     def _require_calibrated(self, stage: str) -> None:
         if self.is_cim and not self.quantizers_initialized():

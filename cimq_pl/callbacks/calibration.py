@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cimq_pl import preemption
 from cimq_pl.checkpointing import save_checkpoint_atomic
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant import calibrate_, cim_layers
+from cimq_pl.quant import calibrate_, cim_layers, iter_quantizers
 from cimq_pl.quant.reconstruction import eval_mode
 
 __all__ = ["CALIBRATED_CHECKPOINT", "calibrate_module_", "calibration_images", "load_quantizer_state_", "quantizer_state"]
@@ -20,18 +20,13 @@ CALIBRATED_CHECKPOINT = "calibrated.ckpt"
 
 def quantizer_state(model: torch.nn.Module) -> dict[str, dict]:
     """State dicts of every quantizer of every CIM layer, keyed ``<layer>.<role>``."""
-    return {
-        f"{name}.{role}": quantizer.state_dict()
-        for name, layer in cim_layers(model)
-        for role, quantizer in layer.quantizers().items()
-    }
+    return {f"{name}.{role}": quantizer.state_dict() for name, role, quantizer in iter_quantizers(model)}
 
 
 def load_quantizer_state_(model: torch.nn.Module, state: dict[str, dict]) -> None:
     """Load what :func:`quantizer_state` returned (from another process) into ``model``'s quantizers."""
-    for name, layer in cim_layers(model):
-        for role, quantizer in layer.quantizers().items():
-            quantizer.load_state_dict(state[f"{name}.{role}"])
+    for name, role, quantizer in iter_quantizers(model):
+        quantizer.load_state_dict(state[f"{name}.{role}"])
 
 
 def calibration_images(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:

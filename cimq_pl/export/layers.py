@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from cimq_pl.export.format import ExportError, adc_threshold_count, layer_layout, pair, smallest_int_dtype
-from cimq_pl.quant.layers import CIMLinear, _CIMLayerBase, split_weight_slices
+from cimq_pl.quant.digits import split_weight_slices
+from cimq_pl.quant.layers import CIMLinear, _CIMLayerBase
 from cimq_pl.quant.psum import PsumQuantizer
 
 # partial sums are exact integers in the float32 simulation only below 2^24

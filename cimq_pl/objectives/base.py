@@ -7,7 +7,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from cimq_pl.quant import cim_layers
+from cimq_pl.quant import iter_quantizers
 
 __all__ = ["Objective", "quantizer_parameters", "sparsity_penalty"]
 
@@ -35,19 +35,18 @@ def quantizer_parameters(model: nn.Module, include_frozen: bool = False) -> dict
         ``{"rounding": AdaRound logits, "step": input step sizes, "clip": ADC clip thetas}``.
     """
     groups: dict[str, list[nn.Parameter]] = {"rounding": [], "step": [], "clip": []}
-    for _, layer in cim_layers(model):
-        for role, quantizer in layer.quantizers().items():
-            if not quantizer.enabled:
+    for _, role, quantizer in iter_quantizers(model):
+        if not quantizer.enabled:
+            continue
+        for name, param in quantizer.named_parameters(recurse=False):
+            if role == "weight" and name == "step":
                 continue
-            for name, param in quantizer.named_parameters(recurse=False):
-                if role == "weight" and name == "step":
-                    continue
-                if role == "psum" and not quantizer.learn_clip:
-                    continue
-                if not (param.requires_grad or include_frozen):
-                    continue
-                kind = {"rounding_logits": "rounding", "theta": "clip"}.get(name, "step")
-                groups[kind].append(param)
+            if role == "psum" and not quantizer.learn_clip:
+                continue
+            if not (param.requires_grad or include_frozen):
+                continue
+            kind = {"rounding_logits": "rounding", "theta": "clip"}.get(name, "step")
+            groups[kind].append(param)
     return groups
 
 
@@ -58,9 +57,8 @@ def sparsity_penalty(model: nn.Module) -> torch.Tensor | None:
     code`` while training (SPEC 4.1); reading the sum clears the records.
     """
     total = None
-    for _, layer in cim_layers(model):
-        quantizer = layer.input_quantizer
-        penalty = getattr(quantizer, "last_sparsity_penalty", None) if quantizer is not None else None
+    for *_, quantizer in iter_quantizers(model, ("input",)):
+        penalty = getattr(quantizer, "last_sparsity_penalty", None)
         if penalty is not None:
             total = penalty if total is None else total + penalty
             quantizer.last_sparsity_penalty = None

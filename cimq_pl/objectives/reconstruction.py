@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cimq_pl.objectives.base import quantizer_parameters, sparsity_penalty
-from cimq_pl.quant import cim_layers
+from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.seeding import derive_seed
 from cimq_pl.quant.reconstruction import (
@@ -108,9 +108,8 @@ class BlockReconstructionObjective:
     def finish_block(self, index: int) -> None:
         """Freeze block ``index``: hard rounding from now on; its cache is dropped."""
         self.cache = None
-        for _, layer in cim_layers(self.blocks[index][1]):
-            if layer.weight_quantizer is not None:
-                layer.weight_quantizer.hard = True
+        for *_, quantizer in iter_quantizers(self.blocks[index][1], ("weight",)):
+            quantizer.hard = True
 
     @property
     def schedule(self) -> RoundingSchedule:
@@ -151,11 +150,7 @@ class BlockReconstructionObjective:
         schedule = self.schedule
         if schedule.active(batch_idx) and self.rounding_weight > 0:
             beta = schedule.beta(batch_idx)
-            rounding = sum(
-                layer.weight_quantizer.rounding_loss(beta)
-                for _, layer in cim_layers(block)
-                if layer.weight_quantizer is not None
-            )
+            rounding = sum(quantizer.rounding_loss(beta) for *_, quantizer in iter_quantizers(block, ("weight",)))
             loss = loss + self.rounding_weight * rounding
             module.log("ptq/rounding_loss", rounding, on_step=True, on_epoch=False)
         penalty = sparsity_penalty(block)

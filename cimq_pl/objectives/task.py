@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cimq_pl.objectives.base import sparsity_penalty
-from cimq_pl.quant import cim_layers
+from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.seeding import derive_seed
 
@@ -49,11 +49,7 @@ class TaskObjective:
     def configure_optimizers(self, module):
         hp = module.hparams
         quantizer = [
-            p
-            for _, layer in cim_layers(module.model)
-            for q in layer.quantizers().values()
-            for p in q.parameters()
-            if p.requires_grad and q.enabled
+            p for *_, q in iter_quantizers(module.model) if q.enabled for p in q.parameters() if p.requires_grad
         ]
         quantizer_ids = {id(p) for p in quantizer}
         weights = [p for p in module.parameters() if p.requires_grad and id(p) not in quantizer_ids]

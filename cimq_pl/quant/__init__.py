@@ -1,21 +1,15 @@
 """CIM simulation core of cimq-pl: pure PyTorch, never imports Lightning.
 
 Public API: `CIMSpec` (the macro), `TileGeometry` (array mapping), `QuantizerOptions`, the quantizers, the
-CIM layers, and the model verbs `convert_to_cim`, `fold_batchnorm_` and `calibrate_`.
+CIM layers, the model verbs `convert_to_cim`, `fold_batchnorm_` and `calibrate_`, and the walks `cim_layers` and
+`iter_quantizers`.
 """
 
 from cimq_pl.quant.activation import ActivationQuantizer
-from cimq_pl.quant.convert import (
-    ConversionReport,
-    ConvertedLayer,
-    calibrate_,
-    cim_layers,
-    convert_to_cim,
-    fold_batchnorm_,
-    set_collect_stats,
-    set_quantizers_enabled,
-)
-from cimq_pl.quant.layers import CIMConv2d, CIMLinear
+from cimq_pl.quant.calibrate import calibrate_, set_collect_stats, set_quantizers_enabled
+from cimq_pl.quant.convert import ConversionReport, ConvertedLayer, convert_to_cim
+from cimq_pl.quant.fold import fold_batchnorm_
+from cimq_pl.quant.layers import CIMConv2d, CIMLinear, cim_layers, iter_quantizers
 from cimq_pl.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver
 from cimq_pl.quant.options import QuantizerOptions
 from cimq_pl.quant.psum import PsumQuantizer
@@ -51,6 +45,7 @@ __all__ = [
     "cim_layers",
     "convert_to_cim",
     "fold_batchnorm_",
+    "iter_quantizers",
     "list_cim_layers",
     "register_cim_layer",
     "set_collect_stats",

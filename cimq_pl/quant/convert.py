@@ -1,14 +1,19 @@
-"""Model-level verbs: `convert_to_cim` (in place, torchao ``quantize_`` style), `fold_batchnorm_`, `calibrate_`."""
+"""`convert_to_cim`: every eligible layer swapped for its CIM version, in place (torchao ``quantize_`` style).
+
+The other model verbs live in `fold.py` (`fold_batchnorm_`) and `calibrate.py` (`calibrate_` and the switches);
+they and the walks `cim_layers` / `iter_quantizers` (`layers.py`) are re-exported here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
-import torch
 from torch import nn
 
-from cimq_pl.quant.layers import _CIMLayerBase
+from cimq_pl.quant.calibrate import calibrate_, set_collect_stats, set_quantizers_enabled
+from cimq_pl.quant.fold import _set_submodule, fold_batchnorm_
+from cimq_pl.quant.layers import cim_layers, iter_quantizers
 from cimq_pl.quant.options import QuantizerOptions
 from cimq_pl.quant.registry import CIM_LAYER_TYPES, cim_layer_type_for
 from cimq_pl.quant.spec import CIMSpec
@@ -56,12 +61,6 @@ class ConversionReport:
             lines.append(f"skipped {len(self.skipped)} layer(s):")
             lines.extend(f"  {name:<{width}}  {reason}" for name, reason in self.skipped)
         return "\n".join(lines)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def convert_to_cim(
@@ -124,163 +123,6 @@ def convert_to_cim(
     return report
 
 
-def cim_layers(model: nn.Module) -> list:
-    """``(name, layer)`` of every CIM layer of ``model``."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _CIMLayerBase)]
-
-
-def set_collect_stats(model: nn.Module, collect: bool = True, reset: bool = True) -> None:
-    """Turn event counting on or off in every CIM layer, optionally zeroing the counters."""
-    for _, layer in cim_layers(model):
-        layer.collect_stats = collect
-        if reset:
-            layer.reset_stats()
-
-
-def set_quantizers_enabled(model: nn.Module, enabled: bool, roles: Iterable[str] = ("input", "weight", "psum")) -> None:
-    """Enable or disable the quantizers with the given roles in every CIM layer."""
-    for _, layer in cim_layers(model):
-        for role, quantizer in layer.quantizers().items():
-            if role in roles:
-                quantizer.enabled = enabled
-
-
-@torch.no_grad()
-def calibrate_(
-    model: nn.Module,
-    batches: Iterable,
-    forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
-) -> None:
-    """Initialise every quantizer of every CIM layer from data, in place (two passes over ``batches``).
-
-    Pass 1: weight steps from the weights; input quantizers observe (values pass through unquantized, ADCs
-    ideal). Pass 2: with inputs and weights quantized, the ADC quantizers observe the integer partial sums
-    (passing them through) and set alpha0. Disabled quantizers are left alone.
-
-    Args:
-        model: a converted model (its train/eval mode is kept; use eval mode for BN statistics).
-        batches: a re-iterable of batches (e.g. a list or a DataLoader).
-        forward_fn: ``forward_fn(model, batch)``; default ``model(batch[0])`` for tuples/lists, else
-            ``model(batch)``.
-    """
-    forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
-    layers = [layer for _, layer in cim_layers(model)]
-    for layer in layers:
-        wq = layer.weight_quantizer
-        if wq is not None and wq.enabled:
-            wq.init_from_observer(layer._weight4d())
-    adc_states = {}
-    for layer in layers:
-        if layer.input_quantizer is not None and layer.input_quantizer.enabled:
-            layer.input_quantizer.observer.reset()
-            layer.input_quantizer.observe = True
-        if layer.psum_quantizer is not None:
-            adc_states[layer] = layer.psum_quantizer.enabled
-            layer.psum_quantizer.enabled = False
-    for batch in batches:
-        forward_fn(model, batch)
-    for layer in layers:
-        iq = layer.input_quantizer
-        if iq is not None and iq.observe:
-            iq.observe = False
-            if iq.observer.has_data:
-                iq.init_from_observer()
-    for layer, enabled in adc_states.items():
-        layer.psum_quantizer.enabled = enabled
-        if enabled:
-            layer.psum_quantizer.observer.reset()
-            layer.psum_quantizer.observe = True
-    for batch in batches:
-        forward_fn(model, batch)
-    for layer in adc_states:
-        pq = layer.psum_quantizer
-        if pq.observe:
-            pq.observe = False
-            if pq.observer.has_data:
-                pq.init_from_observer()
-
-
-def _trace_conv_bn_pairs(model: nn.Module) -> Optional[list]:
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to module order
-        return None
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        source = node.args[0] if node.args else None
-        if (
-            isinstance(source, torch.fx.Node)
-            and source.op == "call_module"
-            and type(modules.get(source.target)) is nn.Conv2d
-            and len(source.users) == 1
-        ):
-            pairs.append((source.target, node.target))
-    return pairs
-
-
-def _ordered_conv_bn_pairs(model: nn.Module) -> list:
-    named = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d or isinstance(m, nn.BatchNorm2d)]
-    pairs = []
-    for (conv_name, conv), (bn_name, bn) in zip(named, named[1:]):
-        if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels:
-            pairs.append((conv_name, bn_name))
-    return pairs
-
-
-def _bn_replacement(bn: nn.BatchNorm2d) -> Optional[nn.Module]:
-    if type(bn) is nn.BatchNorm2d:
-        return nn.Identity()
-    if hasattr(bn, "act") and hasattr(bn, "drop"):  # timm BatchNormAct2d: bn -> drop -> act
-        return nn.Sequential(bn.drop, bn.act)
-    return None
-
-
-@torch.no_grad()
-def fold_batchnorm_(model: nn.Module) -> list:
-    """Fold every BatchNorm2d into the Conv2d that feeds it, in place; the BN becomes ``nn.Identity``.
-
-    Pairs are found by tracing the model with ``torch.fx`` (a conv whose only user is a BN); when the model is
-    not traceable, by module registration order (a Conv2d immediately followed by a BatchNorm2d with matching
-    channels, which holds for Sequential models and for timm/torchvision blocks registering conv1/bn1,
-    conv2/bn2, downsample.0/downsample.1 in that order). ``W' = W * gamma / sqrt(var + eps)``,
-    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta`` with the running statistics (eval-mode BN).
-
-    Limitations: the registration-order fallback trusts the order; BN subclasses are folded only when they
-    are timm's ``BatchNormAct2d`` (replaced by its drop + act); a BN fed by anything else than a conv, or a
-    conv feeding several users (traced case), is left alone.
-
-    Args:
-        model: modified in place.
-
-    Returns:
-        ``(conv_name, bn_name)`` of every folded pair.
-    """
-    pairs = _trace_conv_bn_pairs(model)
-    if pairs is None:
-        pairs = _ordered_conv_bn_pairs(model)
-    folded = []
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        replacement = _bn_replacement(bn)
-        if replacement is None or not bn.track_running_stats or bn.running_var is None:
-            continue
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.affine:
-            factor = factor * bn.weight
-        shift = -bn.running_mean * factor + (bn.bias if bn.affine else 0)
-        conv.weight.mul_(factor.view(-1, 1, 1, 1).to(conv.weight.dtype))
-        if conv.bias is None:
-            conv.bias = nn.Parameter(shift.to(conv.weight.dtype).clone())
-        else:
-            conv.bias.mul_(factor).add_(shift)
-        _set_submodule(model, bn_name, replacement)
-        folded.append((conv_name, bn_name))
-    return folded
-
-
 __all__ = [
     "CIM_LAYER_TYPES",
     "ConversionReport",
@@ -289,6 +131,7 @@ __all__ = [
     "cim_layers",
     "convert_to_cim",
     "fold_batchnorm_",
+    "iter_quantizers",
     "set_collect_stats",
     "set_quantizers_enabled",
 ]

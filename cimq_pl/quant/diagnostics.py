@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cimq_pl.quant.convert import cim_layers
+from cimq_pl.quant.layers import cim_layers, iter_quantizers
 
 __all__ = ["check_finite", "explain_nonfinite", "first_nonfinite_layer", "nonfinite_quantizer_tensors"]
 
@@ -19,11 +19,10 @@ def _qualified(*parts: str) -> str:
 
 
 def _quantizer_tensors(module: nn.Module):
-    for layer_name, layer in cim_layers(module):
-        for role, quantizer in layer.quantizers().items():
-            for name, tensor in [*quantizer.named_parameters(), *quantizer.named_buffers()]:
-                if tensor.is_floating_point():
-                    yield layer_name, role, name, tensor
+    for layer_name, role, quantizer in iter_quantizers(module):
+        for name, tensor in [*quantizer.named_parameters(), *quantizer.named_buffers()]:
+            if tensor.is_floating_point():
+                yield layer_name, role, name, tensor
 
 
 def nonfinite_quantizer_tensors(module: nn.Module, prefix: str = "") -> list[str]:

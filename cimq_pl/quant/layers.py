@@ -12,86 +12,32 @@ times conv groups) are the groups of one grouped convolution whose output channe
 of all arrays; a ragged last row block, if any, is a second convolution. The ADC and the cycle shift-add are
 one fused pass (`PsumQuantizer.convert_and_sum`), and the per-tile scales and the shift-add across slices and
 row blocks act on the cycle-summed tensor. No Python loop runs over arrays, positions or cycles.
+
+The digits come from `digits.py` (shared with the export) and the event counts from `stats.py`; this file
+holds the layers and the two walks over a model's CIM layers, `cim_layers` and `iter_quantizers`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cimq_pl.quant.activation import ActivationQuantizer
+from cimq_pl.quant.digits import _DigitSplit, split_input_cycles, split_weight_slices  # noqa: F401 - re-exported
 from cimq_pl.quant.options import QuantizerOptions
 from cimq_pl.quant.psum import PsumQuantizer, cycle_sum
 from cimq_pl.quant.registry import register_cim_layer
 from cimq_pl.quant.spec import CIMSpec
-from cimq_pl.quant.stats import CIMStats
+from cimq_pl.quant.stats import CIMStats, forward_counts
 from cimq_pl.quant.tiling import TileGeometry
-from cimq_pl.quant.ste import constant_tensor, popcount
+from cimq_pl.quant.ste import constant_tensor
 from cimq_pl.quant.weight import WeightQuantizer
 
-
-class _DigitSplit(torch.autograd.Function):
-    """Split integer-valued codes into weighted digits: values = sum_k weights[k] * digits[k].
-
-    Digit k is ``floor((ip + offset) / 2^shift_k) mod 2^width_k`` (no modulus when width_k is 0: a signed top
-    digit), where ``ip = clamp(floor(values), qmin, qmax)``; the residual ``values - ip`` (AdaRound soft codes,
-    QDrop full-precision values) is added to digit 0, whose weight is 1. Backward (straight-through):
-    d values = mean_k(d digits[k] / weights[k]), exact when every digit sees the same gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, values, shifts, widths, weights, offset, qmin, qmax, exact):
-        view = (-1,) + (1,) * values.dim()
-        int_dtype = torch.int16 if max(abs(qmin), abs(qmax)) + offset < 2**15 else torch.int32
-        if exact:  # values already hold integer codes in [qmin, qmax]
-            integer, residual = values.to(int_dtype), None
-        else:
-            floored = torch.clamp(torch.floor(values), qmin, qmax)
-            integer, residual = floored.to(int_dtype), values - floored
-        if offset:
-            integer = integer + offset
-        shift = constant_tensor(tuple(shifts), int_dtype, values.device).view(view)
-        mask = constant_tensor(tuple(2**w - 1 if w else -1 for w in widths), int_dtype, values.device).view(view)
-        digits = torch.bitwise_and(torch.bitwise_right_shift(integer.unsqueeze(0), shift), mask).to(values.dtype)
-        if residual is not None:
-            digits[0] += residual
-        ctx.weights = weights
-        return digits
-
-    @staticmethod
-    def backward(ctx, grad_digits):
-        inverse = constant_tensor(tuple(1.0 / (w * len(ctx.weights)) for w in ctx.weights), grad_digits.dtype,
-                                  grad_digits.device).view((-1,) + (1,) * (grad_digits.dim() - 1))
-        return (grad_digits * inverse).sum(0), None, None, None, None, None, None, None
-
-
-def split_input_cycles(
-    codes: torch.Tensor, geometry: TileGeometry, bits: int, signed: bool, code_range: tuple, exact: bool = False
-):
-    """Input digits per cycle, shape (n_cycles, *codes.shape), and the cycle shift-add weights.
-
-    ``exact`` promises integer codes within ``code_range`` (skips the floor/residual pass)."""
-    digit_bits, cycle_weights = geometry.input_cycles(signed, bits)
-    shifts = geometry.input_digit_shifts(signed, bits)
-    digits = _DigitSplit.apply(codes, shifts, digit_bits, cycle_weights, 0, *code_range, exact)
-    return digits, cycle_weights
-
-
-def split_weight_slices(codes: torch.Tensor, geometry: TileGeometry, code_range: tuple, exact: bool = False):
-    """Weight digits per cell slice, shape (n_weight_slices, *codes.shape), their shift-add weights and the
-    reference-column digit (0 without offset slicing)."""
-    shifts = geometry.slice_shifts()
-    weights = geometry.slice_weights()
-    if geometry.weight_slicing == "offset":
-        digits = _DigitSplit.apply(
-            codes, shifts, geometry.slice_bits, weights, 2 ** (geometry.weight_bits - 1), *code_range, exact
-        )
-        return digits, weights, geometry.offset_reference_digit()
-    widths = geometry.slice_bits[:-1] + (0,)
-    return _DigitSplit.apply(codes, shifts, widths, weights, 0, *code_range, exact), weights, 0
+#: The roles of a CIM layer's quantizers, in the order `_CIMLayerBase.quantizers` lists them.
+QUANTIZER_ROLES = ("input", "weight", "psum")
 
 
 class _CIMLayerBase(nn.Module):
@@ -194,7 +140,7 @@ class _CIMLayerBase(nn.Module):
         Quantizers whose options are unchanged keep their state; rebuilt ones keep the runtime switches
         ``enabled``, ``drop_prob`` and ``sparsity_weight`` of the ones they replace.
         """
-        fresh = dict(zip(("input", "weight", "psum"), self._build_quantizers(options)))
+        fresh = dict(zip(QUANTIZER_ROLES, self._build_quantizers(options)))
         changed_fields = {f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(self.options, f)}
         for role, quantizer in fresh.items():
             prefix = self._OPTION_ROLES[role]
@@ -210,8 +156,8 @@ class _CIMLayerBase(nn.Module):
     # ------------------------------------------------------------------ public helpers
     def quantizers(self) -> dict:
         """The existing quantizers by role: ``{"input": ..., "weight": ..., "psum": ...}`` (None omitted)."""
-        found = {"input": self.input_quantizer, "weight": self.weight_quantizer, "psum": self.psum_quantizer}
-        return {name: q for name, q in found.items() if q is not None}
+        found = {role: getattr(self, f"{role}_quantizer") for role in QUANTIZER_ROLES}
+        return {role: q for role, q in found.items() if q is not None}
 
     def set_quantizers_enabled(self, enabled: bool) -> None:
         """Enable or disable every quantizer of the layer (disabled = float, exact original layer)."""
@@ -360,7 +306,9 @@ class _CIMLayerBase(nn.Module):
             output = output + self.bias.view(1, -1, 1, 1)
 
         if self.collect_stats:
-            self._count(x, codes, iq if input_active else None, psums, n_cycles, clipped_total, n_images, height * width)
+            self.stats.add(**forward_counts(
+                self, x, codes, iq if input_active else None, psums, clipped_total, n_images, height * width
+            ))
         if not trace:
             return output
         return output, self._trace(codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit,
@@ -391,30 +339,6 @@ class _CIMLayerBase(nn.Module):
             ref_coefficient = -top_weight * (tile_step if tile_step is not None else reference.new_ones(g, n_blocks, cout_g))
             out = out + (reference * ref_coefficient.expand(g, n_blocks, cout_g).view(1, g, n_blocks, cout_g, 1, 1)).sum(2)
         return out
-
-    @torch.no_grad()
-    def _count(self, x, codes, input_quantizer, psums, n_cycles, clipped, n_images, positions_per_image):
-        geo = self.geometry
-        positions = n_images * positions_per_image
-        counts = dict(
-            images=n_images,
-            output_positions=positions,
-            macs=positions * self.out_channels * geo.unrolled_rows,
-            adc_conversions=sum(p.numel() for p in psums),
-            psum_clipped=clipped,
-        )
-        if input_quantizer is not None:
-            qmin, qmax = input_quantizer.code_range
-            integer = torch.clamp(torch.floor(codes), qmin, qmax)
-            ones_map = popcount(integer, input_quantizer.bits).sum(1, keepdim=True).to(x.dtype)
-            kernel = torch.ones(1, 1, *self.kernel_size, dtype=x.dtype, device=x.device)
-            ones = self._conv(ones_map, kernel, 1).sum().round().to(torch.long)
-            counts.update(
-                input_bits_fed=geo.groups * geo.unrolled_rows * positions * input_quantizer.bits,
-                input_ones_fed=ones,
-                wordline_activations=ones * geo.n_col_blocks,
-            )
-        self.stats.add(**counts)
 
     def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
                n_cycles, n_images, columns):
@@ -528,3 +452,34 @@ class CIMLinear(_CIMLayerBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.simulate(x)
+
+
+def cim_layers(model: nn.Module) -> list:
+    """``(name, layer)`` of every CIM layer of ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _CIMLayerBase)]
+
+
+def iter_quantizers(model: nn.Module, roles: Optional[Iterable[str]] = None) -> Iterator[tuple]:
+    """``(layer_name, role, quantizer)`` of every existing quantizer of every CIM layer of ``model``.
+
+    Layers come in model order (``named_modules``), and within a layer the roles in `QUANTIZER_ROLES` order
+    (input, weight, psum); roles a layer leaves float (None) are skipped.
+
+    Args:
+        model: any module holding CIM layers (a network, a block).
+        roles: only these roles, among ``"input"``, ``"weight"``, ``"psum"``; None = all.
+
+    Raises:
+        ValueError: a role that is not one of `QUANTIZER_ROLES`.
+    """
+    if roles is not None:
+        roles = tuple(roles)
+        unknown = [role for role in roles if role not in QUANTIZER_ROLES]
+        if unknown:
+            raise ValueError(f"unknown quantizer role(s) {unknown}: expected some of {list(QUANTIZER_ROLES)}")
+    return (
+        (name, role, quantizer)
+        for name, layer in cim_layers(model)
+        for role, quantizer in layer.quantizers().items()
+        if roles is None or role in roles
+    )

@@ -138,9 +138,9 @@ class RoundingSchedule:
 @contextlib.contextmanager
 def float_mode(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as the float network: every quantizer of every CIM layer disabled, restored on exit."""
-    from cimq_pl.quant.convert import cim_layers
+    from cimq_pl.quant.layers import iter_quantizers
 
-    saved = [(q, q.enabled) for _, layer in cim_layers(model) for q in layer.quantizers().values()]
+    saved = [(q, q.enabled) for *_, q in iter_quantizers(model)]
     try:
         for quantizer, _ in saved:
             quantizer.enabled = False

@@ -2,7 +2,7 @@
 
 Counters only accumulate (``update``-style sums, torchmetrics habit); ratios are computed on read. Counters
 that depend on data are 0-dim int64 tensors on the layer's device (no host sync in the forward pass); those
-known from shapes are Python ints.
+known from shapes are Python ints. `forward_counts` is what one forward pass of a CIM layer adds.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+
+from cimq_pl.quant.ste import popcount
 
 Counter = Union[int, torch.Tensor]
 
@@ -90,3 +92,40 @@ class CIMStats:
 
     def __repr__(self) -> str:
         return f"CIMStats({self.as_dict()})"
+
+
+@torch.no_grad()
+def forward_counts(layer, x, codes, input_quantizer, psums, clipped, n_images: int, positions_per_image: int) -> dict:
+    """The counts one forward pass of a CIM layer adds to its `CIMStats` (keywords of `CIMStats.add`).
+
+    Args:
+        layer: the `CIMConv2d`/`CIMLinear` that ran (its geometry, output channels, kernel and ``_conv``).
+        x: the layer's 4-D input (for dtype and device).
+        codes: the input codes, or None while inputs are float.
+        input_quantizer: the input quantizer when inputs were quantized, else None (no input-bit counts).
+        psums: the partial-sum tensors of the forward pass (one per row-block part).
+        clipped: partial sums beyond the ADC range (a tensor, or 0 when not counted).
+        n_images: images in the batch.
+        positions_per_image: output positions per image (H_out x W_out).
+    """
+    geo = layer.geometry
+    positions = n_images * positions_per_image
+    counts = dict(
+        images=n_images,
+        output_positions=positions,
+        macs=positions * layer.out_channels * geo.unrolled_rows,
+        adc_conversions=sum(p.numel() for p in psums),
+        psum_clipped=clipped,
+    )
+    if input_quantizer is not None:
+        qmin, qmax = input_quantizer.code_range
+        integer = torch.clamp(torch.floor(codes), qmin, qmax)
+        ones_map = popcount(integer, input_quantizer.bits).sum(1, keepdim=True).to(x.dtype)
+        kernel = torch.ones(1, 1, *layer.kernel_size, dtype=x.dtype, device=x.device)
+        ones = layer._conv(ones_map, kernel, 1).sum().round().to(torch.long)
+        counts.update(
+            input_bits_fed=geo.groups * geo.unrolled_rows * positions * input_quantizer.bits,
+            input_ones_fed=ones,
+            wordline_activations=ones * geo.n_col_blocks,
+        )
+    return counts

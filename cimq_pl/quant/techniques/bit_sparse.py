@@ -17,7 +17,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.convert import cim_layers
+from cimq_pl.quant.layers import cim_layers, iter_quantizers
 from cimq_pl.quant.observers import OBSERVER_METHODS
 from cimq_pl.quant.techniques.base import reconfigure_, register_technique
 
@@ -66,6 +66,5 @@ class BitSparseActivationConfig:
                 "input_bits one bits (max_ones: null gives the plain uniform code set)"
             )
         reconfigure_(model, input_max_ones=self.max_ones, input_observer=self.observer)
-        for _, layer in cim_layers(model):
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.sparsity_weight = self.sparsity_weight
+        for *_, quantizer in iter_quantizers(model, ("input",)):
+            quantizer.sparsity_weight = self.sparsity_weight

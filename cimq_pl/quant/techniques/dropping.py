@@ -14,7 +14,7 @@ from typing import Sequence
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.convert import cim_layers
+from cimq_pl.quant.layers import iter_quantizers
 from cimq_pl.quant.techniques.base import register_technique
 
 __all__ = ["DROP_TARGETS", "QuantDroppingConfig"]
@@ -53,8 +53,6 @@ class QuantDroppingConfig:
 
     def apply_(self, model: nn.Module) -> None:
         """Set the keep probability on the targeted quantizers of every CIM layer."""
-        for _, layer in cim_layers(model):
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.drop_prob = self.keep_prob if "activations" in self.targets else None
-            if layer.psum_quantizer is not None:
-                layer.psum_quantizer.drop_prob = self.keep_prob if "psums" in self.targets else None
+        target_of_role = {"input": "activations", "psum": "psums"}
+        for _, role, quantizer in iter_quantizers(model, target_of_role):
+            quantizer.drop_prob = self.keep_prob if target_of_role[role] in self.targets else None

@@ -1,0 +1,87 @@
+"""`calibrate_`: every quantizer initialised from data; and the model-wide switches of the CIM layers
+(`set_quantizers_enabled`, `set_collect_stats`)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from cimq_pl.quant.layers import QUANTIZER_ROLES, cim_layers, iter_quantizers
+
+
+@torch.no_grad()
+def calibrate_(
+    model: nn.Module,
+    batches: Iterable,
+    forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
+) -> None:
+    """Initialise every quantizer of every CIM layer from data, in place (two passes over ``batches``).
+
+    Pass 1: weight steps from the weights; input quantizers observe (values pass through unquantized, ADCs
+    ideal). Pass 2: with inputs and weights quantized, the ADC quantizers observe the integer partial sums
+    (passing them through) and set alpha0. Disabled quantizers are left alone.
+
+    Args:
+        model: a converted model (its train/eval mode is kept; use eval mode for BN statistics).
+        batches: a re-iterable of batches (e.g. a list or a DataLoader).
+        forward_fn: ``forward_fn(model, batch)``; default ``model(batch[0])`` for tuples/lists, else
+            ``model(batch)``.
+    """
+    forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    for _, layer in cim_layers(model):
+        wq = layer.weight_quantizer
+        if wq is not None and wq.enabled:
+            wq.init_from_observer(layer._weight4d())
+    inputs = [quantizer for *_, quantizer in iter_quantizers(model, ("input",))]
+    adcs = {quantizer: quantizer.enabled for *_, quantizer in iter_quantizers(model, ("psum",))}
+    _start_observing(iq for iq in inputs if iq.enabled)
+    for pq in adcs:
+        pq.enabled = False
+    for batch in batches:
+        forward_fn(model, batch)
+    _init_from_observed(inputs)
+    for pq, enabled in adcs.items():
+        pq.enabled = enabled
+    _start_observing(pq for pq, enabled in adcs.items() if enabled)
+    for batch in batches:
+        forward_fn(model, batch)
+    _init_from_observed(adcs)
+
+
+def _start_observing(quantizers: Iterable[nn.Module]) -> None:
+    """The observe switch on: each observer forgets what it saw, and values pass through it unquantized."""
+    for quantizer in quantizers:
+        quantizer.observer.reset()
+        quantizer.observe = True
+
+
+def _init_from_observed(quantizers: Iterable[nn.Module]) -> None:
+    """The observe switch off, where on; a quantizer whose observer saw data takes its range from it."""
+    for quantizer in quantizers:
+        if quantizer.observe:
+            quantizer.observe = False
+            if quantizer.observer.has_data:
+                quantizer.init_from_observer()
+
+
+def set_collect_stats(model: nn.Module, collect: bool = True, reset: bool = True) -> None:
+    """Turn event counting on or off in every CIM layer, optionally zeroing the counters."""
+    for _, layer in cim_layers(model):
+        layer.collect_stats = collect
+        if reset:
+            layer.reset_stats()
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool, roles: Iterable[str] = QUANTIZER_ROLES) -> None:
+    """Enable or disable the quantizers with the given roles in every CIM layer.
+
+    Raises:
+        ValueError: a role that is not one of ``"input"``, ``"weight"``, ``"psum"``.
+    """
+    for *_, quantizer in iter_quantizers(model, roles):
+        quantizer.enabled = enabled
+
+
+__all__ = ["calibrate_", "set_collect_stats", "set_quantizers_enabled"]
