@@ -23,10 +23,11 @@ from torch import nn
 
 from cimq_pl.cost.baseline import BASELINE_ADC_BITS, build_baseline
 from cimq_pl.cost.energy import EnergyTable
-from cimq_pl.cost.layers import describe_layers, gather_counts, reset_counts, uncosted_layers
-from cimq_pl.cost.model import NetworkCost, hw_efficiency, network_cost
+from cimq_pl.cost.layers import describe_layers, take_counts, uncosted_layers
+from cimq_pl.cost.model import NetworkCost, hw_efficiency
 from cimq_pl.cost.tables import format_table
 from cimq_pl.errors import ConfigError
+from cimq_pl.metrics.hardware import HardwareCostMetric
 from cimq_pl.quant.convert import calibrate_, cim_layers, convert_to_cim, fold_batchnorm_, set_collect_stats
 from cimq_pl.quant.options import QuantizerOptions
 from cimq_pl.quant.spec import CIMSpec
@@ -89,24 +90,23 @@ def evaluate_cost(model: nn.Module, batches: Iterable, table: Optional[EnergyTab
     """
     model.eval()
     layers = [layer for _, layer in cim_layers(model)]
-    infos = describe_layers(model)
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+    metric = HardwareCostMetric(describe_layers(model), table, sync_on_compute=False).to(device)  # this process
     set_collect_stats(model, True, reset=True)
-    counts, correct, seen = None, 0, 0
+    correct, seen = 0, 0
     try:
         for batch in batches:
             images, labels = _split(batch)
             logits = model(images)
-            step = gather_counts(layers)
-            counts = step if counts is None else counts + step
-            reset_counts(layers)
+            metric.update(take_counts(layers, device))
             if labels is not None:
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += labels.numel()
     finally:
         set_collect_stats(model, False, reset=True)
-    if counts is None:
+    if metric.update_count == 0:
         raise ValueError("no evaluation batch was given: expected at least one batch of images")
-    return network_cost(infos, counts, table), (correct / seen if seen else None)
+    return metric.compute(), (correct / seen if seen else None)
 
 
 def cost_report(
