@@ -1,9 +1,10 @@
 """Hardware cost model of cimq-pl (SPEC section 5): pure PyTorch, never imports Lightning.
 
 Public API: `EnergyTable` (per-event energies, YAML-loadable), `LayerInfo` / `describe_layers` /
-`gather_counts` (what the model reads from CIM layers), `layer_cost` / `network_cost` / `hw_efficiency`
-(the analytic model), `build_baseline` (the conventional baseline), `cost_report` (cost of a configuration
-without training; ``python -m cimq_pl.cost.report``), table and plot helpers.
+`gather_counts` / `take_counts` (what the model reads from CIM layers, summed by `HardwareCostMetric`),
+`layer_cost` / `network_cost` / `hw_efficiency` (the analytic model), `build_baseline` (the conventional
+baseline), `cost_report` (cost of a configuration without training; ``python -m cimq_pl cost``), table and
+plot helpers.
 """
 
 from cimq_pl.cost.baseline import BASELINE_ADC_BITS, baseline_options, build_baseline
