@@ -64,8 +64,9 @@ class CIMQCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict:
-        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export)."""
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export)
+        and ``cost`` (`CIMQTrainer.cost`: the hardware cost of the configuration without training)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "cost": {"model", "datamodule"}}
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_class", CIMQTrainer)

@@ -1,4 +1,5 @@
-"""`CIMQTrainer`: Lightning's Trainer plus ``export``, the CLI's ``python -m cimq_pl export`` subcommand."""
+"""`CIMQTrainer`: Lightning's Trainer plus ``export`` and ``cost``, the CLI's ``python -m cimq_pl export`` and
+``python -m cimq_pl cost`` subcommands."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ __all__ = ["CIMQTrainer"]
 
 
 class CIMQTrainer(pl.Trainer):
-    """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment."""
+    """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment and report the
+    hardware cost of a configuration without training."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -66,3 +68,80 @@ class CIMQTrainer(pl.Trainer):
             rank_zero_info(f"[cimq] export written to {path} (manifest.json, model.safetensors)")
         self.strategy.barrier("export")
         return path
+
+    def cost(
+        self,
+        model: pl.LightningModule,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        images: int = 64,
+        energy_table: Optional[str] = None,
+        output_dir: Optional[str] = None,
+    ):
+        """Print the hardware cost of the configured CIM model beside its conventional baseline, without training.
+
+        The run's config files say what is costed: the model on its macro (``model.cim``), the data, and the
+        technique callbacks, applied as at ``setup``. Every quantizer is then calibrated on the datamodule's
+        calibration subset as ``PostTrainingQuantization(iters_per_block=0)`` would (PTQ and QAT callbacks are
+        not run: no reconstruction, so the accuracy is not a PTQ result), the first ``images`` test images run
+        with the event counters on, and `cimq_pl.cost.cost_report` prints the per-layer table beside the
+        baseline's. A `HardwareReport` callback in the config gives the energy table, whether to measure the
+        baseline, its ADC bits and its calibration images. Nothing is logged (no logger run is started).
+
+        Args:
+            model: a `CIMQModule` with a CIM macro (``model.cim``).
+            datamodule: a cimq_pl datamodule (test split and calibration subset).
+            images: test images to run, from the start of the test split.
+            energy_table: YAML file of per-event energies; None = the HardwareReport callback's, else NeuroSim 22 nm.
+            output_dir: folder for ``hardware_cost_layers.csv``, ``hardware_cost_summary.csv`` and
+                ``hardware_cost_energy.png``; None = print only.
+
+        Returns:
+            The `cimq_pl.cost.CostReport`.
+
+        Raises:
+            ConfigError: on a bad argument, a model without ``model.cim``, data without a calibration subset, or
+                more than one process.
+        """
+        import torch
+
+        from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
+        from cimq_pl.callbacks.hardware_report import HardwareReport
+        from cimq_pl.callbacks.technique import TechniqueCallback, require_cim
+        from cimq_pl.cost.energy import EnergyTable
+        from cimq_pl.cost.report import cost_report, describe_macro, first_images, write_report_files
+
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            raise ConfigError(f"cost: images={images!r} is invalid: expected an integer >= 1")
+        require_cim(model, "cost")
+        if not hasattr(datamodule, "calibration_dataloader"):
+            raise ConfigError(f"cost calibrates on the calibration subset: it needs a cimq_pl datamodule "
+                              f"(data.class_path: cimq_pl.datamodules....), got {type(datamodule).__name__}")
+        if self.world_size > 1:
+            raise ConfigError(f"cost runs in one process, got {self.world_size}: use --trainer.devices 1")
+        report = next((callback for callback in self.callbacks if isinstance(callback, HardwareReport)), None)
+        report = report or HardwareReport()
+        table = EnergyTable.from_yaml(energy_table) if energy_table is not None else report.table
+        self.loggers = []  # a cost estimate is no run: no W&B run is started for it
+        self.strategy.connect(model)
+        self._data_connector.attach_data(model, datamodule=datamodule)  # the data reads the model's normalisation
+        model.to(self.strategy.root_device)
+        techniques = [callback for callback in self.callbacks if isinstance(callback, TechniqueCallback)]
+        for callback in techniques:
+            callback.setup(self, model, "test")
+        calibration = calibration_images(self, model)
+        calibrate_module_(self, model, calibration)
+        title = (f"[cimq] hardware cost of {describe_macro(model.hparams['name'], model.cim)}, "
+                 f"{', '.join(type(callback).__name__ for callback in techniques) or 'conventional quantizers'}, "
+                 f"calibration only ({len(calibration)} train images), {images} test images")
+        with torch.no_grad():
+            result = cost_report(
+                model.model, None, first_images(datamodule.test_dataloader(), images, model.device),
+                calibration[: report.baseline_calibration_images].split(256), table=table, baseline=report.baseline,
+                baseline_adc_bits=report.baseline_adc_bits, title=title,
+            )
+        if output_dir is not None:
+            folder = Path(output_dir)
+            names = ("hardware_cost_layers.csv", "hardware_cost_summary.csv", "hardware_cost_energy.png")
+            written = write_report_files(result, *(folder / name for name in names), run=title)
+            rank_zero_info(f"[cimq] hardware report (cost): {', '.join(str(path) for path in written)}")
+        return result

@@ -29,12 +29,11 @@ from cimq_pl.cost import (
     build_baseline,
     describe_layers,
     format_table,
-    gather_counts,
     hw_efficiency,
     layer_rows,
     plot_energy_breakdown,
-    reset_counts,
     summary_row,
+    take_counts,
     uncosted_layers,
     write_csv_atomic,
 )
@@ -218,14 +217,12 @@ class HardwareReport(Callback):
         run = self._runs.get(stage)
         if run is None:
             return
-        run.metric.update(gather_counts(run.layers, run.metric.counts.device))
-        reset_counts(run.layers)
+        run.metric.update(take_counts(run.layers, run.metric.counts.device))
         if run.baseline is not None and (self.baseline_batches is None or run.batches < self.baseline_batches):
             images = _images(batch).to(run.metric.counts.device)
             with torch.no_grad():
                 run.baseline(images)
-            run.baseline_metric.update(gather_counts(run.baseline_layers, run.metric.counts.device))
-            reset_counts(run.baseline_layers)
+            run.baseline_metric.update(take_counts(run.baseline_layers, run.metric.counts.device))
         run.batches += 1
 
     @override

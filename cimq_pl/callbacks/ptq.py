@@ -26,9 +26,11 @@ from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.dropping import QuantDropping
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.checkpointing import save_checkpoint_atomic
+from cimq_pl.cost import describe_layers, take_counts
 from cimq_pl.errors import ConfigError
+from cimq_pl.metrics import HardwareCostMetric
 from cimq_pl.objectives import BlockReconstructionObjective, quantizer_parameters
-from cimq_pl.quant import COUNTER_NAMES, CIMStats, cim_layers, set_collect_stats
+from cimq_pl.quant import cim_layers, set_collect_stats
 from cimq_pl.quant.layers import _CIMLayerBase
 from cimq_pl.quant.reconstruction import capture_block_io, eval_mode, find_blocks
 from cimq_pl.quant.techniques import reconfigure_
@@ -177,11 +179,11 @@ class PostTrainingQuantization(Callback):
         set_collect_stats(block, True)
         with eval_mode(pl_module.model):
             capture_block_io(pl_module.model, block, images)  # the forward stops after the unit
-        total = CIMStats()
-        for _, layer in cim_layers(block):
-            total.add(**{counter: getattr(layer.stats, counter) for counter in COUNTER_NAMES})
+        metric = HardwareCostMetric(describe_layers(block), sync_on_compute=False)  # this process's batch
+        metric.update(take_counts([layer for _, layer in cim_layers(block)]))
         set_collect_stats(block, False)
-        return {f"ptq/{name}/psum_clip_rate": total.psum_clip_rate, f"ptq/{name}/bit_density": total.input_bit_density}
+        total = metric.compute()
+        return {f"ptq/{name}/psum_clip_rate": total.psum_clip_rate, f"ptq/{name}/bit_density": total.bit_density}
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,14 +1,23 @@
 """Hardware cost model of cimq-pl (SPEC section 5): pure PyTorch, never imports Lightning.
 
 Public API: `EnergyTable` (per-event energies, YAML-loadable), `LayerInfo` / `describe_layers` /
-`gather_counts` (what the model reads from CIM layers), `layer_cost` / `network_cost` / `hw_efficiency`
-(the analytic model), `build_baseline` (the conventional baseline), `cost_report` (cost of a configuration
-without training; ``python -m cimq_pl.cost.report``), table and plot helpers.
+`gather_counts` / `take_counts` (what the model reads from CIM layers, summed by `HardwareCostMetric`),
+`layer_cost` / `network_cost` / `hw_efficiency` (the analytic model), `build_baseline` (the conventional
+baseline), `cost_report` (cost of a configuration without training; ``python -m cimq_pl cost``), table and
+plot helpers.
 """
 
 from cimq_pl.cost.baseline import BASELINE_ADC_BITS, baseline_options, build_baseline
 from cimq_pl.cost.energy import DEFAULT_ENERGY_TABLE_PATH, EnergyTable
-from cimq_pl.cost.layers import COUNTER_NAMES, LayerInfo, describe_layers, gather_counts, reset_counts, uncosted_layers
+from cimq_pl.cost.layers import (
+    COUNTER_NAMES,
+    LayerInfo,
+    describe_layers,
+    gather_counts,
+    reset_counts,
+    take_counts,
+    uncosted_layers,
+)
 from cimq_pl.cost.model import COMPONENTS, LayerCost, NetworkCost, hw_efficiency, layer_cost, network_cost
 from cimq_pl.cost.plots import plot_accuracy_vs_energy, plot_energy_breakdown, read_summaries
 from cimq_pl.cost.tables import (
@@ -48,6 +57,7 @@ __all__ = [
     "read_summaries",
     "reset_counts",
     "summary_row",
+    "take_counts",
     "uncosted_layers",
     "write_csv_atomic",
 ]

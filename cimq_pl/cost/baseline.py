@@ -15,13 +15,14 @@ evaluation images as the configuration and costs both with the same `EnergyTable
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Iterable, Optional
 
 from torch import nn
 
 from cimq_pl.quant.convert import calibrate_, cim_layers
 from cimq_pl.quant.layers import CIMConv2d, CIMLinear
-from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.options import CONVENTIONAL_OPTIONS, QuantizerOptions
 
 __all__ = ["BASELINE_ADC_BITS", "baseline_options", "build_baseline"]
 
@@ -30,22 +31,12 @@ BASELINE_ADC_BITS = 8
 
 
 def baseline_options(signed_inputs: Optional[bool] = None) -> QuantizerOptions:
-    """Conventional quantizer options (layerwise min-max weights, uniform min-max inputs, min-max ADC per layer).
+    """`CONVENTIONAL_OPTIONS` (layerwise min-max weights, uniform min-max inputs, min-max ADC per layer).
 
     Args:
         signed_inputs: the configuration's ``input_signed`` choice, kept so both see the same code range.
     """
-    return QuantizerOptions(
-        weight_granularity="layer",
-        weight_rounding="nearest",
-        weight_observer="minmax",
-        input_observer="minmax",
-        input_signed=signed_inputs,
-        input_max_ones=None,
-        psum_granularity="layer",
-        psum_observer="minmax",
-        learn_psum_clip=False,
-    )
+    return dataclasses.replace(CONVENTIONAL_OPTIONS, input_signed=signed_inputs)
 
 
 def _rebuild(layer: nn.Module, adc_bits: int) -> nn.Module:

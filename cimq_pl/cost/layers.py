@@ -2,7 +2,10 @@
 
 A `LayerInfo` is the static description of one CIM layer (geometry from `TileGeometry`, the ADC resolution,
 whether per-array scales force a multiply per array output). `gather_counts` stacks the `CIMStats` counters of
-all layers into one (layers x counters) int64 tensor, the unit a `HardwareCostMetric` accumulates.
+all layers into one (layers x counters) int64 tensor, the unit a `HardwareCostMetric` accumulates;
+`take_counts` also zeroes them, so that every loop over batches reads them the same way::
+
+    metric.update(take_counts(layers))
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from cimq_pl.quant.convert import cim_layers
 from cimq_pl.quant.stats import COUNTER_NAMES
 from cimq_pl.quant.tiling import TileGeometry
 
-__all__ = ["COUNTER_NAMES", "LayerInfo", "describe_layers", "gather_counts", "reset_counts", "uncosted_layers"]
+__all__ = ["COUNTER_NAMES", "LayerInfo", "describe_layers", "gather_counts", "reset_counts", "take_counts",
+           "uncosted_layers"]
 
 #: Weight granularities with one scale per array tile (a multiply per array output, SPEC 4.2).
 PER_ARRAY_WEIGHT_GRANULARITIES = ("array", "array_channel")
@@ -103,3 +107,11 @@ def reset_counts(layers: Sequence[nn.Module]) -> None:
     """Zero the event counters of ``layers``."""
     for layer in layers:
         layer.stats.reset()
+
+
+def take_counts(layers: Sequence[nn.Module], device: Optional[torch.device] = None) -> torch.Tensor:
+    """`gather_counts` then `reset_counts`: the counters accumulated since the last take, for
+    ``HardwareCostMetric.update`` (the one place counters are summed)."""
+    counts = gather_counts(layers, device)
+    reset_counts(layers)
+    return counts

@@ -214,6 +214,13 @@ class NetworkCost(_EnergyTotals):
         return ones / fed if fed else 0.0
 
     @property
+    def psum_clip_rate(self) -> float:
+        """Partial sums outside the ADC range / ADC conversions, over all layers (0 when nothing was converted)."""
+        conversions = sum(layer.counts["adc_conversions"] for layer in self.layers)
+        clipped = sum(layer.counts["psum_clipped"] for layer in self.layers)
+        return clipped / conversions if conversions else 0.0
+
+    @property
     def arrays(self) -> int:
         """Crossbar arrays of all layers, count."""
         return sum(layer.arrays for layer in self.layers)

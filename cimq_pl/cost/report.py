@@ -2,19 +2,22 @@
 
 `cost_report` converts a float model to a macro, calibrates it on a few images, runs a few evaluation
 images with the event counters on, and prints the per-layer cost beside the conventional baseline's.
-``python -m cimq_pl.cost.report`` does the same from the command line on a dataset folder::
+From the command line, with the run's config files (`cimq_pl.trainer.CIMQTrainer.cost`)::
 
-    python -m cimq_pl.cost.report --model cifar_resnet20 --pretrained ../shared/weights/resnet20-12fca82f.th \\
-        --data ../shared/data/cifar10_lossless --rows 128 --cols 128 --adc-bits 4 --images 64
+    python -m cimq_pl cost --config configs/resnet20_cifar10.yaml --config configs/quant/conventional.yaml --images 64
 
-Only this command line imports the datamodules (and so Lightning); the function itself is pure PyTorch.
+``python -m cimq_pl.cost.report`` (flags instead of config files) is deprecated; its `CIMSpec` and
+`QuantizerOptions` flags are derived from the dataclass fields. Only that command line imports the
+datamodules (and so Lightning); the functions are pure PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -23,15 +26,16 @@ from torch import nn
 
 from cimq_pl.cost.baseline import BASELINE_ADC_BITS, build_baseline
 from cimq_pl.cost.energy import EnergyTable
-from cimq_pl.cost.layers import describe_layers, gather_counts, reset_counts, uncosted_layers
-from cimq_pl.cost.model import NetworkCost, hw_efficiency, network_cost
+from cimq_pl.cost.layers import describe_layers, take_counts, uncosted_layers
+from cimq_pl.cost.model import NetworkCost, hw_efficiency
 from cimq_pl.cost.tables import format_table
 from cimq_pl.errors import ConfigError
+from cimq_pl.metrics.hardware import HardwareCostMetric
 from cimq_pl.quant.convert import calibrate_, cim_layers, convert_to_cim, fold_batchnorm_, set_collect_stats
-from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.options import CONVENTIONAL_OPTIONS, QuantizerOptions
 from cimq_pl.quant.spec import CIMSpec
 
-__all__ = ["CostReport", "cost_report", "evaluate_cost", "main"]
+__all__ = ["CostReport", "cost_report", "describe_macro", "evaluate_cost", "first_images", "main", "write_report_files"]
 
 
 @dataclass
@@ -89,24 +93,23 @@ def evaluate_cost(model: nn.Module, batches: Iterable, table: Optional[EnergyTab
     """
     model.eval()
     layers = [layer for _, layer in cim_layers(model)]
-    infos = describe_layers(model)
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+    metric = HardwareCostMetric(describe_layers(model), table, sync_on_compute=False).to(device)  # this process
     set_collect_stats(model, True, reset=True)
-    counts, correct, seen = None, 0, 0
+    correct, seen = 0, 0
     try:
         for batch in batches:
             images, labels = _split(batch)
             logits = model(images)
-            step = gather_counts(layers)
-            counts = step if counts is None else counts + step
-            reset_counts(layers)
+            metric.update(take_counts(layers, device))
             if labels is not None:
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += labels.numel()
     finally:
         set_collect_stats(model, False, reset=True)
-    if counts is None:
+    if metric.update_count == 0:
         raise ValueError("no evaluation batch was given: expected at least one batch of images")
-    return network_cost(infos, counts, table), (correct / seen if seen else None)
+    return metric.compute(), (correct / seen if seen else None)
 
 
 def cost_report(
@@ -166,14 +169,82 @@ def cost_report(
     return report
 
 
+def describe_macro(model_name: str, spec: CIMSpec) -> str:
+    """One line naming the network and the macro, the title of a printed report."""
+    return f"{model_name} on {spec.rows}x{spec.cols} arrays, W{spec.weight_bits}A{spec.input_bits} ADC {spec.adc_bits}"
+
+
+def first_images(loader: Iterable, limit: int, device: torch.device) -> list:
+    """The first ``limit`` images of ``loader`` as (images, labels) batches on ``device``."""
+    batches, seen = [], 0
+    for images, labels in loader:
+        images, labels = images[: limit - seen], labels[: limit - seen]
+        batches.append((images.to(device), labels.to(device)))
+        seen += len(labels)
+        if seen >= limit:
+            break
+    return batches
+
+
+def write_report_files(report: CostReport, layers_csv=None, summary_csv=None, picture=None, run: str = "") -> list:
+    """Write the per-layer CSV, the one-row summary CSV and the energy picture of ``report`` (each when its path
+    is given, atomically); returns the paths written."""
+    from cimq_pl.cost.tables import LAYER_COLUMNS, SUMMARY_COLUMNS, layer_rows, summary_row, write_csv_atomic
+
+    written = []
+    if layers_csv:
+        written.append(write_csv_atomic(layers_csv, layer_rows(report.cost), LAYER_COLUMNS))
+    if summary_csv:
+        row = summary_row(report.cost, report.baseline, run=run, stage="report", accuracy=report.accuracy)
+        written.append(write_csv_atomic(summary_csv, [row], SUMMARY_COLUMNS))
+    if picture:
+        from cimq_pl.cost.plots import plot_energy_breakdown
+
+        written.append(plot_energy_breakdown(report.cost, picture))
+    return written
+
+
 # ---------------------------------------------------------------------------------------------- command line
-def _optional_bits(text: str) -> Optional[int]:
-    if text.lower() in ("none", "null", "ideal", "float"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bit-width: expected an integer or 'none'") from None
+#: Printed first by the deprecated ``python -m cimq_pl.cost.report``.
+DEPRECATION = ("warning: `python -m cimq_pl.cost.report` is deprecated and goes in the next release: use "
+               "`python -m cimq_pl cost --config <model config> --config <technique config> [--images N]` "
+               "(the run's config files)")
+
+
+def _optional(parse: Callable) -> Callable:
+    def parse_optional(text: str):
+        return None if text.lower() in ("none", "null", "ideal", "float") else parse(text)
+
+    parse_optional.__name__ = f"optional {parse.__name__}"
+    return parse_optional
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: expected true or false")
+    return text.lower() == "true"
+
+
+def _parser_of(hint) -> Callable:
+    """A command-line parser of a dataclass field's type: int, float, bool, a Literal of strings, or Optional[...]."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _optional(_parser_of(inner))
+    return {int: int, float: float, bool: _boolean}.get(hint, str)  # Literal choices: checked by the dataclass
+
+
+def _add_fields(group, cls: type) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``cls``, typed and defaulted as the field."""
+    hints, defaults = typing.get_type_hints(cls), cls()
+    for spec_field in dataclasses.fields(cls):
+        name = spec_field.name
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parser_of(hints[name]),
+                           default=getattr(defaults, name), help=f"{cls.__name__}.{name} (default %(default)s)")
+
+
+def _from_fields(cls: type, args):
+    return cls(**{spec_field.name: getattr(args, spec_field.name) for spec_field in dataclasses.fields(cls)})
 
 
 def _pretrained(text: str):
@@ -184,12 +255,12 @@ def _pretrained(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m cimq_pl.cost.report`` argument parser."""
-    defaults_spec, defaults_options = CIMSpec(), QuantizerOptions()
+    """The ``python -m cimq_pl.cost.report`` argument parser (deprecated: ``python -m cimq_pl cost``)."""
     parser = argparse.ArgumentParser(
         prog="python -m cimq_pl.cost.report",
-        description="Print the hardware cost (energy/image, TOPS/W, breakdown per layer) of a CNN on a CIM macro, "
-        "beside the conventional 8-bit-ADC baseline, without training.",
+        description="Deprecated: use `python -m cimq_pl cost --config ...`. Print the hardware cost (energy/image, "
+        "TOPS/W, breakdown per layer) of a CNN on a CIM macro, beside the conventional 8-bit-ADC baseline, "
+        "without training. 'none' gives an optional field null (e.g. --adc-bits none: ideal ADC).",
     )
     model = parser.add_argument_group("model and data")
     model.add_argument("--model", default="cifar_resnet20", help="timm model name (default %(default)s)")
@@ -203,27 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration images from the train split (default %(default)s)")
     model.add_argument("--batch-size", type=int, default=64, help="images per batch (default %(default)s)")
     model.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
-    macro = parser.add_argument_group("macro (CIMSpec)")
-    macro.add_argument("--rows", type=int, default=defaults_spec.rows)
-    macro.add_argument("--cols", type=int, default=defaults_spec.cols)
-    macro.add_argument("--weight-bits", type=_optional_bits, default=defaults_spec.weight_bits)
-    macro.add_argument("--cell-bits", type=_optional_bits, default=defaults_spec.cell_bits)
-    macro.add_argument("--input-bits", type=_optional_bits, default=defaults_spec.input_bits)
-    macro.add_argument("--dac-bits", type=int, default=defaults_spec.dac_bits)
-    macro.add_argument("--adc-bits", type=_optional_bits, default=defaults_spec.adc_bits, help="'none' = ideal ADC")
-    macro.add_argument("--row-split", default=defaults_spec.row_split)
-    macro.add_argument("--weight-slicing", default=defaults_spec.weight_slicing)
-    macro.add_argument("--first-layer", default=defaults_spec.first_layer)
-    macro.add_argument("--last-layer", default=defaults_spec.last_layer)
+    _add_fields(parser.add_argument_group("macro (CIMSpec)"), CIMSpec)
     quant = parser.add_argument_group("quantizers (QuantizerOptions)")
     quant.add_argument("--conventional", action="store_true",
-                       help="conventional quantizers for the configuration too (layerwise min-max, min-max ADC)")
-    quant.add_argument("--weight-granularity", default=defaults_options.weight_granularity)
-    quant.add_argument("--psum-granularity", default=defaults_options.psum_granularity)
-    quant.add_argument("--input-max-ones", type=int, default=None, help="bit-sparse code set: at most k one bits")
-    quant.add_argument("--weight-observer", default=defaults_options.weight_observer)
-    quant.add_argument("--input-observer", default=defaults_options.input_observer)
-    quant.add_argument("--psum-observer", default=defaults_options.psum_observer)
+                       help="conventional quantizers for the configuration too (CONVENTIONAL_OPTIONS; the flags "
+                            "below are then ignored)")
+    _add_fields(quant, QuantizerOptions)
     cost = parser.add_argument_group("cost")
     cost.add_argument("--energy-table", default=None, help="YAML energy table (default: NeuroSim 22 nm)")
     cost.add_argument("--no-baseline", action="store_true", help="skip the conventional baseline")
@@ -252,66 +308,32 @@ def _loaders(args, model: nn.Module):
         kwargs["download"] = False
     datamodule = classes[args.dataset](**kwargs)
     device = torch.device(args.device)
-
-    def take(loader, limit):
-        batches, seen = [], 0
-        for images, labels in loader:
-            images, labels = images[: limit - seen], labels[: limit - seen]
-            batches.append((images.to(device), labels.to(device)))
-            seen += len(labels)
-            if seen >= limit:
-                break
-        return batches
-
-    return take(datamodule.test_dataloader(), args.images), take(datamodule.calibration_dataloader(), args.calibration_images)
+    return (first_images(datamodule.test_dataloader(), args.images, device),
+            first_images(datamodule.calibration_dataloader(), args.calibration_images, device))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (2 on bad input, with one ``error:`` line)."""
+    print(DEPRECATION, file=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         for name in ("images", "calibration_images", "batch_size"):
             _positive(name.replace("_", "-"), getattr(args, name))
-        spec = CIMSpec(rows=args.rows, cols=args.cols, weight_bits=args.weight_bits, cell_bits=args.cell_bits,
-                       input_bits=args.input_bits, dac_bits=args.dac_bits, adc_bits=args.adc_bits,
-                       row_split=args.row_split, weight_slicing=args.weight_slicing, first_layer=args.first_layer,
-                       last_layer=args.last_layer)
-        if args.conventional:
-            from cimq_pl.cost.baseline import baseline_options
-
-            options = baseline_options()
-        else:
-            options = QuantizerOptions(weight_granularity=args.weight_granularity,
-                                       psum_granularity=args.psum_granularity, input_max_ones=args.input_max_ones,
-                                       weight_observer=args.weight_observer, input_observer=args.input_observer,
-                                       psum_observer=args.psum_observer)
+        spec = _from_fields(CIMSpec, args)
+        options = CONVENTIONAL_OPTIONS if args.conventional else _from_fields(QuantizerOptions, args)
         table = EnergyTable.from_yaml(args.energy_table) if args.energy_table else EnergyTable()
         from cimq_pl.models import create_model
 
         model = create_model(args.model, args.num_classes, args.pretrained).to(args.device).eval()
         images, calibration = _loaders(args, model)
-        title = f"{args.model} on {spec.rows}x{spec.cols} arrays, W{spec.weight_bits}A{spec.input_bits} ADC {spec.adc_bits}"
+        title = describe_macro(args.model, spec)
         report = cost_report(model, spec, images, calibration, options, table, baseline=not args.no_baseline,
                              baseline_adc_bits=args.baseline_adc_bits, title=title)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _write_outputs(args, report, title)
+    write_report_files(report, args.csv, args.summary_csv, args.plot, run=title)
     return 0
-
-
-def _write_outputs(args, report: CostReport, title: str) -> None:
-    from cimq_pl.cost.tables import LAYER_COLUMNS, SUMMARY_COLUMNS, layer_rows, summary_row, write_csv_atomic
-
-    if args.csv:
-        write_csv_atomic(args.csv, layer_rows(report.cost), LAYER_COLUMNS)
-    if args.summary_csv:
-        row = summary_row(report.cost, report.baseline, run=title, stage="report", accuracy=report.accuracy)
-        write_csv_atomic(args.summary_csv, [row], SUMMARY_COLUMNS)
-    if args.plot:
-        from cimq_pl.cost.plots import plot_energy_breakdown
-
-        plot_energy_breakdown(report.cost, args.plot)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from cimq_pl.quant.convert import ConversionReport, ConvertedLayer, convert_to_c
 from cimq_pl.quant.fold import fold_batchnorm_
 from cimq_pl.quant.layers import CIMConv2d, CIMLinear, cim_layers, iter_quantizers
 from cimq_pl.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver
-from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.options import CONVENTIONAL_OPTIONS, QuantizerOptions
 from cimq_pl.quant.psum import PsumQuantizer
 from cimq_pl.quant.registry import CIM_LAYER_TYPES, list_cim_layers, register_cim_layer
 from cimq_pl.quant.spec import CIMSpec
@@ -27,6 +27,7 @@ __all__ = [
     "CIMSpec",
     "CIMStats",
     "CIM_LAYER_TYPES",
+    "CONVENTIONAL_OPTIONS",
     "COUNTER_NAMES",
     "ConversionReport",
     "ConvertedLayer",

@@ -61,3 +61,18 @@ class QuantizerOptions:
             raise ConfigError(f"QuantizerOptions.input_max_ones={self.input_max_ones!r} is invalid: expected an integer >= 1 or None")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"QuantizerOptions.percentile={self.percentile!r} is invalid: expected a value in (0, 100]")
+
+
+#: Conventional quantization (SPEC 4.3/5 baseline), the one definition: one min-max step per layer for weights,
+#: uniform activations with min-max steps, and an ADC whose range is the min-max of the calibration partial sums,
+#: per layer, not learned. A converted model starts from it; the cost model's baseline uses it too.
+CONVENTIONAL_OPTIONS = QuantizerOptions(
+    weight_granularity="layer",
+    weight_rounding="nearest",
+    weight_observer="minmax",
+    input_observer="minmax",
+    input_max_ones=None,
+    psum_granularity="layer",
+    psum_observer="minmax",
+    learn_psum_clip=False,
+)

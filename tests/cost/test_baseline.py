@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from cimq_pl.cost import build_baseline
-from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, cim_layers, convert_to_cim, fold_batchnorm_
+from cimq_pl.cost import baseline_options, build_baseline
+from cimq_pl.quant import (
+    CONVENTIONAL_OPTIONS,
+    CIMSpec,
+    QuantizerOptions,
+    calibrate_,
+    cim_layers,
+    convert_to_cim,
+    fold_batchnorm_,
+)
 
 # CIMQ-style choices (percentile/min-max observers: the MSE clip search is too slow for a unit test)
 CIMQ_OPTIONS = QuantizerOptions(weight_granularity="array", weight_observer="percentile", input_observer="minmax",
@@ -61,3 +69,10 @@ def test_baseline_misconfiguration():
         build_baseline(model, batches, adc_bits=0)
     with pytest.raises(ValueError, match="has no CIM layer"):
         build_baseline(tiny_cnn(), batches)
+
+
+def test_one_set_of_conventional_options():
+    from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS as TECHNIQUES_START
+
+    assert baseline_options() == CONVENTIONAL_OPTIONS and TECHNIQUES_START is CONVENTIONAL_OPTIONS
+    assert baseline_options(True) == QuantizerOptions(**{**CONVENTIONAL_OPTIONS.__dict__, "input_signed": True})

@@ -1,14 +1,16 @@
-"""`cost_report` and ``python -m cimq_pl.cost.report``: the cost of a configuration without training."""
+"""`cost_report` and the deprecated ``python -m cimq_pl.cost.report``: the cost of a configuration without training
+(``python -m cimq_pl cost``: tests/test_cost_cli.py)."""
 
 import csv
+import dataclasses
 
 import pytest
 import torch
 
 from cimq_pl.cost import EnergyTable, cost_report
-from cimq_pl.cost.report import main
+from cimq_pl.cost.report import DEPRECATION, build_parser, main
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant import CIMSpec, cim_layers
+from cimq_pl.quant import CIMSpec, QuantizerOptions, cim_layers
 
 from .test_baseline import CIMQ_OPTIONS, converted, tiny_cnn
 from conftest import CIFAR10, RESNET20
@@ -50,7 +52,9 @@ def test_command_line_on_resnet20(tmp_path, capsys):
         "--batch-size", "8", "--weight-observer", "minmax", "--psum-observer", "minmax", "--csv", str(layers_csv), "--summary-csv", str(summary_csv), "--plot", str(picture),
     ])
     assert status == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err.splitlines()[0] == DEPRECATION and "python -m cimq_pl cost --config" in DEPRECATION
     assert "cifar_resnet20 on 128x128 arrays, W4A4 ADC 4" in printed and "layer3.2.conv2" in printed
     with open(layers_csv) as stream:
         rows = list(csv.DictReader(stream))
@@ -75,3 +79,13 @@ def test_command_line_on_resnet20(tmp_path, capsys):
 def test_command_line_bad_input(args, message, capsys):
     assert main(["--data", str(CIFAR10), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_command_line_flags_are_the_dataclass_fields():
+    parser = build_parser()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for cls in (CIMSpec, QuantizerOptions):
+        for spec_field in dataclasses.fields(cls):
+            assert f"--{spec_field.name.replace('_', '-')}" in flags, spec_field.name
+    args = parser.parse_args(["--data", "x", "--adc-bits", "none", "--input-signed", "true", "--percentile", "99.5"])
+    assert (args.adc_bits, args.input_signed, args.percentile, args.rows) == (None, True, 99.5, CIMSpec().rows)

@@ -8,23 +8,9 @@ from typing import Callable
 from torch import nn
 
 from cimq_pl.quant.convert import cim_layers
-from cimq_pl.quant.options import QuantizerOptions
+from cimq_pl.quant.options import CONVENTIONAL_OPTIONS  # re-exported: the techniques start from it
 
 __all__ = ["CONVENTIONAL_OPTIONS", "TECHNIQUES", "list_techniques", "quantize_", "reconfigure_", "register_technique"]
-
-#: Conventional quantization (SPEC 4.3/5 baseline): one min-max step per layer for weights, uniform
-#: activations with min-max steps, and an ADC whose range is the min-max of the calibration partial sums,
-#: per layer, not learned.
-CONVENTIONAL_OPTIONS = QuantizerOptions(
-    weight_granularity="layer",
-    weight_rounding="nearest",
-    weight_observer="minmax",
-    input_observer="minmax",
-    input_max_ones=None,
-    psum_granularity="layer",
-    psum_observer="minmax",
-    learn_psum_clip=False,
-)
 
 #: config type -> (technique name, transform)
 TECHNIQUES: dict[type, tuple[str, Callable]] = {}
