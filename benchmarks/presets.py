@@ -53,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from cimq_pl.cost.tables import write_csv_atomic
 
     args = base_parser(__doc__.split("\n")[0]).parse_args(argv)
-    extra = prepare(args)
+    extra = prepare(args) + (["--without", "HardwareReport"] if args.smoke else [])  # smoke: accuracy and time only
     results = {}
     for name in PRESETS:
         setting = Setting("resnet20", name, iters=2 if args.smoke else None)

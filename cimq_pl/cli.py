@@ -1,4 +1,4 @@
-"""``python -m cimq_pl {fit,validate,test,predict,export} --config ...``: LightningCLI with friendly failures.
+"""``python -m cimq_pl {fit,validate,test,predict,export,cost} --config ...``: LightningCLI with friendly failures.
 
 * Several ``--config`` files compose, later ones overriding earlier ones (model/data config + technique config).
 * Without a W&B API key, W&B runs offline (``WANDB_MODE=offline``) instead of failing or prompting.
@@ -160,10 +160,9 @@ class CIMQCLI(LightningCLI):
         # apply --without, then check that ``--ckpt_path`` is a readable weights-only checkpoint written for this
         # model, macro and technique set, so that any mismatch is one clear error before anything is built.
         subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else None
-        if config is not None:
-            self._drop_callbacks_without(config)
-        path = config.get("ckpt_path") if config is not None else None
+        config = self.config[subcommand] if subcommand else self.config  # run=False: no subcommand
+        self._drop_callbacks_without(config)
+        path = config.get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):
             checkpoint = read_checkpoint(path, "ckpt_path")
             if "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
@@ -240,6 +239,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         CIMQCLI(args=args)
     except SIGTERMException as stop:
+        _close_preempted_run()
         print(f"error: {preemption.describe(stop, args if args is not None else sys.argv[1:])}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except ArgumentError as err:  # a malformed config or argument: its cause in one short line, else jsonargparse's
@@ -261,6 +261,15 @@ def main(args: list[str] | None = None) -> None:
         _discard_offline_run()
         print(f"error: {config_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _close_preempted_run() -> None:
+    """Close a W&B run stopped by SIGTERM as pre-empted, so the resumed fit can take up its run id at once."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    if run is not None:
+        run.mark_preempting()
+        run.finish(exit_code=128 + signal.SIGTERM)
 
 
 def _discard_offline_run() -> None:
