@@ -7,7 +7,7 @@ costs against the full one, and the fit wall time as a ratio to the full preset'
 writes ``presets.csv``.
 
     python benchmarks/presets.py          # ~15 min on 2 cores
-    python benchmarks/presets.py --smoke  # seconds: tiny data, 2 steps per unit
+    python benchmarks/presets.py --smoke  # seconds: tiny data, 1 step per unit
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     extra = prepare(args) + (["--without", "HardwareReport"] if args.smoke else [])  # smoke: accuracy and time only
     results = {}
     for name in PRESETS:
-        setting = Setting("resnet20", name, iters=2 if args.smoke else None)
+        setting = Setting("resnet20", name, iters=1 if args.smoke else None)
         print(f"[bench] {setting.key}", flush=True)
         results[name] = measure(setting, args.work_dir, extra_args=extra)
         print(f"[bench]   test/acc={results[name]['test/acc']} fit {results[name]['fit_seconds']} s", flush=True)
