@@ -16,7 +16,7 @@ from conftest import CIFAR10, REPO, RESNET20
 
 pytestmark = pytest.mark.slow
 
-GATE_STEP = 5  # unit 2 (layer1.0) of 3 steps per unit
+GATE_STEP = 3  # unit 2 (layer1.0) of 2 steps per unit
 
 
 def _cli(args: list[str], gate: bool) -> tuple[int, str, str]:
@@ -41,12 +41,13 @@ def test_a_resumed_fit_continues_the_same_run_in_the_same_folder(tmp_path):
         {"class_path": "sigterm_gate.SigtermGate", "init_args": {"step": GATE_STEP}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "every_n_train_steps": 2, "save_on_exception": True}},
-        {"class_path": "cimq_pl.callbacks.PostTrainingQuantization", "init_args": {"iters_per_block": 3, "batch_size": 8}},
+        {"class_path": "cimq_pl.callbacks.PostTrainingQuantization", "init_args": {"iters_per_block": 2, "batch_size": 8}},
     ]}}))
     args = ["fit", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/conventional.yaml",
             "--config", str(config), "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20),
             "--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--data.init_args.eval_batch_size", "50", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
     code, _, err = _cli(args, gate=True)
     assert code == 128 + signal.SIGTERM, err[-2000:]
