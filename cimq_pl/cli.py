@@ -263,10 +263,14 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+def _active_wandb_run():
+    """The W&B run this process started, if any (W&B is not imported just to ask)."""
+    return getattr(sys.modules.get("wandb"), "run", None)
+
+
 def _close_preempted_run() -> None:
     """Close a W&B run stopped by SIGTERM as pre-empted, so the resumed fit can take up its run id at once."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None)
+    run = _active_wandb_run()
     if run is not None:
         run.mark_preempting()
         run.finish(exit_code=128 + signal.SIGTERM)
@@ -274,8 +278,7 @@ def _close_preempted_run() -> None:
 
 def _discard_offline_run() -> None:
     """A run refused for bad input leaves no offline W&B folder behind: it holds nothing worth syncing."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None)
+    run = _active_wandb_run()
     if run is None:
         return
     folder = Path(run.dir).parent

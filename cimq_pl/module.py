@@ -25,8 +25,8 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
-from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, run_record
-from cimq_pl.quant import CIMSpec, cim_layers, convert_to_cim, fold_batchnorm_, iter_quantizers
+from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, quantizer_options, run_record
+from cimq_pl.quant import CIMSpec, convert_to_cim, fold_batchnorm_, iter_quantizers
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
 __all__ = ["CIMQModule"]
@@ -151,9 +151,7 @@ class CIMQModule(pl.LightningModule):
             f"model {self.hparams['name']!r} with cim={self.hparams['cim']}",
             " (resume or test with the same model, model.cim and technique callbacks as the run that wrote it)",
         )
-        current = {name: dataclasses.asdict(layer.options) for name, layer in cim_layers(self.model)
-                   if hasattr(layer, "options")}
-        check_quantizer_options(checkpoint.get(RECORD_KEY), current, "the checkpoint (ckpt_path)")
+        check_quantizer_options(checkpoint.get(RECORD_KEY), quantizer_options(self.model), "the checkpoint (ckpt_path)")
 
     @property
     def is_cim(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["RECORD_KEY", "check_config_agrees", "check_quantizer_options", "configured_techniques", "resolve_class", "run_record",
+__all__ = ["RECORD_KEY", "check_config_agrees", "check_quantizer_options", "configured_techniques", "quantizer_options", "resolve_class", "run_record",
            "technique_settings"]
 
 RECORD_KEY = "cimq"
@@ -40,18 +40,22 @@ def technique_settings(callbacks: Iterable[Any]) -> dict[str, dict]:
             for cb in callbacks if isinstance(cb, TechniqueCallback)}
 
 
+def quantizer_options(model) -> dict[str, dict]:
+    """``{CIM layer name: its QuantizerOptions as plain values}`` of ``model``."""
+    from cimq_pl.quant import cim_layers
+
+    return {name: _plain(dataclasses.asdict(layer.options)) for name, layer in cim_layers(model) if hasattr(layer, "options")}
+
+
 def run_record(pl_module) -> dict[str, Any]:
     """The record `CIMQModule.on_save_checkpoint` stores under ``checkpoint["cimq"]``."""
     from lightning.pytorch.loggers import WandbLogger
-
-    from cimq_pl.quant import cim_layers
 
     trainer = pl_module.trainer
     record = {
         "cim": _plain(pl_module.hparams.get("cim")),
         "techniques": technique_settings(trainer.callbacks),
-        "quantizer_options": {name: _plain(dataclasses.asdict(layer.options))
-                              for name, layer in cim_layers(pl_module.model) if hasattr(layer, "options")},
+        "quantizer_options": quantizer_options(pl_module.model),
     }
     logger = trainer.logger
     if isinstance(logger, WandbLogger):
@@ -81,16 +85,15 @@ def configured_techniques(callbacks_config: Any) -> dict[str, dict]:
     """The technique settings a parsed ``trainer.callbacks`` config will build (same shape as `technique_settings`)."""
     from cimq_pl.callbacks.technique import TechniqueCallback
 
-    settings = {}
+    callbacks = []
     for entry in callbacks_config or []:
         entry = _as_dict(entry)
         if not isinstance(entry, Mapping) or "class_path" not in entry:
             continue
         cls = resolve_class(entry["class_path"])
         if isinstance(cls, type) and issubclass(cls, TechniqueCallback):
-            callback = cls(**(_as_dict(entry.get("init_args")) or {}))
-            settings[cls.__name__] = _plain(dataclasses.asdict(callback.config))
-    return settings
+            callbacks.append(cls(**(_as_dict(entry.get("init_args")) or {})))
+    return technique_settings(callbacks)
 
 
 def _cim_flag(field: str, value: Any) -> str:
