@@ -14,6 +14,28 @@ from cimq_pl.quant.ste import constant_tensor
 from cimq_pl.quant.tiling import TileGeometry
 
 
+def digit_planes(values, shifts, widths, offset: int, qmin: int, qmax: int, exact: bool) -> torch.Tensor:
+    """The digits of `_DigitSplit` without autograd: shape (len(shifts), *values.shape), values' dtype.
+
+    The digit planes keep the memory layout of ``values`` (channels-last codes give channels-last planes).
+    """
+    view = (-1,) + (1,) * values.dim()
+    int_dtype = torch.int16 if max(abs(qmin), abs(qmax)) + offset < 2**15 else torch.int32
+    if exact:  # values already hold integer codes in [qmin, qmax]
+        integer, residual = values.to(int_dtype), None
+    else:
+        floored = torch.clamp(torch.floor(values), qmin, qmax)
+        integer, residual = floored.to(int_dtype), values - floored
+    if offset:
+        integer = integer + offset
+    shift = constant_tensor(tuple(shifts), int_dtype, values.device).view(view)
+    mask = constant_tensor(tuple(2**w - 1 if w else -1 for w in widths), int_dtype, values.device).view(view)
+    digits = torch.bitwise_and(torch.bitwise_right_shift(integer.unsqueeze(0), shift), mask).to(values.dtype)
+    if residual is not None:
+        digits[0] += residual
+    return digits
+
+
 class _DigitSplit(torch.autograd.Function):
     """Split integer-valued codes into weighted digits: values = sum_k weights[k] * digits[k].
 
@@ -25,22 +47,8 @@ class _DigitSplit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, shifts, widths, weights, offset, qmin, qmax, exact):
-        view = (-1,) + (1,) * values.dim()
-        int_dtype = torch.int16 if max(abs(qmin), abs(qmax)) + offset < 2**15 else torch.int32
-        if exact:  # values already hold integer codes in [qmin, qmax]
-            integer, residual = values.to(int_dtype), None
-        else:
-            floored = torch.clamp(torch.floor(values), qmin, qmax)
-            integer, residual = floored.to(int_dtype), values - floored
-        if offset:
-            integer = integer + offset
-        shift = constant_tensor(tuple(shifts), int_dtype, values.device).view(view)
-        mask = constant_tensor(tuple(2**w - 1 if w else -1 for w in widths), int_dtype, values.device).view(view)
-        digits = torch.bitwise_and(torch.bitwise_right_shift(integer.unsqueeze(0), shift), mask).to(values.dtype)
-        if residual is not None:
-            digits[0] += residual
         ctx.weights = weights
-        return digits
+        return digit_planes(values, shifts, widths, offset, qmin, qmax, exact)
 
     @staticmethod
     def backward(ctx, grad_digits):
@@ -75,4 +83,4 @@ def split_weight_slices(codes: torch.Tensor, geometry: TileGeometry, code_range:
     return _DigitSplit.apply(codes, shifts, widths, weights, 0, *code_range, exact), weights, 0
 
 
-__all__ = ["split_input_cycles", "split_weight_slices"]
+__all__ = ["digit_planes", "split_input_cycles", "split_weight_slices"]

@@ -11,7 +11,9 @@ Vectorised: the input cycles are stacked in the batch dimension and the row bloc
 times conv groups) are the groups of one grouped convolution whose output channels are all slices and columns
 of all arrays; a ragged last row block, if any, is a second convolution. The ADC and the cycle shift-add are
 one fused pass (`PsumQuantizer.convert_and_sum`), and the per-tile scales and the shift-add across slices and
-row blocks act on the cycle-summed tensor. No Python loop runs over arrays, positions or cycles.
+row blocks act on the cycle-summed tensor. No Python loop runs over arrays, positions or cycles. Faster
+paths (channels-last convolutions where nothing needs a gradient; ``simulation="compiled"``: compiled kernels
+around the convolutions) are in `fused.py`.
 
 The digits come from `digits.py` (shared with the export) and the event counts from `stats.py`; this file
 holds the layers and the two walks over a model's CIM layers, `cim_layers` and `iter_quantizers`.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cimq_pl.quant import fused
 from cimq_pl.quant.activation import ActivationQuantizer
 from cimq_pl.quant.digits import _DigitSplit, split_input_cycles, split_weight_slices  # noqa: F401 - re-exported
 from cimq_pl.quant.options import QuantizerOptions
@@ -51,6 +54,8 @@ class _CIMLayerBase(nn.Module):
         psum_quantizer: `PsumQuantizer` (ADC), None when ``spec.adc_bits`` is None.
         collect_stats: when True every forward pass adds to ``stats`` (off by default: training is not slowed).
         stats: `CIMStats` event counters; ``reset_stats()`` zeroes them.
+        simulation: ``"eager"``, ``"compiled"`` or None (the process default); see `fused.py`. Not part of the
+            state_dict: a speed choice, not a model property.
     """
 
     def _setup(
@@ -98,6 +103,25 @@ class _CIMLayerBase(nn.Module):
                 self._part_inputs.append(("index",))
         self.register_buffer("_col_block_of_column", geo.col_block_of_column(), persistent=False)
         self._meta_cache: dict = {}
+        self.simulation: Optional[str] = None  # "eager", "compiled" or None (the process default), see fused.py
+
+    def _array_convs(self) -> list:
+        """Per part: (`fused.ConvParams` of its grouped convolution, extra input padding for F.pad or None)."""
+        params = self.__dict__.get("_array_conv_params")
+        if params is None:
+            params = self.__dict__["_array_conv_params"] = [self._conv_params(len(p.row_blocks)) for p in self.parts]
+        return params
+
+    def _conv_params(self, n_blocks: int) -> tuple:
+        """(`fused.ConvParams` of a grouped convolution over ``n_blocks`` row blocks, extra padding or None)."""
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        stride, dilation, padding, extra = pair(self.stride), pair(self.dilation), self.padding, None
+        if isinstance(padding, str):  # "valid" or "same" (stride 1); odd totals pad one more on the high side
+            totals = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(dilation, self.kernel_size)]
+            padding = tuple(t // 2 for t in totals)
+            if any(t % 2 for t in totals):
+                extra = (0, totals[1] % 2, 0, totals[0] % 2)
+        return fused.ConvParams(stride, pair(padding), dilation, self.geometry.groups * n_blocks), extra
 
     def _build_quantizers(self, options: QuantizerOptions) -> tuple:
         """Fresh (input, weight, psum) quantizers for ``options``; None where the spec leaves a quantity float."""
@@ -250,37 +274,63 @@ class _CIMLayerBase(nn.Module):
 
         if input_active:
             codes, input_step = iq.codes(x)
-            digits, cycle_weights = split_input_cycles(
-                codes, geo, iq.bits, bool(iq.signed), iq.code_range, exact=not iq.dropping
-            )
+            cycle_weights = geo.input_cycles(bool(iq.signed), iq.bits)[1]
             n_cycles = len(cycle_weights)
-            stacked = digits.reshape(n_cycles * n_images, *x.shape[1:])
+            digits = None  # cut into digits below, where the path needs them (or a trace shows them)
+            if trace:
+                digits, _ = split_input_cycles(codes, geo, iq.bits, bool(iq.signed), iq.code_range,
+                                               exact=not iq.dropping)
         else:
-            codes, input_step, digits, cycle_weights, n_cycles, stacked = None, None, None, (1,), 1, x
+            codes, input_step, digits, cycle_weights, n_cycles = None, None, None, (1,), 1
 
         if weight_active:
             if not wq.initialized:
                 wq.init_from_observer(self._weight4d())
             weight_step = wq.expanded_step()
             weight_codes = wq.codes(self._weight4d(), weight_step)
-            exact = wq.rounding_logits is None or wq.hard or not wq.training
-            slices, slice_weights, ref_digit = split_weight_slices(weight_codes, geo, wq.code_range, exact)
+            weight_exact = wq.rounding_logits is None or wq.hard or not wq.training
+            slices, slice_weights, ref_digit = split_weight_slices(weight_codes, geo, wq.code_range, weight_exact)
         else:
             weight_step, weight_codes, slices, slice_weights, ref_digit = None, None, self._weight4d().unsqueeze(0), (1,), 0
+            weight_exact = False
         n_slices = slices.shape[0]
         n_ref = geo.n_col_blocks if ref_digit else 0
         cout_g = geo.out_channels_per_group
         columns = n_slices * cout_g + n_ref
 
-        psums, metas = [], []
-        for index in range(len(self.parts)):  # at most 2 parts (full row blocks, ragged last block)
-            n_conv_groups = geo.groups * len(self.parts[index].row_blocks)
-            weight = self._part_weight(slices, index, ref_digit)
-            psums.append(self._conv(self._part_input(stacked, index), weight, n_conv_groups))
-            metas.append(self._channel_meta(index, n_slices, n_ref, not input_active, not weight_active))
+        split = None
+        if input_active:
+            split = fused.InputSplit(geo.input_digit_shifts(bool(iq.signed), iq.bits),
+                                     geo.input_cycles(bool(iq.signed), iq.bits)[0], tuple(cycle_weights),
+                                     *iq.code_range, not iq.dropping)
+        source = codes if input_active else x
+        weights = [self._part_weight(slices, index, ref_digit) for index in range(len(self.parts))]
+        metas = [self._channel_meta(index, n_slices, n_ref, not input_active, not weight_active)
+                 for index in range(len(self.parts))]
 
-        if adc_active and (pq.observe or not pq.initialized):
-            pq.observe_psums(psums, [m[0] for m in metas], [m[1] for m in metas])
+        adc_plain = pq is None or not pq.enabled or (pq.initialized and not pq.observe and not pq.dropping)
+        if (not trace and not self.collect_stats and adc_plain and self._simulation() == "compiled"
+                and fused.compiled_simulation_available()):
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            return self._compiled_forward(split, self._part_codes(source), weights, metas, weight_step,
+                                          slice_weights, n_ref, input_step, adc_active, channels_last)
+
+        needs_grad = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
+        fast = not needs_grad and weight_active and weight_exact and self._integer_psums(split, x.dtype)
+        if fast:
+            # no gradient and integer partial sums: channels-last convolutions give the same bits, faster
+            psums = [fused.channels_last_psums(part, weight, split, conv)
+                     for part, weight, (conv, _) in zip(self._part_codes(source), weights, self._array_convs())]
+        else:  # the digits of all cycles stacked in the batch dimension, one grouped convolution per part
+            if input_active and digits is None:
+                digits, _ = split_input_cycles(codes, geo, iq.bits, bool(iq.signed), iq.code_range,
+                                               exact=not iq.dropping)
+            stacked = digits.reshape(n_cycles * n_images, *x.shape[1:]) if input_active else x
+            psums = [self._conv(self._part_input(stacked, index), weight, geo.groups * len(part.row_blocks))
+                     for index, (part, weight) in enumerate(zip(self.parts, weights))]
+
+        if adc_active and (pq.observe or not pq.initialized):  # the observer reads them in NCHW order
+            pq.observe_psums([p.contiguous() for p in psums], [m[0] for m in metas], [m[1] for m in metas])
             if not pq.observe:
                 pq.init_from_observer()
 
@@ -288,14 +338,17 @@ class _CIMLayerBase(nn.Module):
         count_clipped = self.collect_stats and adc_active
         for index, (psum, (group, signed)) in enumerate(zip(psums, metas)):
             if adc_active:
-                summed, clipped, part_codes = pq.convert_and_sum(
-                    psum, group, signed, cycle_weights, count_clipped, return_codes=trace
+                summed, clipped, part_adc_codes = pq.convert_and_sum(
+                    psum, group, signed, cycle_weights, count_clipped, return_codes=trace,
+                    overwrite=fast and not trace,
                 )
-                adc_codes.append(part_codes)
+                adc_codes.append(part_adc_codes)
                 if clipped is not None:
                     clipped_total = clipped_total + clipped
             else:
                 summed = cycle_sum(psum, cycle_weights)
+            if fast:  # the shift-add reads NCHW, as on the plain path (its sums then round the same way)
+                summed = summed.contiguous()
             output = output + self._shift_add(summed, index, weight_step, slice_weights, n_ref)
 
         height, width = output.shape[-2:]
@@ -314,31 +367,99 @@ class _CIMLayerBase(nn.Module):
         return output, self._trace(codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit,
                                    psums, adc_codes if adc_active else None, n_cycles, n_images, columns)
 
-    def _shift_add(self, summed, part_index, weight_step, slice_weights, n_ref):
-        """Per-tile scales and shift-add over slices and row blocks: (N, blocks*K, H, W) -> (N, G, C_out/g, H, W)."""
+    def _shift_add_coefficients(self, part_index, weight_step, slice_weights, n_ref, dtype, device) -> tuple:
+        """Digital factors of a part's shift-add: (coefficient (G, blocks * slices, C_out/g), reference-column
+        coefficient (G, blocks, C_out/g) or None); (None, None) when the shift-add is a plain sum."""
         geo = self.geometry
         g, cout_g = geo.groups, geo.out_channels_per_group
         n_slices = len(slice_weights)
         blocks = getattr(self, f"_part{part_index}_blocks")
         n_blocks = blocks.numel()
-        n_images, _, height, width = summed.shape
-        per_block = summed.view(n_images, g, n_blocks, n_slices * cout_g + n_ref, height, width)
         tile_step = weight_step.index_select(1, blocks) if weight_step is not None else None  # (G, blocks, C_out/g)
         if n_slices == 1 and tile_step is None and not n_ref:
-            return per_block.sum(2)
-        coefficient = constant_tensor(tuple(slice_weights), summed.dtype, summed.device).view(1, 1, -1, 1)
+            return None, None
+        coefficient = constant_tensor(tuple(slice_weights), dtype, device).view(1, 1, -1, 1)
         if tile_step is not None:
             coefficient = coefficient * tile_step.unsqueeze(2)
-        coefficient = coefficient.expand(g, n_blocks, n_slices, cout_g)
+        coefficient = coefficient.expand(g, n_blocks, n_slices, cout_g).reshape(g, n_blocks * n_slices, cout_g)
+        ref_coefficient = None
+        if n_ref:
+            top_weight = float(slice_weights[-1])
+            ones = torch.ones(g, n_blocks, cout_g, dtype=dtype, device=device) if tile_step is None else None
+            ref_coefficient = -top_weight * (tile_step if tile_step is not None else ones)
+        return coefficient, ref_coefficient
+
+    def _shift_add(self, summed, part_index, weight_step, slice_weights, n_ref):
+        """Per-tile scales and shift-add over slices and row blocks: (N, blocks*K, H, W) -> (N, G, C_out/g, H, W)."""
+        geo = self.geometry
+        g, cout_g = geo.groups, geo.out_channels_per_group
+        n_slices = len(slice_weights)
+        n_blocks = len(self.parts[part_index].row_blocks)
+        n_images, _, height, width = summed.shape
+        per_block = summed.view(n_images, g, n_blocks, n_slices * cout_g + n_ref, height, width)
+        coefficient, ref_coefficient = self._shift_add_coefficients(
+            part_index, weight_step, slice_weights, n_ref, summed.dtype, summed.device)
+        if coefficient is None:
+            return per_block.sum(2)
         columns = per_block[:, :, :, : n_slices * cout_g] if n_ref else per_block
         out = (columns.reshape(n_images, g, n_blocks * n_slices, cout_g, height, width)
-               * coefficient.reshape(1, g, n_blocks * n_slices, cout_g, 1, 1)).sum(2)
+               * coefficient.view(1, g, n_blocks * n_slices, cout_g, 1, 1)).sum(2)
         if n_ref:
             reference = per_block[:, :, :, n_slices * cout_g:].index_select(3, self._col_block_of_column)
-            top_weight = float(slice_weights[-1])
-            ref_coefficient = -top_weight * (tile_step if tile_step is not None else reference.new_ones(g, n_blocks, cout_g))
-            out = out + (reference * ref_coefficient.expand(g, n_blocks, cout_g).view(1, g, n_blocks, cout_g, 1, 1)).sum(2)
+            out = out + (reference * ref_coefficient.view(1, g, n_blocks, cout_g, 1, 1)).sum(2)
         return out
+
+    def _simulation(self) -> str:
+        """This layer's simulation path: its ``simulation`` attribute, else the process default (fused.py)."""
+        return getattr(self, "simulation", None) or fused.default_simulation()
+
+    def _part_codes(self, source: torch.Tensor) -> list:
+        """The (N, C_p, H, W) input codes (or float inputs) of each row-block part, padded where "same" needs it."""
+        parts = []
+        for index, (_, extra) in enumerate(self._array_convs()):
+            part = self._part_input(source, index)
+            parts.append(part if extra is None else F.pad(part, extra))
+        return parts
+
+    def _integer_psums(self, split, dtype: torch.dtype) -> bool:
+        """Whether partial sums of exact integer digits are exact integers in ``dtype`` (any summation order)."""
+        if split is None or not split.exact or self.spec.effective_cell_bits is None:
+            return False
+        mantissa = {torch.float32: 24, torch.float64: 53}.get(dtype)
+        bound = self.spec.rows * (2 ** max(split.widths) - 1) * 2 ** self.spec.effective_cell_bits
+        return mantissa is not None and bound < 2**mantissa
+
+    def _ref_onehot(self, dtype, device) -> torch.Tensor:
+        """(C_out/g, n_col_blocks) one-hot matrix of each output column's column block."""
+        key = ("onehot", dtype, device)
+        if key not in self._meta_cache:
+            index = self._col_block_of_column.to(device)
+            self._meta_cache[key] = F.one_hot(index, self.geometry.n_col_blocks).to(dtype)
+        return self._meta_cache[key]
+
+    def _compiled_forward(self, split, part_codes, weights, metas, weight_step, slice_weights, n_ref, input_step,
+                          adc_active, channels_last):
+        """The layer output on the compiled path (`fused.compiled_layer`), from the quantizers' results."""
+        geo, pq = self.geometry, self.psum_quantizer
+        dtype, device = weights[0].dtype, weights[0].device
+        steps, qmins, qmaxs, coefs, ref_coefs = [], [], [], [], []
+        for index, (group, signed) in enumerate(metas):
+            step, qmin, qmax = pq.channel_params(group, signed) if adc_active else (None, None, None)
+            coefficient, ref_coefficient = self._shift_add_coefficients(index, weight_step, slice_weights, n_ref,
+                                                                        dtype, device)
+            for store, value in zip((steps, qmins, qmaxs, coefs, ref_coefs),
+                                    (step, qmin, qmax, coefficient, ref_coefficient)):
+                store.append(value)
+        config = fused.PostConfig(
+            cycle_weights=tuple(split.cycle_weights) if split is not None else (1,),
+            part_blocks=tuple(len(part.row_blocks) for part in self.parts), groups=geo.groups,
+            cout_g=geo.out_channels_per_group, n_slices=len(slice_weights), n_ref=n_ref, adc=adc_active,
+            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=self.bias is not None)
+        ref_index = self._col_block_of_column if n_ref else None
+        ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
+        convs = [conv for conv, _ in self._array_convs()]
+        return fused.compiled_layer(config, split, convs, ref_index, ref_onehot, part_codes, weights, steps, qmins,
+                                    qmaxs, coefs, ref_coefs, input_step, self.bias, channels_last)
 
     def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
                n_cycles, n_images, columns):

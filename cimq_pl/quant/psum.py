@@ -42,8 +42,31 @@ def cycle_sum(values: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
     if n_cycles == 1:
         return values if cycle_weights[0] == 1 else values * cycle_weights[0]
     weights = constant_tensor(tuple(cycle_weights), values.dtype, values.device)
+    if _channels_last(values):  # sum over the NHWC view, no copy; the result is channels-last too
+        nhwc = values.permute(0, 2, 3, 1)
+        summed = torch.matmul(weights.unsqueeze(0), nhwc.reshape(n_cycles, -1))
+        return summed.view(values.shape[0] // n_cycles, *nhwc.shape[1:]).permute(0, 3, 1, 2)
     summed = torch.matmul(weights.unsqueeze(0), values.reshape(n_cycles, -1))
     return summed.view(values.shape[0] // n_cycles, *values.shape[1:])
+
+
+def _channels_last(values: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is channels-last and not also plain contiguous."""
+    return (values.dim() == 4 and values.is_contiguous(memory_format=torch.channels_last)
+            and not values.is_contiguous())
+
+
+@torch.no_grad()
+def _adc_cycle_sum_inplace(psums, step, qmin, qmax, cycle_weights, count_clipped: bool):
+    """`_ADCCycleSum.forward` without autograd, converting ``psums`` in place (same values, fewer passes)."""
+    view = (1, -1, 1, 1)
+    normalized = psums.div_(step.view(view))
+    clipped = None
+    if count_clipped:
+        clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
+    normalized.round_()
+    torch.clamp(normalized, qmin.view(view), qmax.view(view), out=normalized)
+    return cycle_sum(normalized, cycle_weights).mul_(step.view(view)), clipped
 
 
 class _ADCCycleSum(torch.autograd.Function):
@@ -211,6 +234,7 @@ class PsumQuantizer(QuantizerBase):
         cycle_weights: tuple,
         count_clipped: bool = False,
         return_codes: bool = False,
+        overwrite: bool = False,
     ) -> tuple:
         """ADC-convert partial sums and shift-add them over cycles.
 
@@ -221,6 +245,7 @@ class PsumQuantizer(QuantizerBase):
             cycle_weights: shift-add weight (int) of each cycle.
             count_clipped: also count partial sums outside [qmin, qmax] * step (clipped by the ADC).
             return_codes: also return the integer ADC codes (unfused path; for tests and export).
+            overwrite: ``psums`` may be overwritten; where no gradient is needed the conversion then runs in place.
 
         Returns:
             ``(summed, clipped, codes)``: summed (N, C, H, W) = sum_j w_j * step * code_j (or of the raw
@@ -230,6 +255,8 @@ class PsumQuantizer(QuantizerBase):
         if not self.enabled or self.observe:
             return cycle_sum(psums, cycle_weights), None, None
         step, qmin, qmax = self.channel_params(group, signed)
+        if overwrite and not (self.dropping or return_codes or (torch.is_grad_enabled() and step.requires_grad)):
+            return _adc_cycle_sum_inplace(psums, step, qmin, qmax, cycle_weights, count_clipped) + (None,)
         if not (self.dropping or return_codes):
             summed, clipped = _ADCCycleSum.apply(psums, step, qmin, qmax, cycle_weights, count_clipped)
             return summed, (clipped if count_clipped else None), None

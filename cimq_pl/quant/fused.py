@@ -1,0 +1,438 @@
+"""Fast simulation of a CIM layer: channels-last array convolutions and one compiled pass around them.
+
+A CIM layer (`layers.py`) runs one of two simulations, chosen per layer by ``layer.simulation`` (None: the
+process default `default_simulation()`, ``"eager"`` unless the environment variable ``CIMQ_SIMULATION`` says
+``"compiled"``; `set_simulation` sets a whole model):
+
+* ``"eager"`` (default): plain PyTorch operators, bit for bit the results (forward values and gradients) of
+  the original implementation. The input digits of all cycles feed one grouped convolution per row-block
+  part; the ADC with the cycle shift-add (`PsumQuantizer.convert_and_sum`), then the per-tile scales and the
+  shift-add over slices and row blocks (``_CIMLayerBase._shift_add``) follow as passes over the partial sums.
+  Where no gradient is needed (evaluation) and the partial sums are exact integers (quantized inputs and
+  weights, codes rounded), the convolutions run channels-last (`channels_last_psums`) and the ADC in place:
+  integer sums do not depend on the summation order, so the bits stay the same.
+* ``"compiled"``: `_CompiledLayer`. The digit split before the convolutions and everything after them (ADC
+  clip, round and code, cycle shift-add, slice and row-block shift-add, per-tile scales, input scale, bias)
+  are ``torch.compile`` kernels, one pass over the partial sums for the forward and one for the backward
+  (straight-through round, zero gradient where the ADC clips); Inductor writes C++/OpenMP code on the CPU and
+  Triton code on CUDA. Convolutions are channels-last throughout. The gradient of the input codes is one
+  transposed convolution of the ``N`` images instead of one per cycle: the straight-through digit split
+  averages the digit gradients divided by their cycle weights and the convolution is linear, so
+  ``d codes = conv_T(sum_j d psum_j / (n w_j))``. ADC codes are the eager ones; the forward values differ
+  from the eager ones at most by the order of float sums (row blocks and slices, which PyTorch's own reduction
+  orders by shape and vector width; convolutions of non-integer digits), the gradients likewise. Traces,
+  event counting (``collect_stats``), ADC calibration and partial-sum dropping run eagerly. Where compilation
+  fails (no C++ compiler, no Triton) the layers warn once and run eagerly.
+
+Compilation happens once per layer configuration (and batch size, until shapes turn dynamic); Inductor
+caches the generated code on disk (``TORCHINDUCTOR_CACHE_DIR``), so a later process reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant.digits import digit_planes
+from cimq_pl.quant.ste import constant_tensor
+
+__all__ = [
+    "SIMULATIONS",
+    "channels_last_psums",
+    "compiled_layer",
+    "compiled_simulation_available",
+    "default_simulation",
+    "set_default_simulation",
+    "set_simulation",
+]
+
+#: The simulation paths of a CIM layer (``layer.simulation``).
+SIMULATIONS = ("eager", "compiled")
+_CHANNELS_LAST = torch.channels_last
+
+
+def _check_simulation(mode: str, where: str) -> str:
+    if mode not in SIMULATIONS:
+        raise ConfigError(f"{where}={mode!r} is invalid: expected one of {list(SIMULATIONS)}")
+    return mode
+
+
+_default = _check_simulation(os.environ.get("CIMQ_SIMULATION", "eager"), "CIMQ_SIMULATION")
+
+
+def default_simulation() -> str:
+    """The simulation of CIM layers whose ``simulation`` is None (``"eager"`` unless set otherwise)."""
+    return _default
+
+
+def set_default_simulation(mode: str) -> None:
+    """Set the process-wide default simulation (``"eager"`` or ``"compiled"``).
+
+    Raises:
+        ConfigError: on another value.
+    """
+    global _default
+    _default = _check_simulation(mode, "simulation")
+
+
+def set_simulation(model: nn.Module, mode: Optional[str]) -> int:
+    """Set ``simulation`` on every CIM layer of ``model`` (None: follow the process default).
+
+    Returns:
+        The number of CIM layers set.
+
+    Raises:
+        ConfigError: on an unknown mode.
+    """
+    from cimq_pl.quant.layers import cim_layers
+
+    if mode is not None:
+        _check_simulation(mode, "simulation")
+    layers = cim_layers(model)
+    for _, layer in layers:
+        layer.simulation = mode
+    return len(layers)
+
+
+# ---------------------------------------------------------------------------------------------- convolutions
+class InputSplit(NamedTuple):
+    """How input codes are cut into per-cycle digits (arguments of `digit_planes`)."""
+
+    shifts: tuple
+    widths: tuple
+    cycle_weights: tuple
+    qmin: int
+    qmax: int
+    exact: bool
+
+
+class ConvParams(NamedTuple):
+    """stride, padding, dilation (pairs of ints) and groups of one grouped array convolution."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
+def _digits(codes: torch.Tensor, split: Optional[InputSplit]) -> torch.Tensor:
+    """Digits of all cycles stacked in the batch dimension, (n_cycles * N, C, H, W), channels-last."""
+    if split is None:
+        return codes.contiguous(memory_format=_CHANNELS_LAST)
+    codes = codes.contiguous(memory_format=_CHANNELS_LAST)
+    planes = digit_planes(codes, split.shifts, split.widths, 0, split.qmin, split.qmax, split.exact)
+    return planes.reshape(-1, *codes.shape[1:])
+
+
+def _conv(digits: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> torch.Tensor:
+    weight = weight.contiguous(memory_format=_CHANNELS_LAST)
+    return F.conv2d(digits, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_grads(grad_psums, digits, combined, like_input, weight, conv: ConvParams, need_input: bool,
+                need_weight: bool) -> tuple:
+    """(d input, d weight) of the array convolution.
+
+    ``combined`` (N, K, H, W) is the cycle-combined output gradient for the input codes, ``grad_psums``
+    (n_cycles * N, K, H, W) the per-cycle one for the weight; ``like_input`` has the shape of one cycle's input.
+    """
+    grad_input = grad_weight = None
+    weight_cl = weight.contiguous(memory_format=_CHANNELS_LAST)
+    args = (None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups)
+    if need_input:
+        grad_input = torch.ops.aten.convolution_backward(
+            combined, like_input, weight_cl, *args, [True, False, False])[0]
+    if need_weight:
+        grad_weight = torch.ops.aten.convolution_backward(
+            grad_psums, digits, weight_cl, *args, [False, True, False])[1]
+    return grad_input, grad_weight
+
+
+@torch.no_grad()
+def channels_last_psums(codes: torch.Tensor, weight: torch.Tensor, split: InputSplit, conv: ConvParams):
+    """Partial sums (n_cycles * N, K, H_out, W_out), channels-last, of the digits of ``codes`` under ``weight``
+    (no gradient; used where the partial sums are exact integers, so the layout cannot change a bit).
+
+    Args:
+        codes: (N, C, H, W) integer input codes of one row-block part.
+        weight: the part's grouped-conv weight (K, C / groups, k_h, k_w), integer digits.
+        split: how codes become per-cycle digits.
+        conv: stride, padding, dilation and groups.
+    """
+    return _conv(_digits(codes, split), weight, conv)
+
+
+# ------------------------------------------------------------------------------------------ compiled kernels
+class PostConfig(NamedTuple):
+    """Static description of what follows the array convolutions of a layer (compile-time constants)."""
+
+    cycle_weights: tuple  # shift-add weight of each input cycle
+    part_blocks: tuple  # number of row blocks of each part
+    groups: int
+    cout_g: int  # output columns per group
+    n_slices: int
+    n_ref: int  # reference columns per array (offset slicing), 0 otherwise
+    adc: bool  # whether the ADC quantizes (False: ideal ADC)
+    scaled: bool  # whether the shift-add multiplies (slice weights, tile scales or reference columns)
+    input_scale: bool
+    bias: bool
+
+
+def _sequential_sum(terms: list) -> torch.Tensor:
+    """``terms[0] + terms[1] + ...`` left to right (the order of PyTorch's own small reductions in most shapes)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _cycle_sum_nhwc(codes: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
+    terms = [codes[j] if w == 1 else codes[j] * w for j, w in enumerate(cycle_weights)]
+    return _sequential_sum(terms)
+
+
+def _adc_codes(P, step, qmin, qmax):
+    normalized = P / step
+    return normalized, torch.clamp(torch.round(normalized), qmin, qmax)
+
+
+def _part_output(u, coef, ref_coef, ref_index, n_blocks: int, cfg: PostConfig):
+    """Shift-add of one part, NHWC: u (N, H, W, G * blocks * K) -> (N, H, W, G, C_out/g), plus what the
+    backward pass needs: (output, columns (N, H, W, G, blocks * slices, C_out/g) or None, gathered reference
+    values (N, H, W, G, blocks, C_out/g) or None)."""
+    n, h, w, _ = u.shape
+    g, cout_g, n_slices, n_ref = cfg.groups, cfg.cout_g, cfg.n_slices, cfg.n_ref
+    per_block = u.view(n, h, w, g, n_blocks, n_slices * cout_g + n_ref)
+    if not cfg.scaled:
+        return _sequential_sum([per_block[:, :, :, :, b] for b in range(n_blocks)]), None, None
+    columns = per_block[..., : n_slices * cout_g].reshape(n, h, w, g, n_blocks * n_slices, cout_g)
+    out = _sequential_sum([columns[:, :, :, :, i] * coef[:, i] for i in range(n_blocks * n_slices)])
+    gathered = None
+    if n_ref:
+        gathered = per_block[..., n_slices * cout_g:][..., ref_index]
+        out = out + _sequential_sum([gathered[:, :, :, :, b] * ref_coef[:, b] for b in range(n_blocks)])
+    return out, columns, gathered
+
+
+def _post_forward(psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step, bias, cfg: PostConfig):
+    """ADC, cycle shift-add, per-tile scales, shift-add, input scale and bias: NHWC partial sums
+    (n_cycles, N, H, W, K_p) of each part -> NHWC output (N, H, W, C_out)."""
+    out = None
+    for p, P in enumerate(psums):
+        if cfg.adc:
+            _, codes = _adc_codes(P, steps[p], qmins[p], qmaxs[p])
+            u = _cycle_sum_nhwc(codes, cfg.cycle_weights) * steps[p]
+        else:
+            u = _cycle_sum_nhwc(P, cfg.cycle_weights)
+        part, _, _ = _part_output(u, coefs[p], ref_coefs[p], ref_index, cfg.part_blocks[p], cfg)
+        out = part if out is None else out + part
+    n, h, w = out.shape[:3]
+    out = out.reshape(n, h, w, cfg.groups * cfg.cout_g)
+    if cfg.input_scale:
+        out = out * input_step
+    if cfg.bias:
+        out = out + bias
+    return out
+
+
+def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, ref_onehot, input_step,
+                   cfg: PostConfig, need_psums: bool, need_combined: bool):
+    """Gradients of `_post_forward` (straight-through round, zero gradient where the ADC clips) for the NHWC
+    output gradient ``grad_out`` (N, H, W, C_out).
+
+    Returns ``(grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias)``,
+    per part where a list: grad_psums (n_cycles, N, H, W, K_p), combined = sum_j grad_psums_j / (n w_j)
+    (N, H, W, K_p) for the input codes.
+    """
+    n, h, w, c = grad_out.shape
+    g, cout_g = cfg.groups, cfg.cout_g
+    n_cycles = len(cfg.cycle_weights)
+    grad = grad_out
+    grad_bias = grad.sum((0, 1, 2)) if cfg.bias else None
+    scaled_grad = grad * input_step if cfg.input_scale else grad
+    grad5 = scaled_grad.reshape(n, h, w, g, 1, cout_g)
+    results = ([], [], [], [], [])
+    pre = None
+    for p, P in enumerate(psums):
+        n_blocks = cfg.part_blocks[p]
+        if cfg.adc:
+            normalized, codes = _adc_codes(P, steps[p], qmins[p], qmaxs[p])
+            u = _cycle_sum_nhwc(codes, cfg.cycle_weights) * steps[p]
+        else:
+            u = _cycle_sum_nhwc(P, cfg.cycle_weights)
+        part, columns, gathered = _part_output(u, coefs[p], ref_coefs[p], ref_index, n_blocks, cfg)
+        pre = part if pre is None else pre + part
+        grad_coef = grad_ref_coef = None
+        if not cfg.scaled:
+            grad_u = grad5.expand(n, h, w, g, n_blocks, cout_g)
+        else:
+            grad_u = grad5 * coefs[p]
+            grad_coef = (grad5 * columns).sum((0, 1, 2))
+            grad_u = grad_u.reshape(n, h, w, g, n_blocks, cfg.n_slices * cout_g)
+            if cfg.n_ref:
+                grad_ref_coef = (grad5 * gathered).sum((0, 1, 2))
+                grad_ref = torch.matmul(grad5 * ref_coefs[p], ref_onehot)  # sum over each column block
+                grad_u = torch.cat([grad_u, grad_ref], -1)
+        grad_u = grad_u.reshape(n, h, w, -1)
+        if cfg.adc:  # per cycle, so that every output is written by the one loop over the partial sums
+            inside = [(normalized[j] >= qmins[p]) & (normalized[j] <= qmaxs[p]) for j in range(n_cycles)]
+            grad_psums = None
+            if need_psums:
+                grad_psums = torch.stack([torch.where(inside[j], grad_u * wj, 0)
+                                          for j, wj in enumerate(cfg.cycle_weights)])
+            local = _cycle_sum_nhwc([codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)],
+                                    cfg.cycle_weights)
+            grad_step = (grad_u * local).sum((0, 1, 2))
+            combined = None
+            if need_combined:
+                combined = grad_u * (_sequential_sum([inside[j].to(grad_u.dtype) for j in range(n_cycles)])
+                                     * (1.0 / n_cycles))
+        else:
+            grad_psums = torch.stack([grad_u * wj for wj in cfg.cycle_weights]) if need_psums else None
+            grad_step = None
+            combined = grad_u if need_combined else None
+        for store, value in zip(results, (grad_psums, combined, grad_step, grad_coef, grad_ref_coef)):
+            store.append(value)
+    grad_input_step = (grad * pre.reshape(n, h, w, c)).sum().reshape(1) if cfg.input_scale else None
+    return (*results, grad_input_step, grad_bias)
+
+
+def _split_kernel(codes: torch.Tensor, split: InputSplit) -> torch.Tensor:
+    """`digit_planes` of (N, C, H, W) codes in int32 arithmetic, NHWC: (n_cycles, N, H, W, C)."""
+    codes_nhwc = codes.permute(0, 2, 3, 1)
+    if split.exact:
+        integer, residual = codes_nhwc.to(torch.int32), None
+    else:
+        floored = torch.clamp(torch.floor(codes_nhwc), split.qmin, split.qmax)
+        integer, residual = floored.to(torch.int32), codes_nhwc - floored
+    planes = []
+    for shift, width in zip(split.shifts, split.widths):
+        digit = integer >> shift
+        if width:
+            digit = digit & (2**width - 1)
+        planes.append(digit.to(codes_nhwc.dtype))
+    if residual is not None:
+        planes[0] = planes[0] + residual
+    return torch.stack(planes)
+
+
+#: False runs the kernels of the compiled path without compiling them (same code, eagerly: for tests and
+#: debugging; ``CIMQ_COMPILE_KERNELS=0`` in the environment).
+COMPILE_KERNELS = os.environ.get("CIMQ_COMPILE_KERNELS", "1") != "0"
+_compiled_kernels: dict = {}
+_compile_failure: Optional[str] = None
+
+
+def compiled_simulation_available() -> bool:
+    """False once a compilation failed in this process (the layers then run eagerly)."""
+    return _compile_failure is None
+
+
+def _run_compiled(kernel, *args, **kwargs):
+    """``kernel`` compiled with ``torch.compile`` (once per kernel; Inductor caches per shape and config); on
+    a compilation failure warn once, remember it and run ``kernel`` eagerly."""
+    global _compile_failure
+    if COMPILE_KERNELS and _compile_failure is None:
+        compiled = _compiled_kernels.get(kernel)
+        if compiled is None:
+            import torch._dynamo
+
+            config = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):  # one entry per layer shape and batch size
+                if hasattr(config, name):
+                    setattr(config, name, max(getattr(config, name), 256))
+                    break
+            compiled = _compiled_kernels[kernel] = torch.compile(kernel, fullgraph=True)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            _compile_failure = f"{type(error).__name__}: {first_line}"
+            warnings.warn(f"CIM layers: torch.compile failed ({_compile_failure[:200]}); simulating eagerly "
+                          "(simulation='eager')", RuntimeWarning, stacklevel=3)
+    return kernel(*args, **kwargs)
+
+
+def _nhwc(tensor_4d: torch.Tensor, n_cycles: int) -> torch.Tensor:
+    """A channels-last (n_cycles * N, K, H, W) tensor as its NHWC view (n_cycles, N, H, W, K)."""
+    nhwc = tensor_4d.permute(0, 2, 3, 1)
+    return nhwc.reshape(n_cycles, -1, *nhwc.shape[1:])
+
+
+class _CompiledLayer(torch.autograd.Function):
+    """A whole CIM layer after its input and weight quantizers: compiled digit split, array convolutions,
+    compiled post-conv forward; compiled post-conv backward, the convolution gradients.
+
+    ``tensors``: per part the codes, then per part the conv weight, the ADC step, qmin, qmax, the shift-add
+    coefficients and the reference-column coefficients (None where absent), then the input step and bias.
+    """
+
+    @staticmethod
+    def forward(ctx, cfg, split, convs, ref_index, ref_onehot, channels_last, *tensors):
+        n_parts = len(cfg.part_blocks)
+        codes, weights, steps, qmins, qmaxs, coefs, ref_coefs = (
+            list(tensors[i * n_parts:(i + 1) * n_parts]) for i in range(7))
+        input_step, bias = tensors[7 * n_parts:]
+        n_cycles = len(cfg.cycle_weights)
+        digits = [_digits_compiled(c, split) for c in codes]
+        psums = [_nhwc(_conv(d, w, conv), n_cycles) for d, w, conv in zip(digits, weights, convs)]
+        out = _run_compiled(_post_forward, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step,
+                            bias, cfg).permute(0, 3, 1, 2)
+        if not channels_last:
+            out = out.contiguous()
+        ctx.n_images = codes[0].shape[0]
+        ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *coefs, *ref_coefs, input_step)
+        ctx.cfg, ctx.convs, ctx.ref_index, ctx.ref_onehot = cfg, convs, ref_index, ref_onehot
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cfg, n_parts = ctx.cfg, len(ctx.cfg.part_blocks)
+        saved = ctx.saved_tensors
+        digits, weights, psums, steps, qmins, qmaxs, coefs, ref_coefs = (
+            list(saved[i * n_parts:(i + 1) * n_parts]) for i in range(8))
+        input_step = saved[8 * n_parts]
+        needs = ctx.needs_input_grad[6:]
+        need_codes, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
+        grad_nhwc = grad_out.permute(0, 2, 3, 1).contiguous()
+        grads = _run_compiled(_post_backward, grad_nhwc, psums, steps, qmins, qmaxs, coefs, ref_coefs,
+                              ctx.ref_index, ctx.ref_onehot, input_step, cfg, any(need_weights), any(need_codes))
+        grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias = grads
+        grad_codes, grad_weights = [], []
+        for p in range(n_parts):
+            grad_p = combined_p = None
+            if need_weights[p]:  # (n_cycles, N, H, W, K) -> channels-last (n_cycles * N, K, H, W)
+                grad_p = grad_psums[p].reshape(-1, *grad_psums[p].shape[2:]).permute(0, 3, 1, 2)
+            if need_codes[p]:
+                combined_p = combined[p].permute(0, 3, 1, 2)
+            grad_c, grad_w = _conv_grads(grad_p, digits[p], combined_p, digits[p][: ctx.n_images], weights[p],
+                                         ctx.convs[p], need_codes[p], need_weights[p])
+            grad_codes.append(grad_c)
+            grad_weights.append(grad_w)
+        none = [None] * n_parts
+        return (None, None, None, None, None, None, *grad_codes, *grad_weights, *grad_steps, *none, *none, *grad_coefs,
+                *grad_ref_coefs, grad_input_step, grad_bias if ctx.has_bias else None)
+
+
+def _digits_compiled(codes: torch.Tensor, split: Optional[InputSplit]) -> torch.Tensor:
+    """`_digits` through the compiled `_split_kernel` (any input layout; channels-last digits)."""
+    codes = codes.contiguous(memory_format=_CHANNELS_LAST)  # a transposing read inside the kernel is slower
+    if split is None:
+        return codes
+    planes = _run_compiled(_split_kernel, codes, split)  # (n_cycles, N, H, W, C)
+    return planes.reshape(-1, *planes.shape[2:]).permute(0, 3, 1, 2)
+
+
+def compiled_layer(cfg: PostConfig, split, convs, ref_index, ref_onehot, codes, weights, steps, qmins, qmaxs, coefs,
+                   ref_coefs, input_step, bias, channels_last: bool) -> torch.Tensor:
+    """Output (N, C_out, H, W) of a layer on the compiled path (see `_CompiledLayer`), channels-last memory when
+    ``channels_last`` (the layer input is), else contiguous."""
+    return _CompiledLayer.apply(cfg, split, convs, ref_index, ref_onehot, channels_last, *codes, *weights, *steps,
+                                *qmins, *qmaxs, *coefs, *ref_coefs, input_step, bias)

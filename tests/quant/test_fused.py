@@ -1,0 +1,170 @@
+"""The fast simulation paths (`cimq_pl/quant/fused.py`) against the plain eager path and the float64 reference.
+
+* eager, no gradient: channels-last array convolutions and an in-place ADC, bit for bit the plain path;
+* ``simulation="compiled"``: its kernels run uncompiled (``fused.COMPILE_KERNELS = False``, the same code
+  Inductor compiles) over hypothesis cases, forward values and every gradient against the eager path and the
+  float64 reference; one tiny layer through real ``torch.compile`` against the uncompiled kernels (about 10 s
+  of compilation: only with ``CIMQ_TEST_COMPILE=1``); the fallback to eager with one warning where compilation
+  fails.
+"""
+
+import contextlib
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant import CIMConv2d, CIMLinear, CIMSpec, QuantizerOptions, fused
+from .reference import reference_conv
+from .test_layers_exact import _conv, conv_cases, specs
+
+OPTIONS = dict(input_observer="minmax", weight_observer="minmax", psum_observer="minmax", weight_granularity="array")
+
+
+@contextlib.contextmanager
+def uncompiled():
+    """The compiled path with its kernels run eagerly (no compiler, no compile time)."""
+    saved, fused.COMPILE_KERNELS = fused.COMPILE_KERNELS, False
+    try:
+        yield
+    finally:
+        fused.COMPILE_KERNELS = saved
+
+
+def _initialised(case, spec, seed, dtype, signed=False, **options):
+    torch.manual_seed(seed)
+    conv, x = _conv(case, dtype)
+    x = x.abs()
+    if signed:
+        x.view(-1)[0] = -1.0
+    layer = CIMConv2d.from_conv(conv, spec, QuantizerOptions(**{**OPTIONS, **options})).to(dtype)
+    layer(x)  # lazy initialisation
+    if layer.psum_quantizer is not None:  # clip levels that clip and round
+        with torch.no_grad():
+            layer.psum_quantizer.theta.uniform_(-1.5, 0.3)
+    return layer, x
+
+
+def _run(layer, x, seed=0):
+    """Output and the gradients of x and of every parameter for a fixed random projection of the output."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = layer(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({name: p.grad for name, p in layer.named_parameters() if p.grad is not None})
+    return out.detach(), grads
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16))
+def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed):
+    layer, x = _initialised(case, spec, seed, torch.float32, signed)
+    layer.eval()
+    plain = layer(x)  # the weights need gradients: the plain (NCHW, digit-stacking) path
+    with torch.no_grad():
+        fast = layer(x)  # channels-last convolutions where the partial sums are integers, in-place ADC
+    assert torch.equal(fast, plain.detach())
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
+       train=st.booleans(), rounding=st.sampled_from(["nearest", "adaround"]))
+def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding):
+    layer, x = _initialised(case, spec, seed, torch.float64, signed, weight_rounding=rounding)
+    layer.train(train)
+    if train and layer.input_quantizer is not None:
+        layer.input_quantizer.drop_prob = 0.5  # QDrop: non-integer digits in the first cycle
+    eager_out, eager_grads = _run(layer, x)
+    layer.simulation = "compiled"
+    with uncompiled():
+        out, grads = _run(layer, x)
+    torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+    if not train:
+        torch.testing.assert_close(out, reference_conv(layer, x)["output"], rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 7).double()
+    spec = CIMSpec(rows=16, cols=6, weight_bits=4, cell_bits=2, weight_slicing="offset", input_bits=3, adc_bits=4)
+    layer = CIMLinear.from_linear(linear, spec).double()
+    x = torch.randn(5, 40, dtype=torch.float64)
+    layer(x)
+    eager_out, eager_grads = _run(layer, x)
+    layer.simulation = "compiled"
+    with uncompiled():
+        out, grads = _run(layer, x)
+    torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_simulation_switch():
+    layer = CIMConv2d.from_conv(nn.Conv2d(3, 4, 3), CIMSpec())
+    model = nn.Sequential(layer, nn.ReLU())
+    assert layer._simulation() == fused.default_simulation() == "eager"
+    assert fused.set_simulation(model, "compiled") == 1 and layer._simulation() == "compiled"
+    fused.set_simulation(model, None)
+    assert layer._simulation() == "eager"
+    with pytest.raises(ConfigError, match="simulation='jit' is invalid"):
+        fused.set_simulation(model, "jit")
+    with pytest.raises(ConfigError):
+        fused.set_default_simulation("fast")
+
+
+def test_failed_compilation_falls_back_with_one_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused, "COMPILE_KERNELS", True)
+    monkeypatch.setattr(fused, "_compiled_kernels", {})
+    monkeypatch.setattr(fused, "_compile_failure", None)
+    torch.manual_seed(0)
+    layer = CIMConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1), CIMSpec(rows=9, cols=4))
+    x = torch.rand(2, 3, 5, 5)
+    layer(x)
+    eager_out, eager_grads = _run(layer, x)
+    layer.simulation = "compiled"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, grads = _run(layer, x)
+        again, _ = _run(layer, x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0] and "second line" not in messages[0]
+    assert not fused.compiled_simulation_available()
+    torch.testing.assert_close(out, eager_out)
+    assert torch.equal(again, eager_out)  # later calls run the eager path itself
+
+
+@pytest.mark.skipif(os.environ.get("CIMQ_TEST_COMPILE") != "1" or shutil.which("c++") is None,
+                    reason="compiles C++ code for about 10 s: set CIMQ_TEST_COMPILE=1 (needs a C++ compiler)")
+def test_torch_compile_matches_uncompiled_kernels(monkeypatch):
+    """Inductor's code gives the uncompiled kernels' forward bits and their gradients (one tiny layer)."""
+    torch.manual_seed(0)
+    spec = CIMSpec(rows=20, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=3)
+    layer = CIMConv2d.from_conv(nn.Conv2d(5, 3, 3, padding=1), spec)
+    x = torch.rand(2, 5, 4, 4)
+    layer(x)
+    layer.simulation = "compiled"
+    monkeypatch.setattr(fused, "COMPILE_KERNELS", False)
+    expected_out, expected_grads = _run(layer, x)
+    monkeypatch.setattr(fused, "COMPILE_KERNELS", True)
+    out, grads = _run(layer, x)
+    assert fused.compiled_simulation_available()
+    assert torch.equal(out, expected_out)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
