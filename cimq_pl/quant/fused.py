@@ -93,7 +93,7 @@ def set_simulation(model: nn.Module, mode: Optional[str]) -> int:
     from cimq_pl.quant.layers import cim_layers
 
     if mode is not None:
-        _check_simulation(mode, "simulation")
+        _check_simulation(mode, "model.simulation")
     layers = cim_layers(model)
     for _, layer in layers:
         layer.simulation = mode
