@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant import CIMConv2d, CIMLinear, CIMSpec, QuantizerOptions, fused
+from cimq_pl.quant import ActivationQuantizer, CIMConv2d, CIMLinear, CIMSpec, QuantizerOptions, fused
 from .reference import reference_conv
 from .test_layers_exact import _conv, conv_cases, specs
 
@@ -168,3 +168,18 @@ def test_torch_compile_matches_uncompiled_kernels(monkeypatch):
     assert torch.equal(out, expected_out)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bit_sparse_projection_table_matches_binary_search():
+    """The look-up-table projection onto bit-sparse codes is the nearest-code binary search, ties to the smaller."""
+    for bits, max_ones, signed in [(4, 1, False), (4, 2, False), (4, 2, True), (5, 3, True), (6, 2, False)]:
+        quantizer = ActivationQuantizer(bits, signed=signed, max_ones=max_ones)
+        table, _ = quantizer.allowed_codes()
+        midpoints = (table[1:] + table[:-1]) / 2
+        qmin, qmax = quantizer.code_range
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(bits)
+            values = torch.cat([torch.rand(4000, dtype=dtype) * (qmax - qmin + 4) + qmin - 2, midpoints.to(dtype),
+                                midpoints.to(dtype) + 1e-6, torch.arange(qmin - 2, qmax + 3).to(dtype)])
+            expected = table.to(dtype)[torch.bucketize(values, midpoints.to(dtype))]
+            assert torch.equal(quantizer.project(values), expected)
