@@ -303,9 +303,36 @@ def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_i
     return (*results, grad_input_step, grad_bias)
 
 
-def _split_kernel(codes: torch.Tensor, split: InputSplit) -> torch.Tensor:
-    """`digit_planes` of (N, C, H, W) codes in int32 arithmetic, NHWC: (n_cycles, N, H, W, C)."""
-    codes_nhwc = codes.permute(0, 2, 3, 1)
+class InputQuant(NamedTuple):
+    """The input quantizer inside the compiled path: code range and bit-sparse projection (look-up table)."""
+
+    qmin: int
+    qmax: int
+    sparse: bool
+
+
+def _quantize(x, step, lut, keep, quant: InputQuant):
+    """(codes, normalised inputs) with `UniformQuantizer.codes`' values: clamp(x / step), projected to the
+    nearest allowed code (`ActivationQuantizer.project`); QDrop keeps ``x / step`` where ``keep`` is False."""
+    normalized = x / step
+    clamped = torch.clamp(normalized, quant.qmin, quant.qmax)
+    if quant.sparse:
+        index = torch.clamp(torch.ceil(clamped * 2) - 2 * quant.qmin, 0, 2 * (quant.qmax - quant.qmin))
+        codes = lut[index.to(torch.int64)]
+    else:
+        codes = torch.round(clamped)
+    if keep is not None:
+        codes = torch.where(keep, codes, normalized)
+    return codes, normalized
+
+
+def _split_kernel(values: torch.Tensor, split: InputSplit, step=None, lut=None, keep=None,
+                  quant: Optional[InputQuant] = None) -> torch.Tensor:
+    """`digit_planes` of (N, C, H, W) codes in int32 arithmetic, NHWC: (n_cycles, N, H, W, C); with ``quant``,
+    ``values`` are the float inputs, quantized first (`_quantize`)."""
+    codes_nhwc = values.permute(0, 2, 3, 1)
+    if quant is not None:
+        codes_nhwc, _ = _quantize(codes_nhwc, step, lut, None if keep is None else keep.permute(0, 2, 3, 1), quant)
     if split.exact:
         integer, residual = codes_nhwc.to(torch.int32), None
     else:
@@ -320,6 +347,18 @@ def _split_kernel(codes: torch.Tensor, split: InputSplit) -> torch.Tensor:
     if residual is not None:
         planes[0] = planes[0] + residual
     return torch.stack(planes)
+
+
+def _quantize_backward(grad_codes, x, step, keep, quant: InputQuant):
+    """(d x, d step) of `_quantize` (straight-through projection, zero gradient where clamped), NHWC."""
+    normalized = x / step
+    passes = (normalized >= quant.qmin) & (normalized <= quant.qmax)
+    if keep is not None:
+        passes = passes | ~keep
+    grad_normalized = torch.where(passes, grad_codes, 0)
+    grad_x = grad_normalized / step
+    grad_step = -(grad_x * normalized).sum().reshape(1)
+    return grad_x, grad_step
 
 
 #: False runs the kernels of the compiled path without compiling them (same code, eagerly: for tests and
@@ -366,46 +405,55 @@ def _nhwc(tensor_4d: torch.Tensor, n_cycles: int) -> torch.Tensor:
 
 
 class _CompiledLayer(torch.autograd.Function):
-    """A whole CIM layer after its input and weight quantizers: compiled digit split, array convolutions,
-    compiled post-conv forward; compiled post-conv backward, the convolution gradients.
+    """A whole CIM layer after its weight quantizer: compiled input quantization and digit split, array
+    convolutions, compiled post-conv forward; compiled post-conv backward, the convolution gradients,
+    compiled input-quantizer backward.
 
-    ``tensors``: per part the codes, then per part the conv weight, the ADC step, qmin, qmax, the shift-add
-    coefficients and the reference-column coefficients (None where absent), then the input step and bias.
+    ``tensors``, each per part: the float inputs (``quant`` given) or the input codes, the conv weight, the ADC
+    step, qmin, qmax, the shift-add coefficients, the reference-column coefficients, the QDrop keep mask (None
+    where absent); then the input step, the bias and the bit-sparse projection table.
     """
 
     @staticmethod
-    def forward(ctx, cfg, split, convs, ref_index, ref_onehot, channels_last, *tensors):
+    def forward(ctx, cfg, split, quant, convs, ref_index, ref_onehot, channels_last, *tensors):
         n_parts = len(cfg.part_blocks)
-        codes, weights, steps, qmins, qmaxs, coefs, ref_coefs = (
-            list(tensors[i * n_parts:(i + 1) * n_parts]) for i in range(7))
-        input_step, bias = tensors[7 * n_parts:]
+        inputs, weights, steps, qmins, qmaxs, coefs, ref_coefs, keeps = (
+            list(tensors[i * n_parts:(i + 1) * n_parts]) for i in range(8))
+        input_step, bias, lut = tensors[8 * n_parts:]
         n_cycles = len(cfg.cycle_weights)
-        digits = [_digits_compiled(c, split) for c in codes]
+        inputs = [t.contiguous(memory_format=_CHANNELS_LAST) for t in inputs]  # a transposing read is slower
+        keeps = [None if k is None else k.contiguous(memory_format=_CHANNELS_LAST) for k in keeps]
+        digits = [_digits_compiled(t, split, input_step, lut, k, quant) for t, k in zip(inputs, keeps)]
         psums = [_nhwc(_conv(d, w, conv), n_cycles) for d, w, conv in zip(digits, weights, convs)]
         out = _run_compiled(_post_forward, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step,
                             bias, cfg).permute(0, 3, 1, 2)
         if not channels_last:
             out = out.contiguous()
-        ctx.n_images = codes[0].shape[0]
-        ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *coefs, *ref_coefs, input_step)
-        ctx.cfg, ctx.convs, ctx.ref_index, ctx.ref_onehot = cfg, convs, ref_index, ref_onehot
+        ctx.n_images = inputs[0].shape[0]
+        ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *coefs, *ref_coefs, input_step,
+                              *(inputs if quant is not None else [None] * n_parts), *keeps)
+        ctx.cfg, ctx.quant, ctx.convs, ctx.ref_index, ctx.ref_onehot = cfg, quant, convs, ref_index, ref_onehot
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        cfg, n_parts = ctx.cfg, len(ctx.cfg.part_blocks)
+        cfg, quant, n_parts = ctx.cfg, ctx.quant, len(ctx.cfg.part_blocks)
         saved = ctx.saved_tensors
         digits, weights, psums, steps, qmins, qmaxs, coefs, ref_coefs = (
             list(saved[i * n_parts:(i + 1) * n_parts]) for i in range(8))
         input_step = saved[8 * n_parts]
-        needs = ctx.needs_input_grad[6:]
-        need_codes, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
+        inputs, keeps = (list(saved[8 * n_parts + 1 + i * n_parts:8 * n_parts + 1 + (i + 1) * n_parts])
+                         for i in range(2))
+        needs = ctx.needs_input_grad[7:]
+        need_inputs, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
+        need_input_step = needs[8 * n_parts]
+        need_codes = [n or (quant is not None and need_input_step) for n in need_inputs]
         grad_nhwc = grad_out.permute(0, 2, 3, 1).contiguous()
         grads = _run_compiled(_post_backward, grad_nhwc, psums, steps, qmins, qmaxs, coefs, ref_coefs,
                               ctx.ref_index, ctx.ref_onehot, input_step, cfg, any(need_weights), any(need_codes))
         grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias = grads
-        grad_codes, grad_weights = [], []
+        grad_inputs, grad_weights = [], []
         for p in range(n_parts):
             grad_p = combined_p = None
             if need_weights[p]:  # (n_cycles, N, H, W, K) -> channels-last (n_cycles * N, K, H, W)
@@ -414,25 +462,50 @@ class _CompiledLayer(torch.autograd.Function):
                 combined_p = combined[p].permute(0, 3, 1, 2)
             grad_c, grad_w = _conv_grads(grad_p, digits[p], combined_p, digits[p][: ctx.n_images], weights[p],
                                          ctx.convs[p], need_codes[p], need_weights[p])
-            grad_codes.append(grad_c)
+            if quant is not None and grad_c is not None:  # through the input quantizer
+                keep = None if keeps[p] is None else keeps[p].permute(0, 2, 3, 1)
+                grad_x, grad_step = _run_compiled(_quantize_backward, grad_c.permute(0, 2, 3, 1),
+                                                  inputs[p].permute(0, 2, 3, 1), input_step, keep, quant)
+                grad_c = grad_x.permute(0, 3, 1, 2)
+                if need_input_step:
+                    grad_input_step = grad_step if grad_input_step is None else grad_input_step + grad_step
+            grad_inputs.append(grad_c)
             grad_weights.append(grad_w)
         none = [None] * n_parts
-        return (None, None, None, None, None, None, *grad_codes, *grad_weights, *grad_steps, *none, *none, *grad_coefs,
-                *grad_ref_coefs, grad_input_step, grad_bias if ctx.has_bias else None)
+        return (None, None, None, None, None, None, None, *grad_inputs, *grad_weights, *grad_steps, *none, *none,
+                *grad_coefs, *grad_ref_coefs, *none, grad_input_step, grad_bias if ctx.has_bias else None, None)
 
 
-def _digits_compiled(codes: torch.Tensor, split: Optional[InputSplit]) -> torch.Tensor:
-    """`_digits` through the compiled `_split_kernel` (any input layout; channels-last digits)."""
-    codes = codes.contiguous(memory_format=_CHANNELS_LAST)  # a transposing read inside the kernel is slower
+def _digits_compiled(values: torch.Tensor, split: Optional[InputSplit], step=None, lut=None, keep=None,
+                     quant: Optional[InputQuant] = None) -> torch.Tensor:
+    """`_digits` through the compiled `_split_kernel` (channels-last values and digits)."""
     if split is None:
-        return codes
-    planes = _run_compiled(_split_kernel, codes, split)  # (n_cycles, N, H, W, C)
+        return values
+    planes = _run_compiled(_split_kernel, values, split, step, lut, keep, quant)  # (n_cycles, N, H, W, C)
     return planes.reshape(-1, *planes.shape[2:]).permute(0, 3, 1, 2)
 
 
-def compiled_layer(cfg: PostConfig, split, convs, ref_index, ref_onehot, codes, weights, steps, qmins, qmaxs, coefs,
-                   ref_coefs, input_step, bias, channels_last: bool) -> torch.Tensor:
+def compiled_layer(cfg: PostConfig, split, quant, convs, ref_index, ref_onehot, inputs, weights, steps, qmins, qmaxs,
+                   coefs, ref_coefs, keeps, input_step, bias, lut, channels_last: bool) -> torch.Tensor:
     """Output (N, C_out, H, W) of a layer on the compiled path (see `_CompiledLayer`), channels-last memory when
     ``channels_last`` (the layer input is), else contiguous."""
-    return _CompiledLayer.apply(cfg, split, convs, ref_index, ref_onehot, channels_last, *codes, *weights, *steps,
-                                *qmins, *qmaxs, *coefs, *ref_coefs, input_step, bias)
+    return _CompiledLayer.apply(cfg, split, quant, convs, ref_index, ref_onehot, channels_last, *inputs, *weights,
+                                *steps, *qmins, *qmaxs, *coefs, *ref_coefs, *keeps, input_step, bias, lut)
+
+
+def compiled_input(quantizer, x: torch.Tensor) -> tuple:
+    """What `compiled_layer` needs to quantize ``x`` itself: ``(step, keep mask or None, InputQuant, table)``.
+
+    The side effects and the random numbers are those of `ActivationQuantizer.codes`: lazy initialisation,
+    the recorded sparsity penalty, one ``rand_like`` for the QDrop mask.
+    """
+    if quantizer.training and quantizer.sparsity_weight > 0 and torch.is_grad_enabled():
+        quantizer.last_sparsity_penalty = quantizer.sparsity_weight * quantizer.expected_ones(x)
+    if not quantizer.initialized:
+        quantizer.init_from_data(x)
+    qmin, qmax = quantizer.code_range
+    step = quantizer._step_for(x)
+    keep = quantizer.drop_mask(x) if quantizer.dropping else None
+    quant = InputQuant(qmin, qmax, quantizer.sparse_codes)
+    lut = quantizer._projection_table(x.dtype, x.device) if quant.sparse else None
+    return step, keep, quant, lut

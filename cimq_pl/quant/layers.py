@@ -271,9 +271,17 @@ class _CIMLayerBase(nn.Module):
         input_active = iq is not None and iq.enabled and not iq.observe
         weight_active = wq is not None and wq.enabled
         adc_active = pq is not None and pq.enabled
+        adc_plain = pq is None or not pq.enabled or (pq.initialized and not pq.observe and not pq.dropping)
+        compiled = (not trace and not self.collect_stats and adc_plain and self._simulation() == "compiled"
+                    and fused.compiled_simulation_available())
 
+        keep = quant = lut = None
         if input_active:
-            codes, input_step = iq.codes(x)
+            if compiled:  # the compiled kernels quantize x themselves
+                codes = None
+                input_step, keep, quant, lut = fused.compiled_input(iq, x)
+            else:
+                codes, input_step = iq.codes(x)
             cycle_weights = geo.input_cycles(bool(iq.signed), iq.bits)[1]
             n_cycles = len(cycle_weights)
             digits = None  # cut into digits below, where the path needs them (or a trace shows them)
@@ -308,12 +316,11 @@ class _CIMLayerBase(nn.Module):
         metas = [self._channel_meta(index, n_slices, n_ref, not input_active, not weight_active)
                  for index in range(len(self.parts))]
 
-        adc_plain = pq is None or not pq.enabled or (pq.initialized and not pq.observe and not pq.dropping)
-        if (not trace and not self.collect_stats and adc_plain and self._simulation() == "compiled"
-                and fused.compiled_simulation_available()):
+        if compiled:
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            return self._compiled_forward(split, self._part_codes(source), weights, metas, weight_step,
-                                          slice_weights, n_ref, input_step, adc_active, channels_last)
+            keeps = self._part_codes(keep) if keep is not None else [None] * len(self.parts)
+            return self._compiled_forward(split, quant, lut, self._part_codes(x), keeps, weights, metas,
+                                          weight_step, slice_weights, n_ref, input_step, adc_active, channels_last)
 
         needs_grad = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
         fast = not needs_grad and weight_active and weight_exact and self._integer_psums(split, x.dtype)
@@ -414,7 +421,7 @@ class _CIMLayerBase(nn.Module):
         return getattr(self, "simulation", None) or fused.default_simulation()
 
     def _part_codes(self, source: torch.Tensor) -> list:
-        """The (N, C_p, H, W) input codes (or float inputs) of each row-block part, padded where "same" needs it."""
+        """The (N, C_p, H, W) input codes (or inputs, masks) of each row-block part, padded where "same" needs it."""
         parts = []
         for index, (_, extra) in enumerate(self._array_convs()):
             part = self._part_input(source, index)
@@ -437,9 +444,11 @@ class _CIMLayerBase(nn.Module):
             self._meta_cache[key] = F.one_hot(index, self.geometry.n_col_blocks).to(dtype)
         return self._meta_cache[key]
 
-    def _compiled_forward(self, split, part_codes, weights, metas, weight_step, slice_weights, n_ref, input_step,
-                          adc_active, channels_last):
-        """The layer output on the compiled path (`fused.compiled_layer`), from the quantizers' results."""
+    def _compiled_forward(self, split, quant, lut, part_inputs, keeps, weights, metas, weight_step, slice_weights,
+                          n_ref, input_step, adc_active, channels_last):
+        """The layer output on the compiled path (`fused.compiled_layer`): float inputs of each part (quantized
+        by the kernels with ``quant``, ``lut``, ``input_step`` and the QDrop ``keeps``), the array weights and the
+        ADC and shift-add factors."""
         geo, pq = self.geometry, self.psum_quantizer
         dtype, device = weights[0].dtype, weights[0].device
         steps, qmins, qmaxs, coefs, ref_coefs = [], [], [], [], []
@@ -458,8 +467,8 @@ class _CIMLayerBase(nn.Module):
         ref_index = self._col_block_of_column if n_ref else None
         ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
         convs = [conv for conv, _ in self._array_convs()]
-        return fused.compiled_layer(config, split, convs, ref_index, ref_onehot, part_codes, weights, steps, qmins,
-                                    qmaxs, coefs, ref_coefs, input_step, self.bias, channels_last)
+        return fused.compiled_layer(config, split, quant, convs, ref_index, ref_onehot, part_inputs, weights, steps,
+                                    qmins, qmaxs, coefs, ref_coefs, keeps, input_step, self.bias, lut, channels_last)
 
     def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
                n_cycles, n_images, columns):
