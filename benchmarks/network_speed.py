@@ -100,14 +100,16 @@ def eval_seconds(model, images, repeats: int, device) -> tuple:
     return times[0], min(times[2:])
 
 
-def ptq_setup(model, network: str, batch: int, device):
-    """(units, step): ``step()`` runs one reconstruction step of every unit of a PTQ copy of ``model``."""
+def ptq_setup(model, network: str, batch: int, device, copy_model: bool = True):
+    """(units, step): ``step()`` runs one reconstruction step of every unit of a PTQ copy of ``model`` (of
+    ``model`` itself when not ``copy_model``)."""
     from cimq_pl.quant import cim_layers, iter_quantizers
     from cimq_pl.quant.layers import _CIMLayerBase
     from cimq_pl.quant.reconstruction import capture_block_io, find_blocks
 
     _, _, size, _, _ = NETWORKS[network]
-    model = copy.deepcopy(model)
+    if copy_model:
+        model = copy.deepcopy(model)
     for param in model.parameters():
         param.requires_grad_(False)
     learned = []
