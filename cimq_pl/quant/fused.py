@@ -398,6 +398,15 @@ def _run_compiled(kernel, *args, **kwargs):
     return kernel(*args, **kwargs)
 
 
+def _batch_dynamic(tensor: Optional[torch.Tensor], dim: int = 0) -> Optional[torch.Tensor]:
+    """Mark the batch dimension of a kernel argument dynamic (one compilation serves every batch size)."""
+    if tensor is not None and COMPILE_KERNELS and _compile_failure is None:
+        import torch._dynamo
+
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
+
+
 def _nhwc(tensor_4d: torch.Tensor, n_cycles: int) -> torch.Tensor:
     """A channels-last (n_cycles * N, K, H, W) tensor as its NHWC view (n_cycles, N, H, W, K)."""
     nhwc = tensor_4d.permute(0, 2, 3, 1)
@@ -424,7 +433,8 @@ class _CompiledLayer(torch.autograd.Function):
         inputs = [t.contiguous(memory_format=_CHANNELS_LAST) for t in inputs]  # a transposing read is slower
         keeps = [None if k is None else k.contiguous(memory_format=_CHANNELS_LAST) for k in keeps]
         digits = [_digits_compiled(t, split, input_step, lut, k, quant) for t, k in zip(inputs, keeps)]
-        psums = [_nhwc(_conv(d, w, conv), n_cycles) for d, w, conv in zip(digits, weights, convs)]
+        psums = [_batch_dynamic(_nhwc(_conv(d, w, conv), n_cycles), 1)
+                 for d, w, conv in zip(digits, weights, convs)]
         out = _run_compiled(_post_forward, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step,
                             bias, cfg).permute(0, 3, 1, 2)
         if not channels_last:
@@ -449,7 +459,7 @@ class _CompiledLayer(torch.autograd.Function):
         need_inputs, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
         need_input_step = needs[8 * n_parts]
         need_codes = [n or (quant is not None and need_input_step) for n in need_inputs]
-        grad_nhwc = grad_out.permute(0, 2, 3, 1).contiguous()
+        grad_nhwc = _batch_dynamic(grad_out.permute(0, 2, 3, 1).contiguous())
         grads = _run_compiled(_post_backward, grad_nhwc, psums, steps, qmins, qmaxs, coefs, ref_coefs,
                               ctx.ref_index, ctx.ref_onehot, input_step, cfg, any(need_weights), any(need_codes))
         grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias = grads
@@ -464,8 +474,9 @@ class _CompiledLayer(torch.autograd.Function):
                                          ctx.convs[p], need_codes[p], need_weights[p])
             if quant is not None and grad_c is not None:  # through the input quantizer
                 keep = None if keeps[p] is None else keeps[p].permute(0, 2, 3, 1)
-                grad_x, grad_step = _run_compiled(_quantize_backward, grad_c.permute(0, 2, 3, 1),
-                                                  inputs[p].permute(0, 2, 3, 1), input_step, keep, quant)
+                grad_x, grad_step = _run_compiled(_quantize_backward, _batch_dynamic(grad_c.permute(0, 2, 3, 1)),
+                                                  _batch_dynamic(inputs[p].permute(0, 2, 3, 1)), input_step,
+                                                  _batch_dynamic(keep), quant)
                 grad_c = grad_x.permute(0, 3, 1, 2)
                 if need_input_step:
                     grad_input_step = grad_step if grad_input_step is None else grad_input_step + grad_step
@@ -481,7 +492,8 @@ def _digits_compiled(values: torch.Tensor, split: Optional[InputSplit], step=Non
     """`_digits` through the compiled `_split_kernel` (channels-last values and digits)."""
     if split is None:
         return values
-    planes = _run_compiled(_split_kernel, values, split, step, lut, keep, quant)  # (n_cycles, N, H, W, C)
+    planes = _run_compiled(_split_kernel, _batch_dynamic(values), split, step, lut, _batch_dynamic(keep),
+                           quant)  # (n_cycles, N, H, W, C)
     return planes.reshape(-1, *planes.shape[2:]).permute(0, 3, 1, 2)
 
 
