@@ -88,6 +88,7 @@ class CIMQCLI(LightningCLI):
             if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
         _check_devices(config.trainer)
+        _choose_ptq_strategy(config.trainer)
         _check_data_source(config.get("data"))
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # --ckpt_path was verified weights-only (`_parse_ckpt_path`): load it so too
@@ -183,6 +184,21 @@ def _check_data_source(data_config) -> None:
     cls = resolve_class(data_config.class_path) if hasattr(data_config, "class_path") else None
     if isinstance(cls, type) and issubclass(cls, ImageClassificationDataModule):
         cls(**data_config.init_args.as_dict()).check_source()
+
+
+def _choose_ptq_strategy(trainer_config) -> None:
+    """``--trainer.strategy ddp`` with PTQ becomes the DDP that lets the units not being reconstructed go without
+    gradients (`PTQ_DDP_STRATEGY`), with one line saying so."""
+    from cimq_pl.callbacks.ptq import PTQ_DDP_STRATEGY, PostTrainingQuantization
+
+    if trainer_config.get("strategy") != "ddp":
+        return
+    for entry in trainer_config.get("callbacks") or []:
+        cls = resolve_class(getattr(entry, "class_path", ""))
+        if isinstance(cls, type) and issubclass(cls, PostTrainingQuantization):
+            trainer_config.strategy = PTQ_DDP_STRATEGY
+            rank_zero_info(f"[cimq] PTQ under DDP: trainer.strategy={PTQ_DDP_STRATEGY} (one unit learns at a time)")
+            return
 
 
 def _check_devices(trainer_config) -> None:

@@ -143,7 +143,16 @@ def _check_cim(where: str, saved: dict | None, configured: dict | None) -> None:
                               "(or use the config the run was made with)")
 
 
+def _renamed_settings(name: str, settings: Mapping) -> dict:
+    """A technique's recorded settings under today's field names (records of the release before the renames)."""
+    import cimq_pl.callbacks
+
+    renamed = getattr(getattr(cimq_pl.callbacks, name, None), "renamed", {})
+    return {renamed.get(field, field): value for field, value in settings.items()}
+
+
 def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping[str, dict]) -> None:
+    saved = {name: _renamed_settings(name, settings) for name, settings in saved.items()}
     missing, extra = sorted(saved.keys() - configured.keys()), sorted(configured.keys() - saved.keys())
     if missing:
         made_with = "; ".join(f"{name}({_short(saved[name])})" for name in missing)
@@ -165,7 +174,10 @@ def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict],
     the macro and technique checks at parse time normally catch the cause first)."""
     if not isinstance(record, Mapping) or "quantizer_options" not in record:
         return
-    saved = record["quantizer_options"]
+    from cimq_pl.quant.options import RENAMED_FIELDS
+
+    saved = {layer: {RENAMED_FIELDS.get(field, field): value for field, value in options.items()}
+             for layer, options in record["quantizer_options"].items()}
     for layer in sorted(saved.keys() | current.keys()):
         if layer not in saved or layer not in current:
             holder, other = ("this run", "the checkpoint's model") if layer not in saved else \

@@ -123,13 +123,13 @@ class CIMQTrainer(pl.Trainer):
         table = EnergyTable.from_yaml(energy_table) if energy_table is not None else report.table
         self.loggers = []  # a cost estimate is no run: no W&B run is started for it
         self.strategy.connect(model)
-        self._data_connector.attach_data(model, datamodule=datamodule)  # the data reads the model's normalisation
+        datamodule.trainer = self  # the data reads the model's normalisation (timm data config) through it
         model.to(self.strategy.root_device)
         techniques = [callback for callback in self.callbacks if isinstance(callback, TechniqueCallback)]
         for callback in techniques:
             callback.setup(self, model, "test")
-        calibration = calibration_images(self, model)
-        calibrate_module_(self, model, calibration)
+        calibration = calibration_images(datamodule, model.device)
+        calibrate_module_(self, model, calibration, getattr(datamodule, "seed", 0))
         title = (f"[cimq] hardware cost of {describe_macro(model.hparams['name'], model.cim)}, "
                  f"{', '.join(type(callback).__name__ for callback in techniques) or 'conventional quantizers'}, "
                  f"calibration only ({len(calibration)} train images), {images} test images")

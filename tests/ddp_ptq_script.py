@@ -1,6 +1,6 @@
 """Run a short CIMQ PTQ of ResNet-20 under Lightning DDP on CPU (gloo); each rank dumps its quantizers.
 
-Usage: python tests/ddp_ptq_script.py OUT_DIR DEVICES ITERS_PER_BLOCK. Run by tests/test_ddp.py in a
+Usage: python tests/ddp_ptq_script.py OUT_DIR DEVICES ITERS_PER_BLOCK. Run by tests/callbacks/test_ddp.py in a
 subprocess (Lightning's DDP launcher starts the other ranks by re-running this script).
 """
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import CIFAR10, RESNET20  # noqa: E402
 
+from cimq_pl.callbacks.ptq import PTQ_DDP_STRATEGY
 from cimq_pl.callbacks import ArraywiseWeights, BitSparseActivations, PartialSumClipping, PostTrainingQuantization, QuantDropping  # noqa: E402
 from cimq_pl.callbacks.calibration import quantizer_state  # noqa: E402
 from cimq_pl.datamodules import CIFAR10DataModule  # noqa: E402
@@ -51,7 +52,7 @@ def main(out: str, devices: int, iters: int) -> None:
     data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
     callbacks = [BitSparseActivations(max_ones=2), ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5),
                  PostTrainingQuantization(iters_per_block=iters, batch_size=16), DumpQuantizers(out_dir, devices)]
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=PTQ_DDP_STRATEGY if devices > 1 else "auto", logger=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir,
                       limit_val_batches=2, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(module, datamodule=data)

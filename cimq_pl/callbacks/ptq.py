@@ -18,12 +18,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
-from cimq_pl.callbacks.dropping import QuantDropping
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.checkpointing import save_checkpoint_atomic
 from cimq_pl.cost import describe_layers, take_counts
@@ -33,7 +31,7 @@ from cimq_pl.objectives import BlockReconstructionObjective, quantizer_parameter
 from cimq_pl.quant import cim_layers, set_collect_stats
 from cimq_pl.quant.layers import _CIMLayerBase
 from cimq_pl.quant.reconstruction import capture_block_io, eval_mode, find_blocks
-from cimq_pl.quant.techniques import reconfigure_
+from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
 
 __all__ = ["PostTrainingQuantization"]
 
@@ -95,7 +93,6 @@ class PostTrainingQuantization(Callback):
         self.checkpoint_name = checkpoint_name
         self.objective: BlockReconstructionObjective | None = None
         self.checkpoint_path: Path | None = None
-        self._resumed = False
         self._calibration_images: torch.Tensor | None = None
 
     @property
@@ -113,12 +110,11 @@ class PostTrainingQuantization(Callback):
         learnable = {id(p) for params in quantizer_parameters(model, include_frozen=True).values() for p in params}
         for param in model.parameters():  # weights, biases and weight steps stay fixed
             param.requires_grad_(id(param) in learnable)
-        _let_ddp_skip_idle_blocks(trainer)
         blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
-        dropping = next((cb for cb in trainer.callbacks if isinstance(cb, QuantDropping)), None)
+        dropping = applied_technique(model, QuantDroppingConfig)  # QuantDropping's setup ran before (callback order)
         self.objective = BlockReconstructionObjective(
             blocks,
-            block_input_keep_prob=dropping.config.block_input_keep_prob if dropping else None,
+            block_input_keep_prob=dropping.block_input_keep_prob if dropping else None,
             batch_size=self.batch_size,
             seed=getattr(trainer.datamodule, "seed", 0),
             rank=trainer.global_rank,
@@ -140,9 +136,9 @@ class PostTrainingQuantization(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._calibration_images = calibration_images(trainer, pl_module)
-        if not (self._resumed and pl_module.quantizers_initialized()):
-            calibrate_module_(trainer, pl_module, self._calibration_images)
+        self._calibration_images = calibration_images(trainer.datamodule, pl_module.device)
+        if not (trainer.ckpt_path is not None and pl_module.quantizers_initialized()):
+            calibrate_module_(trainer, pl_module, self._calibration_images, getattr(trainer.datamodule, "seed", 0))
         if not self.reconstructs:  # calibration is the whole PTQ: no epoch will run
             self._write_checkpoint(trainer)
 
@@ -198,18 +194,7 @@ class PostTrainingQuantization(Callback):
         """What this run wrote, for the CLI's closing lines."""
         return [("quantized model", self.checkpoint_path)] if self.checkpoint_path is not None else []
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"iters_per_block": self.iters_per_block}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed = True
-
-
-def _let_ddp_skip_idle_blocks(trainer: Trainer) -> None:
-    """Only one block learns at a time: DDP must tolerate parameters without gradients in a step."""
-    strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        strategy._ddp_kwargs["find_unused_parameters"] = True
-        rank_zero_info("[cimq] PTQ under DDP: find_unused_parameters=True (one block learns at a time)")
+#: The DDP strategy PTQ needs: only one unit learns at a time, so the other units' parameters get no gradient
+#: (``python -m cimq_pl fit`` picks it for ``--trainer.strategy ddp``).
+PTQ_DDP_STRATEGY = "ddp_find_unused_parameters_true"

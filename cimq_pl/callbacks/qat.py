@@ -7,7 +7,7 @@ checkpoint (``init_from``; its AdaRound decisions are baked into the weights).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -44,7 +44,6 @@ class QuantizationAwareTraining(Callback):
             raise ConfigError(f"QuantizationAwareTraining.quantizer_lr_scale={quantizer_lr_scale!r} is invalid: expected > 0")
         self.init_from = init_from
         self.quantizer_lr_scale = quantizer_lr_scale
-        self._resumed = False
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -54,29 +53,20 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._resumed:
+        if trainer.ckpt_path is not None:  # resumed: the checkpoint holds the quantizers
             return
         if self.init_from is not None:
             load_ptq_checkpoint_(pl_module, self.init_from)
             rank_zero_info(f"[cimq] QAT starts from {self.init_from}")
         else:
-            calibrate_module_(trainer, pl_module, calibration_images(trainer, pl_module))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"init_from": self.init_from}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed = True
+            images = calibration_images(trainer.datamodule, pl_module.device)
+            calibrate_module_(trainer, pl_module, images, getattr(trainer.datamodule, "seed", 0))
 
 
 @torch.no_grad()
 def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
-    """Load a PTQ checkpoint into ``pl_module``, baking hard AdaRound decisions into the weights.
-
-    With AdaRound the code is ``floor(w / s) + [V >= 0]`` (h(V) >= 0.5 exactly when V >= 0); the weight is set
-    to ``code x s`` so that round-to-nearest reproduces that code.
+    """Load a PTQ checkpoint into ``pl_module``, baking its hard AdaRound decisions into the weights
+    (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes.
 
     Raises:
         ConfigError: the checkpoint cannot be read or does not fit the module.
@@ -89,10 +79,5 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
     pl_module.load_state_dict(rest, strict=True)
     for name, layer in cim_layers(pl_module.model):
         key = f"model.{name}.weight_quantizer.rounding_logits"
-        quantizer = layer.weight_quantizer
-        if key not in logits or quantizer is None:
-            continue
-        step = quantizer.element_step().detach()
-        qmin, qmax = quantizer.code_range
-        codes = torch.clamp(torch.floor(layer.weight / step) + (logits[key].to(step.device) >= 0).to(step.dtype), qmin, qmax)
-        layer.weight.copy_(codes * step)
+        if key in logits and layer.weight_quantizer is not None:
+            layer.weight_quantizer.bake_rounding_(layer.weight, logits[key])

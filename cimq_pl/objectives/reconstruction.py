@@ -109,7 +109,7 @@ class BlockReconstructionObjective:
         """Freeze block ``index``: hard rounding from now on; its cache is dropped."""
         self.cache = None
         for *_, quantizer in iter_quantizers(self.blocks[index][1], ("weight",)):
-            quantizer.hard = True
+            quantizer.harden_()
 
     @property
     def schedule(self) -> RoundingSchedule:

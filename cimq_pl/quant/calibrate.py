@@ -35,35 +35,24 @@ def calibrate_(
         if wq is not None and wq.enabled:
             wq.init_from_observer(layer._weight4d())
     inputs = [quantizer for *_, quantizer in iter_quantizers(model, ("input",))]
-    adcs = {quantizer: quantizer.enabled for *_, quantizer in iter_quantizers(model, ("psum",))}
-    _start_observing(iq for iq in inputs if iq.enabled)
-    for pq in adcs:
+    psums = {quantizer: quantizer.enabled for *_, quantizer in iter_quantizers(model, ("psum",))}
+    for quantizer in inputs:
+        if quantizer.enabled:
+            quantizer.start_observing()
+    for pq in psums:
         pq.enabled = False
     for batch in batches:
         forward_fn(model, batch)
-    _init_from_observed(inputs)
-    for pq, enabled in adcs.items():
+    for quantizer in inputs:
+        quantizer.finish_observing()
+    for pq, enabled in psums.items():
         pq.enabled = enabled
-    _start_observing(pq for pq, enabled in adcs.items() if enabled)
+        if enabled:
+            pq.start_observing()
     for batch in batches:
         forward_fn(model, batch)
-    _init_from_observed(adcs)
-
-
-def _start_observing(quantizers: Iterable[nn.Module]) -> None:
-    """The observe switch on: each observer forgets what it saw, and values pass through it unquantized."""
-    for quantizer in quantizers:
-        quantizer.observer.reset()
-        quantizer.observe = True
-
-
-def _init_from_observed(quantizers: Iterable[nn.Module]) -> None:
-    """The observe switch off, where on; a quantizer whose observer saw data takes its range from it."""
-    for quantizer in quantizers:
-        if quantizer.observe:
-            quantizer.observe = False
-            if quantizer.observer.has_data:
-                quantizer.init_from_observer()
+    for pq in psums:
+        pq.finish_observing()
 
 
 def set_collect_stats(model: nn.Module, collect: bool = True, reset: bool = True) -> None:

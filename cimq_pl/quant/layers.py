@@ -107,7 +107,13 @@ class _CIMLayerBase(nn.Module):
             max_ones = options.input_max_ones
             max_ones = None if max_ones is None or max_ones >= spec.input_bits else max_ones
             input_quantizer = ActivationQuantizer(
-                spec.input_bits, options.input_signed, max_ones, options.input_observer, percentile=options.percentile
+                spec.input_bits,
+                options.input_signed,
+                max_ones,
+                options.input_observer,
+                sparsity_weight=options.input_sparsity_weight,
+                keep_prob=options.input_keep_prob,
+                percentile=options.percentile,
             )
         if spec.weight_bits is not None:
             weight_quantizer = WeightQuantizer(
@@ -126,31 +132,41 @@ class _CIMLayerBase(nn.Module):
                 n_col_blocks=geo.n_col_blocks,
                 granularity=options.psum_granularity,
                 observer=options.psum_observer,
-                learn_clip=options.learn_psum_clip,
+                learn_clip=options.psum_learn_clip,
+                keep_prob=options.psum_keep_prob,
                 percentile=options.percentile,
             )
         return input_quantizer, weight_quantizer, psum_quantizer
 
-    _OPTION_ROLES = {"input": "input_", "weight": "weight_", "psum": "psum_"}
-    _RUNTIME_ATTRIBUTES = ("enabled", "drop_prob", "sparsity_weight")
-
     def set_options(self, options: QuantizerOptions) -> None:
-        """Rebuild the quantizers whose options change (uncalibrated, on the layer's device), in place.
+        """Apply ``options`` to the layer's quantizers, in place: the one way their settings change.
 
-        Quantizers whose options are unchanged keep their state; rebuilt ones keep the runtime switches
-        ``enabled``, ``drop_prob`` and ``sparsity_weight`` of the ones they replace.
+        A changed field listed in its quantizer's ``SETTINGS`` (``keep_prob``, ``sparsity_weight``,
+        ``learn_clip``) is set on it. Any other change rebuilds that quantizer, which takes over the calibration
+        of the one it replaces where the shapes still fit (a weight quantizer otherwise re-initialises from the
+        weights; an input/ADC quantizer of another granularity needs calibration again). ``enabled`` carries over.
         """
-        fresh = dict(zip(QUANTIZER_ROLES, self._build_quantizers(options)))
-        changed_fields = {f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(self.options, f)}
-        for role, quantizer in fresh.items():
-            prefix = self._OPTION_ROLES[role]
-            if quantizer is None or not any(f.startswith(prefix) or f == "percentile" for f in changed_fields):
+        changed = {f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(self.options, f)}
+        fresh = None
+        for role, old in self.quantizers().items():
+            prefix = f"{role}_"
+            fields = {f[len(prefix):] for f in changed if f.startswith(prefix)} | ({"percentile"} & changed)
+            if not fields:
                 continue
-            old = getattr(self, f"{role}_quantizer")
-            for name in self._RUNTIME_ATTRIBUTES:
-                if old is not None and hasattr(old, name):
-                    setattr(quantizer, name, getattr(old, name))
-            setattr(self, f"{role}_quantizer", quantizer.to(device=self.weight.device, dtype=self.weight.dtype))
+            if fields <= set(old.SETTINGS):
+                for name in fields:
+                    setattr(old, name, getattr(options, prefix + name))
+                continue
+            fresh = fresh or dict(zip(QUANTIZER_ROLES, self._build_quantizers(options)))
+            new = fresh[role].to(device=self.weight.device, dtype=self.weight.dtype)
+            new.enabled = old.enabled
+            adopted = new.adopt_calibration_(old)
+            if role == "weight" and old.initialized:
+                if not adopted:
+                    new.init_from_observer(self._weight4d())
+                elif new.rounding_logits is not None and old.rounding_logits is None:
+                    new.init_rounding(self._weight4d())
+            setattr(self, f"{role}_quantizer", new)
         self.options = options
 
     # ------------------------------------------------------------------ public helpers
@@ -259,8 +275,7 @@ class _CIMLayerBase(nn.Module):
             codes, input_step, digits, cycle_weights, n_cycles, stacked = None, None, None, (1,), 1, x
 
         if weight_active:
-            if not wq.initialized:
-                wq.init_from_observer(self._weight4d())
+            wq.init_if_needed_(self._weight4d())
             weight_step = wq.expanded_step()
             weight_codes = wq.codes(self._weight4d(), weight_step)
             exact = wq.rounding_logits is None or wq.hard or not wq.training
@@ -281,8 +296,6 @@ class _CIMLayerBase(nn.Module):
 
         if adc_active and (pq.observe or not pq.initialized):
             pq.observe_psums(psums, [m[0] for m in metas], [m[1] for m in metas])
-            if not pq.observe:
-                pq.init_from_observer()
 
         output, clipped_total, adc_codes = 0, 0, []
         count_clipped = self.collect_stats and adc_active

@@ -107,6 +107,7 @@ class PsumQuantizer(QuantizerBase):
         observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC) or
             ``"percentile"``.
         learn_clip: whether theta is trainable (False: the conventional, fixed min-max ADC).
+        keep_prob: QDrop keep probability of the ADC codes (see `QuantizerBase`).
         **observer_kwargs: forwarded to the observer.
 
     Raises:
@@ -122,9 +123,10 @@ class PsumQuantizer(QuantizerBase):
         granularity: str = "array",
         observer: str = "mse",
         learn_clip: bool = True,
+        keep_prob: Optional[float] = None,
         **observer_kwargs,
     ) -> None:
-        super().__init__(observer, **observer_kwargs)
+        super().__init__(observer, keep_prob, **observer_kwargs)
         if granularity not in PSUM_GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
         if not 1 <= bits <= 16:
@@ -133,11 +135,23 @@ class PsumQuantizer(QuantizerBase):
         self.granularity = granularity
         shape = (n_kinds, n_row_arrays, n_col_blocks) if granularity == "array" else (n_kinds, 1, 1)
         self.register_buffer("alpha0", torch.ones(shape))
-        self.learn_clip = learn_clip
         self.theta = nn.Parameter(torch.zeros(shape), requires_grad=learn_clip)
+        self.learn_clip = learn_clip
         self._range_cache: dict = {}
         self._observed_groups: Optional[torch.Tensor] = None
         self._observed_signed: Optional[torch.Tensor] = None
+
+    SETTINGS = ("keep_prob", "learn_clip")
+
+    @property
+    def learn_clip(self) -> bool:
+        """Whether theta learns (PTQ/QAT); False keeps the calibrated range."""
+        return self._learn_clip
+
+    @learn_clip.setter
+    def learn_clip(self, learn: bool) -> None:
+        self._learn_clip = bool(learn)
+        self.theta.requires_grad_(self._learn_clip)
 
     def alpha(self) -> torch.Tensor:
         """Clip values alpha = alpha0 * exp(theta), in partial-sum code units."""
@@ -169,7 +183,8 @@ class PsumQuantizer(QuantizerBase):
 
     @torch.no_grad()
     def observe_psums(self, psums: list, groups: list, signed: list) -> None:
-        """Feed the observer with partial sums of all parts of one forward pass.
+        """Feed the observer with partial sums of all parts of one forward pass; when not observing (an
+        uninitialised ADC used directly), initialise from them at once, as the other quantizers do lazily.
 
         Args:
             psums: tensors (B, C_i, H, W) of raw partial sums.
@@ -180,6 +195,8 @@ class PsumQuantizer(QuantizerBase):
         self._observed_groups = torch.cat(groups)
         self._observed_signed = torch.cat(signed)
         self.observer.update(items)
+        if not self.observe:
+            self.init_from_observer()
 
     @torch.no_grad()
     def init_from_observer(self) -> None:

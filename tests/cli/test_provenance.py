@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CIFAR10, REPO, RESNET20
-from test_bad_input import _assert_clear, _run_main
+from .test_bad_input import _assert_clear, _run_main
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.provenance import check_config_agrees, check_quantizer_options, configured_techniques

@@ -152,7 +152,7 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
         ("arraywise", lambda layer: layer.weight_quantizer.granularity == "array" and layer.weight_quantizer.step.numel() == 3),
         ("bit_sparse", lambda layer: layer.input_quantizer.max_ones == 1),
         ("psum_clipping", lambda layer: layer.psum_quantizer.granularity == "array" and layer.options.psum_observer == "mse"),
-        ("qdrop", lambda layer: layer.input_quantizer.drop_prob == 0.5 and layer.weight_quantizer.hard),
+        ("qdrop", lambda layer: layer.input_quantizer.keep_prob == 0.5 and layer.weight_quantizer.hard),
     ],
 )
 def test_cli_each_technique_alone(run_cli, config, check):
@@ -164,5 +164,5 @@ def test_cli_each_technique_alone(run_cli, config, check):
     layer = dict(cim_layers(fit.model.model))["layer2.1.conv1"]  # 288 rows: 3 arrays
     assert fit.model.quantizers_initialized() and check(layer)
     others = {"arraywise": layer.weight_quantizer.granularity == "layer", "bit_sparse": layer.input_quantizer.max_ones is None,
-              "psum_clipping": layer.psum_quantizer.granularity == "layer", "qdrop": layer.input_quantizer.drop_prob is None}
+              "psum_clipping": layer.psum_quantizer.granularity == "layer", "qdrop": layer.input_quantizer.keep_prob is None}
     assert sum(others.values()) == 3  # the three other techniques stay conventional
