@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on 2 cores: one thread per worker (and per subprocess a test starts), else the two workers'
+    # OpenMP threads oversubscribe the cores and each runs many times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
