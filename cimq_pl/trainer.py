@@ -121,6 +121,7 @@ class CIMQTrainer(pl.Trainer):
         report = next((callback for callback in self.callbacks if isinstance(callback, HardwareReport)), None)
         report = report or HardwareReport()
         table = EnergyTable.from_yaml(energy_table) if energy_table is not None else report.table
+        table = table.for_device(getattr(model, "device_spec", None))  # cell reads scale with the conductances
         self.loggers = []  # a cost estimate is no run: no W&B run is started for it
         self.strategy.connect(model)
         datamodule.trainer = self  # the data reads the model's normalisation (timm data config) through it
