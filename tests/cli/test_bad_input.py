@@ -94,7 +94,7 @@ SHORT = {"ADC bits not a number", "fractional weight bits", "unknown row split",
          "mistyped macro key", "mistyped callback argument", "mistyped callback class", "empty config file",
          "config file holding a list", "config file holding a scalar", "mistyped data argument", "mistyped trainer key",
          "short callback name", "abbreviated trainer flag", "negative programming variation",
-         "stuck-at probabilities above 1", "mistyped device key", "unknown programming distribution"}
+         "stuck-at probabilities above 1", "unknown programming distribution"}
 
 
 def _run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
