@@ -29,6 +29,8 @@ training step has seeded it, so a resumed run draws the same chips); ``"ideal"``
 Per-conversion noise (read noise, ADC noise) always comes from the global generator.
 
 Model verbs: `attach_device_`, `set_device_mode_`, `device_mode` (context manager), `attached_device`.
+With a device on, ``layer.simulate(x, trace=True)`` reports the analog partial sums (cells, read noise and ADC
+errors included) under ``partial_sums``; the export writes the programmed digits, never a chip's draws.
 """
 
 from __future__ import annotations
