@@ -110,3 +110,35 @@ def test_time_labels_and_the_export_device_record(calibrated):
     finally:
         module.checkpoint_record = None
     assert device_record(CIMQModule(cim=CIMSpec())) is None
+
+
+def test_qat_starts_from_a_ptq_checkpoint(calibrated, tmp_path):
+    """`QuantizationAwareTraining(init_from=...)` reads a Lightning checkpoint of this module (noise-aware QAT
+    starts from the noise-aware PTQ): every weight and quantizer tensor arrives, AdaRound decisions baked in."""
+    from cimq_pl.callbacks.qat import load_ptq_checkpoint_
+
+    from cimq_pl.quant.techniques import reconfigure_
+
+    module, images = calibrated
+    path = tmp_path / "ptq.ckpt"
+    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": "2.6.6"}, path)
+    fresh = CIMQModule(cim=CIMSpec(), device=DEVICE)
+    load_ptq_checkpoint_(fresh, str(path))
+    adaround = CIMQModule(cim=CIMSpec())  # with AdaRound logits: every layer's decisions are baked, the fc's too
+    calibrate_(adaround.model, [images])
+    reconfigure_(adaround.model, weight_rounding="adaround")
+    for _, layer in cim_layers(adaround.model):
+        layer.weight_quantizer.rounding_logits.data.fill_(5.0)  # round every weight up
+    with torch.no_grad():
+        rounded_up = adaround(images[:2])
+    torch.save({"state_dict": adaround.state_dict(), "pytorch-lightning_version": "2.6.6"}, path)
+    plain = CIMQModule(cim=CIMSpec())
+    calibrate_(plain.model, [images])
+    load_ptq_checkpoint_(plain, str(path))
+    with torch.no_grad():
+        assert torch.allclose(plain(images[:2]), rounded_up, rtol=1e-5, atol=1e-5)
+    loaded = fresh.state_dict()
+    for key, value in module.state_dict().items():  # tensors, and the quantizers' extra state (initialized, ...)
+        assert torch.equal(value, loaded[key]) if isinstance(value, torch.Tensor) else value == loaded[key], key
+    with torch.no_grad():
+        assert torch.equal(fresh(images[:2]), module(images[:2]))
