@@ -26,7 +26,8 @@ from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
 from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, quantizer_options, run_record
-from cimq_pl.quant import CIMSpec, convert_to_cim, fold_batchnorm_, iter_quantizers
+from cimq_pl.quant import CIMSpec, DeviceSpec, attach_device_, convert_to_cim, device_mode, fold_batchnorm_, iter_quantizers
+from cimq_pl.quant.device_model import set_device_mode_
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
 __all__ = ["CIMQModule"]
@@ -48,6 +49,12 @@ class CIMQModule(pl.LightningModule):
         export: an export directory (``python -m cimq_pl export``) to evaluate instead: the network is then the
             export's `IntegerExecutor` (integer arithmetic, inference only: test, validate, predict) and
             ``cim`` is the export's; ``pretrained`` is not read.
+        device: the real chip's cells and ADCs (a :class:`~cimq_pl.quant.DeviceSpec`; None: ideal ones), next to
+            ``cim``. Validation, test and predict run on chip ``device.seed`` read ``device.read_time`` seconds
+            after programming (`cimq_pl.callbacks.MonteCarloDevices` evaluates many chips and times);
+            calibration and training see ideal cells unless `cimq_pl.callbacks.NoiseAwareTraining` draws a fresh
+            chip every step. ``--model.device.programming_sigma 0.05`` sets one field. Not a hyperparameter
+            of the checkpoint: a quantized network is tested on any device.
     """
 
     def __init__(
@@ -60,13 +67,15 @@ class CIMQModule(pl.LightningModule):
         weight_decay: float = 5e-4,
         cim: CIMSpec | None = None,
         export: str | None = None,
+        device: DeviceSpec | None = None,
     ):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"model.num_classes must be an integer >= 1, got {num_classes!r}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr!r}")
-        self.save_hyperparameters(ignore=["cim"])
+        # `device` is left out: LightningCLI would put a checkpoint's hyperparameters over a test's --model.device
+        self.save_hyperparameters(ignore=["cim", "device"])
         self.num_classes = num_classes
         self.conversion_report = None
         if export is not None:
@@ -83,6 +92,15 @@ class CIMQModule(pl.LightningModule):
             self.model.eval()
             fold_batchnorm_(self.model)
             self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS)
+        if device is not None and (cim is None or export is not None):
+            raise ConfigError("model.device needs the network on a CIM macro (model.cim) and is not simulated by an "
+                              "export's integer executor (model.export): set model.cim, or remove model.device")
+        self.device_spec = device
+        if device is not None:
+            attach_device_(self.model, device, mode="ideal")  # chip on for evaluation, see on_validation_start
+        self.noise_aware = False  # set by the NoiseAwareTraining callback: fresh chips in every training step
+        self.chip_evaluation = True  # False: evaluate on ideal cells (the export's reference test)
+        self.checkpoint_record: dict | None = None  # checkpoint["cimq"] of the checkpoint loaded, if any
         self.objective: Objective = TaskObjective()
         top_k = min(5, num_classes)
         self.val_metrics = self._metrics("val/", top_k)
@@ -152,6 +170,7 @@ class CIMQModule(pl.LightningModule):
             " (resume or test with the same model, model.cim and technique callbacks as the run that wrote it)",
         )
         check_quantizer_options(checkpoint.get(RECORD_KEY), quantizer_options(self.model), "the checkpoint (ckpt_path)")
+        self.checkpoint_record = checkpoint.get(RECORD_KEY)
 
     @property
     def is_cim(self) -> bool:
@@ -169,17 +188,39 @@ class CIMQModule(pl.LightningModule):
                 "(e.g. --config configs/quant/conventional.yaml) and pass --ckpt_path to the checkpoint it wrote"
             )
 
+    def _evaluate_on_chip(self, on: bool) -> None:
+        """Chip ``device.seed`` at ``device.read_time`` (``on``), or ideal cells (training, calibration)."""
+        if self.device_spec is not None:
+            on = on and self.chip_evaluation
+            spec = self.device_spec
+            set_device_mode_(self.model, "chip" if on else "ideal", seed=spec.seed, time=spec.read_time)
+
     def on_validation_start(self) -> None:
         if not self.trainer.sanity_checking:
             self._require_calibrated("validate")
+        self._evaluate_on_chip(True)
+
+    def on_validation_end(self) -> None:
+        self._evaluate_on_chip(False)
 
     def on_test_start(self) -> None:
         self._require_calibrated("test")
+        self._evaluate_on_chip(True)
+
+    def on_test_end(self) -> None:
+        self._evaluate_on_chip(False)
 
     def on_predict_start(self) -> None:
         self._require_calibrated("predict")
+        self._evaluate_on_chip(True)
+
+    def on_predict_end(self) -> None:
+        self._evaluate_on_chip(False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.noise_aware:  # a fresh chip per step, drawn after the objective seeds the step's random draws
+            with device_mode(self.model, "fresh"):
+                return self.objective.training_step(self, batch, batch_idx)
         return self.objective.training_step(self, batch, batch_idx)
 
     def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> None:

@@ -5,7 +5,10 @@ Every checkpoint of a `CIMQModule` (``last.ckpt``, ``ptq.ckpt``) carries, under 
 * ``cim``: the macro (the `CIMSpec` fields, or None for the float network);
 * ``techniques``: the technique callbacks and their settings, e.g. ``{"BitSparseActivations": {"max_ones": 2, ...}}``;
 * ``quantizer_options``: each CIM layer's `QuantizerOptions`, what its quantizers were built from;
-* ``wandb_run_id``: the W&B run, so that a resumed fit logs into the same run and checkpoint folder.
+* ``wandb_run_id``: the W&B run, so that a resumed fit logs into the same run and checkpoint folder;
+* ``device``: the `DeviceSpec` fields of ``model.device`` (or None) and ``noise_aware``: whether the run lists
+  `NoiseAwareTraining` (its training drew chips of that device). For the record and the export only: a network
+  is tested on any device.
 
 ``test``/``validate``/``export``/a resumed ``fit`` whose config disagrees (another model, macro or technique set)
 is refused while the command line is parsed, before the model is built or W&B starts, with one line naming
@@ -56,6 +59,8 @@ def run_record(pl_module) -> dict[str, Any]:
         "cim": _plain(pl_module.hparams.get("cim")),
         "techniques": technique_settings(trainer.callbacks),
         "quantizer_options": quantizer_options(pl_module.model),
+        "device": _plain(dataclasses.asdict(pl_module.device_spec)) if getattr(pl_module, "device_spec", None) else None,
+        "noise_aware": any(type(cb).__name__ == "NoiseAwareTraining" for cb in trainer.callbacks),
     }
     logger = trainer.logger
     if isinstance(logger, WandbLogger):

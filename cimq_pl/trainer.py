@@ -15,6 +15,22 @@ from cimq_pl.quiet import quiet_wandb_logger
 __all__ = ["CIMQTrainer"]
 
 
+def device_record(model: pl.LightningModule) -> Optional[dict]:
+    """The export's ``device`` field: the `DeviceSpec` the network was quantized for, or None.
+
+    That is the device noise-aware training drew its chips from (recorded in the checkpoint), else ``model.device``
+    (the chip the network is meant for, not trained against); ``noise_aware_training`` says which.
+    """
+    import dataclasses
+
+    record = getattr(model, "checkpoint_record", None) or {}
+    trained = record.get("device") if record.get("noise_aware") else None
+    spec = getattr(model, "device_spec", None)
+    if trained is None and spec is None:
+        return None
+    return {"spec": trained if trained is not None else dataclasses.asdict(spec), "noise_aware_training": trained is not None}
+
+
 class CIMQTrainer(pl.Trainer):
     """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment and report the
     hardware cost of a configuration without training."""
@@ -55,7 +71,11 @@ class CIMQTrainer(pl.Trainer):
             raise ConfigError("export needs a CIM model fit with PTQ or QAT: set model.cim and pass --ckpt_path "
                               "(model.export is already an export)")
         check_export_target(Path(dirpath), overwrite)
-        results = self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        model.chip_evaluation = False  # the reference the integer executor must reproduce: ideal cells and ADCs
+        try:
+            results = self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        finally:
+            model.chip_evaluation = True
         path = None
         if self.is_global_zero:
             data_config = model.data_config  # tuples are written as JSON lists
@@ -63,6 +83,7 @@ class CIMQTrainer(pl.Trainer):
                 "model": {"name": model.hparams["name"], "num_classes": model.num_classes},
                 "data_config": data_config,
                 "reference": {"ckpt_path": ckpt_path, "fake_quant_test": {k: float(v) for k, v in results[0].items()}},
+                "device": device_record(model),
             }
             path = export_model(model.model, model.cim, dirpath, tuple(data_config["input_size"]), info, overwrite)
             rank_zero_info(f"[cimq] export written to {path} (manifest.json, model.safetensors)")
@@ -121,6 +142,7 @@ class CIMQTrainer(pl.Trainer):
         report = next((callback for callback in self.callbacks if isinstance(callback, HardwareReport)), None)
         report = report or HardwareReport()
         table = EnergyTable.from_yaml(energy_table) if energy_table is not None else report.table
+        table = table.for_device(getattr(model, "device_spec", None))  # cell reads scale with the conductances
         self.loggers = []  # a cost estimate is no run: no W&B run is started for it
         self.strategy.connect(model)
         datamodule.trainer = self  # the data reads the model's normalisation (timm data config) through it

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import ablation  # noqa: E402
 import cim_layer_speed  # noqa: E402
+import device_noise  # noqa: E402
 import export_check  # noqa: E402
 import other_models  # noqa: E402
 import presets  # noqa: E402
@@ -96,6 +97,29 @@ def test_training_time_smoke(ablation_rows, out):
     assert float(ptq["seconds"]) == float(ablation_rows["cimq"]["fit_seconds"])
     qat = next(r for r in rows if r["method"].startswith("QAT"))
     assert qat["seconds_per_step"] > 0 and qat["epoch_4k_seconds"] == round(qat["seconds_per_step"] * 32)
+
+
+def test_device_noise_quick(out):
+    """Conventional, CIMQ and noise-aware CIMQ PTQ (1 step per unit) tested on 40 images under every kind of device
+    condition with 2 chips each; a second run reuses every row."""
+    import torch
+
+    rows = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
+    by = {(r["method"], r["condition"]): r for r in rows}
+    assert {method for method, _ in by} == {"conventional", "cimq", "cimq_noise_aware"}
+    assert {condition for _, condition in by} == {"ideal", "stuck0.01", "target", "drift", "drift_compensated"}
+    assert all(int(r["images"]) == 40 for r in rows)
+    ideal, noisy = by["cimq", "ideal"], by["cimq", "target"]
+    assert int(ideal["samples"]) == 1 and float(ideal["acc_std"]) == 0.0  # ideal cells: every chip is the same
+    assert int(noisy["samples"]) == 2 and 0.0 <= float(noisy["acc_min"]) <= float(noisy["acc_max"]) <= 1.0
+    for method in ("conventional", "cimq"):  # a year of drift: the compensation is what keeps the network alive
+        assert float(by[method, "drift_compensated"]["acc_mean"]) > float(by[method, "drift"]["acc_mean"])
+    record = torch.load(out / "work" / "device_noise_quick" / "cimq_noise_aware-iters1.ckpt", weights_only=True)["cimq"]
+    assert record["noise_aware"] is True and record["device"]["programming_sigma"] == 0.05
+    assert list((out / "work").rglob("monte_carlo_test_summary.csv"))  # MonteCarloDevices' own files
+    assert (out / "device_noise.png").stat().st_size > 0 and len(_rows(out / "device_noise.csv")) == len(rows)
+    again = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
+    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
 
 
 def test_cim_layer_speed_smoke(out):

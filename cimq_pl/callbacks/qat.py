@@ -7,7 +7,7 @@ checkpoint (``init_from``; its AdaRound decisions are baked into the weights).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -17,7 +17,7 @@ from typing_extensions import override
 from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
-from cimq_pl.models.pretrained import check_state_dict_fits, read_state_dict
+from cimq_pl.models.pretrained import check_state_dict_fits, read_checkpoint, read_state_dict
 from cimq_pl.objectives import TaskObjective
 from cimq_pl.quant import cim_layers
 
@@ -71,7 +71,10 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
     Raises:
         ConfigError: the checkpoint cannot be read or does not fit the module.
     """
-    state = read_state_dict(path, "QAT init_from")
+    checkpoint = read_checkpoint(path, "QAT init_from")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):  # not a Lightning checkpoint: the network's own keys, as read_state_dict gives
+        state = {f"model.{key}": value for key, value in read_state_dict(path, "QAT init_from").items()}
     logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
     rest = {k: v for k, v in state.items() if k not in logits}
     check_state_dict_fits(pl_module.state_dict(), rest, f"QAT init_from {path!r}", "the model",
@@ -80,4 +83,4 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
     for name, layer in cim_layers(pl_module.model):
         key = f"model.{name}.weight_quantizer.rounding_logits"
         if key in logits and layer.weight_quantizer is not None:
-            layer.weight_quantizer.bake_rounding_(layer.weight, logits[key])
+            layer.weight_quantizer.bake_rounding_(layer._weight4d(), logits[key])  # a view: linear layers too

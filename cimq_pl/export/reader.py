@@ -52,6 +52,28 @@ class Export:
         """The macro the model was exported for."""
         return CIMSpec(**self.manifest["cim"])
 
+    @property
+    def device(self):
+        """The `DeviceSpec` the network was quantized for (manifest ``device.spec``), or None."""
+        from cimq_pl.quant.device import DeviceSpec
+
+        record = self.manifest.get("device")
+        return DeviceSpec(**record["spec"]) if record else None
+
+
+def _check_device(where: str, record, export: Export) -> None:
+    """The optional ``device`` field: null, or ``{"spec": DeviceSpec fields, "noise_aware_training": bool}``."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or set(record) != {"spec", "noise_aware_training"} or \
+            not isinstance(record["spec"], dict) or not isinstance(record["noise_aware_training"], bool):
+        raise ExportError(f"{where}: manifest 'device' must be null or {{\"spec\": {{...}}, \"noise_aware_training\": "
+                          "true|false}")
+    try:
+        export.device
+    except (ConfigError, TypeError) as error:
+        raise ExportError(f"{where}: manifest 'device.spec' is not a valid DeviceSpec: {error}") from error
+
 
 def read_export(dirpath) -> Export:
     """Load and check the export in ``dirpath``.
@@ -79,6 +101,7 @@ def read_export(dirpath) -> Export:
         export.spec
     except (ConfigError, TypeError) as error:
         raise ExportError(f"{where}: manifest 'cim' is not a valid CIMSpec: {error}") from error
+    _check_device(where, manifest.get("device"), export)
     try:
         check_graph(manifest["graph"], manifest["layers"])
         expected = {}

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from cimq_pl.quant.device_model import device_mode
 from cimq_pl.quant.layers import QUANTIZER_ROLES, cim_layers, iter_quantizers
 
 
@@ -21,7 +22,9 @@ def calibrate_(
 
     Pass 1: weight steps from the weights; input quantizers observe (values pass through unquantized, ADCs
     ideal). Pass 2: with inputs and weights quantized, the ADC quantizers observe the integer partial sums
-    (passing them through) and set alpha0. Disabled quantizers are left alone.
+    (passing them through) and set alpha0. Disabled quantizers are left alone. A real device attached to the
+    layers (`attach_device_`) is off meanwhile: ranges are calibrated on ideal cells, as a compiler does before
+    the chip is known.
 
     Args:
         model: a converted model (its train/eval mode is kept; use eval mode for BN statistics).
@@ -30,6 +33,11 @@ def calibrate_(
             ``model(batch)``.
     """
     forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    with device_mode(model, "ideal"):
+        _calibrate(model, batches, forward_fn)
+
+
+def _calibrate(model: nn.Module, batches: Iterable, forward_fn: Callable) -> None:
     for _, layer in cim_layers(model):
         wq = layer.weight_quantizer
         if wq is not None and wq.enabled:

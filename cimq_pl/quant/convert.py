@@ -12,6 +12,8 @@ from typing import Callable, Optional
 from torch import nn
 
 from cimq_pl.quant.calibrate import calibrate_, set_collect_stats, set_quantizers_enabled
+from cimq_pl.quant.device import DeviceSpec
+from cimq_pl.quant.device_model import attach_device_
 from cimq_pl.quant.fold import _set_submodule, fold_batchnorm_
 from cimq_pl.quant.layers import cim_layers, iter_quantizers
 from cimq_pl.quant.options import QuantizerOptions
@@ -68,6 +70,7 @@ def convert_to_cim(
     spec: CIMSpec,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     options: Optional[QuantizerOptions] = None,
+    device: Optional[DeviceSpec] = None,
 ) -> ConversionReport:
     """Swap every eligible layer of ``model`` for its CIM version, in place.
 
@@ -82,6 +85,8 @@ def convert_to_cim(
         spec: the macro.
         filter_fn: optional predicate ``(module, fully qualified name) -> bool``.
         options: quantizer choices for every converted layer.
+        device: the chip's cells and ADCs (`DeviceSpec`), attached to every CIM layer of ``model`` as chip
+            ``device.seed`` read at ``device.read_time`` (`attach_device_`); None = ideal cells and ADCs.
 
     Returns:
         A `ConversionReport` (converted layers with their geometry, skipped ones with a reason).
@@ -120,6 +125,8 @@ def convert_to_cim(
         cim_layer.train(module.training)
         _set_submodule(model, name, cim_layer)
         report.converted.append(ConvertedLayer(name, type(module).__name__, mode, cim_layer.geometry))
+    if device is not None:
+        attach_device_(model, device)
     return report
 
 

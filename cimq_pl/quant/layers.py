@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimq_pl.quant.activation import ActivationQuantizer
+from cimq_pl.quant.device_model import active_device
 from cimq_pl.quant.digits import _DigitSplit, split_input_cycles, split_weight_slices  # noqa: F401 - re-exported
 from cimq_pl.quant.options import QuantizerOptions
 from cimq_pl.quant.psum import PsumQuantizer, cycle_sum
@@ -51,6 +52,8 @@ class _CIMLayerBase(nn.Module):
         psum_quantizer: `PsumQuantizer` (ADC), None when ``spec.adc_bits`` is None.
         collect_stats: when True every forward pass adds to ``stats`` (off by default: training is not slowed).
         stats: `CIMStats` event counters; ``reset_stats()`` zeroes them.
+        device_model: the chip's cells and ADCs (`device_model.DeviceModel`), None for ideal ones; set by
+            `attach_device_`, not part of the state_dict.
     """
 
     def _setup(
@@ -98,6 +101,7 @@ class _CIMLayerBase(nn.Module):
                 self._part_inputs.append(("index",))
         self.register_buffer("_col_block_of_column", geo.col_block_of_column(), persistent=False)
         self._meta_cache: dict = {}
+        self.device_model = None  # real-device non-idealities (device_model.py), attached by attach_device_
 
     def _build_quantizers(self, options: QuantizerOptions) -> tuple:
         """Fresh (input, weight, psum) quantizers for ``options``; None where the spec leaves a quantity float."""
@@ -220,8 +224,11 @@ class _CIMLayerBase(nn.Module):
             return digits.narrow(1, how[1], how[2])
         return digits.index_select(1, getattr(self, f"_part{part_index}_channels"))
 
-    def _part_weight(self, slices: torch.Tensor, part_index: int, ref_digit: int) -> torch.Tensor:
-        """Grouped-conv weight of a part: (groups * blocks * K, slots, k_h, k_w), K = slices * C_out/g + refs."""
+    def _part_weight(self, slices: torch.Tensor, part_index: int, ref_digit) -> torch.Tensor:
+        """Grouped-conv weight of a part: (groups * blocks * K, slots, k_h, k_w), K = slices * C_out/g + refs.
+
+        ``ref_digit``: the reference-column digit (0: none), or every reference cell's value, a tensor
+        (G, n_col_blocks, C_in/g, k_h, k_w) (a real device's cells, `DeviceModel.program`)."""
         geo = self.geometry
         g, cout_g, cin_g = geo.groups, geo.out_channels_per_group, geo.in_channels_per_group
         n_slices = slices.shape[0]
@@ -230,7 +237,10 @@ class _CIMLayerBase(nn.Module):
         n_blocks, slots = local.shape
         per_row = slices.reshape(n_slices, g, cout_g, cin_g, geo.kernel_area)[:, :, :, local]
         weight = (per_row * mask).permute(1, 3, 0, 2, 4, 5).reshape(g, n_blocks, n_slices * cout_g, slots, -1)
-        if ref_digit:
+        if isinstance(ref_digit, torch.Tensor):
+            per_row = ref_digit.reshape(g, geo.n_col_blocks, cin_g, geo.kernel_area)[:, :, local]
+            weight = torch.cat([weight, (per_row * mask).transpose(1, 2).to(weight.dtype)], 2)
+        elif ref_digit:
             reference = (ref_digit * mask).unsqueeze(1).expand(g, n_blocks, geo.n_col_blocks, slots, -1)
             weight = torch.cat([weight, reference.to(weight.dtype)], 2)
         return weight.reshape(-1, slots, *self.kernel_size)
@@ -282,6 +292,8 @@ class _CIMLayerBase(nn.Module):
             slices, slice_weights, ref_digit = split_weight_slices(weight_codes, geo, wq.code_range, exact)
         else:
             weight_step, weight_codes, slices, slice_weights, ref_digit = None, None, self._weight4d().unsqueeze(0), (1,), 0
+        device = active_device(self) if weight_active else None  # a real chip's cells and ADCs, or None
+        cells, ref_cells, device_gain = device.program(self, slices, ref_digit) if device else (slices, ref_digit, None)
         n_slices = slices.shape[0]
         n_ref = geo.n_col_blocks if ref_digit else 0
         cout_g = geo.out_channels_per_group
@@ -290,9 +302,11 @@ class _CIMLayerBase(nn.Module):
         psums, metas = [], []
         for index in range(len(self.parts)):  # at most 2 parts (full row blocks, ragged last block)
             n_conv_groups = geo.groups * len(self.parts[index].row_blocks)
-            weight = self._part_weight(slices, index, ref_digit)
+            weight = self._part_weight(cells, index, ref_cells)
             psums.append(self._conv(self._part_input(stacked, index), weight, n_conv_groups))
             metas.append(self._channel_meta(index, n_slices, n_ref, not input_active, not weight_active))
+        if device is not None:  # read noise and ADC errors enter the analog partial sums
+            psums = device.analog_psums(self, psums, stacked, metas)
 
         if adc_active and (pq.observe or not pq.initialized):
             pq.observe_psums(psums, [m[0] for m in metas], [m[1] for m in metas])
@@ -313,6 +327,8 @@ class _CIMLayerBase(nn.Module):
 
         height, width = output.shape[-2:]
         output = output.reshape(n_images, self.out_channels, height, width)
+        if device_gain is not None:  # the digital drift-compensation gain
+            output = output * device_gain
         if input_step is not None:
             output = output * input_step
         if self.bias is not None:

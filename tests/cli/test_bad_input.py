@@ -73,6 +73,19 @@ CASES = [
      "--without 'QuantDropping': no such callback in trainer.callbacks; listed: HardwareReport, PostTrainingQuantization"),
     ("more GPUs than the machine has", lambda t: ["--trainer.accelerator", "gpu", "--trainer.devices", "64"],
      "trainer.accelerator='gpu'"),
+    ("negative programming variation", lambda t: [*CONVENTIONAL, "--model.device.programming_sigma", "-0.1"],
+     "DeviceSpec.programming_sigma=-0.1 is invalid: expected a number >= 0"),
+    ("stuck-at probabilities above 1", lambda t: [*CONVENTIONAL, "--model.device.stuck_off_prob", "0.7",
+                                                  "--model.device.stuck_on_prob", "0.7"], "stuck_on_prob=0.7"),
+    ("device without a macro", lambda t: ["--model.device.programming_sigma", "0.1"], "model.device needs"),
+    ("mistyped device key", lambda t: [*CONVENTIONAL, "--model.device.programming_sigm", "0.1"],
+     "model.device: unknown key 'programming_sigm' (did you mean 'programming_sigma'?"),
+    ("unknown programming distribution", lambda t: [*CONVENTIONAL, "--model.device.programming_distribution", "uniform"],
+     "'uniform' is not one of 'normal', 'lognormal'"),
+    ("noise-aware training without a device", lambda t: [*CONVENTIONAL, "--trainer.callbacks+=NoiseAwareTraining"],
+     "NoiseAwareTraining needs the device to train for: set model.device"),
+    ("no Monte Carlo samples", lambda t: [*CONVENTIONAL, "--trainer.callbacks+=MonteCarloDevices",
+                                          "--trainer.callbacks.samples", "0"], "MonteCarloDevices.samples=0"),
 ]
 TYPO = "trainer:\n  callbacks:\n    - class_path: BitSparseActivation\n"
 SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n"  # resolved, then needs model.cim
@@ -80,7 +93,8 @@ SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n" 
 SHORT = {"ADC bits not a number", "fractional weight bits", "unknown row split", "unknown callback",
          "mistyped macro key", "mistyped callback argument", "mistyped callback class", "empty config file",
          "config file holding a list", "config file holding a scalar", "mistyped data argument", "mistyped trainer key",
-         "short callback name", "abbreviated trainer flag"}
+         "short callback name", "abbreviated trainer flag", "negative programming variation",
+         "stuck-at probabilities above 1", "unknown programming distribution"}
 
 
 def _run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
