@@ -233,7 +233,7 @@ def _class_hint(section: str, class_path: str) -> str:
     if section == "data":
         return f"allowed: {', '.join(known.values())}"
     ours = ", ".join(cimq_pl.callbacks.__all__)
-    return f"ours: cimq_pl.callbacks.{{{ours}}}, or a class of lightning.pytorch.callbacks"
+    return f"cimq_pl.callbacks: {ours}; or Lightning's"
 
 
 def _arguments(where: str, cls: type, given: dict, unknown: str) -> Iterator[tuple[str, str]]:
