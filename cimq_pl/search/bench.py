@@ -1,5 +1,8 @@
 """`SearchBench`: a calibrated CIM network on fixed images, and the cheap measurement of one layer changed.
 
+With metric ``fisher`` (`SearchBench.fisher_trial`, the default of the search) a trial runs the changed layer
+alone, on cached activations; with ``kl``/``mse`` (`SearchBench.try_layer`) it runs the network, as below.
+
 The bench holds, for the search images (calibration split): the float network's logits (the teacher: every
 quantizer disabled is the exact BN-folded float network), the configured network's logits, its event counters
 and its loss against the teacher. `SearchBench.try_layer` then puts one layer on another spec and measures the
@@ -142,12 +145,16 @@ class SearchBench:
         model: a network whose layers `convert_to_cim` converted (BN folded); it is calibrated here on ``batches``
             (every quantizer, as `calibrate_`), in eval mode, and left as configured after every trial.
         batches: image tensors (calibration split), on the model's device.
-        metric: ``kl`` or ``mse`` (see `logit_loss`).
+        metric: ``fisher`` (`fisher_trial`: the layer alone, Fisher-weighted output error), ``kl`` or ``mse``
+            (`try_layer`: the network's logits, see `logit_loss`); whole networks are measured with ``kl`` (``mse``
+            with ``mse``).
         table: per-event energies.
-        labels: the labels of ``batches`` (for `NetworkPoint.accuracy`), or None.
-        replay: cache calibration inputs and replay the outputs of the layers before the changed one (see the
-            module docstring; memory: two activations of every CIM layer for every image, three with
-            ``input_trials``); turned off when a CIM layer runs more or less than once per forward pass.
+        labels: the labels of ``batches`` (for `NetworkPoint.accuracy` and the Fisher), or None (the Fisher then
+            takes the float network's predictions).
+        replay: cache the calibration-pass inputs of every CIM layer and (``kl``/``mse``) its outputs, replayed for
+            the layers before the changed one (see the module docstring; memory: two or three activations of every
+            CIM layer for every image, plus three for ``fisher``: its inputs, outputs and Fisher in the float
+            network); turned off when a CIM layer runs more or less than once per forward pass.
         input_trials: also cache the inputs of calibration pass 1 (trials that change ``input_bits`` need them).
         seed: seeds every calibration (percentile observers subsample at random), so every setting is calibrated
             alike.
@@ -173,7 +180,7 @@ class SearchBench:
             self.calibrate(model, cache=((1, 2) if input_trials else (2,)) if replay else (), record=True)
             with self._quantizers_off(model):
                 self.teacher = self._logits(model)
-            self.reference = self._reference_pass(replay)
+            self.reference = self._reference_pass(replay, cache_outputs=metric != "fisher")  # fisher runs no network
         self.replay = replay and self._order is not None and bool(self._calibration_inputs)
         if not self.replay:
             self._calibration_inputs, self._outputs = {}, {}
@@ -262,26 +269,29 @@ class SearchBench:
                           cost.latency_ns / max(self.images, 1) / 1e3, time.perf_counter() - start, logits)
 
     # ------------------------------------------------------------------ one layer, locally (metric "fisher")
-    def fisher_trial(self, name: str, spec: Optional[CIMSpec] = None) -> LayerTrial:
+    def fisher_trial(self, name: str, spec: Optional[CIMSpec] = None, reference: Optional[list] = None) -> LayerTrial:
         """Layer ``name`` on ``spec`` (None: as configured) measured locally: its Fisher-weighted output error and
         its cost, without running the rest of the network.
 
-        The error is ``1/2 sum_i F_i (y_i - y*_i)^2`` per image, where y is the layer's output on the float network's
-        input to it, y* the float layer's output there and F_i = (d CE / d y*_i)^2 the diagonal empirical Fisher of
-        the float network (labels of the images, else its own predictions): the second-order estimate of the loss
-        the layer's quantization adds, BRECQ's weighting, free of the rounding flips of the layers after it. The
-        cost is the cost model's on the layer's counters for the inputs it receives in calibration pass 2
-        (quantized inputs, ideal ADCs before it), the same inputs for every setting.
+        The error is ``1/2 sum_i F_i (y_i - r_i)^2`` per image, where y is the layer's output on the float network's
+        input to it, r the ``reference`` output there (`layer_outputs`; default: the float layer's) and
+        F_i = (d CE / d y*_i)^2 the diagonal empirical Fisher of the float network at that output (labels of the
+        images, else its own predictions): the second-order estimate of the loss the difference adds (BRECQ's
+        weighting), free of the rounding flips of the layers after it. The cost is the cost model's on the layer's
+        counters for the inputs it receives in calibration pass 2 (quantized inputs, ideal ADCs before it), the
+        same inputs for every setting.
         """
         start = time.perf_counter()
         old = self.model.get_submodule(name)
         layer = old if spec is None else rebuild_cim_layer(old, spec)
+        fisher = self._fisher[name]
+        reference = fisher["outputs"] if reference is None else reference
         with eval_mode(self.model), torch.no_grad():
             if spec is not None:
                 self._calibrate_layer(name, old, layer)
             error = 0.0
-            for x, y, fisher in zip(*(self._fisher[name][key] for key in ("inputs", "outputs", "fisher"))):
-                error += float((fisher * (layer(x) - y).double() ** 2).sum()) / 2
+            for x, r, weight in zip(fisher["inputs"], reference, fisher["fisher"]):
+                error += float((weight.double() * (layer(x) - r).double() ** 2).sum()) / 2
             with self._collecting([layer]):
                 for x in self._calibration_inputs[(name, 2)]:
                     layer(x)
@@ -289,6 +299,15 @@ class SearchBench:
         cost = layer_cost(LayerInfo.from_layer(name, layer), dict(zip(COUNTER_NAMES, row)), self.table, self.images)
         return LayerTrial(name, layer.spec, error / self.images, cost.energy_per_image_uj,
                           cost.latency_ns / max(self.images, 1) / 1e3, time.perf_counter() - start)
+
+    def layer_outputs(self, name: str, spec: CIMSpec) -> list:
+        """Layer ``name`` rebuilt on ``spec`` and calibrated as a trial: its outputs on the float network's inputs to
+        it (per batch), the reference `fisher_trial` measures other settings against."""
+        old = self.model.get_submodule(name)
+        layer = rebuild_cim_layer(old, spec)
+        with eval_mode(self.model), torch.no_grad():
+            self._calibrate_layer(name, old, layer)
+            return [layer(x) for x in self._fisher[name]["inputs"]]
 
     def _fisher_pass(self) -> None:
         """One forward and backward pass of the float network: every CIM layer's input and output, and the squared
@@ -318,7 +337,7 @@ class SearchBench:
                     targets = self.labels_of(index, logits)
                     F.cross_entropy(logits, targets, reduction="sum").backward()
                     for name, output in live.items():
-                        found[name]["fisher"].append(output.grad.detach().double() ** 2)
+                        found[name]["fisher"].append(output.grad.detach() ** 2)
         finally:
             for handle in handles:
                 handle.remove()
@@ -340,23 +359,10 @@ class SearchBench:
             total += len(batch)
         return offsets
 
-    def float_layer_logits(self, name: str) -> torch.Tensor:
-        """The network's logits with layer ``name`` exact (its quantizers off), the others as configured: the
-        reference its quantization noise is measured against (`layer_noise`)."""
-        layer = self.model.get_submodule(name)
-        saved = [(quantizer, quantizer.enabled) for quantizer in layer.quantizers().values()]
-        for quantizer, _ in saved:
-            quantizer.enabled = False
-        try:
-            with eval_mode(self.model), self._swapped(name, layer):
-                return self._logits(self.model)
-        finally:
-            for quantizer, enabled in saved:
-                quantizer.enabled = enabled
-
     def layer_noise(self, exact_logits: torch.Tensor, logits: Optional[torch.Tensor] = None) -> float:
-        """The quantization noise of one layer: the divergence (the bench's metric) of ``logits`` (default: the
-        configured network's) from ``exact_logits``, the network's with that layer exact (`float_layer_logits`)."""
+        """The noise of one layer's setting at the network output: the divergence (``kl`` or ``mse``) of ``logits``
+        (default: the configured network's) from ``exact_logits``, the network's with that layer on the exact
+        reference setting (`cimq_pl.search.sensitivity.exact_for`, a `try_layer`)."""
         return logit_loss(exact_logits, self.reference_logits if logits is None else logits, self.network_metric)
 
     def layer_energy(self, name: str) -> tuple[float, float]:
@@ -460,8 +466,9 @@ class SearchBench:
         finally:
             handle.remove()
 
-    def _reference_pass(self, replay: bool) -> NetworkPoint:
-        """Measure the configured network; record the order its CIM layers run in and (``replay``) their outputs."""
+    def _reference_pass(self, replay: bool, cache_outputs: bool = True) -> NetworkPoint:
+        """Measure the configured network; record the order its CIM layers run in and (``replay`` and
+        ``cache_outputs``) their outputs."""
         layers = cim_layers(self.model)
         order, calls, outputs = [], {name: 0 for name, _ in layers}, {name: [] for name, _ in layers}
 
@@ -470,7 +477,7 @@ class SearchBench:
                 calls[name] += 1
                 if self._cursor.batch == 0 and name not in order:
                     order.append(name)
-                if replay:
+                if replay and cache_outputs:
                     outputs[name].append(output.detach())
             return hook
 
@@ -491,7 +498,7 @@ class SearchBench:
         replaced = {name: self.model.get_submodule(name)}
         _set_submodule(self.model, name, trial)
         try:
-            if self.replay:
+            if self.replay and self._outputs:  # a fisher bench keeps no outputs: the layers before it run
                 for earlier in self._order[: self._order.index(name)]:
                     replaced[earlier] = self.model.get_submodule(earlier)
                     _set_submodule(self.model, earlier, _Replay(self._outputs[earlier], self._cursor))

@@ -3,13 +3,17 @@ and saves in energy, measured with `SearchBench.try_layer` (calibration only, no
 
 What a setting costs in loss is the layer's **quantization noise** on that setting (`SearchConfig.metric`):
 
-* ``fisher`` (default): ``1/2 sum_i F_i (y_i - y*_i)^2``, the layer's output error on the float network's input
-  to it, weighted by the diagonal empirical Fisher of the float network at that output (`SearchBench.fisher_trial`):
-  the second-order estimate of the task loss it adds (HAWQ's and BRECQ's). Local: a trial runs that layer alone
-  (about a second for a ResNet-20 layer on 256 images on one CPU core), and the estimate is smooth in the
-  setting. The objective the search minimises is the searched layers' summed noise.
+* ``fisher`` (default): ``1/2 sum_i F_i (y_i - r_i)^2``, the difference between the layer's output on the setting
+  and on the setting made exact in the searched quantities (`exact_for`: an ideal ADC for an ADC search; the
+  layer's weight and input quantizers as configured), on the float network's input to it, weighted by the
+  diagonal empirical Fisher of the float network at that output (`SearchBench.fisher_trial`): the second-order
+  estimate of the task loss the setting adds (HAWQ's and BRECQ's weighting). Local: a trial runs that layer alone
+  (about a second for a ResNet-20 layer on 256 images on one CPU core), and it is the setting's own noise: an
+  ADC's error shrinks with its bits, without the cross-term with the layer's weight and input rounding (which
+  does not depend on the ADC and made a total-error measure non-monotone). The objective the search minimises
+  is the searched layers' summed noise.
 * ``kl`` / ``mse``: measured at the network output, the divergence between the logits with the layer on the
-  setting and with the layer exact (quantizers off), every other layer as configured (`SearchBench.try_layer`);
+  setting and on its exact reference setting (`exact_for`), every other layer as configured (`SearchBench.try_layer`);
   an assignment's predicted loss is the configured network's loss (against the float network) plus, per
   searched layer, the noise of its setting minus the configured one's. Exact for the network as it is, but
   each trial runs the layers after the changed one, and below 8-bit activations the rounding flips a small change
@@ -34,7 +38,7 @@ from cimq_pl.quant.overrides import layer_overrides
 from cimq_pl.search.bench import SearchBench
 from cimq_pl.search.config import setting_label
 
-__all__ = ["SENSITIVITY_COLUMNS", "SensitivityTable", "measure_sensitivity", "searched_layers"]
+__all__ = ["SENSITIVITY_COLUMNS", "SensitivityTable", "exact_for", "measure_sensitivity", "searched_layers"]
 
 SENSITIVITY_COLUMNS = ("layer", "setting", "current", "noise", "delta_loss", "delta_energy_uj", "delta_latency_us", "loss",
                        "energy_uj", "latency_us", "seconds", "note")
@@ -120,6 +124,22 @@ class SensitivityTable:
         return rows
 
 
+def exact_for(spec, settings: Sequence[dict]):
+    """``spec`` with the quantities the candidate ``settings`` change made exact: the reference their noise is
+    measured against (``fisher``). An ADC, cell or DAC change is measured against an ideal ADC (cells and DAC
+    matter only through it), an input change against float inputs, a weight change against float weights; the
+    layer's other quantizers stay as configured."""
+    fields = {field for setting in settings for field in setting}
+    exact = {}
+    if fields & {"adc_bits", "cell_bits", "dac_bits"}:
+        exact["adc_bits"] = None
+    if "input_bits" in fields:
+        exact["input_bits"] = None
+    if fields & {"weight_bits"}:
+        exact.update(weight_bits=None, cell_bits=None)
+    return spec.replace(**exact)
+
+
 def searched_layers(model, patterns: Optional[Sequence[str]] = None) -> list[str]:
     """Names of the CIM layers of ``model`` a search changes: those ``patterns`` (names or globs) match, or by
     default every layer mapped in ``cim`` mode (layers an ``int8`` first/last-layer mode or override put on
@@ -167,11 +187,12 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
     for name in layers:
         layer = bench.model.get_submodule(name)
         if local:
-            configured = bench.fisher_trial(name)
+            reference = bench.layer_outputs(name, exact_for(layer.spec, settings))
+            configured = bench.fisher_trial(name, reference=reference)
             configured_noise, base_energy, base_latency = configured.loss, configured.energy_uj, configured.latency_us
         else:
             base_energy, base_latency = bench.layer_energy(name)
-            exact = bench.float_layer_logits(name)
+            exact = bench.try_layer(name, exact_for(layer.spec, settings)).logits
             configured_noise = bench.layer_noise(exact)
         current = None
         rows = {key: [] for key in ("loss", "noise", "energy_uj", "latency_us", "seconds", "notes")}
@@ -185,7 +206,7 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
                 except ConfigError as error:
                     values = (math.nan, math.nan, math.nan, math.nan, 0.0, str(error))
                 else:
-                    trial = bench.fisher_trial(name, spec) if local else bench.try_layer(name, spec)
+                    trial = bench.fisher_trial(name, spec, reference) if local else bench.try_layer(name, spec)
                     noise = trial.loss if local else bench.layer_noise(exact, trial.logits)
                     values = (noise - configured_noise, noise, trial.energy_uj - base_energy,
                               trial.latency_us - base_latency, trial.seconds, "")

@@ -148,6 +148,20 @@ def test_fisher_trials_reproduce_the_configured_layer_and_grow_with_fewer_bits(k
     assert energies == sorted(energies) and energies[1] == pytest.approx(bench.fisher_trial("b").energy_uj)
 
 
+def test_fisher_noise_of_an_adc_is_measured_against_the_ideal_adc(known):
+    from cimq_pl.search.sensitivity import exact_for
+
+    model, images, _ = known
+    assert exact_for(model.a.spec, [{"adc_bits": 3}]) == model.a.spec.replace(adc_bits=None)
+    assert exact_for(model.a.spec, [{"input_bits": 3, "weight_bits": 2}]) == model.a.spec.replace(
+        input_bits=None, weight_bits=None, cell_bits=None)
+    bench = SearchBench(model, images.split(16))
+    ideal = bench.layer_outputs("a", model.a.spec.replace(adc_bits=None))
+    assert bench.fisher_trial("a", model.a.spec.replace(adc_bits=None), ideal).loss == 0.0
+    noise = [bench.fisher_trial("a", model.a.spec.replace(adc_bits=bits), ideal).loss for bits in (2, 4, 6, 8)]
+    assert noise == sorted(noise, reverse=True) and noise[-1] < 1e-3 * noise[0]
+
+
 def test_a_trial_of_the_configured_setting_gives_back_the_configured_network_with_and_without_replay(known):
     model, images, _ = known
     benches = [SearchBench(model, images.split(16), metric="kl", replay=replay) for replay in (True, False)]
