@@ -13,8 +13,8 @@ from conftest import REPO
 from .test_bad_input import _assert_clear, _run_main
 from .test_provenance import BASE, CONVENTIONAL
 
-TINY = ["--data.init_args.calibration_size", "8", "--data.init_args.eval_batch_size", "50",
-        "--trainer.limit_test_batches", "1"]
+TINY = ["--data.init_args.calibration_size", "8", "--data.init_args.eval_batch_size", "25",
+        "--trainer.limit_test_batches", "2"]  # ("1" would parse as the fraction 1.0: every batch)
 SEARCH = ["--layers", "[layer3.2.conv2, fc]", "--candidates", "{adc_bits: [3, 4]}", "--images", "8",
           "--batch_size", "8", "--verify", "false", "--energy_budget", "adc_bits=3"]
 
