@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -94,9 +95,11 @@ def plot_search(result: SearchResult, path, title: str = "") -> Path:
     else:
         axes.axhline(budget, color="tab:red", linestyle=":", linewidth=1, label="loss budget")
     objective = _OBJECTIVE.get(result.table.metric, result.table.metric)
+    if title:
+        figure.suptitle(textwrap.fill(title, 130), fontsize=7)
     if not measured:
         return finish_figure(figure, axes, path, "energy per image (uJ)", f"predicted {objective}",
-                             title or "per-layer precision search")
+                             "per-layer precision search: predicted (additive model)")
     axes.set_xlabel("energy per image (uJ)")
     axes.set_ylabel(f"predicted {objective}")
     axes.set_title("predicted (additive model)", fontsize=9)
@@ -114,7 +117,7 @@ def plot_search(result: SearchResult, path, title: str = "") -> Path:
             right.annotate(point.label, (point.measured.energy_uj, value(point)), textcoords="offset points",
                            xytext=(4, 4), fontsize=7)
     return finish_figure(figure, right, path, "energy per image (uJ)", label,
-                         title or "per-layer precision search: measured (calibration only)")
+                         "measured: whole networks, calibration only")
 
 
 _COLOURS = {"configured": "k", "uniform": "tab:blue", "searched": "tab:red"}
