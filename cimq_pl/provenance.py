@@ -103,7 +103,7 @@ def _cim_flag(field: str, value: Any) -> str:
 
 
 def check_config_agrees(checkpoint: Mapping, model_config: Mapping, techniques: dict[str, dict] | None,
-                        path: str) -> None:
+                        path: str, what: str = "ckpt_path") -> None:
     """Refuse ``checkpoint`` (read from ``path``) when the run's config differs from the one that wrote it.
 
     Args:
@@ -111,11 +111,12 @@ def check_config_agrees(checkpoint: Mapping, model_config: Mapping, techniques: 
         model_config: the parsed ``model`` section (name, num_classes, cim).
         techniques: the technique settings of the parsed ``trainer.callbacks`` (`configured_techniques`).
         path: the checkpoint's path, for the message.
+        what: how the message names the checkpoint (``ckpt_path``, ``QAT init_from``).
 
     Raises:
         ConfigError: naming the first field that differs, both values and the flag that makes them agree.
     """
-    where = f"ckpt_path {path!r}"
+    where = f"{what} {path!r}"
     hparams = checkpoint.get("hyper_parameters") or {}
     for field in ("name", "num_classes"):
         if field in hparams and field in model_config and hparams[field] != model_config[field]:

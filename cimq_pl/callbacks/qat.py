@@ -17,7 +17,8 @@ from typing_extensions import override
 from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
-from cimq_pl.models.pretrained import check_state_dict_fits, read_state_dict
+from cimq_pl.models.pretrained import check_state_dict_fits, read_checkpoint, read_state_dict
+from cimq_pl.provenance import RECORD_KEY, check_config_agrees
 from cimq_pl.objectives import TaskObjective
 from cimq_pl.quant import cim_layers
 
@@ -69,9 +70,17 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
     (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes.
 
     Raises:
-        ConfigError: the checkpoint cannot be read or does not fit the module.
+        ConfigError: the checkpoint cannot be read, was written for another macro or other per-layer overrides
+            (``checkpoint["cimq"]``), or does not fit the module.
     """
-    state = read_state_dict(path, "QAT init_from")
+    checkpoint = read_checkpoint(path, "QAT init_from")
+    if isinstance(checkpoint.get(RECORD_KEY), dict):  # the macro and its per-layer overrides must be the run's
+        model_config = {key: pl_module.hparams.get(key) for key in ("name", "num_classes", "cim", "cim_overrides")}
+        check_config_agrees(checkpoint, model_config, None, path, "QAT init_from")
+    if isinstance(checkpoint.get("state_dict"), dict):  # a Lightning checkpoint: keys (and quantizers' extra
+        state = dict(checkpoint["state_dict"])            # states) as the module names them
+    else:
+        state = read_state_dict(path, "QAT init_from")
     logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
     rest = {k: v for k, v in state.items() if k not in logits}
     check_state_dict_fits(pl_module.state_dict(), rest, f"QAT init_from {path!r}", "the model",

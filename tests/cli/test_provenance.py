@@ -66,6 +66,22 @@ def test_per_layer_overrides_must_agree():
     check_config_agrees(_record(), {**_model(adc_bits=3), "cim_overrides": None}, {}, "x.ckpt")
 
 
+def test_qat_init_from_a_ptq_checkpoint_of_other_overrides_is_refused(tmp_path):
+    from cimq_pl.callbacks.qat import load_ptq_checkpoint_
+    from cimq_pl.module import CIMQModule
+
+    module = CIMQModule(cim=CIMSpec(adc_bits=3), cim_overrides={"fc": {"adc_bits": 6}})
+    record = _record()
+    record["cimq"]["cim_overrides"] = {"fc": {"adc_bits": 5}}
+    torch.save({**record, "state_dict": module.state_dict()}, tmp_path / "ptq.ckpt")
+    with pytest.raises(ConfigError, match=r"QAT init_from '.*ptq\.ckpt' was written for model\.cim_overrides\['fc'\]="
+                                          r"\{'adc_bits': 5\} but the config gives \{'adc_bits': 6\}"):
+        load_ptq_checkpoint_(module, str(tmp_path / "ptq.ckpt"))
+    record["cimq"]["cim_overrides"] = {"fc": {"adc_bits": 6}}
+    torch.save({**record, "state_dict": module.state_dict()}, tmp_path / "ptq.ckpt")
+    load_ptq_checkpoint_(module, str(tmp_path / "ptq.ckpt"))  # the same macro and overrides load
+
+
 def test_model_name_and_classes_must_agree():
     with pytest.raises(ConfigError, match=r"model\.name='cifar_resnet20' but the config gives 'cifar_resnet32'"):
         check_config_agrees(_record(), {**_model(adc_bits=3), "name": "cifar_resnet32"}, {}, "x.ckpt")
