@@ -165,9 +165,9 @@ class CIMQTrainer(pl.Trainer):
         The run's config files say what is searched from: the model on its macro (``model.cim`` and its
         ``model.cim_overrides``), the data and the technique callbacks, applied as at ``setup`` (PTQ/QAT callbacks
         are not run: the search is calibration only). On the first ``search.images`` images of the calibration
-        subset it measures, for every layer and candidate setting, the network's loss against the float network
-        with that layer alone changed and that layer's energy (`cimq_pl.search`), solves the budget exactly on
-        the additive model's Pareto front, and (``search.verify``) calibrates and measures the chosen assignment
+        subset it measures, for every layer and candidate setting, the loss that setting of that layer alone adds
+        (by default its Fisher-weighted output noise) and that layer's energy (`cimq_pl.search`), solves the
+        budget exactly on the additive model's Pareto front, and (``search.verify``) calibrates and measures the chosen assignment
         and every uniform setting as whole networks. It writes ``<output_dir>/cim_overrides.yaml``, a config
         that ``fit`` takes after the technique config, the CSVs and ``search.png``, and prints the summary.
 

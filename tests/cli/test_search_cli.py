@@ -55,6 +55,9 @@ def test_search_writes_an_assignment_fit_uses_and_checkpoints_remember(tmp_path,
     (["--candidates", "{adc_bits: [3, 99]}"], "error: search.candidates.adc_bits: 99 is invalid"),
     (["--model.cim_overrides", "{fc: {adc_bits: 99}}"], "error: model.cim_overrides: layer 'fc': CIMSpec.adc_bits=99 is invalid"),
     (["--model.cim_overrides", "{fcc: {adc_bits: 3}}"], "error: model.cim_overrides: 'fcc' matches no layer (did you mean 'fc'?)"),
+    (["--model.cim_overrides", "{fc: {adc_bit: 3}}"], "error: model.cim_overrides['fc']: unknown field 'adc_bit' (did you mean 'adc_bits'?)"),
+    (["--model.cim", "null", "--model.cim_overrides", "{fc: {adc_bits: 3}}"],
+     "error: model.cim_overrides needs a macro to override: set model.cim"),
 ])
 def test_bad_search_arguments_and_overrides_are_one_error_line(args, needle, capsys, monkeypatch, tmp_path):
     code, err = _run_main(["search", *BASE, *CONVENTIONAL, *TINY, *SEARCH, "--output_dir", str(tmp_path), *args],
