@@ -1,4 +1,4 @@
-"""``python -m cimq_pl {fit,validate,test,predict,export,cost} --config ...``: LightningCLI with friendly failures.
+"""``python -m cimq_pl {fit,validate,test,predict,export,cost,search} --config ...``: LightningCLI with friendly failures.
 
 * Several ``--config`` files compose, later ones overriding earlier ones (model/data config + technique config).
 * Without a W&B API key, W&B runs offline (``WANDB_MODE=offline``) instead of failing or prompting.
@@ -64,9 +64,11 @@ class CIMQCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict:
-        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export)
-        and ``cost`` (`CIMQTrainer.cost`: the hardware cost of the configuration without training)."""
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "cost": {"model", "datamodule"}}
+        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export),
+        ``cost`` (`CIMQTrainer.cost`: the hardware cost of the configuration without training) and ``search``
+        (`CIMQTrainer.search`: per-layer precisions under an energy or loss budget)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "cost": {"model", "datamodule"},
+                "search": {"model", "datamodule"}}
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_class", CIMQTrainer)

@@ -28,6 +28,7 @@ from cimq_pl.objectives import Objective, TaskObjective
 from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, quantizer_options, run_record
 from cimq_pl.quant import CIMSpec, DeviceSpec, attach_device_, convert_to_cim, device_mode, fold_batchnorm_, iter_quantizers
 from cimq_pl.quant.device_model import set_device_mode_
+from cimq_pl.quant.overrides import normalize_overrides
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
 __all__ = ["CIMQModule"]
@@ -46,6 +47,10 @@ class CIMQModule(pl.LightningModule):
         weight_decay: SGD weight decay.
         cim: the CIM macro to run the network on (None: the float network). Read by every technique
             callback; ``--model.cim.adc_bits 4`` sets one field from the command line.
+        cim_overrides: per-layer macro fields by module name or glob, e.g. ``{"layer1.*.conv2": {"adc_bits": 3},
+            "fc": {"adc_bits": 6}}`` (fields ``weight_bits``, ``cell_bits``, ``input_bits``, ``dac_bits``,
+            ``adc_bits``, ``mode``; later entries win; `cimq_pl.quant.overrides`). The YAML ``python -m cimq_pl
+            search`` writes sets it. Needs ``cim``; every pattern must match a layer.
         export: an export directory (``python -m cimq_pl export``) to evaluate instead: the network is then the
             export's `IntegerExecutor` (integer arithmetic, inference only: test, validate, predict) and
             ``cim`` is the export's; ``pretrained`` is not read.
@@ -66,6 +71,7 @@ class CIMQModule(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         cim: CIMSpec | None = None,
+        cim_overrides: dict[str, dict[str, Any]] | None = None,
         export: str | None = None,
         device: DeviceSpec | None = None,
     ):
@@ -75,7 +81,7 @@ class CIMQModule(pl.LightningModule):
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr!r}")
         # `device` is left out: LightningCLI would put a checkpoint's hyperparameters over a test's --model.device
-        self.save_hyperparameters(ignore=["cim", "device"])
+        self.save_hyperparameters(ignore=["cim", "cim_overrides", "device"])
         self.num_classes = num_classes
         self.conversion_report = None
         if export is not None:
@@ -83,15 +89,24 @@ class CIMQModule(pl.LightningModule):
             if cim is not None and cim != self.model.spec:
                 raise ConfigError(f"model.cim={cim} disagrees with the export {export!r}, made for {self.model.spec}; "
                                   "leave model.cim unset (the export carries its macro)")
-            cim = self.model.spec
+            exported_overrides = self.model.manifest.get("cim_overrides") or None
+            if cim_overrides and normalize_overrides(cim_overrides) != exported_overrides:
+                raise ConfigError(f"model.cim_overrides={cim_overrides} disagrees with the export {export!r}, made with "
+                                  f"{exported_overrides}; leave model.cim_overrides unset (the export carries them)")
+            cim, cim_overrides = self.model.spec, exported_overrides
         else:
             self.model = create_model(name, num_classes, pretrained)
         self.hparams["cim"] = dataclasses.asdict(cim) if cim is not None else None  # plain types in checkpoints
+        self.hparams["cim_overrides"] = normalize_overrides(cim_overrides) or None
         self.cim = cim
+        self.cim_overrides = self.hparams["cim_overrides"]
+        if self.cim_overrides and cim is None:
+            raise ConfigError("model.cim_overrides needs a macro to override: set model.cim (or drop the overrides)")
         if cim is not None and export is None:
             self.model.eval()
             fold_batchnorm_(self.model)
-            self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS)
+            self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS,
+                                                    overrides=self.cim_overrides)
         if device is not None and (cim is None or export is not None):
             raise ConfigError("model.device needs the network on a CIM macro (model.cim) and is not simulated by an "
                               "export's integer executor (model.export): set model.cim, or remove model.device")

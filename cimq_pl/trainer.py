@@ -1,5 +1,5 @@
-"""`CIMQTrainer`: Lightning's Trainer plus ``export`` and ``cost``, the CLI's ``python -m cimq_pl export`` and
-``python -m cimq_pl cost`` subcommands."""
+"""`CIMQTrainer`: Lightning's Trainer plus ``export``, ``cost`` and ``search``, the CLI's ``python -m cimq_pl
+export``, ``python -m cimq_pl cost`` and ``python -m cimq_pl search`` subcommands."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.quiet import quiet_wandb_logger
+from cimq_pl.search.config import SearchConfig
 
 __all__ = ["CIMQTrainer"]
 
@@ -32,8 +33,8 @@ def device_record(model: pl.LightningModule) -> Optional[dict]:
 
 
 class CIMQTrainer(pl.Trainer):
-    """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment and report the
-    hardware cost of a configuration without training."""
+    """A `lightning.pytorch.Trainer` that can also export a quantized model for deployment, report the hardware
+    cost of a configuration without training, and search per-layer precisions for the macro."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -81,6 +82,7 @@ class CIMQTrainer(pl.Trainer):
             data_config = model.data_config  # tuples are written as JSON lists
             info = {
                 "model": {"name": model.hparams["name"], "num_classes": model.num_classes},
+                "cim_overrides": getattr(model, "cim_overrides", None),
                 "data_config": data_config,
                 "reference": {"ckpt_path": ckpt_path, "fake_quant_test": {k: float(v) for k, v in results[0].items()}},
                 "device": device_record(model),
@@ -89,6 +91,32 @@ class CIMQTrainer(pl.Trainer):
             rank_zero_info(f"[cimq] export written to {path} (manifest.json, model.safetensors)")
         self.strategy.barrier("export")
         return path
+
+    def _prepare_without_training(self, model: pl.LightningModule, datamodule, who: str) -> list:
+        """What ``cost`` and ``search`` share: one process, no logger run, the model on the trainer's device with
+        its technique callbacks applied as at ``setup``; returns those callbacks."""
+        from cimq_pl.callbacks.technique import TechniqueCallback, require_cim
+
+        require_cim(model, who)
+        if not hasattr(datamodule, "calibration_dataloader"):
+            raise ConfigError(f"{who} calibrates on the calibration subset: it needs a cimq_pl datamodule "
+                              f"(data.class_path: cimq_pl.datamodules....), got {type(datamodule).__name__}")
+        if self.world_size > 1:
+            raise ConfigError(f"{who} runs in one process, got {self.world_size}: use --trainer.devices 1")
+        self.loggers = []  # no run: no W&B run is started for it
+        self.strategy.connect(model)
+        datamodule.trainer = self  # the data reads the model's normalisation (timm data config) through it
+        model.to(self.strategy.root_device)
+        techniques = [callback for callback in self.callbacks if isinstance(callback, TechniqueCallback)]
+        for callback in techniques:
+            callback.setup(self, model, "test")
+        return techniques
+
+    def _hardware_report(self):
+        from cimq_pl.callbacks.hardware_report import HardwareReport
+
+        report = next((callback for callback in self.callbacks if isinstance(callback, HardwareReport)), None)
+        return report or HardwareReport()
 
     def cost(
         self,
@@ -126,33 +154,18 @@ class CIMQTrainer(pl.Trainer):
         import torch
 
         from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
-        from cimq_pl.callbacks.hardware_report import HardwareReport
-        from cimq_pl.callbacks.technique import TechniqueCallback, require_cim
         from cimq_pl.cost.energy import EnergyTable
         from cimq_pl.cost.report import cost_report, describe_macro, first_images, write_report_files
 
         if isinstance(images, bool) or not isinstance(images, int) or images < 1:
             raise ConfigError(f"cost: images={images!r} is invalid: expected an integer >= 1")
-        require_cim(model, "cost")
-        if not hasattr(datamodule, "calibration_dataloader"):
-            raise ConfigError(f"cost calibrates on the calibration subset: it needs a cimq_pl datamodule "
-                              f"(data.class_path: cimq_pl.datamodules....), got {type(datamodule).__name__}")
-        if self.world_size > 1:
-            raise ConfigError(f"cost runs in one process, got {self.world_size}: use --trainer.devices 1")
-        report = next((callback for callback in self.callbacks if isinstance(callback, HardwareReport)), None)
-        report = report or HardwareReport()
+        techniques = self._prepare_without_training(model, datamodule, "cost")
+        report = self._hardware_report()
         table = EnergyTable.from_yaml(energy_table) if energy_table is not None else report.table
         table = table.for_device(getattr(model, "device_spec", None))  # cell reads scale with the conductances
-        self.loggers = []  # a cost estimate is no run: no W&B run is started for it
-        self.strategy.connect(model)
-        datamodule.trainer = self  # the data reads the model's normalisation (timm data config) through it
-        model.to(self.strategy.root_device)
-        techniques = [callback for callback in self.callbacks if isinstance(callback, TechniqueCallback)]
-        for callback in techniques:
-            callback.setup(self, model, "test")
         calibration = calibration_images(datamodule, model.device)
         calibrate_module_(self, model, calibration, getattr(datamodule, "seed", 0))
-        title = (f"[cimq] hardware cost of {describe_macro(model.hparams['name'], model.cim)}, "
+        title = (f"[cimq] hardware cost of {describe_macro(model.hparams['name'], model.cim, model.cim_overrides)}, "
                  f"{', '.join(type(callback).__name__ for callback in techniques) or 'conventional quantizers'}, "
                  f"calibration only ({len(calibration)} train images), {images} test images")
         with torch.no_grad():
@@ -167,3 +180,122 @@ class CIMQTrainer(pl.Trainer):
             written = write_report_files(result, *(folder / name for name in names), run=title)
             rank_zero_info(f"[cimq] hardware report (cost): {', '.join(str(path) for path in written)}")
         return result
+
+    def search(self, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule] = None, **settings):
+        """Search per-layer precisions of the configured CIM model under an energy (or loss) budget, without training.
+
+        The run's config files say what is searched from: the model on its macro (``model.cim`` and its
+        ``model.cim_overrides``), the data and the technique callbacks, applied as at ``setup`` (PTQ/QAT callbacks
+        are not run: the search is calibration only). On the first ``search.images`` images of the calibration
+        subset it measures, for every layer and candidate setting, the loss that setting of that layer alone adds
+        (by default its Fisher-weighted output noise) and that layer's energy (`cimq_pl.search`), solves the
+        budget exactly on the additive model's Pareto front, and (``search.verify``) calibrates and measures the chosen assignment
+        and every uniform setting as whole networks. It writes ``<output_dir>/cim_overrides.yaml``, a config
+        that ``fit`` takes after the technique config, the CSVs and ``search.png``, and prints the summary.
+
+        Its arguments after ``datamodule`` are the fields of `SearchConfig` (``--energy_budget adc_bits=4``,
+        ``--candidates '{adc_bits: [3, 4, 5, 6]}'``; listed by ``python -m cimq_pl search --help``).
+
+        Args:
+            model: a `CIMQModule` with a CIM macro (``model.cim``).
+            datamodule: a cimq_pl datamodule (calibration subset; test split for ``test_images``).
+            **settings: `SearchConfig` fields.
+
+        Returns:
+            The `cimq_pl.search.SearchResult`.
+
+        Raises:
+            ConfigError: a model without ``model.cim``, data without a calibration subset, more than one process, a
+                bad ``search.layers`` pattern or a budget no assignment meets.
+        """
+        import sys
+
+        import torch
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from cimq_pl.cost.energy import EnergyTable
+        from cimq_pl.cost.report import describe_macro, first_images
+        from cimq_pl.search import search_precision
+        from cimq_pl.search.report import OVERRIDES_FILE, format_summary, write_search_files
+
+        search = SearchConfig(**settings)
+        techniques = self._prepare_without_training(model, datamodule, "search")
+        table = EnergyTable.from_yaml(search.energy_table) if search.energy_table is not None else self._hardware_report().table
+        table = table.for_device(getattr(model, "device_spec", None))  # cell reads scale with the conductances
+        images, labels = [], []
+        for batch_images, batch_labels in datamodule.calibration_dataloader():
+            images.append(batch_images)
+            labels.append(batch_labels)
+        images, labels = torch.cat(images)[: search.images], torch.cat(labels)[: search.images]
+        if len(images) < search.images:
+            rank_zero_warn(f"search.images={search.images} but the calibration subset holds {len(images)} images: "
+                           "using them all (raise data.calibration_size)")
+        device = model.device
+        batches = images.to(device).split(search.batch_size)
+        test = first_images(datamodule.test_dataloader(), search.test_images, device) if search.test_images else None
+        title = (f"[cimq] per-layer precision search of {describe_macro(model.hparams['name'], model.cim, model.cim_overrides)}, "
+                 f"{', '.join(type(callback).__name__ for callback in techniques) or 'conventional quantizers'}, "
+                 f"calibration only ({len(images)} train images)")
+        bar = {}
+
+        def on_start(total: int) -> None:
+            if self.progress_bar_callback is not None:
+                from tqdm.auto import tqdm
+
+                bar["tqdm"] = tqdm(total=total, desc="search", dynamic_ncols=True, leave=True)
+
+        def progress(text: str) -> None:
+            if "tqdm" in bar:
+                bar["tqdm"].set_postfix_str(text, refresh=False)
+                bar["tqdm"].update(1)
+
+        try:
+            result = search_precision(
+                model.model, batches, search, table, labels.to(device).split(search.batch_size), test,
+                model.cim_overrides, getattr(datamodule, "seed", 0), progress, on_start,
+            )
+        finally:
+            if "tqdm" in bar:
+                bar["tqdm"].close()
+        command = "python -m cimq_pl " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "python -m cimq_pl search"
+        kind, budget, description = result.budget
+        header = (f"Per-layer precision chosen by `{command}`\n"
+                  f"{title.removeprefix('[cimq] ')}\n"
+                  f"{kind} budget {budget:.6g} ({description}); predicted {result.chosen.energy_uj:.6g} uJ/image, "
+                  f"{result.table.metric} {result.chosen.loss:.6g} (configured: {result.table.reference_energy_uj:.6g} "
+                  f"uJ/image, {result.table.reference_loss:.6g})\n"
+                  "Use it after the technique config: python -m cimq_pl fit --config <model> --config <technique> "
+                  f"--config {Path(search.output_dir) / OVERRIDES_FILE}")
+        written = write_search_files(result, search.output_dir, header, title.removeprefix("[cimq] "))
+        print(format_summary(result, title), flush=True)
+        for path in written:
+            rank_zero_info(f"[cimq] search: {path}")
+        return result
+
+
+def _signature_from_config(method, config: type):
+    """``method``'s signature and documentation with ``config``'s fields as its arguments after ``datamodule`` (their
+    types, defaults and help text are the dataclass's: the CLI's ``--<field>`` flags, nothing restated)."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from cimq_pl.callbacks.technique import _args_section
+
+    hints = typing.get_type_hints(config)
+    parameters = list(inspect.signature(method).parameters.values())[:3]  # self, model, datamodule
+    for item in dataclasses.fields(config):
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        parameters.append(inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=hints[item.name]))
+    method.__signature__ = inspect.Signature(parameters)
+    method.__annotations__ = {p.name: p.annotation for p in parameters[1:] if p.annotation is not inspect.Parameter.empty}
+    doc = inspect.cleandoc(method.__doc__ or "")
+    head, _, tail = doc.partition("\n\nArgs:")
+    method.__doc__ = head + "\n\n" + _args_section(config, {}).replace("Args:", "Args:\n    model: a `CIMQModule` with a "
+                                                                      "CIM macro (``model.cim``).\n    datamodule: a cimq_pl "
+                                                                      "datamodule.", 1) + "\n\nReturns:" + tail.partition("Returns:")[2]
+    return method
+
+
+_signature_from_config(CIMQTrainer.search, SearchConfig)

@@ -22,6 +22,7 @@ import ablation  # noqa: E402
 import cim_layer_speed  # noqa: E402
 import device_noise  # noqa: E402
 import export_check  # noqa: E402
+import layer_search  # noqa: E402
 import other_models  # noqa: E402
 import presets  # noqa: E402
 import run_suite  # noqa: E402
@@ -80,6 +81,16 @@ def test_sweeps_smoke_reuses_the_ablation_and_k1_lowers_bit_density(ablation_row
     assert float(points[("array", 64)]["test/energy_per_image_uj"]) != float(base["test/energy_per_image_uj"])
     assert (out / "pareto.png").stat().st_size > 0
     assert sweeps.pareto_front([(1.0, 0.5), (2.0, 0.4), (0.5, 0.3), (3.0, 0.9)]) == [(0.5, 0.3), (1.0, 0.5), (3.0, 0.9)]
+
+
+def test_layer_search_quick(out):
+    rows = {row["point"]: row for row in layer_search.main(["--quick", "--out-dir", str(out), "--work-dir",
+                                                              str(out / "work")])}
+    assert set(rows) == {"uniform", layer_search.LABELS["energy"], layer_search.LABELS["accuracy"]}
+    searched = rows[layer_search.LABELS["energy"]]
+    assert len(searched["assignment"].split()) == 20  # every ResNet-20 layer got an ADC
+    assert all(0 <= float(row["test/acc"]) <= 1 and float(row["test/energy_per_image_uj"]) > 0 for row in rows.values())
+    assert len(_rows(out / "layer_search.csv")) == 4 and (out / "layer_search.png").stat().st_size > 0
 
 
 def test_other_models_smoke(out):
