@@ -23,6 +23,7 @@ checkpoints are reused) and ``device_noise.png`` (three panels), and prints the 
     python benchmarks/device_noise.py                          # 10 chips, 1,000 images, 100 steps/unit: ~2 h on 2 cores
     python benchmarks/device_noise.py --samples 5 --images 500 # about a quarter of the evaluation time
     python benchmarks/device_noise.py --qat                    # + noise-aware QAT (one epoch): ~+35 min
+    python benchmarks/device_noise.py --conditions ideal,target # the issue's target condition only (rows add up)
     python benchmarks/device_noise.py --quick                  # smoke, ~1.5 min: 40 images, 2 chips, 1 step/unit
 """
 
@@ -278,6 +279,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="first test images (default 1000: all of cifar10_lossless; rounded up to whole batches)")
     parser.add_argument("--iters", type=int, default=100, help="PTQ steps per unit (suite preset: 100)")
     parser.add_argument("--qat", action="store_true", help="also noise-aware QAT (one epoch from the noise-aware PTQ)")
+    parser.add_argument("--conditions", default=None,
+                        help="comma-separated condition names to measure (default: all): ideal, sigma0.02, sigma0.05, "
+                             "sigma0.1, stuck0.001, stuck0.01, target, drift, drift_compensated; "
+                             "'ideal,target' measures the issue's target first")
     args = parser.parse_args(argv)
     quick = args.quick or args.smoke
     args.smoke = False  # the shrink below replaces runner's smoke arguments
@@ -300,6 +305,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from cimq_pl.cost.tables import write_csv_atomic
 
     grid = conditions(quick)
+    if args.conditions:
+        wanted = [name.strip() for name in args.conditions.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {c.name for c in grid})
+        if unknown:
+            parser.error(f"--conditions: unknown {', '.join(unknown)}; known: {', '.join(c.name for c in grid)}")
+        grid = [c for c in grid if c.name in wanted]
     for method in methods:
         checkpoint = work / f"{method}-iters{iters}.ckpt"
         config = method_config(method, iters, work / f"cimq_noise_aware-iters{iters}.ckpt")
