@@ -37,11 +37,20 @@ QUICK_ARGS = ("--data.init_args.calibration_size", "64", "--data.init_args.eval_
               "--data.init_args.num_workers", "0", "--trainer.limit_test_batches", "2")
 
 
+def _metric_suffix(metric: str) -> str:
+    """Row keys and folders of a search with another metric than the default Fisher one carry its name."""
+    return "" if metric == "fisher" else f"-{metric}"
+
+
+def searched_key(kind: str, iters: int, images: int, metric: str = "fisher") -> str:
+    return f"searched-{kind}-iters{iters}-images{images}{_metric_suffix(metric)}"
+
+
 def _uniform(adc: int, iters: int) -> Setting:
     return Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters)
 
 
-def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str]) -> dict:
+def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher") -> dict:
     """One ``python -m cimq_pl search`` (in process) on the CIMQ config at budget ``kind``; returns the written
     ``cim_overrides.yaml``, the wall time, the predicted energy and the assignment."""
     import sys
@@ -55,11 +64,11 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(derived_config(setting), sort_keys=False))
     flag, value = BUDGETS[kind]
-    output = work_dir / f"search-{kind}-images{images}"
+    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric)}"
     args = ["search", "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
             "--data.init_args.root", str(LOSSLESS), "--trainer.enable_progress_bar", "false",
             "--candidates", "{adc_bits: [" + ", ".join(map(str, UNIFORM_ADC)) + "]}", f"--{flag}", value,
-            "--images", str(images), "--verify", "false", "--output_dir", str(output), *extra]
+            "--images", str(images), "--metric", metric, "--verify", "false", "--output_dir", str(output), *extra]
     if "--data.init_args.calibration_size" not in extra:
         args += ["--data.init_args.calibration_size", str(max(images, 1024))]
     wandb.finish()
@@ -96,10 +105,10 @@ def _float(row: Optional[dict], key: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
 
-def targets(rows: dict, iters: int, images: int) -> list[dict]:
-    """The issue's two targets against the measured rows."""
+def targets(rows: dict, iters: int, images: int, metric: str = "fisher") -> list[dict]:
+    """The issue's two targets against the measured rows (of the searches with ``metric``)."""
     uniform = {adc: rows.get(_uniform(adc, iters).key) for adc in UNIFORM_ADC}
-    energy, accuracy = (rows.get(f"searched-{kind}-iters{iters}-images{images}") for kind in BUDGETS)
+    energy, accuracy = (rows.get(searched_key(kind, iters, images, metric)) for kind in BUDGETS)
     lines = []
     acc4, acc = _float(uniform[4], "test/acc"), _float(energy, "test/acc")
     if acc4 is not None and acc is not None:
@@ -148,7 +157,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--images", type=int, default=256, help="calibration images the search measures on")
     parser.add_argument("--fresh", action="store_true", help="measure the uniform rows again instead of reusing "
                                                              "the suite's (sweeps.csv, ablation.csv)")
+    parser.add_argument("--metric", choices=("fisher", "kl", "mse"), default="fisher",
+                        help="the search's sensitivity metric (search --metric); rows of other metrics are kept apart")
+    parser.add_argument("--budgets", default="energy,accuracy",
+                        help="which searches: energy (at the energy of uniform ADC 4), accuracy (at the loss of "
+                             "uniform ADC 5), or both (default)")
     args = parser.parse_args(argv)
+    kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
+    if not kinds or set(kinds) - set(BUDGETS):
+        parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
     args.smoke = args.smoke or args.quick
     prepare(args)
     extra = list(QUICK_ARGS) if args.smoke else []
@@ -171,16 +188,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         rows[setting.key] = {**{k: found.get(k, "") for k in COLUMNS}, "key": setting.key, "point": "uniform",
                              "adc_bits": adc, "iters": iters, "config": found.get("config", "")}
         _write(path, rows)
-    for kind in BUDGETS:
-        key = f"searched-{kind}-iters{iters}-images{images}"
+    for kind in kinds:
+        key = searched_key(kind, iters, images, args.metric)
         if key in rows:
             continue
         print(f"[bench] search: {LABELS[kind]} ({images} calibration images)", flush=True)
-        found = run_search(kind, iters, images, args.work_dir, extra)
+        found = run_search(kind, iters, images, args.work_dir, extra, args.metric)
         print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
         print(f"[bench] {LABELS[kind]}: CIMQ PTQ, {iters} steps per unit", flush=True)
         measured = measure(_uniform(4, iters), args.work_dir, extra_args=[*extra, "--config", str(found["overrides"])])
-        rows[key] = {**{k: measured.get(k, "") for k in COLUMNS}, "key": key, "point": LABELS[kind], "adc_bits": "per layer",
+        point = LABELS[kind] + ("" if args.metric == "fisher" else f" ({args.metric})")
+        rows[key] = {**{k: measured.get(k, "") for k in COLUMNS}, "key": key, "point": point, "adc_bits": "per layer",
                      "iters": iters, "search_images": images, "search_seconds": found["seconds"],
                      "predicted_energy_uj": found["predicted_energy_uj"], "assignment": found["assignment"],
                      "config": str(found["overrides"])}
@@ -192,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(f"\n**ResNet-20 W4A4, 128x128, CIMQ PTQ ({iters} steps per unit)**: uniform ADC vs per-layer search "
           f"({images} calibration images); {machine()}\n")
     print(markdown_table(shown, columns, headers))
-    lines = targets(rows, iters, images)
+    lines = targets(rows, iters, images, args.metric)
     if lines:
         print("\n" + markdown_table(lines, ["target", "measured", "met"]))
     for row in shown:
