@@ -24,6 +24,7 @@ checkpoints are reused) and ``device_noise.png`` (three panels), and prints the 
     python benchmarks/device_noise.py --samples 5 --images 500 # about a quarter of the evaluation time
     python benchmarks/device_noise.py --qat                    # + noise-aware QAT (one epoch): ~+35 min
     python benchmarks/device_noise.py --conditions ideal,target # the issue's target condition only (rows add up)
+    python benchmarks/device_noise.py --qat --qat-lr 1e-4 --qat-epochs 3   # another QAT recipe: its own CSV
     python benchmarks/device_noise.py --quick                  # smoke, ~1.5 min: 40 images, 2 chips, 1 step/unit
 """
 
@@ -87,9 +88,10 @@ def conditions(quick: bool) -> list[Condition]:
     return out
 
 
-def method_config(method: str, iters: int, training_ckpt: Optional[Path]) -> dict:
+def method_config(method: str, iters: int, training_ckpt: Optional[Path], qat: Optional[dict] = None) -> dict:
     """The method's technique config (runner's derived config), without the hardware report, plus the device
-    training and its callback for the noise-aware methods."""
+    training and its callback for the noise-aware methods; ``qat`` ({"lr": .., "epochs": ..}) overrides the QAT
+    config's learning rate and epochs."""
     row, _ = METHODS[method]
     setting = Setting("resnet20", row, weight_bits=4, input_bits=4, adc_bits=4,
                       iters=iters if row == "cimq" else None)
@@ -99,6 +101,9 @@ def method_config(method: str, iters: int, training_ckpt: Optional[Path]) -> dic
         config["model"]["device"] = dict(TRAINING_DEVICE)
         callbacks.insert(0, {"class_path": "cimq_pl.callbacks.NoiseAwareTraining"})
     if method == "cimq_qat_noise_aware":
+        if qat:
+            config["model"]["lr"] = qat["lr"]
+            config.setdefault("trainer", {})["max_epochs"] = qat["epochs"]
         for callback in callbacks:
             if callback["class_path"].endswith("QuantizationAwareTraining"):
                 callback.setdefault("init_args", {})["init_from"] = str(training_ckpt)
@@ -279,6 +284,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="first test images (default 1000: all of cifar10_lossless; rounded up to whole batches)")
     parser.add_argument("--iters", type=int, default=100, help="PTQ steps per unit (suite preset: 100)")
     parser.add_argument("--qat", action="store_true", help="also noise-aware QAT (one epoch from the noise-aware PTQ)")
+    parser.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate (default: cimq_qat.yaml's)")
+    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: cimq_qat.yaml's, 1)")
     parser.add_argument("--conditions", default=None,
                         help="comma-separated condition names to measure (default: all): ideal, sigma0.02, sigma0.05, "
                              "sigma0.1, stuck0.001, stuck0.01, target, drift, drift_compensated; "
@@ -311,9 +318,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if unknown:
             parser.error(f"--conditions: unknown {', '.join(unknown)}; known: {', '.join(c.name for c in grid)}")
         grid = [c for c in grid if c.name in wanted]
+    qat = None
+    if args.qat_lr is not None or args.qat_epochs is not None:  # another QAT recipe: its own checkpoint and CSV
+        qat = {"lr": args.qat_lr if args.qat_lr is not None else 1e-3, "epochs": args.qat_epochs or 1}
+        store = args.out_dir / f"device_noise_qat-lr{qat['lr']:g}-epochs{qat['epochs']}.csv"
+        done = {**{k: v for k, v in done.items() if not k.startswith("cimq_qat_noise_aware")}, **_read(store)}
     for method in methods:
-        checkpoint = work / f"{method}-iters{iters}.ckpt"
-        config = method_config(method, iters, work / f"cimq_noise_aware-iters{iters}.ckpt")
+        suffix = f"-lr{qat['lr']:g}-epochs{qat['epochs']}" if qat and method == "cimq_qat_noise_aware" else ""
+        checkpoint = work / f"{method}-iters{iters}{suffix}.ckpt"
+        config = method_config(method, iters, work / f"cimq_noise_aware-iters{iters}.ckpt", qat)
         todo = [c for c in grid if not all(f"{method}-{c.name}-t{t:g}" in done and
                                            int(done[f"{method}-{c.name}-t{t:g}"]["images"]) == images for t in c.times)]
         if not todo:
