@@ -163,7 +163,7 @@ class CIMQTrainer(pl.Trainer):
 
         The run's config files say what is costed: the model on its macro (``model.cim``), the data, and the
         technique callbacks, applied as at ``setup``. Every quantizer is then calibrated on the datamodule's
-        calibration subset as ``PostTrainingQuantization(iters_per_block=0)`` would (PTQ and QAT callbacks are
+        calibration subset as PTQ with ``BlockReconstruction(iters_per_block=0)`` would (PTQ and QAT callbacks are
         not run: no reconstruction, so the accuracy is not a PTQ result), the first ``images`` test images run
         with the event counters on, and `cimq_pl.cost.cost_report` prints the per-layer table beside the
         baseline's. A `HardwareReport` callback in the config gives the energy table, whether to measure the
