@@ -235,7 +235,7 @@ class BlockReconstruction(Objective):
             raise ConfigError(
                 f"block reconstruction trains on its own loader of {self.schedule.units} units x "
                 f"{self.schedule.steps_per_unit} steps ({self.schedule.total} batches) but the fit has "
-                f"{num_training_batches}: fit with cimq_pl.CIMQTrainer (python -m cimq_pl fit does) or pass "
+                f"{num_training_batches}: fit with cimq_pl.trainer.CIMQTrainer (python -m cimq_pl fit does) or pass "
                 "datamodule=module.fit_datamodule(datamodule), and leave trainer.limit_train_batches at 1.0")
 
     def train_dataloader(self) -> DataLoader:

@@ -274,6 +274,6 @@ def test_a_reconstruction_fit_that_cannot_run_as_one_epoch_is_refused_at_setup(t
 
 def test_a_plain_trainer_without_the_objectives_loader_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"trains on its own loader of 11 units x 2 steps \(22 batches\) but the fit "
-                                          r"has \d+: fit with cimq_pl.CIMQTrainer .*module.fit_datamodule\(datamodule\)"):
+                                          r"has \d+: fit with cimq_pl.trainer.CIMQTrainer .*module.fit_datamodule\(datamodule\)"):
         _fit(tmp_path, BlockReconstruction(iters_per_block=2, batch_size=4), [PostTrainingQuantization()],
              trainer_class=Trainer, limit_train_batches=3)
