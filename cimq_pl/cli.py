@@ -225,13 +225,17 @@ def _move_deprecated_settings(config) -> None:
 
 
 def _objective_config(model_config, objective: type, old_key: str):
-    """The ``model.objective`` config of class ``objective``: the configured one, or a new one if none is set."""
+    """The ``model.objective`` config of class ``objective``: the configured one, or, if none is set, a new one with
+    the class's defaults (as the parser would have made it)."""
+    import inspect
+
     from jsonargparse import Namespace
 
     current = model_config.get("objective")
     if current is None:
+        defaults = {name: p.default for name, p in inspect.signature(objective).parameters.items()}
         model_config.objective = current = Namespace(class_path=f"cimq_pl.objectives.{objective.__name__}",
-                                                     init_args=Namespace())
+                                                     init_args=Namespace(**defaults))
     cls = resolve_class(getattr(current, "class_path", ""))
     if not (isinstance(cls, type) and issubclass(cls, objective)):
         raise ConfigError(f"{old_key} is a setting of {objective.__name__} but model.objective is "

@@ -270,11 +270,11 @@ class BlockReconstruction(Objective):
 
     @property
     def rounding_schedule(self) -> RoundingSchedule:
-        return RoundingSchedule(self.schedule.steps_per_unit, self.warmup, self.beta_start, self.beta_end)
+        return RoundingSchedule(max(1, self.schedule.steps_per_unit), self.warmup, self.beta_start, self.beta_end)
 
     def lr_factor(self) -> float:
         """Cosine decay within the current unit (1 at its first step, ~0 at its last)."""
-        steps = self.schedule.steps_per_unit
+        steps = max(1, self.schedule.steps_per_unit)  # 0 steps: calibration only, the optimizer never steps
         return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_block / steps)))
 
     # -- the objective ------------------------------------------------------------------------------------

@@ -217,6 +217,7 @@ def _parsed(tmp_path, monkeypatch, name: str, text: str):
     from conftest import REPO
 
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cimq_pl"])
     config = tmp_path / name
     config.write_text(text)
     return CIMQCLI(args=["--config", "configs/resnet20_cifar10.yaml", "--config", str(config), "--data.root", str(CIFAR10),
