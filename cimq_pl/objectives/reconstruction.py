@@ -35,6 +35,8 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.objectives.base import Objective, quantizer_parameters, sparsity_penalty
 from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
+from cimq_pl.quant.layers import _CIMLayerBase
+from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
 from cimq_pl.seeding import derive_seed
 from cimq_pl.quant.reconstruction import (
     RoundingSchedule,
@@ -159,7 +161,7 @@ class BlockReconstruction(Objective):
         self.block_input_keep_prob: float | None = None
         self.seed, self.rank, self.world_size = 0, 0, 1
         self.current = 0
-        self.step_in_block = 0
+        self.step_in_unit = 0
         self.cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -180,9 +182,6 @@ class BlockReconstruction(Objective):
         Raises:
             ConfigError: no `PostTrainingQuantization` callback, or a fit longer or shorter than one epoch.
         """
-        from cimq_pl.quant.layers import _CIMLayerBase
-        from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
-
         model = module.model
         if self.reconstructs and self.adaround:
             reconfigure_(model, weight_rounding="adaround")
@@ -213,7 +212,7 @@ class BlockReconstruction(Objective):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.block_input_keep_prob = block_input_keep_prob
         self.schedule = UnitSchedule(len(blocks), math.ceil(self.iters_per_block / world_size))
-        self.current, self.step_in_block, self.cache = 0, 0, None
+        self.current, self.step_in_unit, self.cache = 0, 0, None
 
     def describe(self) -> str:
         return (f"{self.schedule.units} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
@@ -249,7 +248,7 @@ class BlockReconstruction(Objective):
 
     def start_unit(self, index: int) -> None:
         """Make unit ``index`` the one that learns."""
-        self.current, self.step_in_block = index, 0
+        self.current, self.step_in_unit = index, 0
         learning = {id(p) for ps in quantizer_parameters(self.blocks[index][1], include_frozen=True).values() for p in ps}
         for _, module in self.blocks:
             for params in quantizer_parameters(module, include_frozen=True).values():
@@ -275,7 +274,7 @@ class BlockReconstruction(Objective):
     def lr_factor(self) -> float:
         """Cosine decay within the current unit (1 at its first step, ~0 at its last)."""
         steps = max(1, self.schedule.steps_per_unit)  # 0 steps: calibration only, the optimizer never steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_block / steps)))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / steps)))
 
     # -- the objective ------------------------------------------------------------------------------------
     def block_io(self, model: nn.Module, images: torch.Tensor):
@@ -297,7 +296,7 @@ class BlockReconstruction(Objective):
             raise ConfigError(f"BlockReconstruction step {batch_idx} of unit {self.schedule.unit(batch_idx)} has no "
                               "cached block input: add cimq_pl.callbacks.PostTrainingQuantization to trainer.callbacks")
         step = self.schedule.step(batch_idx)
-        self.step_in_block = step
+        self.step_in_unit = step
         seed = self.step_seed(step)
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randint(len(self.cache[0]), (self.batch_size,), generator=generator)
