@@ -15,9 +15,10 @@ class WithTrainLoader(pl.LightningDataModule):
 
     Lightning reads the train loader from the datamodule given to ``fit``; this is how a loader that is not the
     data's (a training objective's) reaches the fit while validation, test and predict loaders, ``prepare_data``,
-    ``setup``, checkpoint state, hyperparameters and any other attribute (``seed``, ``calibration_dataloader``,
-    ...) stay ``datamodule``'s. ``make_train_loader`` is called when Lightning asks for the loader, after every
-    ``setup`` hook.
+    ``setup``, checkpoint state, ``hparams`` and any other attribute (``seed``, ``calibration_dataloader``, ...)
+    stay ``datamodule``'s; ``make_train_loader`` is called when Lightning asks for the loader, after every ``setup``
+    hook. (Lightning logs the hyperparameters a datamodule saved with ``save_hyperparameters``; ours save none, the
+    CLI logs the whole config, so the wrapper saves none either.)
 
     Args:
         datamodule: the data.
@@ -31,7 +32,6 @@ class WithTrainLoader(pl.LightningDataModule):
         super().__init__()  # sets `trainer` to None
         self.trainer = trainer
         # Lightning reads these flags of the datamodule it is given: the wrapped one's
-        self._log_hyperparams = datamodule._log_hyperparams
         self.prepare_data_per_node = datamodule.prepare_data_per_node
         self.allow_zero_length_dataloader_with_multiple_devices = datamodule.allow_zero_length_dataloader_with_multiple_devices
 
