@@ -89,6 +89,7 @@ class CIMQCLI(LightningCLI):
             value = config.get(section)
             if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
+        _move_deprecated_settings(config)
         _check_devices(config.trainer)
         _choose_ptq_strategy(config.trainer)
         _check_data_source(config.get("data"))
@@ -186,6 +187,63 @@ def _check_data_source(data_config) -> None:
     cls = resolve_class(data_config.class_path) if hasattr(data_config, "class_path") else None
     if isinstance(cls, type) and issubclass(cls, ImageClassificationDataModule):
         cls(**data_config.init_args.as_dict()).check_source()
+
+
+def _move_deprecated_settings(config) -> None:
+    """Read the keys of the release before for one more release: `PostTrainingQuantization`'s reconstruction
+    settings (``iters_per_block``, ``batch_size``, ...) and `QuantizationAwareTraining`'s ``quantizer_lr_scale`` are the
+    objective's now (``model.objective.init_args``). Given in a callback's init_args, they are moved there (over
+    what ``model.objective`` says: the callback's keys are the ones the user wrote) with a FutureWarning naming
+    the new key.
+
+    Raises:
+        ConfigError: old keys of one objective while ``model.objective`` is another.
+    """
+    from cimq_pl.callbacks.ptq import MOVED_TO_OBJECTIVE, PostTrainingQuantization
+    from cimq_pl.callbacks.qat import QuantizationAwareTraining
+    from cimq_pl.objectives import BlockReconstruction, TaskObjective
+
+    moves = ((PostTrainingQuantization, MOVED_TO_OBJECTIVE, BlockReconstruction),
+             (QuantizationAwareTraining, ("quantizer_lr_scale",), TaskObjective))
+    for entry in config.trainer.get("callbacks") or []:
+        cls = resolve_class(getattr(entry, "class_path", ""))
+        init_args = getattr(entry, "init_args", None)
+        for callback, names, objective in moves:
+            if not (isinstance(cls, type) and issubclass(cls, callback)) or init_args is None:
+                continue
+            given = {name: init_args.get(name) for name in names if init_args.get(name) is not None}
+            if not given:
+                continue
+            target = _objective_config(config.model, objective, f"{callback.__name__}.{next(iter(given))}")
+            for name, value in given.items():
+                target.init_args[name] = value
+                init_args[name] = None
+            new_keys = ", ".join(f"model.objective.init_args.{name}" for name in given)
+            rank_zero_warn(f"{callback.__name__}.{'/'.join(given)} is deprecated and read this release only: set "
+                           f"{new_keys} (model.objective.class_path: cimq_pl.objectives.{objective.__name__})",
+                           category=FutureWarning)
+
+
+def _objective_config(model_config, objective: type, old_key: str):
+    """The ``model.objective`` config of class ``objective``: the configured one, or, if none is set, a new one with
+    the class's defaults (as the parser would have made it)."""
+    import inspect
+
+    from jsonargparse import Namespace
+
+    current = model_config.get("objective")
+    if current is None:
+        defaults = {name: p.default for name, p in inspect.signature(objective).parameters.items()}
+        model_config.objective = current = Namespace(class_path=f"cimq_pl.objectives.{objective.__name__}",
+                                                     init_args=Namespace(**defaults))
+    cls = resolve_class(getattr(current, "class_path", ""))
+    if not (isinstance(cls, type) and issubclass(cls, objective)):
+        raise ConfigError(f"{old_key} is a setting of {objective.__name__} but model.objective is "
+                          f"{getattr(current, 'class_path', current)}: set model.objective.class_path: "
+                          f"cimq_pl.objectives.{objective.__name__} (and its init_args) instead")
+    if current.get("init_args") is None:
+        current.init_args = Namespace()
+    return current
 
 
 def _choose_ptq_strategy(trainer_config) -> None:

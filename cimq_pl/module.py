@@ -3,8 +3,9 @@
 With ``cim`` (a :class:`~cimq_pl.quant.CIMSpec`) the network is put on that macro at construction: batch
 norms are folded into their convs and every conv/linear becomes a CIM layer with *conventional* quantizers
 (layerwise min-max weights, uniform min-max activations, fixed min-max ADC). The CIMQ techniques are
-callbacks that upgrade those quantizers at ``setup``; PTQ and QAT are callbacks that calibrate them and
-install the training objective (:mod:`cimq_pl.objectives`) that ``training_step`` runs.
+callbacks that upgrade those quantizers at ``setup``. What ``training_step`` optimises is the module's
+``objective`` (:mod:`cimq_pl.objectives`): the task loss by default (fine-tuning, QAT), block reconstruction for
+PTQ; the PTQ and QAT callbacks calibrate the quantizers and drive the fit around it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class CIMQModule(pl.LightningModule):
         export: an export directory (``python -m cimq_pl export``) to evaluate instead: the network is then the
             export's `IntegerExecutor` (integer arithmetic, inference only: test, validate, predict) and
             ``cim`` is the export's; ``pretrained`` is not read.
+        objective: what a training step optimises (:mod:`cimq_pl.objectives`), e.g. ``model.objective:
+            {class_path: cimq_pl.objectives.BlockReconstruction, init_args: {iters_per_block: 200}}`` for PTQ
+            (with the `PostTrainingQuantization` callback); None = `TaskObjective()` (cross-entropy: fine-tuning,
+            QAT). Not a hyperparameter of the checkpoint.
         device: the real chip's cells and ADCs (a :class:`~cimq_pl.quant.DeviceSpec`; None: ideal ones), next to
             ``cim``. Validation, test and predict run on chip ``device.seed`` read ``device.read_time`` seconds
             after programming (`cimq_pl.callbacks.MonteCarloDevices` evaluates many chips and times);
@@ -74,14 +79,19 @@ class CIMQModule(pl.LightningModule):
         cim_overrides: dict[str, dict[str, Any]] | None = None,
         export: str | None = None,
         device: DeviceSpec | None = None,
+        objective: Objective | None = None,
     ):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"model.num_classes must be an integer >= 1, got {num_classes!r}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr!r}")
-        # `device` is left out: LightningCLI would put a checkpoint's hyperparameters over a test's --model.device
-        self.save_hyperparameters(ignore=["cim", "cim_overrides", "device"])
+        if objective is not None and not isinstance(objective, Objective):
+            raise ConfigError(f"model.objective must be a cimq_pl.objectives.Objective (TaskObjective, "
+                              f"BlockReconstruction), got {type(objective).__name__}")
+        # `device` is left out: LightningCLI would put a checkpoint's hyperparameters over a test's --model.device;
+        # `objective` too: a checkpoint is tested or exported whatever trained it (and holds plain values only)
+        self.save_hyperparameters(ignore=["cim", "cim_overrides", "device", "objective"])
         self.num_classes = num_classes
         self.conversion_report = None
         if export is not None:
@@ -116,7 +126,7 @@ class CIMQModule(pl.LightningModule):
         self.noise_aware = False  # set by the NoiseAwareTraining callback: fresh chips in every training step
         self.chip_evaluation = True  # False: evaluate on ideal cells (the export's reference test)
         self.checkpoint_record: dict | None = None  # checkpoint["cimq"] of the checkpoint loaded, if any
-        self.objective: Objective = TaskObjective()
+        self.objective: Objective = objective if objective is not None else TaskObjective()
         top_k = min(5, num_classes)
         self.val_metrics = self._metrics("val/", top_k)
         self.test_metrics = self._metrics("test/", top_k)
@@ -156,10 +166,26 @@ class CIMQModule(pl.LightningModule):
         return timm.data.resolve_model_data_config(self.model)
 
     def setup(self, stage: str) -> None:
+        """Check the data, then let the objective prepare the model (after every callback's ``setup``)."""
         if self.is_export and stage == "fit":
             raise ConfigError(f"model.export={self.hparams['export']!r} is inference only: use test, validate or "
                               "predict (fit the float or CIM model, then export it)")
         self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+        self.objective.setup(self, stage)
+
+    def fit_datamodule(self, datamodule: pl.LightningDataModule | None) -> pl.LightningDataModule | None:
+        """The datamodule a fit of this module reads: ``datamodule``, or, when the objective makes its own training
+        batches (block reconstruction), ``datamodule`` with the objective's train loader (`WithTrainLoader`).
+
+        Lightning takes the train loader from the datamodule when one is given, so the objective's loader reaches
+        the fit through it; `CIMQTrainer.fit` (``python -m cimq_pl fit``) calls this, a plain `Trainer` needs
+        ``trainer.fit(module, datamodule=module.fit_datamodule(datamodule))``.
+        """
+        from cimq_pl.datamodules.with_train_loader import WithTrainLoader
+
+        if datamodule is None or isinstance(datamodule, WithTrainLoader) or not self.objective.makes_train_batches:
+            return datamodule
+        return WithTrainLoader(datamodule, self.objective.train_dataloader)
 
     def check_data(self, datamodule) -> None:
         """Raise `ConfigError` when ``datamodule`` has another number of classes than the classifier."""

@@ -1,10 +1,14 @@
 """`CIMQTrainer`: Lightning's Trainer plus ``export``, ``cost`` and ``search``, the CLI's ``python -m cimq_pl
-export``, ``python -m cimq_pl cost`` and ``python -m cimq_pl search`` subcommands."""
+export``, ``python -m cimq_pl cost`` and ``python -m cimq_pl search`` subcommands, and a ``fit`` that trains on the
+module's objective's own loader where it has one (PTQ's block reconstruction)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -40,6 +44,35 @@ class CIMQTrainer(pl.Trainer):
         super().__init__(*args, **kwargs)
         for logger in self.loggers:  # before a W&B run starts (the first use of `logger.experiment`)
             quiet_wandb_logger(logger)
+
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Optional[Union[TRAIN_DATALOADERS, pl.LightningDataModule]] = None,
+        val_dataloaders: Optional[EVAL_DATALOADERS] = None,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        ckpt_path: Optional[_PATH] = None,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        r"""Lightning's ``fit``; when the module's objective makes its own training batches (block reconstruction for
+        PTQ), ``datamodule`` reaches the fit with the objective's train loader (`CIMQModule.fit_datamodule`).
+
+        Lightning takes the train loader from the datamodule it is given, so the objective's loader is put there,
+        in a delegating `~cimq_pl.datamodules.with_train_loader.WithTrainLoader`; validation, calibration and every
+        other read stay the datamodule's, and the datamodule itself knows nothing of the objective.
+
+        Args:
+            model: Model to fit.
+            train_dataloaders: An iterable or collection of iterables specifying training samples.
+            val_dataloaders: An iterable or collection of iterables specifying validation samples.
+            datamodule: A ``LightningDataModule`` that defines the ``train_dataloader`` hook.
+            ckpt_path: Path/URL of the checkpoint from which training is resumed.
+            weights_only: Defaults to ``None``. If ``True``, restricts loading to ``state_dicts`` of plain
+                ``torch.Tensor`` and other primitive types.
+        """
+        if hasattr(model, "fit_datamodule"):
+            datamodule = model.fit_datamodule(datamodule)
+        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
 
     def export(
         self,
@@ -130,7 +163,7 @@ class CIMQTrainer(pl.Trainer):
 
         The run's config files say what is costed: the model on its macro (``model.cim``), the data, and the
         technique callbacks, applied as at ``setup``. Every quantizer is then calibrated on the datamodule's
-        calibration subset as ``PostTrainingQuantization(iters_per_block=0)`` would (PTQ and QAT callbacks are
+        calibration subset as PTQ with ``BlockReconstruction(iters_per_block=0)`` would (PTQ and QAT callbacks are
         not run: no reconstruction, so the accuracy is not a PTQ result), the first ``images`` test images run
         with the event counters on, and `cimq_pl.cost.cost_report` prints the per-layer table beside the
         baseline's. A `HardwareReport` callback in the config gives the energy table, whether to measure the

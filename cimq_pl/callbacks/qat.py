@@ -1,8 +1,9 @@
 """Callback: quantization-aware training as an ordinary ``trainer.fit`` (SPEC 4.4, last sentence).
 
-The task loss (cross-entropy) plus the bit-sparsity regularizer trains the network weights together with the
-learned step sizes and ADC clips, starting from the FP weights (calibrated at ``on_fit_start``) or from a PTQ
-checkpoint (``init_from``; its AdaRound decisions are baked into the weights).
+The module's task objective (`~cimq_pl.objectives.TaskObjective`: cross-entropy plus the bit-sparsity
+regularizer, its ``quantizer_lr_scale``) trains the network weights together with the learned step sizes and ADC
+clips; this callback gives them their start: the FP weights calibrated at ``on_fit_start``, or a PTQ checkpoint
+(``init_from``; its AdaRound decisions are baked into the weights).
 """
 
 from __future__ import annotations
@@ -26,31 +27,38 @@ __all__ = ["QuantizationAwareTraining"]
 
 
 class QuantizationAwareTraining(Callback):
-    """Fine-tune the CIM model with the task loss.
+    """Fine-tune the CIM model with the task loss (the module's `TaskObjective`, its default objective).
 
     Learning rate, momentum and weight decay are the module's (``model.lr`` ...); the schedule is a cosine
-    over the whole fit.
+    over the whole fit; the quantizers' learning-rate multiplier is the objective's
+    (``model.objective: {class_path: cimq_pl.objectives.TaskObjective, init_args: {quantizer_lr_scale: 0.1}}``).
 
     Args:
         init_from: a checkpoint of this module after PTQ (``ptq.ckpt``); None starts from the FP weights and
             calibrates.
-        quantizer_lr_scale: learning-rate multiplier of the quantizer parameters.
+        quantizer_lr_scale: deprecated: `TaskObjective`'s (``model.objective.init_args.quantizer_lr_scale``); the
+            CLI moves it there for one release.
 
     Raises:
-        ConfigError: quantizer_lr_scale <= 0, or an ``init_from`` checkpoint that does not fit the model.
+        ConfigError: ``quantizer_lr_scale`` given in Python, an objective other than the task loss (at setup), or an
+            ``init_from`` checkpoint that does not fit the model.
     """
 
-    def __init__(self, init_from: Optional[str] = None, quantizer_lr_scale: float = 1.0):
-        if not quantizer_lr_scale > 0:
-            raise ConfigError(f"QuantizationAwareTraining.quantizer_lr_scale={quantizer_lr_scale!r} is invalid: expected > 0")
+    def __init__(self, init_from: Optional[str] = None, *, quantizer_lr_scale: Optional[float] = None):
+        if quantizer_lr_scale is not None:
+            raise ConfigError(f"QuantizationAwareTraining(quantizer_lr_scale={quantizer_lr_scale!r}): the setting is the "
+                              f"objective's now: CIMQModule(objective=TaskObjective(quantizer_lr_scale="
+                              f"{quantizer_lr_scale!r})) (model.objective in a config)")
         self.init_from = init_from
-        self.quantizer_lr_scale = quantizer_lr_scale
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require_cim(pl_module, type(self).__name__)
-        if stage == "fit":
-            pl_module.objective = TaskObjective(self.quantizer_lr_scale)
+        objective = getattr(pl_module, "objective", None)
+        if not isinstance(objective, TaskObjective):
+            raise ConfigError(f"QuantizationAwareTraining trains with the task loss, but model.objective is "
+                              f"{type(objective).__name__}: leave model.objective unset (or set class_path: "
+                              "cimq_pl.objectives.TaskObjective)")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -10,7 +10,7 @@ from cimq_pl.callbacks import MonteCarloDevices, NoiseAwareTraining
 from cimq_pl.callbacks.monte_carlo import time_label
 from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
-from cimq_pl.objectives import BlockReconstructionObjective
+from cimq_pl.objectives import BlockReconstruction
 from cimq_pl.quant import CIMSpec, DeviceSpec, calibrate_, cim_layers
 from cimq_pl.quant.layers import _CIMLayerBase
 from cimq_pl.quant.reconstruction import find_blocks
@@ -46,14 +46,15 @@ def test_the_chip_is_on_for_evaluation_only(calibrated):
 
 
 def _ptq_losses(module, images, steps: list[int]) -> list[float]:
-    """Reconstruction losses of unit 2 at ``steps``, from a fresh objective (as after a resume)."""
+    """Reconstruction losses of unit 2 (of 8 steps) at ``steps``, from a fresh objective (as after a resume)."""
     blocks = find_blocks(module.model, lambda m: isinstance(m, _CIMLayerBase))
-    objective = BlockReconstructionObjective(blocks, batch_size=4, seed=0)
-    objective.start_block(2, 8)
+    objective = BlockReconstruction(iters_per_block=8, batch_size=4)
+    objective.attach(blocks, seed=0)
+    objective.start_unit(2)
     objective.cache_block_io(module.model, images)
     module.objective = objective
     with pytest.warns(UserWarning, match="self.log"):  # no trainer: the objective's logging is skipped
-        return [float(module.training_step(None, step).detach()) for step in steps]
+        return [float(module.training_step(None, 2 * 8 + step).detach()) for step in steps]  # the epoch's batch index
 
 
 def test_noise_aware_ptq_steps_draw_their_chip_from_the_step_seed(calibrated):

@@ -15,6 +15,7 @@ from cimq_pl.callbacks import (
 )
 from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
+from cimq_pl.objectives import BlockReconstruction, TaskObjective
 from cimq_pl.quant import CIMSpec, calibrate_, cim_layers, set_collect_stats
 from cimq_pl.quant.techniques import (
     ArraywiseWeightConfig,
@@ -123,9 +124,11 @@ def test_techniques_compose_in_any_order_and_keep_runtime_switches():
         (lambda: PartialSumClipping(observer="kmeans"), r"observer='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"),
         (lambda: QuantDropping(keep_prob=1.5), r"keep_prob=1.5 is invalid: expected a probability in \(0, 1\]"),
         (lambda: QuantDropping(targets=["weights"]), r"targets=\['weights'\] is invalid"),
-        (lambda: PostTrainingQuantization(iters_per_block=-1), r"iters_per_block=-1 is invalid: expected an integer >= 0"),
-        (lambda: PostTrainingQuantization(warmup=1.0), r"warmup=1.0 is invalid"),
-        (lambda: QuantizationAwareTraining(quantizer_lr_scale=0), r"quantizer_lr_scale=0 is invalid"),
+        (lambda: BlockReconstruction(iters_per_block=-1), r"iters_per_block=-1 is invalid: expected an integer >= 0"),
+        (lambda: BlockReconstruction(warmup=1.0), r"warmup=1.0 is invalid"),
+        (lambda: TaskObjective(quantizer_lr_scale=0), r"quantizer_lr_scale=0 is invalid"),
+        (lambda: PostTrainingQuantization(iters_per_block=200), r"objective=BlockReconstruction\(iters_per_block=200\)"),
+        (lambda: QuantizationAwareTraining(quantizer_lr_scale=0), r"objective=TaskObjective\(quantizer_lr_scale=0\)"),
     ],
 )
 def test_misconfigured_callbacks_name_the_value(build, message):

@@ -27,12 +27,12 @@ def _technique(tmp_path, callback: str, init_args: str) -> list[str]:
     return ["--config", _yaml(tmp_path, "technique.yaml", f"""
 model:
   cim: {{rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}}
+  objective: {{class_path: cimq_pl.objectives.BlockReconstruction, init_args: {{iters_per_block: 0}}}}
 trainer:
   callbacks:
     - class_path: cimq_pl.callbacks.{callback}
       init_args: {init_args}
     - class_path: cimq_pl.callbacks.PostTrainingQuantization
-      init_args: {{iters_per_block: 0}}
 """)]
 
 
@@ -54,7 +54,10 @@ CASES = [
     ("malformed YAML", lambda t: ["--config", _yaml(t, "bad.yaml", "model: {name: [unclosed\n")], "parsing config"),
     ("config of the wrong type", lambda t: ["--config", _yaml(t, "list.yaml", "model: [1, 2]\n")], "model"),
     ("unknown callback", lambda t: ["--trainer.callbacks+=cimq_pl.callbacks.NoSuchCallback"], "NoSuchCallback"),
-    ("negative PTQ steps", lambda t: [*CONVENTIONAL, "--trainer.callbacks.init_args.iters_per_block", "-5"], "iters_per_block"),
+    ("negative PTQ steps", lambda t: [*CONVENTIONAL, "--model.objective.init_args.iters_per_block", "-5"],
+     "BlockReconstruction.iters_per_block=-5 is invalid"),
+    ("reconstruction fit of two epochs", lambda t: [*CONVENTIONAL, "--model.objective.init_args.iters_per_block", "2",
+                                                    "--trainer.max_epochs", "2"], "set trainer.max_epochs 1"),
     ("keep probability > 1", lambda t: _technique(t, "QuantDropping", "{keep_prob: 1.5}"), "keep_prob"),
     ("more one-bits than input bits", lambda t: _technique(t, "BitSparseActivations", "{max_ones: 9}"), "max_ones"),
     ("unknown dropping target", lambda t: _technique(t, "QuantDropping", "{targets: [weights]}"), "weights"),
@@ -166,7 +169,7 @@ def test_callback_help_takes_a_short_class_name():
     args = ["fit", "--trainer.callbacks.help", "PostTrainingQuantization"]
     result = subprocess.run([sys.executable, "-m", "cimq_pl", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--trainer.callbacks.iters_per_block" in result.stdout
+    assert "--trainer.callbacks.checkpoint_name" in result.stdout
 
 
 def test_a_run_refused_after_wandb_started_leaves_no_offline_run_folder(tmp_path, capsys, monkeypatch):

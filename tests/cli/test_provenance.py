@@ -167,7 +167,7 @@ def test_without_switches_techniques_off(conventional_checkpoint, capsys, monkey
     path, accuracy = conventional_checkpoint
     monkeypatch.chdir(REPO)
     test = CIMQCLI(args=["test", *BASE, *CIMQ, "--without", ALL_BUT_PTQ_OF_CIMQ, "--ckpt_path", str(path),
-                         "--trainer.callbacks.init_args.iters_per_block", "0", "--trainer.default_root_dir", str(tmp_path)])
+                         "--model.objective.init_args.iters_per_block", "0", "--trainer.default_root_dir", str(tmp_path)])
     names = [type(cb).__name__ for cb in test.trainer.callbacks]
     assert not {"BitSparseActivations", "QuantDropping", "HardwareReport"} & set(names)
     assert test.trainer.callback_metrics["test/acc"].item() == accuracy
