@@ -302,8 +302,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print(f"[bench] testing on {images} images ({batches} batches of {batch})", flush=True)
     extra = ["--data.init_args.eval_batch_size", str(batch), "--trainer.limit_test_batches", str(batches)]
     if quick:
-        extra += ["--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0",
-                  "--trainer.limit_train_batches", "2"]
+        extra += ["--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0"]
+    qat_extra = ["--trainer.limit_train_batches", "2"] if quick else []  # QAT only: PTQ's epoch is units x steps
     methods = ["conventional", "cimq", "cimq_noise_aware"] + (["cimq_qat_noise_aware"] if args.qat else [])
     work = args.work_dir / ("device_noise_quick" if quick else "device_noise")
     work.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if not todo:
             print(f"[bench] {method}: every condition already in {store}", flush=True)
             continue
-        built = _build(method, config, work, extra)
+        built = _build(method, config, work, extra + (qat_extra if method == "cimq_qat_noise_aware" else []))
         fit_seconds = fit(built, method, checkpoint)
         for row in evaluate(built, method, checkpoint, todo, samples):
             row["fit_seconds"] = fit_seconds

@@ -14,6 +14,7 @@
     python benchmarks/layer_search.py --fresh      # ~45 min: every PTQ fit measured again
     python benchmarks/layer_search.py --quick      # a few minutes (4.5 min of CPU): tiny data, 1 step per unit,
                                                    # uniform ADC 4 and 5 only; checks the script, numbers are noise
+                                                   # (with --budgets energy: uniform ADC 4 and one search, half that)
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     prepare(args)
     extra = list(QUICK_ARGS) if args.smoke else []
     iters, images = (1, 32) if args.smoke else (args.iters, args.images)
-    adc_points = (4, 5) if args.smoke else UNIFORM_ADC
+    adc_points = tuple(bits for kind, bits in (("energy", 4), ("accuracy", 5)) if kind in kinds) if args.smoke else UNIFORM_ADC
     path = args.out_dir / "layer_search.csv"
     rows = _stored(path)
     reuse = {} if (args.fresh or args.smoke) else {

@@ -20,9 +20,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import ablation  # noqa: E402
 import cim_layer_speed  # noqa: E402
-import device_noise  # noqa: E402
 import export_check  # noqa: E402
-import layer_search  # noqa: E402
 import other_models  # noqa: E402
 import presets  # noqa: E402
 import run_suite  # noqa: E402
@@ -83,16 +81,6 @@ def test_sweeps_smoke_reuses_the_ablation_and_k1_lowers_bit_density(ablation_row
     assert sweeps.pareto_front([(1.0, 0.5), (2.0, 0.4), (0.5, 0.3), (3.0, 0.9)]) == [(0.5, 0.3), (1.0, 0.5), (3.0, 0.9)]
 
 
-def test_layer_search_quick(out):
-    rows = {row["point"]: row for row in layer_search.main(["--quick", "--out-dir", str(out), "--work-dir",
-                                                              str(out / "work")])}
-    assert set(rows) == {"uniform", layer_search.LABELS["energy"], layer_search.LABELS["accuracy"]}
-    searched = rows[layer_search.LABELS["energy"]]
-    assert len(searched["assignment"].split()) == 20  # every ResNet-20 layer got an ADC
-    assert all(0 <= float(row["test/acc"]) <= 1 and float(row["test/energy_per_image_uj"]) > 0 for row in rows.values())
-    assert len(_rows(out / "layer_search.csv")) == 4 and (out / "layer_search.png").stat().st_size > 0
-
-
 def test_other_models_smoke(out):
     cifar100, resnet18 = other_models.main(["--smoke", "--out-dir", str(out), "--work-dir", str(out / "work")])
     assert cifar100["fp_acc"] == 0.6  # the README's FP row for the 100-image sample
@@ -108,29 +96,6 @@ def test_training_time_smoke(ablation_rows, out):
     assert float(ptq["seconds"]) == float(ablation_rows["cimq"]["fit_seconds"])
     qat = next(r for r in rows if r["method"].startswith("QAT"))
     assert qat["seconds_per_step"] > 0 and qat["epoch_4k_seconds"] == round(qat["seconds_per_step"] * 32)
-
-
-def test_device_noise_quick(out):
-    """Conventional, CIMQ and noise-aware CIMQ PTQ (1 step per unit) tested on 40 images under every kind of device
-    condition with 2 chips each; a second run reuses every row."""
-    import torch
-
-    rows = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
-    by = {(r["method"], r["condition"]): r for r in rows}
-    assert {method for method, _ in by} == {"conventional", "cimq", "cimq_noise_aware"}
-    assert {condition for _, condition in by} == {"ideal", "stuck0.01", "target", "drift", "drift_compensated"}
-    assert all(int(r["images"]) == 40 for r in rows)
-    ideal, noisy = by["cimq", "ideal"], by["cimq", "target"]
-    assert int(ideal["samples"]) == 1 and float(ideal["acc_std"]) == 0.0  # ideal cells: every chip is the same
-    assert int(noisy["samples"]) == 2 and 0.0 <= float(noisy["acc_min"]) <= float(noisy["acc_max"]) <= 1.0
-    for method in ("conventional", "cimq"):  # a year of drift: the compensation is what keeps the network alive
-        assert float(by[method, "drift_compensated"]["acc_mean"]) > float(by[method, "drift"]["acc_mean"])
-    record = torch.load(out / "work" / "device_noise_quick" / "cimq_noise_aware-iters1.ckpt", weights_only=True)["cimq"]
-    assert record["noise_aware"] is True and record["device"]["programming_sigma"] == 0.05
-    assert list((out / "work").rglob("monte_carlo_test_summary.csv"))  # MonteCarloDevices' own files
-    assert (out / "device_noise.png").stat().st_size > 0 and len(_rows(out / "device_noise.csv")) == len(rows)
-    again = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
-    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
 
 
 def test_cim_layer_speed_smoke(out):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor, round_ste
-from cimq_pl.quant.uniform import QuantizerBase
+from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 PSUM_GRANULARITIES = ("layer", "array")
 
@@ -127,10 +127,8 @@ class PsumQuantizer(QuantizerBase):
         **observer_kwargs,
     ) -> None:
         super().__init__(observer, keep_prob, **observer_kwargs)
-        if granularity not in PSUM_GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
-        if not 1 <= bits <= 16:
-            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        check_choice("granularity", granularity, PSUM_GRANULARITIES)
+        check_bits(bits)
         self.bits = bits
         self.granularity = granularity
         shape = (n_kinds, n_row_arrays, n_col_blocks) if granularity == "array" else (n_kinds, 1, 1)

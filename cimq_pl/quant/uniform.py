@@ -11,6 +11,18 @@ from cimq_pl.quant.observers import RangeObserver
 from cimq_pl.quant.ste import clip_levels, code_range, lsq_grad_factor, round_ste, scale_grad
 
 
+def check_bits(bits: int) -> None:
+    """Raise `ValueError` unless ``bits`` (a quantizer's code width) is an integer in [1, 16]."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+
+
+def check_choice(name: str, value: str, allowed: tuple) -> None:
+    """Raise `ValueError` unless ``value`` (argument ``name``) is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: expected one of {list(allowed)}")
+
+
 class QuantizerBase(nn.Module):
     """The life cycle and switches every quantizer shares.
 
@@ -116,8 +128,7 @@ class UniformQuantizer(QuantizerBase):
         **observer_kwargs,
     ) -> None:
         super().__init__(observer, keep_prob, **observer_kwargs)
-        if not 1 <= bits <= 16:
-            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        check_bits(bits)
         self.bits = bits
         self.signed = signed
         self.grad_scaling = grad_scaling
@@ -205,4 +216,4 @@ class UniformQuantizer(QuantizerBase):
         return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
 
 
-__all__ = ["QuantizerBase", "UniformQuantizer", "round_ste"]
+__all__ = ["QuantizerBase", "UniformQuantizer", "check_bits", "check_choice", "round_ste"]

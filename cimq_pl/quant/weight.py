@@ -9,7 +9,7 @@ from torch import nn
 
 from cimq_pl.quant.ste import clip_levels, code_range, floor_ste, lsq_grad_factor, round_ste, scale_grad
 from cimq_pl.quant.tiling import TileGeometry
-from cimq_pl.quant.uniform import QuantizerBase
+from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 WEIGHT_GRANULARITIES = ("layer", "channel", "array", "array_channel")
 ROUNDINGS = ("nearest", "adaround")
@@ -60,12 +60,9 @@ class WeightQuantizer(QuantizerBase):
         **observer_kwargs,
     ) -> None:
         super().__init__(observer, **observer_kwargs)
-        if granularity not in WEIGHT_GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: expected one of {list(WEIGHT_GRANULARITIES)}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding={rounding!r} is invalid: expected one of {list(ROUNDINGS)}")
-        if not 1 <= bits <= 16:
-            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        check_choice("granularity", granularity, WEIGHT_GRANULARITIES)
+        check_choice("rounding", rounding, ROUNDINGS)
+        check_bits(bits)
         self.geometry = geometry
         self.bits = bits
         self.granularity = granularity

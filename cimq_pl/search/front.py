@@ -100,20 +100,19 @@ def select(front: Sequence[FrontPoint], kind: str, budget: float, tolerance: flo
     Raises:
         ConfigError: when no assignment meets the budget (the message gives the reachable range).
     """
+    if kind not in ("energy", "loss"):
+        raise ValueError(f"kind={kind!r} is invalid: expected 'energy' or 'loss'")
     slack = tolerance * max(abs(budget), 1e-30)
-    if kind == "energy":
-        feasible = [point for point in front if point.energy_uj <= budget + slack]
-        if not feasible:
+    spent = (lambda point: point.energy_uj) if kind == "energy" else (lambda point: point.loss)
+    other = (lambda point: point.loss) if kind == "energy" else (lambda point: point.energy_uj)
+    feasible = [point for point in front if spent(point) <= budget + slack]
+    if not feasible:
+        if kind == "energy":
             raise ConfigError(f"search.energy_budget={budget:.6g} uJ/image is below every assignment of the candidates: "
                               f"the cheapest needs {front[0].energy_uj:.6g} uJ/image")
-        return min(feasible, key=lambda point: (point.loss, point.energy_uj))
-    if kind == "loss":
-        feasible = [point for point in front if point.loss <= budget + slack]
-        if not feasible:
-            raise ConfigError(f"search.loss_budget={budget:.6g} is below every assignment of the candidates: the most "
-                              f"accurate has a predicted loss of {front[-1].loss:.6g}")
-        return min(feasible, key=lambda point: (point.energy_uj, point.loss))
-    raise ValueError(f"kind={kind!r} is invalid: expected 'energy' or 'loss'")
+        raise ConfigError(f"search.loss_budget={budget:.6g} is below every assignment of the candidates: the most "
+                          f"accurate has a predicted loss of {front[-1].loss:.6g}")
+    return min(feasible, key=lambda point: (other(point), spent(point)))
 
 
 def budget_value(table: SensitivityTable, kind: str, value) -> tuple[float, Optional[tuple]]:

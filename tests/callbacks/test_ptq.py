@@ -175,40 +175,22 @@ def test_cli_each_technique_alone(run_cli, config, check):
     assert sum(others.values()) == 3  # the three other techniques stay conventional
 
 
-OLD_PTQ_KEYS = """
-model:
-  cim: {rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}
-trainer:
-  callbacks:
-    - class_path: cimq_pl.callbacks.PostTrainingQuantization
-      init_args: {iters_per_block: 7, batch_size: 8, adaround: false, lr_step: 1.0e-4}
-"""
-NEW_PTQ_KEYS = """
-model:
-  cim: {rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}
-  objective:
-    class_path: cimq_pl.objectives.BlockReconstruction
-    init_args: {iters_per_block: 7, batch_size: 8, adaround: false, lr_step: 1.0e-4}
-trainer:
-  callbacks:
-    - class_path: cimq_pl.callbacks.PostTrainingQuantization
-"""
-OLD_QAT_KEYS = """
-model:
-  cim: {rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}
-trainer:
-  callbacks:
-    - class_path: cimq_pl.callbacks.QuantizationAwareTraining
-      init_args: {quantizer_lr_scale: 0.5}
-"""
-NEW_QAT_KEYS = """
-model:
-  cim: {rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}
-  objective: {class_path: cimq_pl.objectives.TaskObjective, init_args: {quantizer_lr_scale: 0.5}}
-trainer:
-  callbacks:
-    - class_path: cimq_pl.callbacks.QuantizationAwareTraining
-"""
+def _technique_config(callback: str, callback_args: str = "", objective: str = "") -> str:
+    """A technique config on the 128x128 W4A4 macro: callback ``cimq_pl.callbacks.<callback>`` with the YAML
+    ``callback_args`` as its init_args, and ``objective`` (YAML) as ``model.objective``."""
+    model = "model:\n  cim: {rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}\n"
+    model += f"  objective: {objective}\n" if objective else ""
+    init_args = f"\n      init_args: {callback_args}" if callback_args else ""
+    return f"{model}trainer:\n  callbacks:\n    - class_path: cimq_pl.callbacks.{callback}{init_args}\n"
+
+
+PTQ_ARGS = "{iters_per_block: 7, batch_size: 8, adaround: false, lr_step: 1.0e-4}"
+OLD_PTQ_KEYS = _technique_config("PostTrainingQuantization", PTQ_ARGS)
+NEW_PTQ_KEYS = _technique_config("PostTrainingQuantization",
+                                 objective=f"{{class_path: cimq_pl.objectives.BlockReconstruction, init_args: {PTQ_ARGS}}}")
+OLD_QAT_KEYS = _technique_config("QuantizationAwareTraining", "{quantizer_lr_scale: 0.5}")
+NEW_QAT_KEYS = _technique_config("QuantizationAwareTraining",
+                                 objective="{class_path: cimq_pl.objectives.TaskObjective, init_args: {quantizer_lr_scale: 0.5}}")
 
 
 def _parsed(tmp_path, monkeypatch, name: str, text: str):
