@@ -21,6 +21,14 @@ RESNET32 = SHARED / "weights" / "resnet32-d509ac18.th"
 RESNET56_C100 = SHARED / "weights" / "cifar100_resnet56-f2eff4c8.pt"
 
 
+def csv_rows(path: Path) -> list[dict]:
+    """The rows of the CSV file ``path`` (a header line, then one dict per row)."""
+    import csv
+
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch, tmp_path):
     """Every test: no W&B key, offline mode, nothing written outside tmp_path, runs closed afterwards."""

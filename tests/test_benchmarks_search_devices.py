@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-import csv
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, csv_rows
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -25,11 +23,6 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("bench")
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as stream:
-        return list(csv.DictReader(stream))
-
-
 def test_layer_search_quick(out):
     """The search at the energy of uniform ADC 4 and its PTQ beside uniform ADC 4's (1 step per unit, tiny data)."""
     rows = {row["point"]: row for row in layer_search.main(["--quick", "--budgets", "energy", "--out-dir", str(out),
@@ -38,7 +31,7 @@ def test_layer_search_quick(out):
     searched = rows[layer_search.LABELS["energy"]]
     assert len(searched["assignment"].split()) == 20  # every ResNet-20 layer got an ADC
     assert all(0 <= float(row["test/acc"]) <= 1 and float(row["test/energy_per_image_uj"]) > 0 for row in rows.values())
-    assert len(_rows(out / "layer_search.csv")) == 2 and (out / "layer_search.png").stat().st_size > 0
+    assert len(csv_rows(out / "layer_search.csv")) == 2 and (out / "layer_search.png").stat().st_size > 0
 
 
 def test_device_noise_quick(out):
@@ -59,6 +52,6 @@ def test_device_noise_quick(out):
     record = torch.load(out / "work" / "device_noise_quick" / "cimq_noise_aware-iters1.ckpt", weights_only=True)["cimq"]
     assert record["noise_aware"] is True and record["device"]["programming_sigma"] == 0.05
     assert list((out / "work").rglob("monte_carlo_test_summary.csv"))  # MonteCarloDevices' own files
-    assert (out / "device_noise.png").stat().st_size > 0 and len(_rows(out / "device_noise.csv")) == len(rows)
+    assert (out / "device_noise.png").stat().st_size > 0 and len(csv_rows(out / "device_noise.csv")) == len(rows)
     again = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
