@@ -40,7 +40,7 @@ def _args(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ablationcsv_rows(out):
+def ablation_rows(out):
     return {row["row"]: row for row in ablation.main(_args(out))}
 
 
