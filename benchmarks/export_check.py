@@ -31,7 +31,7 @@ def run(iters: int, work_dir: Path, extra: list[str]) -> dict:
     common = ["--config", MODEL_CONFIGS["resnet20"], "--data.init_args.root", str(LOSSLESS),
               "--trainer.logger.init_args.save_dir", str(work_dir), "--trainer.enable_progress_bar", "false", *extra]
     quantized = [*common, "--config", "configs/quant/cimq_ptq.yaml",
-                 "--trainer.callbacks.init_args.iters_per_block", str(iters)]
+                 "--model.objective.init_args.iters_per_block", str(iters)]
     built = cli(quantized)
     built.trainer.fit(built.model, datamodule=built.datamodule)
     ckpt = next(cb for cb in built.trainer.callbacks if isinstance(cb, PostTrainingQuantization)).checkpoint_path

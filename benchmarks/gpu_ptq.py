@@ -1,7 +1,7 @@
 """CIMQ PTQ of ResNet-20 with a larger reconstruction budget, on whatever device is there (a GPU if any).
 
-Same callbacks as configs/quant/cimq_ptq.yaml (W4A4, 128x128 arrays, bit-serial inputs), driven through a
-plain Lightning Trainer (no W&B, no CLI), so it runs where only torch/lightning/timm are installed:
+Same objective and callbacks as configs/quant/cimq_ptq.yaml (W4A4, 128x128 arrays, bit-serial inputs), driven
+through `CIMQTrainer` (Lightning's Trainer; no W&B, no CLI), so it runs where only torch/lightning/timm are installed:
 
     python benchmarks/gpu_ptq.py --data ../shared/data/cifar10_lossless --weights ../shared/weights/resnet20-12fca82f.th \
         --iters 2000 --rows cimq cimq_uniform_codes --adc-bits 4
@@ -15,12 +15,14 @@ import argparse
 import time
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from cimq_pl.callbacks import ArraywiseWeights, BitSparseActivations, PartialSumClipping, PostTrainingQuantization, QuantDropping
 from cimq_pl.datamodules import CIFAR10DataModule
 from cimq_pl.module import CIMQModule
+from cimq_pl.objectives import BlockReconstruction
 from cimq_pl.quant import CIMSpec
+from cimq_pl.trainer import CIMQTrainer
 
 ROWS = {"cimq": 2, "cimq_uniform_codes": None}  # max_ones of the input code set
 
@@ -29,15 +31,16 @@ def run(row: str, adc_bits: int, iters: int, data: str, weights: str, accelerato
         calibration_size: int = 1024, num_workers: int = 4) -> dict:
     """Fit (PTQ) and test one row on ``accelerator``; returns accuracy, fit seconds and the device."""
     seed_everything(0)
-    module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits))
+    module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits),
+                        objective=BlockReconstruction(iters_per_block=iters, batch_size=32))
     datamodule = CIFAR10DataModule(root=data, num_workers=num_workers, eval_batch_size=500,
                                    calibration_size=calibration_size)
     callbacks = [BitSparseActivations(max_ones=ROWS[row]), ArraywiseWeights(), PartialSumClipping(),
                  QuantDropping(0.5, ("block_input", "activations")),
-                 PostTrainingQuantization(iters_per_block=iters, batch_size=32)]
-    trainer = Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
-                      default_root_dir="/tmp/cimq-gpu-ptq")
+                 PostTrainingQuantization()]
+    trainer = CIMQTrainer(accelerator=accelerator, devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+                          default_root_dir="/tmp/cimq-gpu-ptq")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start

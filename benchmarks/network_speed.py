@@ -120,7 +120,7 @@ def ptq_setup(model, network: str, batch: int, device, copy_model: bool = True):
                 learned.append(param)
     for _, layer in cim_layers(model):
         if layer.input_quantizer is not None:
-            layer.input_quantizer.drop_prob = 0.5
+            layer.input_quantizer.keep_prob = 0.5
     blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
     optimizer = torch.optim.Adam(learned, lr=1e-3)
     generator = torch.Generator().manual_seed(0)

@@ -28,8 +28,7 @@ def budget(setting: Setting) -> tuple[int, int]:
     config = derived_config(setting)
     model_config = yaml.safe_load((REPO / MODEL_CONFIGS[setting.model]).read_text())
     calibration = {**model_config["data"]["init_args"], **config.get("data", {}).get("init_args", {})}["calibration_size"]
-    ptq = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PostTrainingQuantization"))
-    return calibration, ptq["init_args"]["iters_per_block"]
+    return calibration, config["model"]["objective"]["init_args"]["iters_per_block"]
 
 
 def rows_of(results: dict[str, dict]) -> list[dict]:

@@ -151,15 +151,19 @@ def derived_config(setting: Setting) -> Optional[dict]:
     for name, callback, argument, value in (
         ("max_ones", "BitSparseActivations", "max_ones", None if setting.max_ones == 0 else setting.max_ones),
         ("keep_prob", "QuantDropping", "keep_prob", setting.keep_prob),
-        ("iters", "PostTrainingQuantization", "iters_per_block", setting.iters),
     ):
         if getattr(setting, name) is None:
             continue
         if callback not in callbacks:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
-        if name == "iters" and callbacks[callback].get("iters_per_block", 1) == 0:
-            continue  # calibration-only configs stay calibration-only
         callbacks[callback][argument] = value
+    if setting.iters is not None:
+        objective = config["model"].get("objective") or {}
+        if not objective.get("class_path", "").endswith("BlockReconstruction"):
+            raise ValueError(f"setting {setting.key}: iters needs model.objective BlockReconstruction in {path}")
+        init_args = objective.setdefault("init_args", {})
+        if init_args.get("iters_per_block", 1) != 0:  # calibration-only configs stay calibration-only
+            init_args["iters_per_block"] = setting.iters
     return config
 
 

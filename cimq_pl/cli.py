@@ -1,4 +1,4 @@
-"""``python -m cimq_pl {fit,validate,test,predict,export,cost} --config ...``: LightningCLI with friendly failures.
+"""``python -m cimq_pl {fit,validate,test,predict,export,cost,search} --config ...``: LightningCLI with friendly failures.
 
 * Several ``--config`` files compose, later ones overriding earlier ones (model/data config + technique config).
 * Without a W&B API key, W&B runs offline (``WANDB_MODE=offline``) instead of failing or prompting.
@@ -64,9 +64,11 @@ class CIMQCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict:
-        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export)
-        and ``cost`` (`CIMQTrainer.cost`: the hardware cost of the configuration without training)."""
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "cost": {"model", "datamodule"}}
+        """Lightning's subcommands plus ``export`` (`CIMQTrainer.export`: test, then write the deployment export),
+        ``cost`` (`CIMQTrainer.cost`: the hardware cost of the configuration without training) and ``search``
+        (`CIMQTrainer.search`: per-layer precisions under an energy or loss budget)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "cost": {"model", "datamodule"},
+                "search": {"model", "datamodule"}}
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_class", CIMQTrainer)
@@ -87,7 +89,9 @@ class CIMQCLI(LightningCLI):
             value = config.get(section)
             if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
                 raise ConfigError(f"config section {section!r} is a {type(value).__name__} ({value!r}): expected a mapping of arguments")
+        _move_deprecated_settings(config)
         _check_devices(config.trainer)
+        _choose_ptq_strategy(config.trainer)
         _check_data_source(config.get("data"))
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # --ckpt_path was verified weights-only (`_parse_ckpt_path`): load it so too
@@ -183,6 +187,78 @@ def _check_data_source(data_config) -> None:
     cls = resolve_class(data_config.class_path) if hasattr(data_config, "class_path") else None
     if isinstance(cls, type) and issubclass(cls, ImageClassificationDataModule):
         cls(**data_config.init_args.as_dict()).check_source()
+
+
+def _move_deprecated_settings(config) -> None:
+    """Read the keys of the release before for one more release: `PostTrainingQuantization`'s reconstruction
+    settings (``iters_per_block``, ``batch_size``, ...) and `QuantizationAwareTraining`'s ``quantizer_lr_scale`` are the
+    objective's now (``model.objective.init_args``). Given in a callback's init_args, they are moved there (over
+    what ``model.objective`` says: the callback's keys are the ones the user wrote) with a FutureWarning naming
+    the new key.
+
+    Raises:
+        ConfigError: old keys of one objective while ``model.objective`` is another.
+    """
+    from cimq_pl.callbacks.ptq import MOVED_TO_OBJECTIVE, PostTrainingQuantization
+    from cimq_pl.callbacks.qat import QuantizationAwareTraining
+    from cimq_pl.objectives import BlockReconstruction, TaskObjective
+
+    moves = ((PostTrainingQuantization, MOVED_TO_OBJECTIVE, BlockReconstruction),
+             (QuantizationAwareTraining, ("quantizer_lr_scale",), TaskObjective))
+    for entry in config.trainer.get("callbacks") or []:
+        cls = resolve_class(getattr(entry, "class_path", ""))
+        init_args = getattr(entry, "init_args", None)
+        for callback, names, objective in moves:
+            if not (isinstance(cls, type) and issubclass(cls, callback)) or init_args is None:
+                continue
+            given = {name: init_args.get(name) for name in names if init_args.get(name) is not None}
+            if not given:
+                continue
+            target = _objective_config(config.model, objective, f"{callback.__name__}.{next(iter(given))}")
+            for name, value in given.items():
+                target.init_args[name] = value
+                init_args[name] = None
+            new_keys = ", ".join(f"model.objective.init_args.{name}" for name in given)
+            rank_zero_warn(f"{callback.__name__}.{'/'.join(given)} is deprecated and read this release only: set "
+                           f"{new_keys} (model.objective.class_path: cimq_pl.objectives.{objective.__name__})",
+                           category=FutureWarning)
+
+
+def _objective_config(model_config, objective: type, old_key: str):
+    """The ``model.objective`` config of class ``objective``: the configured one, or, if none is set, a new one with
+    the class's defaults (as the parser would have made it)."""
+    import inspect
+
+    from jsonargparse import Namespace
+
+    current = model_config.get("objective")
+    if current is None:
+        defaults = {name: p.default for name, p in inspect.signature(objective).parameters.items()}
+        model_config.objective = current = Namespace(class_path=f"cimq_pl.objectives.{objective.__name__}",
+                                                     init_args=Namespace(**defaults))
+    cls = resolve_class(getattr(current, "class_path", ""))
+    if not (isinstance(cls, type) and issubclass(cls, objective)):
+        raise ConfigError(f"{old_key} is a setting of {objective.__name__} but model.objective is "
+                          f"{getattr(current, 'class_path', current)}: set model.objective.class_path: "
+                          f"cimq_pl.objectives.{objective.__name__} (and its init_args) instead")
+    if current.get("init_args") is None:
+        current.init_args = Namespace()
+    return current
+
+
+def _choose_ptq_strategy(trainer_config) -> None:
+    """``--trainer.strategy ddp`` with PTQ becomes the DDP that lets the units not being reconstructed go without
+    gradients (`PTQ_DDP_STRATEGY`), with one line saying so."""
+    from cimq_pl.callbacks.ptq import PTQ_DDP_STRATEGY, PostTrainingQuantization
+
+    if trainer_config.get("strategy") != "ddp":
+        return
+    for entry in trainer_config.get("callbacks") or []:
+        cls = resolve_class(getattr(entry, "class_path", ""))
+        if isinstance(cls, type) and issubclass(cls, PostTrainingQuantization):
+            trainer_config.strategy = PTQ_DDP_STRATEGY
+            rank_zero_info(f"[cimq] PTQ under DDP: trainer.strategy={PTQ_DDP_STRATEGY} (one unit learns at a time)")
+            return
 
 
 def _check_devices(trainer_config) -> None:

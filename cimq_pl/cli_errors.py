@@ -4,7 +4,7 @@ When parsing fails, :func:`explain_parse_error` re-reads the raw input (the ``--
 ``--key value`` arguments after the subcommand) and names the first clear cause it finds:
 
 * a config file that is empty or holds something other than a mapping of sections;
-* an unknown ``model``, ``model.cim`` or ``trainer`` key (with the closest valid one) or a value of the wrong type;
+* an unknown ``model``, ``model.cim``, ``model.device`` or ``trainer`` key (with the closest valid one) or a value of the wrong type;
 * an unknown callback or data class (with the closest class path), or an unknown argument of one (with the
   closest valid one) or a value of the wrong type.
 
@@ -32,6 +32,7 @@ from lightning.pytorch import Callback
 import cimq_pl.callbacks
 import cimq_pl.datamodules
 from cimq_pl.module import CIMQModule
+from cimq_pl.quant.device import DeviceSpec
 from cimq_pl.quant.spec import CIMSpec
 from cimq_pl.trainer import CIMQTrainer
 
@@ -140,12 +141,14 @@ def _config_file(path: str) -> Iterator[tuple[str, str]]:
 def _model_section(model: Any) -> Iterator[tuple[str, str]]:
     if not isinstance(model, dict):
         return
-    yield from _arguments("model", CIMQModule, {k: v for k, v in model.items() if k != "cim"}, ": unknown key")
-    cim = model.get("cim")
-    if isinstance(cim, dict):
-        cim = cim.get("init_args", cim) if "class_path" in cim or "init_args" in cim else cim
-        if isinstance(cim, dict):
-            yield from _arguments("model.cim", CIMSpec, cim, ": unknown key")
+    yield from _arguments("model", CIMQModule, {k: v for k, v in model.items() if k not in ("cim", "device")},
+                          ": unknown key")
+    for key, spec_class in (("cim", CIMSpec), ("device", DeviceSpec)):
+        spec = model.get(key)
+        if isinstance(spec, dict):
+            spec = spec.get("init_args", spec) if "class_path" in spec or "init_args" in spec else spec
+            if isinstance(spec, dict):
+                yield from _arguments(f"model.{key}", spec_class, spec, ": unknown key")
 
 
 def _trainer_section(trainer: Any) -> Iterator[tuple[str, str]]:
@@ -230,7 +233,7 @@ def _class_hint(section: str, class_path: str) -> str:
     if section == "data":
         return f"allowed: {', '.join(known.values())}"
     ours = ", ".join(cimq_pl.callbacks.__all__)
-    return f"ours: cimq_pl.callbacks.{{{ours}}}, or a class of lightning.pytorch.callbacks"
+    return f"cimq_pl.callbacks: {ours}; or Lightning's"
 
 
 def _arguments(where: str, cls: type, given: dict, unknown: str) -> Iterator[tuple[str, str]]:

@@ -3,8 +3,9 @@
 With ``cim`` (a :class:`~cimq_pl.quant.CIMSpec`) the network is put on that macro at construction: batch
 norms are folded into their convs and every conv/linear becomes a CIM layer with *conventional* quantizers
 (layerwise min-max weights, uniform min-max activations, fixed min-max ADC). The CIMQ techniques are
-callbacks that upgrade those quantizers at ``setup``; PTQ and QAT are callbacks that calibrate them and
-install the training objective (:mod:`cimq_pl.objectives`) that ``training_step`` runs.
+callbacks that upgrade those quantizers at ``setup``. What ``training_step`` optimises is the module's
+``objective`` (:mod:`cimq_pl.objectives`): the task loss by default (fine-tuning, QAT), block reconstruction for
+PTQ; the PTQ and QAT callbacks calibrate the quantizers and drive the fit around it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
 from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, quantizer_options, run_record
-from cimq_pl.quant import CIMSpec, convert_to_cim, fold_batchnorm_, iter_quantizers
+from cimq_pl.quant import CIMSpec, DeviceSpec, attach_device_, convert_to_cim, device_mode, fold_batchnorm_, iter_quantizers
+from cimq_pl.quant.device_model import set_device_mode_
+from cimq_pl.quant.overrides import normalize_overrides
 from cimq_pl.quant.fused import SIMULATIONS, set_simulation
 from cimq_pl.quant.techniques import CONVENTIONAL_OPTIONS
 
@@ -46,6 +49,10 @@ class CIMQModule(pl.LightningModule):
         weight_decay: SGD weight decay.
         cim: the CIM macro to run the network on (None: the float network). Read by every technique
             callback; ``--model.cim.adc_bits 4`` sets one field from the command line.
+        cim_overrides: per-layer macro fields by module name or glob, e.g. ``{"layer1.*.conv2": {"adc_bits": 3},
+            "fc": {"adc_bits": 6}}`` (fields ``weight_bits``, ``cell_bits``, ``input_bits``, ``dac_bits``,
+            ``adc_bits``, ``mode``; later entries win; `cimq_pl.quant.overrides`). The YAML ``python -m cimq_pl
+            search`` writes sets it. Needs ``cim``; every pattern must match a layer.
         export: an export directory (``python -m cimq_pl export``) to evaluate instead: the network is then the
             export's `IntegerExecutor` (integer arithmetic, inference only: test, validate, predict) and
             ``cim`` is the export's; ``pretrained`` is not read.
@@ -54,6 +61,16 @@ class CIMQModule(pl.LightningModule):
             convolutions: several times faster training and PTQ steps after a compilation of seconds per layer
             shape; results equal up to the order of float sums; falls back to eager with one warning where
             compilation fails).
+        objective: what a training step optimises (:mod:`cimq_pl.objectives`), e.g. ``model.objective:
+            {class_path: cimq_pl.objectives.BlockReconstruction, init_args: {iters_per_block: 200}}`` for PTQ
+            (with the `PostTrainingQuantization` callback); None = `TaskObjective()` (cross-entropy: fine-tuning,
+            QAT). Not a hyperparameter of the checkpoint.
+        device: the real chip's cells and ADCs (a :class:`~cimq_pl.quant.DeviceSpec`; None: ideal ones), next to
+            ``cim``. Validation, test and predict run on chip ``device.seed`` read ``device.read_time`` seconds
+            after programming (`cimq_pl.callbacks.MonteCarloDevices` evaluates many chips and times);
+            calibration and training see ideal cells unless `cimq_pl.callbacks.NoiseAwareTraining` draws a fresh
+            chip every step. ``--model.device.programming_sigma 0.05`` sets one field. Not a hyperparameter
+            of the checkpoint: a quantized network is tested on any device.
     """
 
     def __init__(
@@ -65,7 +82,10 @@ class CIMQModule(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         cim: CIMSpec | None = None,
+        cim_overrides: dict[str, dict[str, Any]] | None = None,
         export: str | None = None,
+        device: DeviceSpec | None = None,
+        objective: Objective | None = None,
         simulation: str = "eager",
     ):
         super().__init__()
@@ -73,7 +93,12 @@ class CIMQModule(pl.LightningModule):
             raise ConfigError(f"model.num_classes must be an integer >= 1, got {num_classes!r}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr!r}")
-        self.save_hyperparameters(ignore=["cim"])
+        if objective is not None and not isinstance(objective, Objective):
+            raise ConfigError(f"model.objective must be a cimq_pl.objectives.Objective (TaskObjective, "
+                              f"BlockReconstruction), got {type(objective).__name__}")
+        # `device` is left out: LightningCLI would put a checkpoint's hyperparameters over a test's --model.device;
+        # `objective` too: a checkpoint is tested or exported whatever trained it (and holds plain values only)
+        self.save_hyperparameters(ignore=["cim", "cim_overrides", "device", "objective"])
         self.num_classes = num_classes
         self.conversion_report = None
         if export is not None:
@@ -81,19 +106,37 @@ class CIMQModule(pl.LightningModule):
             if cim is not None and cim != self.model.spec:
                 raise ConfigError(f"model.cim={cim} disagrees with the export {export!r}, made for {self.model.spec}; "
                                   "leave model.cim unset (the export carries its macro)")
-            cim = self.model.spec
+            exported_overrides = self.model.manifest.get("cim_overrides") or None
+            if cim_overrides and normalize_overrides(cim_overrides) != exported_overrides:
+                raise ConfigError(f"model.cim_overrides={cim_overrides} disagrees with the export {export!r}, made with "
+                                  f"{exported_overrides}; leave model.cim_overrides unset (the export carries them)")
+            cim, cim_overrides = self.model.spec, exported_overrides
         else:
             self.model = create_model(name, num_classes, pretrained)
         self.hparams["cim"] = dataclasses.asdict(cim) if cim is not None else None  # plain types in checkpoints
+        self.hparams["cim_overrides"] = normalize_overrides(cim_overrides) or None
         self.cim = cim
+        self.cim_overrides = self.hparams["cim_overrides"]
+        if self.cim_overrides and cim is None:
+            raise ConfigError("model.cim_overrides needs a macro to override: set model.cim (or drop the overrides)")
         if cim is not None and export is None:
             self.model.eval()
             fold_batchnorm_(self.model)
-            self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS)
+            self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS,
+                                                    overrides=self.cim_overrides)
             set_simulation(self.model, simulation)
         elif simulation not in SIMULATIONS:
             raise ConfigError(f"model.simulation={simulation!r} is invalid: expected one of {list(SIMULATIONS)}")
-        self.objective: Objective = TaskObjective()
+        if device is not None and (cim is None or export is not None):
+            raise ConfigError("model.device needs the network on a CIM macro (model.cim) and is not simulated by an "
+                              "export's integer executor (model.export): set model.cim, or remove model.device")
+        self.device_spec = device
+        if device is not None:
+            attach_device_(self.model, device, mode="ideal")  # chip on for evaluation, see on_validation_start
+        self.noise_aware = False  # set by the NoiseAwareTraining callback: fresh chips in every training step
+        self.chip_evaluation = True  # False: evaluate on ideal cells (the export's reference test)
+        self.checkpoint_record: dict | None = None  # checkpoint["cimq"] of the checkpoint loaded, if any
+        self.objective: Objective = objective if objective is not None else TaskObjective()
         top_k = min(5, num_classes)
         self.val_metrics = self._metrics("val/", top_k)
         self.test_metrics = self._metrics("test/", top_k)
@@ -133,10 +176,26 @@ class CIMQModule(pl.LightningModule):
         return timm.data.resolve_model_data_config(self.model)
 
     def setup(self, stage: str) -> None:
+        """Check the data, then let the objective prepare the model (after every callback's ``setup``)."""
         if self.is_export and stage == "fit":
             raise ConfigError(f"model.export={self.hparams['export']!r} is inference only: use test, validate or "
                               "predict (fit the float or CIM model, then export it)")
         self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+        self.objective.setup(self, stage)
+
+    def fit_datamodule(self, datamodule: pl.LightningDataModule | None) -> pl.LightningDataModule | None:
+        """The datamodule a fit of this module reads: ``datamodule``, or, when the objective makes its own training
+        batches (block reconstruction), ``datamodule`` with the objective's train loader (`WithTrainLoader`).
+
+        Lightning takes the train loader from the datamodule when one is given, so the objective's loader reaches
+        the fit through it; `CIMQTrainer.fit` (``python -m cimq_pl fit``) calls this, a plain `Trainer` needs
+        ``trainer.fit(module, datamodule=module.fit_datamodule(datamodule))``.
+        """
+        from cimq_pl.datamodules.with_train_loader import WithTrainLoader
+
+        if datamodule is None or isinstance(datamodule, WithTrainLoader) or not self.objective.makes_train_batches:
+            return datamodule
+        return WithTrainLoader(datamodule, self.objective.train_dataloader)
 
     def check_data(self, datamodule) -> None:
         """Raise `ConfigError` when ``datamodule`` has another number of classes than the classifier."""
@@ -162,6 +221,7 @@ class CIMQModule(pl.LightningModule):
             " (resume or test with the same model, model.cim and technique callbacks as the run that wrote it)",
         )
         check_quantizer_options(checkpoint.get(RECORD_KEY), quantizer_options(self.model), "the checkpoint (ckpt_path)")
+        self.checkpoint_record = checkpoint.get(RECORD_KEY)
 
     @property
     def is_cim(self) -> bool:
@@ -179,17 +239,39 @@ class CIMQModule(pl.LightningModule):
                 "(e.g. --config configs/quant/conventional.yaml) and pass --ckpt_path to the checkpoint it wrote"
             )
 
+    def _evaluate_on_chip(self, on: bool) -> None:
+        """Chip ``device.seed`` at ``device.read_time`` (``on``), or ideal cells (training, calibration)."""
+        if self.device_spec is not None:
+            on = on and self.chip_evaluation
+            spec = self.device_spec
+            set_device_mode_(self.model, "chip" if on else "ideal", seed=spec.seed, time=spec.read_time)
+
     def on_validation_start(self) -> None:
         if not self.trainer.sanity_checking:
             self._require_calibrated("validate")
+        self._evaluate_on_chip(True)
+
+    def on_validation_end(self) -> None:
+        self._evaluate_on_chip(False)
 
     def on_test_start(self) -> None:
         self._require_calibrated("test")
+        self._evaluate_on_chip(True)
+
+    def on_test_end(self) -> None:
+        self._evaluate_on_chip(False)
 
     def on_predict_start(self) -> None:
         self._require_calibrated("predict")
+        self._evaluate_on_chip(True)
+
+    def on_predict_end(self) -> None:
+        self._evaluate_on_chip(False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.noise_aware:  # a fresh chip per step, drawn after the objective seeds the step's random draws
+            with device_mode(self.model, "fresh"):
+                return self.objective.training_step(self, batch, batch_idx)
         return self.objective.training_step(self, batch, batch_idx)
 
     def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> None:

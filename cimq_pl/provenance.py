@@ -3,9 +3,13 @@
 Every checkpoint of a `CIMQModule` (``last.ckpt``, ``ptq.ckpt``) carries, under ``checkpoint["cimq"]``:
 
 * ``cim``: the macro (the `CIMSpec` fields, or None for the float network);
+* ``cim_overrides``: the per-layer overrides of the macro (``model.cim_overrides``, None when there are none);
 * ``techniques``: the technique callbacks and their settings, e.g. ``{"BitSparseActivations": {"max_ones": 2, ...}}``;
 * ``quantizer_options``: each CIM layer's `QuantizerOptions`, what its quantizers were built from;
-* ``wandb_run_id``: the W&B run, so that a resumed fit logs into the same run and checkpoint folder.
+* ``wandb_run_id``: the W&B run, so that a resumed fit logs into the same run and checkpoint folder;
+* ``device``: the `DeviceSpec` fields of ``model.device`` (or None) and ``noise_aware``: whether the run lists
+  `NoiseAwareTraining` (its training drew chips of that device). For the record and the export only: a network
+  is tested on any device.
 
 ``test``/``validate``/``export``/a resumed ``fit`` whose config disagrees (another model, macro or technique set)
 is refused while the command line is parsed, before the model is built or W&B starts, with one line naming
@@ -54,8 +58,11 @@ def run_record(pl_module) -> dict[str, Any]:
     trainer = pl_module.trainer
     record = {
         "cim": _plain(pl_module.hparams.get("cim")),
+        "cim_overrides": _plain(pl_module.hparams.get("cim_overrides")),
         "techniques": technique_settings(trainer.callbacks),
         "quantizer_options": quantizer_options(pl_module.model),
+        "device": _plain(dataclasses.asdict(pl_module.device_spec)) if getattr(pl_module, "device_spec", None) else None,
+        "noise_aware": any(type(cb).__name__ == "NoiseAwareTraining" for cb in trainer.callbacks),
     }
     logger = trainer.logger
     if isinstance(logger, WandbLogger):
@@ -101,7 +108,7 @@ def _cim_flag(field: str, value: Any) -> str:
 
 
 def check_config_agrees(checkpoint: Mapping, model_config: Mapping, techniques: dict[str, dict] | None,
-                        path: str) -> None:
+                        path: str, what: str = "ckpt_path") -> None:
     """Refuse ``checkpoint`` (read from ``path``) when the run's config differs from the one that wrote it.
 
     Args:
@@ -109,11 +116,12 @@ def check_config_agrees(checkpoint: Mapping, model_config: Mapping, techniques: 
         model_config: the parsed ``model`` section (name, num_classes, cim).
         techniques: the technique settings of the parsed ``trainer.callbacks`` (`configured_techniques`).
         path: the checkpoint's path, for the message.
+        what: how the message names the checkpoint (``ckpt_path``, ``QAT init_from``).
 
     Raises:
         ConfigError: naming the first field that differs, both values and the flag that makes them agree.
     """
-    where = f"ckpt_path {path!r}"
+    where = f"{what} {path!r}"
     hparams = checkpoint.get("hyper_parameters") or {}
     for field in ("name", "num_classes"):
         if field in hparams and field in model_config and hparams[field] != model_config[field]:
@@ -123,6 +131,8 @@ def check_config_agrees(checkpoint: Mapping, model_config: Mapping, techniques: 
     saved_cim = record["cim"] if isinstance(record, Mapping) else hparams.get("cim", "unrecorded")
     if saved_cim != "unrecorded" and "cim" in model_config:
         _check_cim(where, _plain(saved_cim), _plain(_as_dict(model_config["cim"])))
+        saved_overrides = record.get("cim_overrides") if isinstance(record, Mapping) else hparams.get("cim_overrides")
+        _check_overrides(where, saved_overrides, model_config.get("cim_overrides"))
     if isinstance(record, Mapping) and techniques is not None:
         _check_techniques(where, record.get("techniques", {}), techniques)
 
@@ -143,7 +153,30 @@ def _check_cim(where: str, saved: dict | None, configured: dict | None) -> None:
                               "(or use the config the run was made with)")
 
 
+def _check_overrides(where: str, saved: Any, configured: Any) -> None:
+    """Refuse per-layer overrides that differ (a checkpoint without a record of them had none)."""
+    from cimq_pl.quant.overrides import normalize_overrides
+
+    saved, configured = (_plain(normalize_overrides(_as_dict(value))) for value in (saved, configured))
+    if saved == configured:
+        return
+    layers = [*saved, *(name for name in configured if name not in saved)]  # in the order the configs list them
+    name = next(name for name in layers if saved.get(name) != configured.get(name))
+    raise ConfigError(f"{where} was written for model.cim_overrides[{name!r}]={saved.get(name)!r} but the config gives "
+                      f"{configured.get(name)!r}: pass the per-layer config the run used (--config <its overrides "
+                      f"YAML>, or --model.cim_overrides '{json.dumps(saved) if saved else 'null'}')")
+
+
+def _renamed_settings(name: str, settings: Mapping) -> dict:
+    """A technique's recorded settings under today's field names (records of the release before the renames)."""
+    import cimq_pl.callbacks
+
+    renamed = getattr(getattr(cimq_pl.callbacks, name, None), "renamed", {})
+    return {renamed.get(field, field): value for field, value in settings.items()}
+
+
 def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping[str, dict]) -> None:
+    saved = {name: _renamed_settings(name, settings) for name, settings in saved.items()}
     missing, extra = sorted(saved.keys() - configured.keys()), sorted(configured.keys() - saved.keys())
     if missing:
         made_with = "; ".join(f"{name}({_short(saved[name])})" for name in missing)
@@ -165,7 +198,10 @@ def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict],
     the macro and technique checks at parse time normally catch the cause first)."""
     if not isinstance(record, Mapping) or "quantizer_options" not in record:
         return
-    saved = record["quantizer_options"]
+    from cimq_pl.quant.options import RENAMED_FIELDS
+
+    saved = {layer: {RENAMED_FIELDS.get(field, field): value for field, value in options.items()}
+             for layer, options in record["quantizer_options"].items()}
     for layer in sorted(saved.keys() | current.keys()):
         if layer not in saved or layer not in current:
             holder, other = ("this run", "the checkpoint's model") if layer not in saved else \

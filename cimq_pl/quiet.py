@@ -19,7 +19,7 @@ SILENCED_WARNINGS = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
      "a FutureWarning of torch about Lightning 2.6's own code (lightning/pytorch/utilities/_pytree.py), every run"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval",
-     "PTQ runs a few steps per reconstruction unit and logs per unit; QAT still logs every log_every_n_steps"),
+     "a short PTQ epoch logs its units' metrics at its end; QAT still logs every log_every_n_steps"),
 )
 # Lightning's INFO lines that start with these (logged on rank zero through its `rank_zero_info`)
 SILENCED_INFO = (

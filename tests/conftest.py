@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on 2 cores: one thread per worker (and per subprocess a test starts), else the two workers'
+    # OpenMP threads oversubscribe the cores and each runs many times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,6 +19,14 @@ CIFAR100_SAMPLE = SHARED / "data" / "cifar100_sample.npz"
 RESNET20 = SHARED / "weights" / "resnet20-12fca82f.th"
 RESNET32 = SHARED / "weights" / "resnet32-d509ac18.th"
 RESNET56_C100 = SHARED / "weights" / "cifar100_resnet56-f2eff4c8.pt"
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """The rows of the CSV file ``path`` (a header line, then one dict per row)."""
+    import csv
+
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Run a short CIMQ PTQ of ResNet-20 under Lightning DDP on CPU (gloo); each rank dumps its quantizers.
 
-Usage: python tests/ddp_ptq_script.py OUT_DIR DEVICES ITERS_PER_BLOCK. Run by tests/test_ddp.py in a
+Usage: python tests/ddp_ptq_script.py OUT_DIR DEVICES ITERS_PER_BLOCK. Run by tests/callbacks/test_ddp.py in a
 subprocess (Lightning's DDP launcher starts the other ranks by re-running this script).
 """
 
@@ -10,17 +10,20 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import CIFAR10, RESNET20  # noqa: E402
 
+from cimq_pl.callbacks.ptq import PTQ_DDP_STRATEGY
 from cimq_pl.callbacks import ArraywiseWeights, BitSparseActivations, PartialSumClipping, PostTrainingQuantization, QuantDropping  # noqa: E402
 from cimq_pl.callbacks.calibration import quantizer_state  # noqa: E402
 from cimq_pl.datamodules import CIFAR10DataModule  # noqa: E402
 from cimq_pl.module import CIMQModule  # noqa: E402
+from cimq_pl.objectives import BlockReconstruction  # noqa: E402
 from cimq_pl.quant import CIMSpec  # noqa: E402
+from cimq_pl.trainer import CIMQTrainer  # noqa: E402
 
 
 class DumpQuantizers(Callback):
@@ -37,8 +40,10 @@ class DumpQuantizers(Callback):
     def on_fit_start(self, trainer, pl_module):
         self._save(trainer, pl_module, "calibrated")
 
-    def on_train_epoch_end(self, trainer, pl_module):  # one epoch = one reconstruction unit
-        self._save(trainer, pl_module, f"block{trainer.current_epoch}")
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after PTQ hardened a unit
+        schedule = pl_module.objective.schedule
+        if schedule.ends_unit(batch_idx):
+            self._save(trainer, pl_module, f"block{schedule.unit(batch_idx)}")
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer, pl_module, "final")
@@ -47,13 +52,14 @@ class DumpQuantizers(Callback):
 def main(out: str, devices: int, iters: int) -> None:
     seed_everything(0)
     out_dir = Path(out)
-    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec())
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
+                        objective=BlockReconstruction(iters_per_block=iters, batch_size=16))
     data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
     callbacks = [BitSparseActivations(max_ones=2), ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5),
-                 PostTrainingQuantization(iters_per_block=iters, batch_size=16), DumpQuantizers(out_dir, devices)]
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir,
-                      limit_val_batches=2, num_sanity_val_steps=0, callbacks=callbacks)
+                 PostTrainingQuantization(), DumpQuantizers(out_dir, devices)]
+    trainer = CIMQTrainer(accelerator="cpu", devices=devices, strategy=PTQ_DDP_STRATEGY if devices > 1 else "auto",
+                          logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir,
+                          max_epochs=1, limit_val_batches=2, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
 
 

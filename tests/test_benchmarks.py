@@ -6,7 +6,6 @@ they produce on 100 images are not results, but some of them are exact propertie
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CIFAR10, REPO, RESNET20
+from conftest import CIFAR10, REPO, RESNET20, csv_rows
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -40,11 +39,6 @@ def _args(out: Path) -> list[str]:
     return ["--smoke", "--out-dir", str(out), "--work-dir", str(out / "work")]
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as stream:
-        return list(csv.DictReader(stream))
-
-
 @pytest.fixture(scope="module")
 def ablation_rows(out):
     return {row["row"]: row for row in ablation.main(_args(out))}
@@ -58,8 +52,8 @@ def test_ablation_smoke(ablation_rows, out):
     assert float(ablation_rows["conventional"]["test/hw_efficiency_vs_baseline"]) == 1.0
     assert float(ablation_rows["cimq"]["test/hw_efficiency_vs_baseline"]) > 1.0  # a 4-bit ADC costs less
     assert 0.3 < float(ablation_rows["cimq"]["test/acc"]) <= 1.0
-    assert len(_rows(out / "ablation.csv")) == 3 and (out / "ablation.png").stat().st_size > 0
-    assert "CIMQ: all four" in ablation.tables(_rows(out / "ablation.csv"))
+    assert len(csv_rows(out / "ablation.csv")) == 3 and (out / "ablation.png").stat().st_size > 0
+    assert "CIMQ: all four" in ablation.tables(csv_rows(out / "ablation.csv"))
 
 
 def test_presets_smoke(out):
@@ -68,7 +62,7 @@ def test_presets_smoke(out):
     assert (rows["cimq_quick"]["calibration_images"], rows["cimq"]["calibration_images"]) == (256, 1024)  # the configs'
     assert rows["cimq_quick"]["steps_per_unit"] == rows["cimq"]["steps_per_unit"] == 1  # --smoke budget
     assert 0.3 < float(rows["cimq_quick"]["test/acc"]) <= 1.0
-    assert len(_rows(out / "presets.csv")) == 2
+    assert len(csv_rows(out / "presets.csv")) == 2
 
 
 def test_sweeps_smoke_reuses_the_ablation_and_k1_lowers_bit_density(ablation_rows, out):
@@ -102,7 +96,7 @@ def test_cim_layer_speed_smoke(out):
     rows = cim_layer_speed.main(["--smoke", "--out-dir", str(out)])
     assert len(rows) == len(cim_layer_speed.RESNET20_CONV_SHAPES)
     assert all(r["cycles"] == 4 and r["fwd_ratio"] > 0 for r in rows)
-    assert len(_rows(out / "cim_layer_speed_cpu.csv")) == len(rows)
+    assert len(csv_rows(out / "cim_layer_speed_cpu.csv")) == len(rows)
 
 
 def test_suite_report_renders_every_table(ablation_rows, out):
@@ -132,7 +126,7 @@ def test_export_check_smoke(out):
     assert row["same_predictions"] == 100
     assert float(row["max_relative_logit_error"]) <= 1e-4
     assert row["export_test_acc"] == row["fake_quant_acc"]
-    assert _rows(out / "export_check.csv")[0]["same_predictions"] == "100"
+    assert csv_rows(out / "export_check.csv")[0]["same_predictions"] == "100"
 
 
 def _imported_by(statement: str, modules: tuple[str, ...]) -> list[str]:

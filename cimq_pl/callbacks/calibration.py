@@ -29,26 +29,26 @@ def load_quantizer_state_(model: torch.nn.Module, state: dict[str, dict]) -> Non
         quantizer.load_state_dict(state[f"{name}.{role}"])
 
 
-def calibration_images(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
-    """All images of the datamodule's calibration subset, in its fixed order, on the module's device."""
-    datamodule = trainer.datamodule
+def calibration_images(datamodule, device: torch.device) -> torch.Tensor:
+    """All images of ``datamodule``'s calibration subset, in its fixed order, on ``device``."""
     if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
         raise ConfigError("calibration needs a cimq_pl datamodule (data.class_path: cimq_pl.datamodules....)")
-    return torch.cat([batch[0] for batch in datamodule.calibration_dataloader()]).to(pl_module.device)
+    return torch.cat([batch[0] for batch in datamodule.calibration_dataloader()]).to(device)
 
 
 @torch.no_grad()
-def calibrate_module_(trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, batch_size: int = 256) -> None:
+def calibrate_module_(trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, seed: int = 0,
+                      batch_size: int = 256) -> None:
     """Initialise every quantizer of ``pl_module.model`` from the calibration ``images``.
 
     Every process calibrates on the same full calibration subset (train split, seeded) with the random
-    generator seeded from the datamodule's ``seed`` (observers subsample at random), then takes process 0's
+    generator seeded from ``seed`` (the datamodule's; observers subsample at random), then takes process 0's
     quantizer parameters: all processes hold bit-identical quantizers, equal to a one-process run's.
     """
     rank_zero_info(f"[cimq] calibrating {len(cim_layers(pl_module.model))} CIM layers on {len(images)} train images")
     device = pl_module.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(pl_module.model):
-        torch.manual_seed(getattr(trainer.datamodule, "seed", 0))
+        torch.manual_seed(seed)
         calibrate_(pl_module.model, images.split(batch_size))
     state = trainer.strategy.broadcast(quantizer_state(pl_module.model), src=0)
     load_quantizer_state_(pl_module.model, state)

@@ -44,6 +44,19 @@ from cimq_pl.quant.convert import cim_layers, set_collect_stats
 __all__ = ["HardwareReport"]
 
 
+def run_output_dir(trainer: Trainer, output_dir: Optional[str]) -> Path:
+    """Where a callback writes its files: ``output_dir``, else the W&B run's files folder, else the log dir.
+
+    Collective (it reads ``trainer.log_dir``): call it on every rank."""
+    fallback = trainer.log_dir or trainer.default_root_dir
+    if output_dir is not None:
+        return Path(output_dir)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            return Path(logger.experiment.dir)
+    return Path(fallback)
+
+
 def _network(pl_module: LightningModule) -> torch.nn.Module:
     """The network the module runs (``pl_module.model`` for `CIMQModule`)."""
     model = getattr(pl_module, "model", None)
@@ -192,13 +205,14 @@ class HardwareReport(Callback):
                 self._warned_no_cim = True
             return
         device = pl_module.device
-        metric = HardwareCostMetric(describe_layers(network), self.table).to(device)
+        table = self.table.for_device(getattr(pl_module, "device_spec", None))  # cell reads scale with G
+        metric = HardwareCostMetric(describe_layers(network), table).to(device)
         run = _Evaluation(layers, metric)
         if self.baseline:
             run.baseline = self._baseline_for(network, trainer, device)
             baseline = run.baseline
             run.baseline_layers = [layer for _, layer in cim_layers(baseline)]
-            run.baseline_metric = HardwareCostMetric(describe_layers(baseline), self.table).to(device)
+            run.baseline_metric = HardwareCostMetric(describe_layers(baseline), table).to(device)
             set_collect_stats(baseline, True, reset=True)
         set_collect_stats(network, True, reset=True)
         self._runs[stage] = run
@@ -267,13 +281,7 @@ class HardwareReport(Callback):
 
     # ------------------------------------------------------------------ end: files, W&B, terminal (rank 0)
     def _output_dir(self, trainer: Trainer) -> Path:
-        fallback = trainer.log_dir or trainer.default_root_dir  # collective: called on every rank
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                return Path(logger.experiment.dir)
-        return Path(fallback)
+        return run_output_dir(trainer, self.output_dir)
 
     def _publish(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         run = self._runs.pop(stage, None)

@@ -1,13 +1,14 @@
 """Callback: quantization-aware training as an ordinary ``trainer.fit`` (SPEC 4.4, last sentence).
 
-The task loss (cross-entropy) plus the bit-sparsity regularizer trains the network weights together with the
-learned step sizes and ADC clips, starting from the FP weights (calibrated at ``on_fit_start``) or from a PTQ
-checkpoint (``init_from``; its AdaRound decisions are baked into the weights).
+The module's task objective (`~cimq_pl.objectives.TaskObjective`: cross-entropy plus the bit-sparsity
+regularizer, its ``quantizer_lr_scale``) trains the network weights together with the learned step sizes and ADC
+clips; this callback gives them their start: the FP weights calibrated at ``on_fit_start``, or a PTQ checkpoint
+(``init_from``; its AdaRound decisions are baked into the weights).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Mapping, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -17,7 +18,8 @@ from typing_extensions import override
 from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
-from cimq_pl.models.pretrained import check_state_dict_fits, read_state_dict
+from cimq_pl.models.pretrained import check_state_dict_fits, read_checkpoint, read_state_dict
+from cimq_pl.provenance import RECORD_KEY, check_config_agrees
 from cimq_pl.objectives import TaskObjective
 from cimq_pl.quant import cim_layers
 
@@ -25,63 +27,67 @@ __all__ = ["QuantizationAwareTraining"]
 
 
 class QuantizationAwareTraining(Callback):
-    """Fine-tune the CIM model with the task loss.
+    """Fine-tune the CIM model with the task loss (the module's `TaskObjective`, its default objective).
 
     Learning rate, momentum and weight decay are the module's (``model.lr`` ...); the schedule is a cosine
-    over the whole fit.
+    over the whole fit; the quantizers' learning-rate multiplier is the objective's
+    (``model.objective: {class_path: cimq_pl.objectives.TaskObjective, init_args: {quantizer_lr_scale: 0.1}}``).
 
     Args:
         init_from: a checkpoint of this module after PTQ (``ptq.ckpt``); None starts from the FP weights and
             calibrates.
-        quantizer_lr_scale: learning-rate multiplier of the quantizer parameters.
+        quantizer_lr_scale: deprecated: `TaskObjective`'s (``model.objective.init_args.quantizer_lr_scale``); the
+            CLI moves it there for one release.
 
     Raises:
-        ConfigError: quantizer_lr_scale <= 0, or an ``init_from`` checkpoint that does not fit the model.
+        ConfigError: ``quantizer_lr_scale`` given in Python, an objective other than the task loss (at setup), or an
+            ``init_from`` checkpoint that does not fit the model.
     """
 
-    def __init__(self, init_from: Optional[str] = None, quantizer_lr_scale: float = 1.0):
-        if not quantizer_lr_scale > 0:
-            raise ConfigError(f"QuantizationAwareTraining.quantizer_lr_scale={quantizer_lr_scale!r} is invalid: expected > 0")
+    def __init__(self, init_from: Optional[str] = None, *, quantizer_lr_scale: Optional[float] = None):
+        if quantizer_lr_scale is not None:
+            raise ConfigError(f"QuantizationAwareTraining(quantizer_lr_scale={quantizer_lr_scale!r}): the setting is the "
+                              f"objective's now: CIMQModule(objective=TaskObjective(quantizer_lr_scale="
+                              f"{quantizer_lr_scale!r})) (model.objective in a config)")
         self.init_from = init_from
-        self.quantizer_lr_scale = quantizer_lr_scale
-        self._resumed = False
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require_cim(pl_module, type(self).__name__)
-        if stage == "fit":
-            pl_module.objective = TaskObjective(self.quantizer_lr_scale)
+        objective = getattr(pl_module, "objective", None)
+        if not isinstance(objective, TaskObjective):
+            raise ConfigError(f"QuantizationAwareTraining trains with the task loss, but model.objective is "
+                              f"{type(objective).__name__}: leave model.objective unset (or set class_path: "
+                              "cimq_pl.objectives.TaskObjective)")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._resumed:
+        if trainer.ckpt_path is not None:  # resumed: the checkpoint holds the quantizers
             return
         if self.init_from is not None:
             load_ptq_checkpoint_(pl_module, self.init_from)
             rank_zero_info(f"[cimq] QAT starts from {self.init_from}")
         else:
-            calibrate_module_(trainer, pl_module, calibration_images(trainer, pl_module))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"init_from": self.init_from}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed = True
+            images = calibration_images(trainer.datamodule, pl_module.device)
+            calibrate_module_(trainer, pl_module, images, getattr(trainer.datamodule, "seed", 0))
 
 
 @torch.no_grad()
 def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
-    """Load a PTQ checkpoint into ``pl_module``, baking hard AdaRound decisions into the weights.
-
-    With AdaRound the code is ``floor(w / s) + [V >= 0]`` (h(V) >= 0.5 exactly when V >= 0); the weight is set
-    to ``code x s`` so that round-to-nearest reproduces that code.
+    """Load a PTQ checkpoint into ``pl_module``, baking its hard AdaRound decisions into the weights
+    (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes.
 
     Raises:
-        ConfigError: the checkpoint cannot be read or does not fit the module.
+        ConfigError: the checkpoint cannot be read, was written for another macro or other per-layer overrides
+            (``checkpoint["cimq"]``), or does not fit the module.
     """
-    state = read_state_dict(path, "QAT init_from")
+    checkpoint = read_checkpoint(path, "QAT init_from")
+    if isinstance(checkpoint.get(RECORD_KEY), dict):  # the macro and its per-layer overrides must be the run's
+        model_config = {key: pl_module.hparams.get(key) for key in ("name", "num_classes", "cim", "cim_overrides")}
+        check_config_agrees(checkpoint, model_config, None, path, "QAT init_from")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):  # not a Lightning checkpoint: the network's own keys, as read_state_dict gives
+        state = {f"model.{key}": value for key, value in read_state_dict(path, "QAT init_from").items()}
     logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
     rest = {k: v for k, v in state.items() if k not in logits}
     check_state_dict_fits(pl_module.state_dict(), rest, f"QAT init_from {path!r}", "the model",
@@ -89,10 +95,5 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
     pl_module.load_state_dict(rest, strict=True)
     for name, layer in cim_layers(pl_module.model):
         key = f"model.{name}.weight_quantizer.rounding_logits"
-        quantizer = layer.weight_quantizer
-        if key not in logits or quantizer is None:
-            continue
-        step = quantizer.element_step().detach()
-        qmin, qmax = quantizer.code_range
-        codes = torch.clamp(torch.floor(layer.weight / step) + (logits[key].to(step.device) >= 0).to(step.dtype), qmin, qmax)
-        layer.weight.copy_(codes * step)
+        if key in logits and layer.weight_quantizer is not None:
+            layer.weight_quantizer.bake_rounding_(layer._weight4d(), logits[key])  # a view: linear layers too

@@ -20,8 +20,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from cimq_pl.quant.convert import calibrate_, cim_layers
-from cimq_pl.quant.layers import CIMConv2d, CIMLinear
+from cimq_pl.quant.convert import calibrate_, cim_layers, rebuild_cim_layer
 from cimq_pl.quant.options import CONVENTIONAL_OPTIONS, QuantizerOptions
 
 __all__ = ["BASELINE_ADC_BITS", "baseline_options", "build_baseline"]
@@ -43,13 +42,7 @@ def _rebuild(layer: nn.Module, adc_bits: int) -> nn.Module:
     """A conventional CIM layer on ``layer``'s Parameters and macro, with a min-max ``adc_bits`` ADC."""
     spec = layer.spec if layer.spec.adc_bits is None else layer.spec.replace(adc_bits=adc_bits)
     options = baseline_options(getattr(layer.options, "input_signed", None))
-    if isinstance(layer, CIMConv2d):
-        new = CIMConv2d(layer.weight, layer.bias, spec, layer.stride, layer.padding, layer.dilation, layer.groups, options)
-    elif isinstance(layer, CIMLinear):
-        new = CIMLinear(layer.weight, layer.bias, spec, options)
-    else:
-        raise TypeError(f"cannot build a baseline of {type(layer).__name__}: expected CIMConv2d or CIMLinear")
-    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    return rebuild_cim_layer(layer, spec, options)
 
 
 def build_baseline(

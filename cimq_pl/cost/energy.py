@@ -18,6 +18,15 @@ scaled to 22 nm by C x V^2: (22 / 45) x (0.85 / 0.9)^2 = 0.436.
 
 Not modelled (identical between a configuration and its baseline at the same bit-widths, or outside the
 macro): buffers, interconnect, pooling and activation units, leakage, weight programming.
+
+**Real devices** (`cimq_pl.quant.DeviceSpec`, ``model.device``). Of these energies only the cell read depends
+on the device's conductances: at the same read voltage a cell draws P = V^2 G, so `EnergyTable.for_device`
+scales ``cell_read_uw`` by the device's mean conductance (g_on + g_off) / 2 over that of the cell the table is
+derived for (NeuroSim's 6 kOhm / 900 kOhm, `REFERENCE_CELL_MEAN_US`; the access transistor's series resistance
+is not rescaled). The default `DeviceSpec` is that cell, so its factor is exactly 1. Not modelled: the ADC
+resolution or averaging that ADC noise and offsets may call for (the ADC energy depends on its bits only),
+the one digital multiply per layer output of drift compensation, refresh or re-programming against drift,
+and the extra column of a differential pair (a signed slice is costed as one column, as before).
 """
 
 from __future__ import annotations
@@ -31,12 +40,15 @@ from typing import Any, Mapping, Optional, Union
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["DEFAULT_ENERGY_TABLE_PATH", "EnergyTable"]
+__all__ = ["DEFAULT_ENERGY_TABLE_PATH", "EnergyTable", "REFERENCE_CELL_MEAN_US"]
 
 #: The YAML copy of the defaults shipped with the repository (``configs/energy/neurosim_22nm.yaml``).
 DEFAULT_ENERGY_TABLE_PATH = Path(__file__).resolve().parents[2] / "configs" / "energy" / "neurosim_22nm.yaml"
 
 _MAX_BITS = 16
+
+#: Mean conductance (uS) of the cell ``cell_read_uw`` is derived for: NeuroSim's 1 / 6 kOhm and 1 / 900 kOhm.
+REFERENCE_CELL_MEAN_US = (1e6 / 6e3 + 1e6 / 900e3) / 2
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,18 @@ class EnergyTable:
     def wordline_fj(self, cols: int) -> float:
         """Energy of one wordline activation of an array ``cols`` cells wide, fJ."""
         return self.input_driver_fj + self.wordline_fj_per_cell * cols
+
+    def for_device(self, device) -> "EnergyTable":
+        """This table for the cells of ``device`` (a `cimq_pl.quant.DeviceSpec`, or None): ``cell_read_uw`` times
+        the device's mean conductance (g_on + g_off) / 2 over `REFERENCE_CELL_MEAN_US` (P = V^2 G at the same
+        read voltage). The table itself when ``device`` is None or has the reference conductances."""
+        if device is None:
+            return self
+        factor = (device.g_on + device.g_off) / 2 / REFERENCE_CELL_MEAN_US
+        if factor == 1.0:
+            return self
+        return dataclasses.replace(self, cell_read_uw=self.cell_read_uw * factor,
+                                   name=f"{self.name} (cells {device.g_off:.3g}..{device.g_on:.4g} uS)")
 
     # ------------------------------------------------------------------ (de)serialisation
     def as_dict(self) -> dict:

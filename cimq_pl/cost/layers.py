@@ -41,6 +41,11 @@ class LayerInfo:
             otherwise the row blocks are added as integers and each output is multiplied once.
         float_inputs: whether the layer's inputs are not quantized (no input bits are counted, so its
             wordline and cell-read energies are 0; reports flag such layers).
+        weight_bits: the layer's weight code bits (None: float weights, or not given), for the reports.
+        input_bits: the layer's input code bits (None: float inputs, or not given), for the reports.
+
+    All bit-widths are the layer's own spec (``layer.spec``), which per-layer overrides of the macro
+    (``model.cim_overrides``) set.
     """
 
     name: str
@@ -48,6 +53,8 @@ class LayerInfo:
     adc_bits: Optional[int]
     per_array_scales: bool
     float_inputs: bool
+    weight_bits: Optional[int] = None
+    input_bits: Optional[int] = None
 
     @classmethod
     def from_layer(cls, name: str, layer: nn.Module) -> "LayerInfo":
@@ -65,6 +72,8 @@ class LayerInfo:
             adc_bits=layer.spec.adc_bits,
             per_array_scales=bool(weight_per_array or adc_per_array),
             float_inputs=input_q is None or not input_q.enabled,
+            weight_bits=layer.spec.weight_bits,
+            input_bits=layer.spec.input_bits,
         )
 
 

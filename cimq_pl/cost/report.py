@@ -169,9 +169,11 @@ def cost_report(
     return report
 
 
-def describe_macro(model_name: str, spec: CIMSpec) -> str:
-    """One line naming the network and the macro, the title of a printed report."""
-    return f"{model_name} on {spec.rows}x{spec.cols} arrays, W{spec.weight_bits}A{spec.input_bits} ADC {spec.adc_bits}"
+def describe_macro(model_name: str, spec: CIMSpec, overrides: Optional[dict] = None) -> str:
+    """One line naming the network and the macro (and how many per-layer overrides change it), the title of a
+    printed report."""
+    text = f"{model_name} on {spec.rows}x{spec.cols} arrays, W{spec.weight_bits}A{spec.input_bits} ADC {spec.adc_bits}"
+    return text + (f" ({len(overrides)} per-layer override(s), adc column)" if overrides else "")
 
 
 def first_images(loader: Iterable, limit: int, device: torch.device) -> list:

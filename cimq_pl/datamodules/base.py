@@ -20,30 +20,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cimq_pl.datamodules.resumable import ResumableSampler, SeededAugmentation
 from cimq_pl.errors import ConfigError
 
-__all__ = ["ImageClassificationDataModule", "StepNumbers", "Split"]
+__all__ = ["ImageClassificationDataModule", "Split"]
 
 # Lightning warns that a mid-epoch resume replays an unknown part of the epoch unless the loader is "stateful".
-# Ours resume exactly without that protocol (PTQ draws by step, training reads its position from the restored
-# loop state), so the warning would only mislead.
+# Ours resume exactly without that protocol (the train loader reads its position from the restored loop state;
+# an objective's own loader only paces the steps, which seed their draws by position), so the warning would only
+# mislead.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 Split = Literal["train", "test"]
-
-
-class StepNumbers(Dataset):
-    """Items ``0 .. steps - 1``: the training "data" of PTQ, whose samples come from cached block I/O.
-
-    A loader over it only paces the fit (one item per step); under DDP Lightning shards it like any dataset.
-    """
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int) -> int:
-        return index
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -54,7 +39,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         batch_size: images per training batch (per process under DDP).
         eval_batch_size: images per validation/test/calibration batch; None = ``batch_size``.
         num_workers: dataloader worker processes.
-        calibration_size: number of train-split images in the calibration subset (PTQ).
+        calibration_size: number of train-split images in the calibration subset (quantizer calibration).
         seed: seed of the calibration subset draw (the same seed gives the same images).
         mean: per-channel normalisation mean; None = the model's (timm data config) or the dataset default.
         std: per-channel normalisation std; None = as ``mean``.
@@ -98,7 +83,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.std = tuple(std) if std is not None else None
         self.augment = augment
         self._datasets: dict[str, Dataset] = {}
-        self._steps_per_epoch: int | None = None
 
     # -- what subclasses provide -------------------------------------------------------------------------
     def _build_split(self, split: Split, transform: Callable) -> Dataset:
@@ -160,23 +144,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def fit_on_steps(self, steps_per_epoch: int) -> None:
-        """Make ``train_dataloader`` yield step numbers instead of train images, ``steps_per_epoch`` per epoch.
-
-        PTQ reconstruction draws its samples itself from block inputs/outputs cached over the calibration
-        subset (seeded per step, so a resumed fit draws what an uninterrupted one drew); the loader only
-        paces the epoch and decodes nothing.
-        """
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ConfigError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
-        self._steps_per_epoch = steps_per_epoch
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented train batches, reproducible by position: the order of an epoch is seeded by
         ``(seed, epoch)`` and each image's augmentation by ``(seed, epoch, index)``, and a fit resumed in the
         middle of an epoch starts after the batches its checkpoint had consumed (exact resume)."""
-        if self._steps_per_epoch is not None:
-            return DataLoader(StepNumbers(self._steps_per_epoch), batch_size=1)
         dataset = self.dataset("train", train_mode=True)
         sampler = ResumableSampler(dataset, self.seed)
         epoch, batches_done = self._resume_position(math.ceil(len(sampler) / self.batch_size))

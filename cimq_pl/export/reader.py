@@ -28,6 +28,7 @@ from cimq_pl.export.format import (
 )
 from cimq_pl.export.graph import check_graph
 from cimq_pl.files import file_sha256
+from cimq_pl.quant.overrides import normalize_overrides
 from cimq_pl.quant.spec import CIMSpec
 from cimq_pl.quant.ste import code_range
 from cimq_pl.quant.tiling import TileGeometry
@@ -51,6 +52,34 @@ class Export:
     def spec(self) -> CIMSpec:
         """The macro the model was exported for."""
         return CIMSpec(**self.manifest["cim"])
+
+    @property
+    def cim_overrides(self) -> dict | None:
+        """The per-layer overrides of the macro the model was fit with (``model.cim_overrides``; None when there
+        were none). Each layer's entry holds its resolved ``spec``, which is what the executor reads."""
+        return self.manifest.get("cim_overrides") or None
+
+    @property
+    def device(self):
+        """The `DeviceSpec` the network was quantized for (manifest ``device.spec``), or None."""
+        from cimq_pl.quant.device import DeviceSpec
+
+        record = self.manifest.get("device")
+        return DeviceSpec(**record["spec"]) if record else None
+
+
+def _check_device(where: str, record, export: Export) -> None:
+    """The optional ``device`` field: null, or ``{"spec": DeviceSpec fields, "noise_aware_training": bool}``."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or set(record) != {"spec", "noise_aware_training"} or \
+            not isinstance(record["spec"], dict) or not isinstance(record["noise_aware_training"], bool):
+        raise ExportError(f"{where}: manifest 'device' must be null or {{\"spec\": {{...}}, \"noise_aware_training\": "
+                          "true|false}")
+    try:
+        export.device
+    except (ConfigError, TypeError) as error:
+        raise ExportError(f"{where}: manifest 'device.spec' is not a valid DeviceSpec: {error}") from error
 
 
 def read_export(dirpath) -> Export:
@@ -79,6 +108,11 @@ def read_export(dirpath) -> Export:
         export.spec
     except (ConfigError, TypeError) as error:
         raise ExportError(f"{where}: manifest 'cim' is not a valid CIMSpec: {error}") from error
+    _check_device(where, manifest.get("device"), export)
+    try:
+        normalize_overrides(manifest.get("cim_overrides"))
+    except ConfigError as error:
+        raise ExportError(f"{where}: manifest 'cim_overrides' is invalid: {error}") from error
     try:
         check_graph(manifest["graph"], manifest["layers"])
         expected = {}

@@ -18,6 +18,7 @@ from cimq_pl.export.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, TE
 from cimq_pl.export.graph import trace_graph
 from cimq_pl.export.layers import check_exportable, cim_layer_record, digital_layer_record
 from cimq_pl.files import file_sha256
+from cimq_pl.quant.device_model import attached_device
 from cimq_pl.quant.layers import _CIMLayerBase
 
 
@@ -49,7 +50,9 @@ def export_manifest_and_tensors(model: nn.Module, spec, input_shape: tuple, info
         model: a network whose CIM layers are calibrated (after PTQ or QAT).
         spec: the model's `CIMSpec` (layers mapped in ``"int8"`` mode carry their own spec in their entry).
         input_shape: one image, e.g. ``(3, 32, 32)``.
-        info: extra JSON-ready fields (model name, data config, the fake-quant test accuracy, ...).
+        info: extra JSON-ready fields (model name, data config, the fake-quant test accuracy, ...). Without a
+            ``device`` entry, the manifest's ``device`` is the `DeviceSpec` attached to the model's CIM layers
+            (`attach_device_`), with ``noise_aware_training`` false, or null.
     """
     was_training = model.training
     model.eval()
@@ -81,6 +84,9 @@ def export_manifest_and_tensors(model: nn.Module, spec, input_shape: tuple, info
         "graph": nodes,
         "layers": entries,
     }
+    if "device" not in manifest:
+        attached = attached_device(model)
+        manifest["device"] = {"spec": dataclasses.asdict(attached), "noise_aware_training": False} if attached else None
     return manifest, {name: tensor.contiguous() for name, tensor in tensors.items()}
 
 

@@ -1,12 +1,14 @@
-"""Training objectives: what ``CIMQModule.training_step`` optimises, installed by the PTQ/QAT callbacks.
+"""Training objectives: what ``CIMQModule.training_step`` optimises, chosen by the module's ``objective`` argument.
 
 An objective owns one training recipe: its ``training_step(module, batch, batch_idx)`` returns the loss and
-its ``configure_optimizers(module)`` the optimizers. The module holds exactly one (``module.objective``);
-the default is :class:`TaskObjective` (cross-entropy, i.e. plain fine-tuning or QAT).
+its ``configure_optimizers(module)`` the optimizers; it may bring its own train loader. The module holds exactly
+one (``model.objective`` in YAML): :class:`TaskObjective` (cross-entropy: plain fine-tuning or QAT, the default)
+or :class:`BlockReconstruction` (PTQ, with the `PostTrainingQuantization` callback).
 """
 
 from cimq_pl.objectives.base import Objective, quantizer_parameters, sparsity_penalty
-from cimq_pl.objectives.reconstruction import BlockReconstructionObjective
+from cimq_pl.objectives.reconstruction import BlockReconstruction, UnitSchedule, UnitSteps
 from cimq_pl.objectives.task import TaskObjective
 
-__all__ = ["BlockReconstructionObjective", "Objective", "TaskObjective", "quantizer_parameters", "sparsity_penalty"]
+__all__ = ["BlockReconstruction", "Objective", "TaskObjective", "UnitSchedule", "UnitSteps", "quantizer_parameters",
+           "sparsity_penalty"]

@@ -1,23 +1,46 @@
-"""The objective protocol and the pieces every objective needs."""
+"""The objective base class and the pieces every objective needs."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import abc
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from cimq_pl.quant import iter_quantizers
 
 __all__ = ["Objective", "quantizer_parameters", "sparsity_penalty"]
 
 
-class Objective(Protocol):
-    """A training recipe for :class:`~cimq_pl.module.CIMQModule`."""
+class Objective(abc.ABC):
+    """A training recipe for :class:`~cimq_pl.module.CIMQModule`, chosen by its ``objective`` argument.
 
-    def training_step(self, module, batch: Any, batch_idx: int) -> torch.Tensor: ...
+    An objective is plain configuration (its init arguments, what ``model.objective`` says in YAML) until the
+    module calls :meth:`setup`, which builds whatever it needs from the model and the trainer.
+    """
 
-    def configure_optimizers(self, module) -> Any: ...
+    def setup(self, module, stage: str) -> None:
+        """Prepare ``module`` for ``stage`` (``fit``, ``validate``, ``test``, ``predict``), at the module's ``setup``:
+        after every callback's ``setup``, before a checkpoint is restored and optimizers are configured."""
+
+    @property
+    def makes_train_batches(self) -> bool:
+        """Whether the fit trains on :meth:`train_dataloader` instead of the datamodule's train loader."""
+        return False
+
+    def train_dataloader(self) -> DataLoader:
+        """The objective's own train loader (only when :attr:`makes_train_batches`)."""
+        raise TypeError(f"{type(self).__name__} trains on the datamodule's train loader")
+
+    @abc.abstractmethod
+    def training_step(self, module, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The loss of one training batch (``batch_idx`` counts the batches of the epoch)."""
+
+    @abc.abstractmethod
+    def configure_optimizers(self, module) -> Any:
+        """Lightning's ``configure_optimizers`` for ``module``."""
 
 
 def quantizer_parameters(model: nn.Module, include_frozen: bool = False) -> dict[str, list[nn.Parameter]]:

@@ -1,33 +1,42 @@
-"""Block-wise reconstruction (BRECQ) with random quantization dropping (QDrop): the PTQ training step.
+"""Block-wise reconstruction (BRECQ) with random quantization dropping (QDrop): the PTQ objective.
 
-One block is reconstructed at a time (the PTQ callback advances blocks, one epoch per block). When a block
-starts, the calibration images are run once: with every quantizer off to cache the block's full-precision
-input ``x_fp`` and output ``y_fp``, and with quantizers on (earlier blocks already reconstructed and
-hardened) to cache its quantized input ``x_q``; both forwards stop at the block. A step then draws
-``batch_size`` calibration samples of the cache and:
+``model.objective: {class_path: cimq_pl.objectives.BlockReconstruction, init_args: {iters_per_block: 200, ...}}``
+with the `PostTrainingQuantization` callback. The fit is **one epoch** of ``units x steps_per_unit`` training
+batches (`UnitSchedule`): batch ``b`` is step ``b % steps_per_unit`` of unit ``b // steps_per_unit``; the train
+loader is the objective's own (`UnitSteps`, batches of step numbers: the samples come from the cache below).
 
-1. QDrop on the block input: each element is ``x_q`` with probability ``p`` and ``x_fp`` otherwise;
-2. runs the block in training mode (soft AdaRound rounding, dropping inside its quantizers) and minimise
+When a unit starts, the calibration images are run once: with every quantizer off to cache the unit's
+full-precision input ``x_fp`` and output ``y_fp``, and with quantizers on (earlier units already reconstructed and
+hardened) to cache its quantized input ``x_q``; both forwards stop at the unit. A step then draws ``batch_size``
+calibration samples of the cache and:
+
+1. QDrop on the unit input: each element is ``x_q`` with probability ``p`` and ``x_fp`` otherwise;
+2. runs the unit in training mode (soft AdaRound rounding, dropping inside its quantizers) and minimise
    ``||y - y_fp||^2`` (summed over channels, mean over batch and positions, as BRECQ)
    ``+ rounding_weight x sum(1 - |2h(V) - 1|^beta)`` (after the warm-up) ``+ the bit-sparsity penalty``.
 
-Only the current block's AdaRound logits, input step sizes and ADC clip parameters learn; weights, biases
+Only the current unit's AdaRound logits, input step sizes and ADC clip parameters learn; weights, biases
 and weight step sizes stay fixed.
 
-Every random draw of a step (which samples, which elements QDrop keeps) is seeded from ``(seed, rank, block,
-step)`` alone, so a fit resumed from a mid-block checkpoint makes exactly the draws of an uninterrupted one.
+Every random draw of a step (which samples, which elements QDrop keeps) is seeded from ``(seed, rank, unit,
+step)`` alone, so a fit resumed from a mid-unit checkpoint makes exactly the draws of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from cimq_pl.objectives.base import quantizer_parameters, sparsity_penalty
+from cimq_pl.errors import ConfigError
+from cimq_pl.objectives.base import Objective, quantizer_parameters, sparsity_penalty
 from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
+from cimq_pl.quant.layers import _CIMLayerBase
+from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
 from cimq_pl.seeding import derive_seed
 from cimq_pl.quant.reconstruction import (
     RoundingSchedule,
@@ -35,32 +44,92 @@ from cimq_pl.quant.reconstruction import (
     capture_block_io,
     eval_mode,
     float_mode,
+    find_blocks,
 )
 
-__all__ = ["BlockReconstructionObjective"]
+__all__ = ["BlockReconstruction", "UnitSchedule", "UnitSteps"]
 
 
-class BlockReconstructionObjective:
-    """The reconstruction step of the current block.
+@dataclass(frozen=True)
+class UnitSchedule:
+    """Where a training batch of the one reconstruction epoch falls: ``units`` units of ``steps_per_unit`` steps.
+
+    Batch ``b`` (Lightning's ``batch_idx``, also after a resume) is step ``b % steps_per_unit`` of unit
+    ``b // steps_per_unit``.
+    """
+
+    units: int
+    steps_per_unit: int
+
+    @property
+    def total(self) -> int:
+        """Training batches of the epoch (per process)."""
+        return self.units * self.steps_per_unit
+
+    def unit(self, batch_idx: int) -> int:
+        return batch_idx // self.steps_per_unit
+
+    def step(self, batch_idx: int) -> int:
+        """The step within its unit (0-based)."""
+        return batch_idx % self.steps_per_unit
+
+    def starts_unit(self, batch_idx: int) -> bool:
+        return self.step(batch_idx) == 0
+
+    def ends_unit(self, batch_idx: int) -> bool:
+        return self.step(batch_idx) == self.steps_per_unit - 1
+
+
+class UnitSteps(Dataset):
+    """The reconstruction epoch's training "data": item ``i`` is ``i // world_size``, ``steps x world_size`` items.
+
+    Lightning shards it across processes with its `DistributedSampler` (rank ``r`` takes items ``r, r + world_size,
+    ...``), so every process gets ``steps`` items numbered ``0 .. steps - 1``, its own batch indices. The
+    numbers only pace the fit: the samples of a step come from the cached block I/O.
+    """
+
+    def __init__(self, steps: int, world_size: int = 1):
+        self.steps, self.world_size = steps, world_size
+
+    def __len__(self) -> int:
+        return self.steps * self.world_size
+
+    def __getitem__(self, index: int) -> int:
+        return index // self.world_size
+
+
+class BlockReconstruction(Objective):
+    """Reconstruct the quantized network unit by unit (BRECQ + AdaRound), with QDrop on the unit inputs.
+
+    Plain configuration until :meth:`setup` (called by the module at its ``setup``) finds the units on the
+    converted model and reads the seed (``data.seed``), the process rank and the number of processes. Needs the
+    `PostTrainingQuantization` callback, which calibrates, starts and finishes units and writes ``ptq.ckpt``.
+    Defaults are QDrop's GPU setting except ``iters_per_block`` (QDrop uses 20,000); the configs in
+    ``configs/quant/`` state their own presets.
 
     Args:
-        blocks: ``(name, module)`` reconstruction units in execution order.
+        iters_per_block: reconstruction steps per unit; 0 = calibration only (no reconstruction, no training
+            step). Under DDP each of the N processes runs ``ceil(iters_per_block / N)`` of them.
+        batch_size: calibration samples per reconstruction step (per process).
+        adaround: learn weight rounding (AdaRound); False keeps round-to-nearest. Switched on at ``setup`` of
+            every stage (fit, test, export...), since the AdaRound logits are part of the model's checkpoint.
         rounding_weight: weight of the AdaRound regulariser.
-        warmup: fraction of a block's steps before the rounding regulariser starts.
+        warmup: fraction of each unit's steps before the rounding regulariser starts.
         beta_start: AdaRound beta at the end of the warm-up.
-        beta_end: AdaRound beta at the last step.
+        beta_end: AdaRound beta at the unit's last step.
         lr_rounding: Adam learning rate of the AdaRound logits.
-        lr_step: Adam learning rate of the input step sizes.
+        lr_step: Adam learning rate of the input step sizes (QDrop: 4e-5, cosine decay within each unit).
         lr_clip: Adam learning rate of the ADC clip parameters theta.
-        block_input_keep_prob: QDrop keep probability of the block input (None: always the quantized input).
-        batch_size: calibration samples per step.
-        seed: base seed of the per-step draws.
-        rank: this process's rank under DDP (ranks draw different samples).
+
+    Raises:
+        ConfigError: on a bad value (named in the message with what is allowed).
     """
 
     def __init__(
         self,
-        blocks: list[tuple[str, nn.Module]],
+        iters_per_block: int = 20000,
+        batch_size: int = 32,
+        adaround: bool = True,
         rounding_weight: float = 0.01,
         warmup: float = 0.2,
         beta_start: float = 20.0,
@@ -68,31 +137,118 @@ class BlockReconstructionObjective:
         lr_rounding: float = 1e-3,
         lr_step: float = 4e-5,
         lr_clip: float = 1e-3,
-        block_input_keep_prob: float | None = None,
-        batch_size: int = 32,
-        seed: int = 0,
-        rank: int = 0,
     ):
-        self.blocks = blocks
+        for name, value, low in (("iters_per_block", iters_per_block, 0), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"BlockReconstruction.{name}={value!r} is invalid: expected an integer >= {low}")
+        if not 0 <= warmup < 1:
+            raise ConfigError(f"BlockReconstruction.warmup={warmup!r} is invalid: expected a fraction in [0, 1)")
+        for name, value in (("rounding_weight", rounding_weight), ("lr_rounding", lr_rounding),
+                            ("lr_step", lr_step), ("lr_clip", lr_clip), ("beta_start", beta_start),
+                            ("beta_end", beta_end)):
+            if not value >= 0:
+                raise ConfigError(f"BlockReconstruction.{name}={value!r} is invalid: expected a number >= 0")
+        self.iters_per_block = iters_per_block
+        self.batch_size = batch_size
+        self.adaround = adaround
         self.rounding_weight = rounding_weight
         self.warmup = warmup
         self.beta_start, self.beta_end = beta_start, beta_end
         self.learning_rates = {"rounding": lr_rounding, "step": lr_step, "clip": lr_clip}
-        self.block_input_keep_prob = block_input_keep_prob
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        # the runtime state of a fit, built by `setup` / `attach`
+        self.blocks: list[tuple[str, nn.Module]] = []
+        self.schedule = UnitSchedule(0, 1)
+        self.block_input_keep_prob: float | None = None
+        self.seed, self.rank, self.world_size = 0, 0, 1
         self.current = 0
-        self.steps_in_block = 1
-        self.step_in_block = 0
+        self.step_in_unit = 0
         self.cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    # -- block bookkeeping (driven by the PTQ callback) ----------------------------------------------------
+    @property
+    def reconstructs(self) -> bool:
+        """False for ``iters_per_block: 0``: the fit only calibrates."""
+        return self.iters_per_block > 0
+
+    @property
+    def makes_train_batches(self) -> bool:
+        return self.reconstructs
+
+    # -- setup: from configuration to a fit ------------------------------------------------------------------
+    def setup(self, module, stage: str) -> None:
+        """AdaRound on every CIM layer (every stage, so checkpoints fit); for ``fit``: the network weights frozen,
+        the units found, the QDrop keep probability of the unit input read from the model (`QuantDropping`), and
+        the fit's length checked (one epoch).
+
+        Raises:
+            ConfigError: no `PostTrainingQuantization` callback, or a fit longer or shorter than one epoch.
+        """
+        model = module.model
+        if self.reconstructs and self.adaround:
+            reconfigure_(model, weight_rounding="adaround")
+        if stage != "fit":
+            return
+        trainer = module.trainer
+        _require_ptq_callback(trainer.callbacks)
+        learnable = {id(p) for params in quantizer_parameters(model, include_frozen=True).values() for p in params}
+        for param in model.parameters():  # weights, biases and weight steps stay fixed
+            param.requires_grad_(id(param) in learnable)
+        dropping = applied_technique(model, QuantDroppingConfig)
+        self.attach(
+            find_blocks(model, lambda m: isinstance(m, _CIMLayerBase)),
+            seed=getattr(trainer.datamodule, "seed", 0),
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            block_input_keep_prob=dropping.block_input_keep_prob if dropping else None,
+        )
+        if self.reconstructs:
+            self.check_fit_length(trainer.max_epochs, trainer.max_steps)
+
+    def attach(self, blocks: list[tuple[str, nn.Module]], seed: int = 0, rank: int = 0, world_size: int = 1,
+               block_input_keep_prob: float | None = None) -> None:
+        """Start a fit over the units ``blocks`` (``(name, module)`` in execution order) in process ``rank`` of
+        ``world_size``, drawing from ``seed``; each process runs ``ceil(iters_per_block / world_size)`` steps per
+        unit."""
+        self.blocks = blocks
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.block_input_keep_prob = block_input_keep_prob
+        self.schedule = UnitSchedule(len(blocks), math.ceil(self.iters_per_block / world_size))
+        self.current, self.step_in_unit, self.cache = 0, 0, None
+
+    def describe(self) -> str:
+        return (f"{self.schedule.units} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
+                f"images: {', '.join(name for name, _ in self.blocks)}")
+
+    def check_fit_length(self, max_epochs: int | None, max_steps: int) -> None:
+        """Refuse a trainer that would not run exactly the one epoch of ``units x steps_per_unit`` batches."""
+        total, length = self.schedule.total, f"{self.schedule.units} units x {self.schedule.steps_per_unit} steps"
+        if max_steps not in (-1, None) and max_steps < total:
+            raise ConfigError(f"block reconstruction is one epoch of {length} ({total} training steps) but "
+                              f"trainer.max_steps={max_steps} stops it earlier: set trainer.max_steps -1")
+        if max_epochs != 1 and max_steps != total:
+            raise ConfigError(f"block reconstruction is one epoch of {length} ({total} training steps) but "
+                              f"trainer.max_epochs={max_epochs}: set trainer.max_epochs 1")
+
+    def check_train_batches(self, num_training_batches: int | float) -> None:
+        """Refuse a fit whose train loader is not this objective's (or is cut by ``limit_train_batches``)."""
+        if num_training_batches != self.schedule.total:
+            raise ConfigError(
+                f"block reconstruction trains on its own loader of {self.schedule.units} units x "
+                f"{self.schedule.steps_per_unit} steps ({self.schedule.total} batches) but the fit has "
+                f"{num_training_batches}: fit with cimq_pl.trainer.CIMQTrainer (python -m cimq_pl fit does) or pass "
+                "datamodule=module.fit_datamodule(datamodule), and leave trainer.limit_train_batches at 1.0")
+
+    def train_dataloader(self) -> DataLoader:
+        """One item per training step of every unit (`UnitSteps`), one item per batch."""
+        return DataLoader(UnitSteps(self.schedule.total, self.world_size), batch_size=1)
+
+    # -- units (started and finished by the PTQ callback) ------------------------------------------------
     @property
     def block(self) -> tuple[str, nn.Module]:
         return self.blocks[self.current]
 
-    def start_block(self, index: int, steps: int) -> None:
-        """Make block ``index`` the one that learns, for ``steps`` steps."""
-        self.current, self.steps_in_block, self.step_in_block = index, max(1, steps), 0
+    def start_unit(self, index: int) -> None:
+        """Make unit ``index`` the one that learns."""
+        self.current, self.step_in_unit = index, 0
         learning = {id(p) for ps in quantizer_parameters(self.blocks[index][1], include_frozen=True).values() for p in ps}
         for _, module in self.blocks:
             for params in quantizer_parameters(module, include_frozen=True).values():
@@ -101,27 +257,28 @@ class BlockReconstructionObjective:
 
     @torch.no_grad()
     def cache_block_io(self, model: nn.Module, images: torch.Tensor, chunk: int = 256) -> None:
-        """Cache ``(x_fp, y_fp, x_q)`` of the current block for all calibration ``images`` (in order)."""
+        """Cache ``(x_fp, y_fp, x_q)`` of the current unit for all calibration ``images`` (in order)."""
         parts = [self.block_io(model, images[i : i + chunk]) for i in range(0, len(images), chunk)]
         self.cache = tuple(torch.cat(tensors) for tensors in zip(*parts))
 
-    def finish_block(self, index: int) -> None:
-        """Freeze block ``index``: hard rounding from now on; its cache is dropped."""
+    def finish_unit(self, index: int) -> None:
+        """Freeze unit ``index``: hard rounding from now on; its cache is dropped."""
         self.cache = None
         for *_, quantizer in iter_quantizers(self.blocks[index][1], ("weight",)):
-            quantizer.hard = True
+            quantizer.harden_()
 
     @property
-    def schedule(self) -> RoundingSchedule:
-        return RoundingSchedule(self.steps_in_block, self.warmup, self.beta_start, self.beta_end)
+    def rounding_schedule(self) -> RoundingSchedule:
+        return RoundingSchedule(max(1, self.schedule.steps_per_unit), self.warmup, self.beta_start, self.beta_end)
 
     def lr_factor(self) -> float:
-        """Cosine decay within the current block (1 at its first step, ~0 at its last)."""
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_block / self.steps_in_block)))
+        """Cosine decay within the current unit (1 at its first step, ~0 at its last)."""
+        steps = max(1, self.schedule.steps_per_unit)  # 0 steps: calibration only, the optimizer never steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / steps)))
 
     # -- the objective ------------------------------------------------------------------------------------
     def block_io(self, model: nn.Module, images: torch.Tensor):
-        """``(x_fp, y_fp, x_q)`` of the current block for ``images`` (no gradients)."""
+        """``(x_fp, y_fp, x_q)`` of the current unit for ``images`` (no gradients)."""
         _, block = self.block
         with torch.no_grad(), eval_mode(model):
             with float_mode(model):
@@ -130,16 +287,20 @@ class BlockReconstructionObjective:
         return x_fp, y_fp, x_q
 
     def step_seed(self, step: int) -> int:
-        """Seed of step ``step`` of the current block: a function of (seed, rank, block, step) only."""
+        """Seed of step ``step`` of the current unit: a function of (seed, rank, unit, step) only."""
         return derive_seed(self.seed, self.rank, self.current, step)
 
     def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:
         name, block = self.block
-        self.step_in_block = batch_idx
-        seed = self.step_seed(batch_idx)
+        if self.cache is None or self.schedule.unit(batch_idx) != self.current:
+            raise ConfigError(f"BlockReconstruction step {batch_idx} of unit {self.schedule.unit(batch_idx)} has no "
+                              "cached block input: add cimq_pl.callbacks.PostTrainingQuantization to trainer.callbacks")
+        step = self.schedule.step(batch_idx)
+        self.step_in_unit = step
+        seed = self.step_seed(step)
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randint(len(self.cache[0]), (self.batch_size,), generator=generator)
-        torch.manual_seed(seed)  # QDrop masks of this step (block input and inside the quantizers)
+        torch.manual_seed(seed)  # QDrop masks of this step (unit input and inside the quantizers)
         x_fp, y_fp, x_q = (tensor[indices.to(tensor.device)] for tensor in self.cache)
         x = x_q
         if self.block_input_keep_prob is not None:
@@ -147,9 +308,9 @@ class BlockReconstructionObjective:
         y = block(x)
         reconstruction = (y - y_fp).pow(2).sum(1).mean()
         loss = reconstruction
-        schedule = self.schedule
-        if schedule.active(batch_idx) and self.rounding_weight > 0:
-            beta = schedule.beta(batch_idx)
+        schedule = self.rounding_schedule
+        if schedule.active(step) and self.rounding_weight > 0:
+            beta = schedule.beta(step)
             rounding = sum(quantizer.rounding_loss(beta) for *_, quantizer in iter_quantizers(block, ("weight",)))
             loss = loss + self.rounding_weight * rounding
             module.log("ptq/rounding_loss", rounding, on_step=True, on_epoch=False)
@@ -157,10 +318,10 @@ class BlockReconstructionObjective:
         if penalty is not None:
             loss = loss + penalty
             module.log("ptq/sparsity_penalty", penalty, on_step=True, on_epoch=False)
-        check_finite(loss, block, x, where=f"PTQ reconstruction of block {name!r} at step {batch_idx}", prefix=name)
+        check_finite(loss, block, x, where=f"PTQ reconstruction of block {name!r} at step {step}", prefix=name)
         module.log("ptq/block", float(self.current), on_step=True, on_epoch=False)
         module.log("ptq/rec_loss", reconstruction, on_step=True, on_epoch=False, prog_bar=True)
-        module.log(f"ptq/{name}/rec_loss", reconstruction, on_step=False, on_epoch=True)
+        module.log(f"ptq/{name}/rec_loss", reconstruction, on_step=False, on_epoch=True)  # the unit's mean
         return loss
 
     def configure_optimizers(self, module):
@@ -172,3 +333,12 @@ class BlockReconstructionObjective:
         optimizer = torch.optim.Adam(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: self.lr_factor())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _require_ptq_callback(callbacks) -> None:
+    from cimq_pl.callbacks.ptq import PostTrainingQuantization  # the callback imports this module
+
+    if not any(isinstance(callback, PostTrainingQuantization) for callback in callbacks):
+        raise ConfigError("model.objective BlockReconstruction needs the PostTrainingQuantization callback (it "
+                          "calibrates, starts and finishes the units): add cimq_pl.callbacks.PostTrainingQuantization "
+                          "to trainer.callbacks")

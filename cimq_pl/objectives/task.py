@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cimq_pl.objectives.base import sparsity_penalty
+from cimq_pl.errors import ConfigError
+from cimq_pl.objectives.base import Objective, sparsity_penalty
 from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.seeding import derive_seed
@@ -15,17 +16,23 @@ from cimq_pl.seeding import derive_seed
 __all__ = ["TaskObjective"]
 
 
-class TaskObjective:
+class TaskObjective(Objective):
     """Task loss ``cross_entropy + sum(lambda x expected 1 bits)``, SGD with cosine decay over the run.
 
-    Network weights use the module's ``lr``, ``momentum`` and ``weight_decay``; quantizer parameters (weight
-    and input step sizes, learnable ADC clips) use ``lr x quantizer_lr_scale`` without weight decay.
+    The module's default objective (plain fine-tuning, and QAT with `QuantizationAwareTraining`). Network weights
+    use the module's ``lr``, ``momentum`` and ``weight_decay``; quantizer parameters (weight and input step sizes,
+    learnable ADC clips) use ``lr x quantizer_lr_scale`` without weight decay.
 
     Args:
         quantizer_lr_scale: learning-rate multiplier of the quantizer parameters.
+
+    Raises:
+        ConfigError: quantizer_lr_scale <= 0.
     """
 
     def __init__(self, quantizer_lr_scale: float = 1.0):
+        if isinstance(quantizer_lr_scale, bool) or not quantizer_lr_scale > 0:
+            raise ConfigError(f"TaskObjective.quantizer_lr_scale={quantizer_lr_scale!r} is invalid: expected > 0")
         self.quantizer_lr_scale = quantizer_lr_scale
 
     def training_step(self, module, batch, batch_idx: int) -> torch.Tensor:

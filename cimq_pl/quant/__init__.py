@@ -2,12 +2,15 @@
 
 Public API: `CIMSpec` (the macro), `TileGeometry` (array mapping), `QuantizerOptions`, the quantizers, the
 CIM layers, the model verbs `convert_to_cim`, `fold_batchnorm_` and `calibrate_`, and the walks `cim_layers` and
-`iter_quantizers`.
+`iter_quantizers`. Real devices: `DeviceSpec` (cells and ADCs of a chip) and its verbs `attach_device_`,
+`set_device_mode_`, `device_mode`, `attached_device` (`device_model.py`).
 """
 
 from cimq_pl.quant.activation import ActivationQuantizer
 from cimq_pl.quant.calibrate import calibrate_, set_collect_stats, set_quantizers_enabled
 from cimq_pl.quant.convert import ConversionReport, ConvertedLayer, convert_to_cim
+from cimq_pl.quant.device import DeviceSpec
+from cimq_pl.quant.device_model import DeviceModel, attach_device_, attached_device, device_mode, set_device_mode_
 from cimq_pl.quant.fold import fold_batchnorm_
 from cimq_pl.quant.layers import CIMConv2d, CIMLinear, cim_layers, iter_quantizers
 from cimq_pl.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver
@@ -31,6 +34,8 @@ __all__ = [
     "COUNTER_NAMES",
     "ConversionReport",
     "ConvertedLayer",
+    "DeviceModel",
+    "DeviceSpec",
     "MSEObserver",
     "MinMaxObserver",
     "PercentileObserver",
@@ -42,13 +47,17 @@ __all__ = [
     "TileGeometry",
     "UniformQuantizer",
     "WeightQuantizer",
+    "attach_device_",
+    "attached_device",
     "calibrate_",
     "cim_layers",
     "convert_to_cim",
+    "device_mode",
     "fold_batchnorm_",
     "iter_quantizers",
     "list_cim_layers",
     "register_cim_layer",
     "set_collect_stats",
+    "set_device_mode_",
     "set_quantizers_enabled",
 ]

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+from cimq_pl.errors import ConfigError
 from cimq_pl.quant.ste import code_range, popcount
 from cimq_pl.quant.uniform import UniformQuantizer
 
@@ -25,10 +26,11 @@ class ActivationQuantizer(UniformQuantizer):
         max_ones: most 1 bits allowed per code, None (or ``bits``) for the plain uniform quantizer.
         observer: ``"minmax"``, ``"percentile"`` or ``"mse"``.
         grad_scaling: LSQ gradient scaling of the step.
+        sparsity_weight: lambda of the bit-sparsity regularizer (SPEC 4.1); 0 records no penalty.
+        keep_prob: QDrop keep probability (see `QuantizerBase`).
         **observer_kwargs: forwarded to the observer.
 
     Attributes:
-        sparsity_weight: lambda of the bit-sparsity regularizer (SPEC 4.1); 0 records no penalty.
         last_sparsity_penalty: the penalty of the last training forward (cleared by whoever reads it).
 
     Raises:
@@ -42,22 +44,33 @@ class ActivationQuantizer(UniformQuantizer):
         max_ones: Optional[int] = None,
         observer: str = "minmax",
         grad_scaling: bool = True,
+        sparsity_weight: float = 0.0,
+        keep_prob: Optional[float] = None,
         **observer_kwargs,
     ) -> None:
-        super().__init__(bits, signed, observer, grad_scaling, **observer_kwargs)
+        super().__init__(bits, signed, observer, grad_scaling, keep_prob, **observer_kwargs)
         if max_ones is not None and not 1 <= max_ones <= bits:
             raise ValueError(f"max_ones={max_ones!r} is invalid: expected an integer in [1, bits={bits}] or None")
         self.max_ones = max_ones
-        self.sparsity_weight = 0.0
+        self.sparsity_weight = sparsity_weight
         self.last_sparsity_penalty: Optional[torch.Tensor] = None
         self._tables: dict = {}
+
+    SETTINGS = ("keep_prob", "sparsity_weight")
 
     def get_extra_state(self) -> Any:
         return {**super().get_extra_state(), "max_ones": self.max_ones}
 
     def set_extra_state(self, state: Any) -> None:
+        """Load the calibration; the code set is the configured one (a checkpoint of another set is refused)."""
+        saved = state.get("max_ones", self.max_ones)
+        normalise = lambda k: None if k is None or k >= self.bits else k  # noqa: E731 - k >= bits: all codes
+        if normalise(saved) != normalise(self.max_ones):
+            raise ConfigError(
+                f"the checkpoint's input codes have max_ones={saved} but this layer is configured with "
+                f"max_ones={self.max_ones}: set BitSparseActivations.max_ones: {saved} (or recalibrate)"
+            )
         super().set_extra_state(state)
-        self.max_ones = state.get("max_ones", self.max_ones)
 
     @property
     def sparse_codes(self) -> bool:

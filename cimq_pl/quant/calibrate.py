@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from cimq_pl.quant.device_model import device_mode
 from cimq_pl.quant.layers import QUANTIZER_ROLES, cim_layers, iter_quantizers
 
 
@@ -21,7 +22,9 @@ def calibrate_(
 
     Pass 1: weight steps from the weights; input quantizers observe (values pass through unquantized, ADCs
     ideal). Pass 2: with inputs and weights quantized, the ADC quantizers observe the integer partial sums
-    (passing them through) and set alpha0. Disabled quantizers are left alone.
+    (passing them through) and set alpha0. Disabled quantizers are left alone. A real device attached to the
+    layers (`attach_device_`) is off meanwhile: ranges are calibrated on ideal cells, as a compiler does before
+    the chip is known.
 
     Args:
         model: a converted model (its train/eval mode is kept; use eval mode for BN statistics).
@@ -30,40 +33,34 @@ def calibrate_(
             ``model(batch)``.
     """
     forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    with device_mode(model, "ideal"):
+        _calibrate(model, batches, forward_fn)
+
+
+def _calibrate(model: nn.Module, batches: Iterable, forward_fn: Callable) -> None:
     for _, layer in cim_layers(model):
         wq = layer.weight_quantizer
         if wq is not None and wq.enabled:
             wq.init_from_observer(layer._weight4d())
     inputs = [quantizer for *_, quantizer in iter_quantizers(model, ("input",))]
-    adcs = {quantizer: quantizer.enabled for *_, quantizer in iter_quantizers(model, ("psum",))}
-    _start_observing(iq for iq in inputs if iq.enabled)
-    for pq in adcs:
+    psums = {quantizer: quantizer.enabled for *_, quantizer in iter_quantizers(model, ("psum",))}
+    for quantizer in inputs:
+        if quantizer.enabled:
+            quantizer.start_observing()
+    for pq in psums:
         pq.enabled = False
     for batch in batches:
         forward_fn(model, batch)
-    _init_from_observed(inputs)
-    for pq, enabled in adcs.items():
+    for quantizer in inputs:
+        quantizer.finish_observing()
+    for pq, enabled in psums.items():
         pq.enabled = enabled
-    _start_observing(pq for pq, enabled in adcs.items() if enabled)
+        if enabled:
+            pq.start_observing()
     for batch in batches:
         forward_fn(model, batch)
-    _init_from_observed(adcs)
-
-
-def _start_observing(quantizers: Iterable[nn.Module]) -> None:
-    """The observe switch on: each observer forgets what it saw, and values pass through it unquantized."""
-    for quantizer in quantizers:
-        quantizer.observer.reset()
-        quantizer.observe = True
-
-
-def _init_from_observed(quantizers: Iterable[nn.Module]) -> None:
-    """The observe switch off, where on; a quantizer whose observer saw data takes its range from it."""
-    for quantizer in quantizers:
-        if quantizer.observe:
-            quantizer.observe = False
-            if quantizer.observer.has_data:
-                quantizer.init_from_observer()
+    for pq in psums:
+        pq.finish_observing()
 
 
 def set_collect_stats(model: nn.Module, collect: bool = True, reset: bool = True) -> None:

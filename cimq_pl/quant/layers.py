@@ -29,6 +29,7 @@ from torch import nn
 
 from cimq_pl.quant import fused
 from cimq_pl.quant.activation import ActivationQuantizer
+from cimq_pl.quant.device_model import active_device
 from cimq_pl.quant.digits import _DigitSplit, split_input_cycles, split_weight_slices  # noqa: F401 - re-exported
 from cimq_pl.quant.options import QuantizerOptions
 from cimq_pl.quant.psum import PsumQuantizer, cycle_sum
@@ -56,6 +57,8 @@ class _CIMLayerBase(nn.Module):
         stats: `CIMStats` event counters; ``reset_stats()`` zeroes them.
         simulation: ``"eager"``, ``"compiled"`` or None (the process default); see `fused.py`. Not part of the
             state_dict: a speed choice, not a model property.
+        device_model: the chip's cells and ADCs (`device_model.DeviceModel`), None for ideal ones; set by
+            `attach_device_`, not part of the state_dict.
     """
 
     def _setup(
@@ -103,6 +106,7 @@ class _CIMLayerBase(nn.Module):
                 self._part_inputs.append(("index",))
         self.register_buffer("_col_block_of_column", geo.col_block_of_column(), persistent=False)
         self._meta_cache: dict = {}
+        self.device_model = None  # real-device non-idealities (device_model.py), attached by attach_device_
         self.simulation: Optional[str] = None  # "eager", "compiled" or None (the process default), see fused.py
 
     def _array_convs(self) -> list:
@@ -131,7 +135,13 @@ class _CIMLayerBase(nn.Module):
             max_ones = options.input_max_ones
             max_ones = None if max_ones is None or max_ones >= spec.input_bits else max_ones
             input_quantizer = ActivationQuantizer(
-                spec.input_bits, options.input_signed, max_ones, options.input_observer, percentile=options.percentile
+                spec.input_bits,
+                options.input_signed,
+                max_ones,
+                options.input_observer,
+                sparsity_weight=options.input_sparsity_weight,
+                keep_prob=options.input_keep_prob,
+                percentile=options.percentile,
             )
         if spec.weight_bits is not None:
             weight_quantizer = WeightQuantizer(
@@ -150,31 +160,41 @@ class _CIMLayerBase(nn.Module):
                 n_col_blocks=geo.n_col_blocks,
                 granularity=options.psum_granularity,
                 observer=options.psum_observer,
-                learn_clip=options.learn_psum_clip,
+                learn_clip=options.psum_learn_clip,
+                keep_prob=options.psum_keep_prob,
                 percentile=options.percentile,
             )
         return input_quantizer, weight_quantizer, psum_quantizer
 
-    _OPTION_ROLES = {"input": "input_", "weight": "weight_", "psum": "psum_"}
-    _RUNTIME_ATTRIBUTES = ("enabled", "drop_prob", "sparsity_weight")
-
     def set_options(self, options: QuantizerOptions) -> None:
-        """Rebuild the quantizers whose options change (uncalibrated, on the layer's device), in place.
+        """Apply ``options`` to the layer's quantizers, in place: the one way their settings change.
 
-        Quantizers whose options are unchanged keep their state; rebuilt ones keep the runtime switches
-        ``enabled``, ``drop_prob`` and ``sparsity_weight`` of the ones they replace.
+        A changed field listed in its quantizer's ``SETTINGS`` (``keep_prob``, ``sparsity_weight``,
+        ``learn_clip``) is set on it. Any other change rebuilds that quantizer, which takes over the calibration
+        of the one it replaces where the shapes still fit (a weight quantizer otherwise re-initialises from the
+        weights; an input/ADC quantizer of another granularity needs calibration again). ``enabled`` carries over.
         """
-        fresh = dict(zip(QUANTIZER_ROLES, self._build_quantizers(options)))
-        changed_fields = {f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(self.options, f)}
-        for role, quantizer in fresh.items():
-            prefix = self._OPTION_ROLES[role]
-            if quantizer is None or not any(f.startswith(prefix) or f == "percentile" for f in changed_fields):
+        changed = {f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(self.options, f)}
+        fresh = None
+        for role, old in self.quantizers().items():
+            prefix = f"{role}_"
+            fields = {f[len(prefix):] for f in changed if f.startswith(prefix)} | ({"percentile"} & changed)
+            if not fields:
                 continue
-            old = getattr(self, f"{role}_quantizer")
-            for name in self._RUNTIME_ATTRIBUTES:
-                if old is not None and hasattr(old, name):
-                    setattr(quantizer, name, getattr(old, name))
-            setattr(self, f"{role}_quantizer", quantizer.to(device=self.weight.device, dtype=self.weight.dtype))
+            if fields <= set(old.SETTINGS):
+                for name in fields:
+                    setattr(old, name, getattr(options, prefix + name))
+                continue
+            fresh = fresh or dict(zip(QUANTIZER_ROLES, self._build_quantizers(options)))
+            new = fresh[role].to(device=self.weight.device, dtype=self.weight.dtype)
+            new.enabled = old.enabled
+            adopted = new.adopt_calibration_(old)
+            if role == "weight" and old.initialized:
+                if not adopted:
+                    new.init_from_observer(self._weight4d())
+                elif new.rounding_logits is not None and old.rounding_logits is None:
+                    new.init_rounding(self._weight4d())
+            setattr(self, f"{role}_quantizer", new)
         self.options = options
 
     # ------------------------------------------------------------------ public helpers
@@ -228,8 +248,11 @@ class _CIMLayerBase(nn.Module):
             return digits.narrow(1, how[1], how[2])
         return digits.index_select(1, getattr(self, f"_part{part_index}_channels"))
 
-    def _part_weight(self, slices: torch.Tensor, part_index: int, ref_digit: int) -> torch.Tensor:
-        """Grouped-conv weight of a part: (groups * blocks * K, slots, k_h, k_w), K = slices * C_out/g + refs."""
+    def _part_weight(self, slices: torch.Tensor, part_index: int, ref_digit) -> torch.Tensor:
+        """Grouped-conv weight of a part: (groups * blocks * K, slots, k_h, k_w), K = slices * C_out/g + refs.
+
+        ``ref_digit``: the reference-column digit (0: none), or every reference cell's value, a tensor
+        (G, n_col_blocks, C_in/g, k_h, k_w) (a real device's cells, `DeviceModel.program`)."""
         geo = self.geometry
         g, cout_g, cin_g = geo.groups, geo.out_channels_per_group, geo.in_channels_per_group
         n_slices = slices.shape[0]
@@ -238,7 +261,10 @@ class _CIMLayerBase(nn.Module):
         n_blocks, slots = local.shape
         per_row = slices.reshape(n_slices, g, cout_g, cin_g, geo.kernel_area)[:, :, :, local]
         weight = (per_row * mask).permute(1, 3, 0, 2, 4, 5).reshape(g, n_blocks, n_slices * cout_g, slots, -1)
-        if ref_digit:
+        if isinstance(ref_digit, torch.Tensor):
+            per_row = ref_digit.reshape(g, geo.n_col_blocks, cin_g, geo.kernel_area)[:, :, local]
+            weight = torch.cat([weight, (per_row * mask).transpose(1, 2).to(weight.dtype)], 2)
+        elif ref_digit:
             reference = (ref_digit * mask).unsqueeze(1).expand(g, n_blocks, geo.n_col_blocks, slots, -1)
             weight = torch.cat([weight, reference.to(weight.dtype)], 2)
         return weight.reshape(-1, slots, *self.kernel_size)
@@ -272,7 +298,9 @@ class _CIMLayerBase(nn.Module):
         weight_active = wq is not None and wq.enabled
         adc_active = pq is not None and pq.enabled
         adc_plain = pq is None or not pq.enabled or (pq.initialized and not pq.observe and not pq.dropping)
-        compiled = (not trace and not self.collect_stats and adc_plain and self._simulation() == "compiled"
+        device = active_device(self) if weight_active else None  # a real chip's cells and ADCs, or None
+        compiled = (not trace and not self.collect_stats and adc_plain and device is None
+                    and self._simulation() == "compiled"
                     and fused.compiled_simulation_available())
 
         keep = quant = lut = None
@@ -292,8 +320,7 @@ class _CIMLayerBase(nn.Module):
             codes, input_step, digits, cycle_weights, n_cycles = None, None, None, (1,), 1
 
         if weight_active:
-            if not wq.initialized:
-                wq.init_from_observer(self._weight4d())
+            wq.init_if_needed_(self._weight4d())
             weight_step = wq.expanded_step()
             weight_codes = wq.codes(self._weight4d(), weight_step)
             weight_exact = wq.rounding_logits is None or wq.hard or not wq.training
@@ -301,6 +328,7 @@ class _CIMLayerBase(nn.Module):
         else:
             weight_step, weight_codes, slices, slice_weights, ref_digit = None, None, self._weight4d().unsqueeze(0), (1,), 0
             weight_exact = False
+        cells, ref_cells, device_gain = device.program(self, slices, ref_digit) if device else (slices, ref_digit, None)
         n_slices = slices.shape[0]
         n_ref = geo.n_col_blocks if ref_digit else 0
         cout_g = geo.out_channels_per_group
@@ -312,7 +340,7 @@ class _CIMLayerBase(nn.Module):
                                      geo.input_cycles(bool(iq.signed), iq.bits)[0], tuple(cycle_weights),
                                      *iq.code_range, not iq.dropping)
         source = codes if input_active else x
-        weights = [self._part_weight(slices, index, ref_digit) for index in range(len(self.parts))]
+        weights = [self._part_weight(cells, index, ref_cells) for index in range(len(self.parts))]
         metas = [self._channel_meta(index, n_slices, n_ref, not input_active, not weight_active)
                  for index in range(len(self.parts))]
 
@@ -323,7 +351,7 @@ class _CIMLayerBase(nn.Module):
                                           weight_step, slice_weights, n_ref, input_step, adc_active, channels_last)
 
         needs_grad = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
-        fast = not needs_grad and weight_active and weight_exact and self._integer_psums(split, x.dtype)
+        fast = device is None and not needs_grad and weight_active and weight_exact and self._integer_psums(split, x.dtype)
         if fast:
             # no gradient and integer partial sums: channels-last convolutions give the same bits, faster
             psums = [fused.channels_last_psums(part, weight, split, conv)
@@ -336,10 +364,11 @@ class _CIMLayerBase(nn.Module):
             psums = [self._conv(self._part_input(stacked, index), weight, geo.groups * len(part.row_blocks))
                      for index, (part, weight) in enumerate(zip(self.parts, weights))]
 
+        if device is not None:  # read noise and ADC errors enter the analog partial sums
+            psums = device.analog_psums(self, psums, stacked, metas)
+
         if adc_active and (pq.observe or not pq.initialized):  # the observer reads them in NCHW order
             pq.observe_psums([p.contiguous() for p in psums], [m[0] for m in metas], [m[1] for m in metas])
-            if not pq.observe:
-                pq.init_from_observer()
 
         output, clipped_total, adc_codes = 0, 0, []
         count_clipped = self.collect_stats and adc_active
@@ -360,6 +389,8 @@ class _CIMLayerBase(nn.Module):
 
         height, width = output.shape[-2:]
         output = output.reshape(n_images, self.out_channels, height, width)
+        if device_gain is not None:  # the digital drift-compensation gain
+            output = output * device_gain
         if input_step is not None:
             output = output * input_step
         if self.bias is not None:

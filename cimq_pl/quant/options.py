@@ -25,10 +25,17 @@ class QuantizerOptions:
         input_observer: step initialisation of input activations.
         input_signed: input codes signed (True), unsigned (False) or decided from calibration data (None).
         input_max_ones: bit-sparse code set, at most this many 1 bits per input code (None: all codes).
+        input_sparsity_weight: lambda of the bit-sparsity regularizer on the input codes (0: none).
+        input_keep_prob: QDrop keep probability of the input codes while training (None: no dropping).
         psum_granularity: ADC clip per ``"array"`` or per ``"layer"``.
         psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline).
-        learn_psum_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
+        psum_learn_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
+        psum_keep_prob: QDrop keep probability of the ADC codes while training (None: no dropping).
         percentile: percentile used by ``"percentile"`` observers.
+
+    Each field is one setting of one quantizer (the role is its prefix): a layer builds its quantizers from its
+    options, and `CIMLayer.set_options` is the one way to change them (`SETTINGS` of a quantizer class change in
+    place, any other field rebuilds that quantizer and carries its calibration over where it still fits).
 
     Raises:
         ValueError: on an unknown choice; the message lists the allowed values.
@@ -40,9 +47,12 @@ class QuantizerOptions:
     input_observer: Observer = "mse"
     input_signed: Optional[bool] = None
     input_max_ones: Optional[int] = None
+    input_sparsity_weight: float = 0.0
+    input_keep_prob: Optional[float] = None
     psum_granularity: Literal["layer", "array"] = "array"
     psum_observer: Observer = "mse"
-    learn_psum_clip: bool = True
+    psum_learn_clip: bool = True
+    psum_keep_prob: Optional[float] = None
     percentile: float = 99.99
 
     def __post_init__(self) -> None:
@@ -59,8 +69,18 @@ class QuantizerOptions:
                 raise ConfigError(f"QuantizerOptions.{name}={getattr(self, name)!r} is invalid: expected one of {list(allowed)}")
         if self.input_max_ones is not None and (isinstance(self.input_max_ones, bool) or self.input_max_ones < 1):
             raise ConfigError(f"QuantizerOptions.input_max_ones={self.input_max_ones!r} is invalid: expected an integer >= 1 or None")
+        if not self.input_sparsity_weight >= 0:
+            raise ConfigError(f"QuantizerOptions.input_sparsity_weight={self.input_sparsity_weight!r} is invalid: expected a number >= 0")
+        for name in ("input_keep_prob", "psum_keep_prob"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"QuantizerOptions.{name}={value!r} is invalid: expected a probability in [0, 1] or None")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"QuantizerOptions.percentile={self.percentile!r} is invalid: expected a value in (0, 100]")
+
+
+#: Field names of earlier releases, still read from old checkpoint records (one release).
+RENAMED_FIELDS = {"learn_psum_clip": "psum_learn_clip"}
 
 
 #: Conventional quantization (SPEC 4.3/5 baseline), the one definition: one min-max step per layer for weights,
@@ -74,5 +94,5 @@ CONVENTIONAL_OPTIONS = QuantizerOptions(
     input_max_ones=None,
     psum_granularity="layer",
     psum_observer="minmax",
-    learn_psum_clip=False,
+    psum_learn_clip=False,
 )

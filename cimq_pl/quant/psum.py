@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor, round_ste
-from cimq_pl.quant.uniform import QuantizerBase
+from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 PSUM_GRANULARITIES = ("layer", "array")
 
@@ -130,6 +130,7 @@ class PsumQuantizer(QuantizerBase):
         observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC) or
             ``"percentile"``.
         learn_clip: whether theta is trainable (False: the conventional, fixed min-max ADC).
+        keep_prob: QDrop keep probability of the ADC codes (see `QuantizerBase`).
         **observer_kwargs: forwarded to the observer.
 
     Raises:
@@ -145,22 +146,33 @@ class PsumQuantizer(QuantizerBase):
         granularity: str = "array",
         observer: str = "mse",
         learn_clip: bool = True,
+        keep_prob: Optional[float] = None,
         **observer_kwargs,
     ) -> None:
-        super().__init__(observer, **observer_kwargs)
-        if granularity not in PSUM_GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
-        if not 1 <= bits <= 16:
-            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        super().__init__(observer, keep_prob, **observer_kwargs)
+        check_choice("granularity", granularity, PSUM_GRANULARITIES)
+        check_bits(bits)
         self.bits = bits
         self.granularity = granularity
         shape = (n_kinds, n_row_arrays, n_col_blocks) if granularity == "array" else (n_kinds, 1, 1)
         self.register_buffer("alpha0", torch.ones(shape))
-        self.learn_clip = learn_clip
         self.theta = nn.Parameter(torch.zeros(shape), requires_grad=learn_clip)
+        self.learn_clip = learn_clip
         self._range_cache: dict = {}
         self._observed_groups: Optional[torch.Tensor] = None
         self._observed_signed: Optional[torch.Tensor] = None
+
+    SETTINGS = ("keep_prob", "learn_clip")
+
+    @property
+    def learn_clip(self) -> bool:
+        """Whether theta learns (PTQ/QAT); False keeps the calibrated range."""
+        return self._learn_clip
+
+    @learn_clip.setter
+    def learn_clip(self, learn: bool) -> None:
+        self._learn_clip = bool(learn)
+        self.theta.requires_grad_(self._learn_clip)
 
     def alpha(self) -> torch.Tensor:
         """Clip values alpha = alpha0 * exp(theta), in partial-sum code units."""
@@ -192,7 +204,8 @@ class PsumQuantizer(QuantizerBase):
 
     @torch.no_grad()
     def observe_psums(self, psums: list, groups: list, signed: list) -> None:
-        """Feed the observer with partial sums of all parts of one forward pass.
+        """Feed the observer with partial sums of all parts of one forward pass; when not observing (an
+        uninitialised ADC used directly), initialise from them at once, as the other quantizers do lazily.
 
         Args:
             psums: tensors (B, C_i, H, W) of raw partial sums.
@@ -203,6 +216,8 @@ class PsumQuantizer(QuantizerBase):
         self._observed_groups = torch.cat(groups)
         self._observed_signed = torch.cat(signed)
         self.observer.update(items)
+        if not self.observe:
+            self.init_from_observer()
 
     @torch.no_grad()
     def init_from_observer(self) -> None:

@@ -11,36 +11,87 @@ from cimq_pl.quant.observers import RangeObserver
 from cimq_pl.quant.ste import clip_levels, code_range, lsq_grad_factor, round_ste, scale_grad
 
 
+def check_bits(bits: int) -> None:
+    """Raise `ValueError` unless ``bits`` (a quantizer's code width) is an integer in [1, 16]."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+
+
+def check_choice(name: str, value: str, allowed: tuple) -> None:
+    """Raise `ValueError` unless ``value`` (argument ``name``) is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: expected one of {list(allowed)}")
+
+
 class QuantizerBase(nn.Module):
-    """Switches every quantizer shares.
+    """The life cycle and switches every quantizer shares.
+
+    Life cycle: ``start_observing()`` -> forward passes (values pass through, the observer records them) ->
+    ``finish_observing()`` (scales/ranges from what was seen) -> learning (PTQ/QAT) -> frozen (weights:
+    `WeightQuantizer.harden_` / `bake_rounding_`). A quantizer used before it was initialised initialises
+    itself from its first input (its weight, for weights).
 
     Attributes:
         enabled: False makes the quantizer the identity (float values pass through, no cycles or slices).
-        observe: True makes ``forward`` feed the observer and pass values through unquantized (calibration);
-            then call ``init_from_observer()``.
-        drop_prob: QDrop keep probability p, or None for no dropping. In training mode each element keeps its
+        observe: True while observing (set by ``start_observing``, cleared by ``finish_observing``).
+        keep_prob: QDrop keep probability p, or None for no dropping. In training mode each element keeps its
             quantized value with probability p and its full-precision value otherwise (fresh draw per element
             per call); never applied in eval mode.
         initialized: whether scales/ranges were set (by ``init_from_observer`` or lazily from the first
             batch seen while enabled). Saved in the state_dict as extra state.
     """
 
-    def __init__(self, observer: str = "minmax", **observer_kwargs) -> None:
+    #: Settings (`QuantizerOptions` fields without their role prefix) that change in place, keeping calibration.
+    SETTINGS: tuple = ("keep_prob",)
+
+    def __init__(self, observer: str = "minmax", keep_prob: Optional[float] = None, **observer_kwargs) -> None:
         super().__init__()
         self.enabled = True
         self.observe = False
-        self.drop_prob: Optional[float] = None
+        self.keep_prob = keep_prob
         self.initialized = False
         self.observer = RangeObserver(observer, **observer_kwargs)
 
     @property
     def dropping(self) -> bool:
-        """Whether QDrop is active for the next call (training mode and ``drop_prob`` set)."""
-        return self.training and self.drop_prob is not None
+        """Whether QDrop is active for the next call (training mode and ``keep_prob`` set)."""
+        return self.training and self.keep_prob is not None
 
     def drop_mask(self, like: torch.Tensor) -> torch.Tensor:
-        """Bool mask, True where an element keeps its quantized value (probability ``drop_prob``)."""
-        return torch.rand_like(like) < self.drop_prob
+        """Bool mask, True where an element keeps its quantized value (probability ``keep_prob``)."""
+        return torch.rand_like(like) < self.keep_prob
+
+    def start_observing(self) -> None:
+        """Forget what the observer saw; until ``finish_observing`` values pass through it unquantized."""
+        self.observer.reset()
+        self.observe = True
+
+    def finish_observing(self) -> None:
+        """Stop observing; when the observer saw data, take the scales/ranges from it (``init_from_observer``)."""
+        if self.observe:
+            self.observe = False
+            if self.observer.has_data:
+                self.init_from_observer()
+
+    @torch.no_grad()
+    def adopt_calibration_(self, old: "QuantizerBase") -> bool:
+        """Take over the calibrated tensors of ``old``, the quantizer this one replaces, when all their shapes fit.
+
+        Returns:
+            Whether this quantizer is now initialised from ``old`` (False: ``old`` was not calibrated, or a
+            scale/range changed shape, e.g. another granularity, and calibration must run again).
+        """
+        if not old.initialized:
+            return False
+        mine = {k: v for k, v in self.state_dict(keep_vars=True).items() if "." not in k and torch.is_tensor(v)}
+        theirs = {k: v for k, v in old.state_dict(keep_vars=True).items() if "." not in k and torch.is_tensor(v)}
+        if any(k in theirs and theirs[k].shape != v.shape for k, v in mine.items()) or not set(theirs) & set(mine):
+            return False
+        for name, tensor in mine.items():
+            if name in theirs:
+                tensor.copy_(theirs[name])
+        self.initialized = True
+        return True
 
     def get_extra_state(self) -> Any:
         return {"initialized": self.initialized}
@@ -73,15 +124,21 @@ class UniformQuantizer(QuantizerBase):
         signed: Optional[bool] = True,
         observer: str = "minmax",
         grad_scaling: bool = True,
+        keep_prob: Optional[float] = None,
         **observer_kwargs,
     ) -> None:
-        super().__init__(observer, **observer_kwargs)
-        if not 1 <= bits <= 16:
-            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        super().__init__(observer, keep_prob, **observer_kwargs)
+        check_bits(bits)
         self.bits = bits
         self.signed = signed
         self.grad_scaling = grad_scaling
         self.step = nn.Parameter(torch.ones(1))
+
+    def adopt_calibration_(self, old: QuantizerBase) -> bool:
+        adopted = super().adopt_calibration_(old)
+        if adopted:
+            self.signed = old.signed
+        return adopted
 
     def get_extra_state(self) -> Any:
         return {"initialized": self.initialized, "signed": self.signed}
@@ -159,4 +216,4 @@ class UniformQuantizer(QuantizerBase):
         return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
 
 
-__all__ = ["QuantizerBase", "UniformQuantizer", "round_ste"]
+__all__ = ["QuantizerBase", "UniformQuantizer", "check_bits", "check_choice", "round_ste"]

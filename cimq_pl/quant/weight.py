@@ -9,7 +9,7 @@ from torch import nn
 
 from cimq_pl.quant.ste import clip_levels, code_range, floor_ste, lsq_grad_factor, round_ste, scale_grad
 from cimq_pl.quant.tiling import TileGeometry
-from cimq_pl.quant.uniform import QuantizerBase
+from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 WEIGHT_GRANULARITIES = ("layer", "channel", "array", "array_channel")
 ROUNDINGS = ("nearest", "adaround")
@@ -60,12 +60,9 @@ class WeightQuantizer(QuantizerBase):
         **observer_kwargs,
     ) -> None:
         super().__init__(observer, **observer_kwargs)
-        if granularity not in WEIGHT_GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: expected one of {list(WEIGHT_GRANULARITIES)}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding={rounding!r} is invalid: expected one of {list(ROUNDINGS)}")
-        if not 1 <= bits <= 16:
-            raise ValueError(f"bits={bits!r} is invalid: expected an integer in [1, 16]")
+        check_choice("granularity", granularity, WEIGHT_GRANULARITIES)
+        check_choice("rounding", rounding, ROUNDINGS)
+        check_bits(bits)
         self.geometry = geometry
         self.bits = bits
         self.granularity = granularity
@@ -80,6 +77,8 @@ class WeightQuantizer(QuantizerBase):
         self.register_buffer("col_block_of_column", geometry.col_block_of_column(), persistent=False)
         weight_shape = (g * cout_g, geometry.in_channels_per_group, *geometry.kernel_size)
         self.rounding_logits = nn.Parameter(torch.zeros(weight_shape)) if rounding == "adaround" else None
+
+    SETTINGS = ()  # every weight option changes the quantizer's parameters: it is rebuilt
 
     def get_extra_state(self) -> Any:
         return {"initialized": self.initialized, "hard": self.hard}
@@ -152,6 +151,11 @@ class WeightQuantizer(QuantizerBase):
         if self.rounding_logits is not None:
             self.init_rounding(weight)
 
+    def init_if_needed_(self, weight: torch.Tensor) -> None:
+        """Initialise from ``weight`` unless already initialised (a quantizer used before calibration)."""
+        if not self.initialized:
+            self.init_from_observer(weight)
+
     @torch.no_grad()
     def init_rounding(self, weight: torch.Tensor) -> None:
         """Initialise the AdaRound logits V so that h(V) = frac(w / s)."""
@@ -159,6 +163,29 @@ class WeightQuantizer(QuantizerBase):
         fraction = (ratio - torch.floor(ratio)).clamp(1e-4, 1 - 1e-4)
         sig = ((fraction - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA)).clamp(1e-6, 1 - 1e-6)
         self.rounding_logits.copy_(torch.log(sig / (1 - sig)))
+
+    def harden_(self) -> None:
+        """Freeze the AdaRound decisions: from now on h(V) is rounded to 0/1 in training too (PTQ, unit done)."""
+        self.hard = True
+
+    @torch.no_grad()
+    def bake_rounding_(self, weight: torch.Tensor, rounding_logits: torch.Tensor = None) -> None:
+        """Write the hard AdaRound decisions into ``weight`` in place, so that round-to-nearest gives the same codes.
+
+        The code is ``floor(w / s) + [V >= 0]`` (h(V) >= 0.5 exactly when V >= 0); ``weight`` becomes
+        ``code x s``. Used where AdaRound ends and plain rounding takes over (QAT from a PTQ checkpoint).
+
+        Args:
+            weight: the layer's (C_out, C_in/groups, k_h, k_w) weight, changed in place.
+            rounding_logits: V (default: this quantizer's own; nothing to bake when neither exists).
+        """
+        logits = self.rounding_logits if rounding_logits is None else rounding_logits
+        if logits is None:
+            return
+        step = self.element_step().detach()
+        qmin, qmax = self.code_range
+        codes = torch.clamp(torch.floor(weight / step) + (logits.to(step.device) >= 0).to(step.dtype), qmin, qmax)
+        weight.copy_(codes * step)
 
     def soft_rounding(self) -> torch.Tensor:
         """h(V) in [0, 1], the AdaRound rectified sigmoid of the logits."""
@@ -179,8 +206,7 @@ class WeightQuantizer(QuantizerBase):
             weight: (C_out, C_in/groups, k_h, k_w) float weight.
             expanded_step: optional precomputed `expanded_step()`.
         """
-        if not self.initialized:
-            self.init_from_observer(weight)
+        self.init_if_needed_(weight)
         qmin, qmax = self.code_range
         ratio = weight / self.element_step(expanded_step)
         if self.rounding_logits is None:

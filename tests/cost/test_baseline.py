@@ -18,7 +18,7 @@ from cimq_pl.quant import (
 # CIMQ-style choices (percentile/min-max observers: the MSE clip search is too slow for a unit test)
 CIMQ_OPTIONS = QuantizerOptions(weight_granularity="array", weight_observer="percentile", input_observer="minmax",
                                 input_max_ones=2, psum_granularity="array", psum_observer="percentile",
-                                learn_psum_clip=True)
+                                psum_learn_clip=True)
 
 
 def tiny_cnn() -> nn.Module:
@@ -52,7 +52,7 @@ def test_baseline_is_conventional_on_the_same_macro_and_weights():
         assert base.options.weight_granularity == "layer" and base.options.weight_observer == "minmax"
         assert base.options.input_observer == "minmax" and base.options.input_max_ones is None
         assert base.options.psum_granularity == "layer" and base.options.psum_observer == "minmax"
-        assert not base.options.learn_psum_clip
+        assert not base.options.psum_learn_clip
         assert all(q.initialized for q in base.quantizers().values())  # calibrated
         assert torch.equal(base.weight, layer.weight) and base.weight.data_ptr() != layer.weight.data_ptr()
         # the configured model is untouched

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cimq_pl.cost import DEFAULT_ENERGY_TABLE_PATH, EnergyTable
+from cimq_pl.cost.energy import REFERENCE_CELL_MEAN_US
 from cimq_pl.errors import ConfigError
 
 
@@ -83,3 +84,17 @@ def test_more_adc_bits_never_cost_less_per_event(slope, offset, per_bit, ns0, ce
 def test_importing_the_cost_model_never_imports_lightning():
     code = "import sys, cimq_pl.cost, cimq_pl.cost.report; assert 'lightning' not in sys.modules, 'lightning imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cell_read_energy_scales_with_the_device_conductance():
+    """P = V^2 G: the default device is the table's own cell (same table); twice the conductances, twice the cell
+    read energy; nothing else changes."""
+    from cimq_pl.quant import DeviceSpec
+
+    table = EnergyTable()
+    assert table.for_device(None) is table and table.for_device(DeviceSpec()) is table
+    doubled = table.for_device(DeviceSpec(g_on=2e6 / 6e3, g_off=2e6 / 900e3))
+    assert doubled.cell_read_fj(4) == pytest.approx(2 * table.cell_read_fj(4))
+    assert doubled.adc_fj(4) == table.adc_fj(4) and doubled.wordline_fj(128) == table.wordline_fj(128)
+    high_resistance = table.for_device(DeviceSpec(g_on=10.0, g_off=1.0))  # 100 kOhm / 1 MOhm cells
+    assert high_resistance.cell_read_uw == pytest.approx(table.cell_read_uw * 5.5 / REFERENCE_CELL_MEAN_US)

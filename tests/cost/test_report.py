@@ -1,5 +1,5 @@
 """`cost_report` and the deprecated ``python -m cimq_pl.cost.report``: the cost of a configuration without training
-(``python -m cimq_pl cost``: tests/test_cost_cli.py)."""
+(``python -m cimq_pl cost``: tests/cli/test_cost_cli.py)."""
 
 import csv
 import dataclasses

@@ -16,7 +16,7 @@ from cimq_pl.cost import (
     write_csv_atomic,
 )
 
-from .test_metric import LAYERS, _random_counts
+from metrics.test_hardware_cost_metric import LAYERS, _random_counts
 
 
 def _costs():

@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant import ActivationQuantizer, CIMConv2d, CIMLinear, CIMSpec, QuantizerOptions, fused
+from cimq_pl.quant import (ActivationQuantizer, CIMConv2d, CIMLinear, CIMSpec, DeviceSpec, QuantizerOptions,
+                           attach_device_, fused)
 from .reference import reference_conv
 from .test_layers_exact import _conv, conv_cases, specs
 
+compiled_layer = fused.compiled_layer
 OPTIONS = dict(input_observer="minmax", weight_observer="minmax", psum_observer="minmax", weight_granularity="array")
 
 
@@ -82,7 +84,7 @@ def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, tra
                             input_max_ones=max_ones)
     layer.train(train)
     if train and layer.input_quantizer is not None:
-        layer.input_quantizer.drop_prob = 0.5  # QDrop: non-integer digits in the first cycle
+        layer.input_quantizer.keep_prob = 0.5  # QDrop: non-integer digits in the first cycle
     eager_out, eager_grads = _run(layer, x)
     layer.simulation = "compiled"
     with uncompiled():
@@ -104,7 +106,7 @@ def test_compiled_same_padding_with_dropping():
     x = torch.rand(3, 5, 6, 7, dtype=torch.float64)
     layer(x)
     layer.train()
-    layer.input_quantizer.drop_prob = 0.5
+    layer.input_quantizer.keep_prob = 0.5
     eager_out, eager_grads = _run(layer, x, seed=3)
     layer.simulation = "compiled"
     with uncompiled():
@@ -128,6 +130,26 @@ def test_compiled_linear():
     torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_a_real_device_runs_the_eager_path_on_the_compiled_setting():
+    """A chip's cells and ADC errors are drawn by the eager path only: with a device attached, ``compiled`` gives
+    the eager (noisy) outputs, and with the device removed the compiled kernels run again."""
+    torch.manual_seed(0)
+    layer = CIMConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1).double(), CIMSpec(rows=9, cols=4)).double()
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    ideal = layer(x).detach()
+    attach_device_(layer, DeviceSpec(programming_sigma=0.1, stuck_on_prob=0.05, seed=3))
+    noisy = layer(x).detach()
+    layer.simulation = "compiled"
+    calls = []
+    with uncompiled(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "compiled_layer", lambda *a, **k: calls.append(1) or compiled_layer(*a, **k))
+        assert torch.equal(layer(x).detach(), noisy) and not calls
+        attach_device_(layer, None)
+        torch.testing.assert_close(layer(x).detach(), ideal, rtol=1e-12, atol=1e-12)
+        assert calls
+    assert not torch.allclose(noisy, ideal)
 
 
 def test_simulation_switch():

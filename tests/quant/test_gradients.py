@@ -87,7 +87,7 @@ def test_qdrop_keeps_fp_values_in_training_only():
     torch.manual_seed(0)
     quantizer = ActivationQuantizer(bits=2, signed=False)
     quantizer.initialized = True
-    quantizer.drop_prob = 0.5
+    quantizer.keep_prob = 0.5
     x = torch.rand(10000) * 3.3
     quantizer.train()
     mixed = quantizer(x)
@@ -104,9 +104,9 @@ def test_qdrop_inside_cim_layer_feeds_fp_residual_in_lsb_cycle():
     x = torch.rand(2, 4, 5, 5)
     layer(x)
     layer.train()
-    layer.input_quantizer.drop_prob = 0.0  # keep probability 0: every element keeps its FP value
+    layer.input_quantizer.keep_prob = 0.0  # keep probability 0: every element keeps its FP value
     dequant_w = layer.weight_quantizer(conv.weight)
     torch.testing.assert_close(layer(x), nn.functional.conv2d(x, dequant_w, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
-    layer.input_quantizer.drop_prob = 1.0  # always quantized
+    layer.input_quantizer.keep_prob = 1.0  # always quantized
     expected = nn.functional.conv2d(layer.input_quantizer(x), dequant_w, conv.bias, padding=1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

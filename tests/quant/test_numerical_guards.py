@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cimq_pl.objectives import BlockReconstructionObjective, TaskObjective
+from cimq_pl.objectives import BlockReconstruction, TaskObjective
 from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, cim_layers, convert_to_cim, set_quantizers_enabled
 from cimq_pl.quant.diagnostics import explain_nonfinite, first_nonfinite_layer, nonfinite_quantizer_tensors
 from cimq_pl.quant.layers import _CIMLayerBase
@@ -49,15 +49,16 @@ def _net() -> nn.Module:
 def test_nan_step_size_stops_reconstruction_naming_block_and_quantizer():
     model, images = _net()
     blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
-    objective = BlockReconstructionObjective(blocks, batch_size=4)
-    objective.start_block(1, 10)
+    objective = BlockReconstruction(iters_per_block=10, batch_size=4)
+    objective.attach(blocks)
+    objective.start_unit(1)
     objective.cache_block_io(model, images)
-    loss = objective.training_step(_Recorder(model), None, 0)  # finite before the fault
+    loss = objective.training_step(_Recorder(model), None, 10)  # unit 1, step 0: finite before the fault
     assert torch.isfinite(loss)
     with torch.no_grad():
         model[1].conv.input_quantizer.step.fill_(float("nan"))
     with pytest.raises(FloatingPointError) as error:
-        objective.training_step(_Recorder(model), None, 1)
+        objective.training_step(_Recorder(model), None, 11)
     message = str(error.value)
     assert "block '1' at step 1" in message
     assert "quantizer 1.conv.input_quantizer.step hold" in message

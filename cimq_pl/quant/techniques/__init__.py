@@ -16,6 +16,7 @@ so they compose in any order. The Lightning callbacks in :mod:`cimq_pl.callbacks
 from cimq_pl.quant.techniques.base import (
     CONVENTIONAL_OPTIONS,
     TECHNIQUES,
+    applied_technique,
     list_techniques,
     quantize_,
     reconfigure_,
@@ -30,6 +31,7 @@ __all__ = [
     "CONVENTIONAL_OPTIONS",
     "DROP_TARGETS",
     "TECHNIQUES",
+    "applied_technique",
     "ArraywiseWeightConfig",
     "BitSparseActivationConfig",
     "PartialSumClippingConfig",

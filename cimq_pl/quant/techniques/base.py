@@ -10,7 +10,10 @@ from torch import nn
 from cimq_pl.quant.convert import cim_layers
 from cimq_pl.quant.options import CONVENTIONAL_OPTIONS  # re-exported: the techniques start from it
 
-__all__ = ["CONVENTIONAL_OPTIONS", "TECHNIQUES", "list_techniques", "quantize_", "reconfigure_", "register_technique"]
+__all__ = ["CONVENTIONAL_OPTIONS", "TECHNIQUES", "applied_technique", "list_techniques", "quantize_", "reconfigure_",
+           "register_technique"]
+
+_APPLIED = "_cimq_techniques"
 
 #: config type -> (technique name, transform)
 TECHNIQUES: dict[type, tuple[str, Callable]] = {}
@@ -41,7 +44,13 @@ def quantize_(model: nn.Module, config) -> nn.Module:
         known = ", ".join(t.__name__ for t in TECHNIQUES)
         raise TypeError(f"no CIMQ technique is registered for {type(config).__name__}: expected one of {known}")
     TECHNIQUES[type(config)][1](config, model)
+    model.__dict__.setdefault(_APPLIED, {})[type(config)] = config
     return model
+
+
+def applied_technique(model: nn.Module, config_type: type):
+    """The config of type ``config_type`` last applied to ``model`` with `quantize_`, or None."""
+    return model.__dict__.get(_APPLIED, {}).get(config_type)
 
 
 def reconfigure_(model: nn.Module, **changes) -> int:

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.layers import cim_layers, iter_quantizers
+from cimq_pl.quant.layers import cim_layers
 from cimq_pl.quant.observers import OBSERVER_METHODS
 from cimq_pl.quant.techniques.base import reconfigure_, register_technique
 
@@ -65,6 +65,6 @@ class BitSparseActivationConfig:
                 f"max_ones={self.max_ones} exceeds the macro's input_bits={max(widths)}: a code has at most "
                 "input_bits one bits (max_ones: null gives the plain uniform code set)"
             )
-        reconfigure_(model, input_max_ones=self.max_ones, input_observer=self.observer)
-        for *_, quantizer in iter_quantizers(model, ("input",)):
-            quantizer.sparsity_weight = self.sparsity_weight
+        reconfigure_(
+            model, input_max_ones=self.max_ones, input_observer=self.observer, input_sparsity_weight=self.sparsity_weight
+        )

@@ -14,8 +14,7 @@ from typing import Sequence
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.layers import iter_quantizers
-from cimq_pl.quant.techniques.base import register_technique
+from cimq_pl.quant.techniques.base import reconfigure_, register_technique
 
 __all__ = ["DROP_TARGETS", "QuantDroppingConfig"]
 
@@ -52,7 +51,10 @@ class QuantDroppingConfig:
         return self.keep_prob if "block_input" in self.targets else None
 
     def apply_(self, model: nn.Module) -> None:
-        """Set the keep probability on the targeted quantizers of every CIM layer."""
-        target_of_role = {"input": "activations", "psum": "psums"}
-        for _, role, quantizer in iter_quantizers(model, target_of_role):
-            quantizer.drop_prob = self.keep_prob if target_of_role[role] in self.targets else None
+        """Set the keep probability of the targeted quantizers of every CIM layer (``block_input``: read from the
+        model by the reconstruction objective, see `applied_technique`)."""
+        reconfigure_(
+            model,
+            input_keep_prob=self.keep_prob if "activations" in self.targets else None,
+            psum_keep_prob=self.keep_prob if "psums" in self.targets else None,
+        )

@@ -28,25 +28,23 @@ class PartialSumClippingConfig:
 
     Attributes:
         granularity: ``"array"`` (one alpha per array and weight slice) or ``"layer"``.
-        init: alpha0 from the calibration partial sums: ``"mse"``, ``"percentile"`` or ``"minmax"``.
-        learnable: learn theta during PTQ/QAT.
+        observer: alpha0 from the calibration partial sums: ``"mse"``, ``"percentile"`` or ``"minmax"``.
+        learn_clip: learn theta during PTQ/QAT (False keeps the calibrated range).
 
     Raises:
-        ConfigError: on an unknown granularity or init.
+        ConfigError: on an unknown granularity or observer.
     """
 
     granularity: Literal["layer", "array"] = "array"
-    init: Literal["minmax", "percentile", "mse"] = "mse"
-    learnable: bool = True
+    observer: Literal["minmax", "percentile", "mse"] = "mse"
+    learn_clip: bool = True
 
     def __post_init__(self) -> None:
         if self.granularity not in PSUM_GRANULARITIES:
             raise ConfigError(f"granularity={self.granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
-        if self.init not in OBSERVER_METHODS:
-            raise ConfigError(f"init={self.init!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
+        if self.observer not in OBSERVER_METHODS:
+            raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
 
     def apply_(self, model: nn.Module) -> None:
         """Give every CIM layer's ADC quantizer this granularity, initialisation and learnability."""
-        reconfigure_(
-            model, psum_granularity=self.granularity, psum_observer=self.init, learn_psum_clip=self.learnable
-        )
+        reconfigure_(model, psum_granularity=self.granularity, psum_observer=self.observer, psum_learn_clip=self.learn_clip)

@@ -12,7 +12,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).with_name("ddp_ptq_script.py")
+SCRIPT = Path(__file__).parents[1] / "ddp_ptq_script.py"  # a helper beside conftest.py
 
 
 def _run(out: Path, devices: int, iters: int) -> None:

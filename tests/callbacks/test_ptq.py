@@ -18,8 +18,11 @@ from cimq_pl.callbacks import (
 )
 from cimq_pl.callbacks.calibration import quantizer_state
 from cimq_pl.datamodules import CIFAR10DataModule
+from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
+from cimq_pl.objectives import BlockReconstruction
 from cimq_pl.quant import CIMSpec, cim_layers
+from cimq_pl.trainer import CIMQTrainer
 from conftest import CIFAR10, RESNET20
 
 FAST = ["--data.init_args.calibration_size", "64", "--data.init_args.eval_batch_size", "100",
@@ -41,9 +44,10 @@ class QuantizerSnapshots(Callback):
         self.final = self._tensors(pl_module)
 
 
-def _trainer(tmp_path, callbacks, **kwargs):
-    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
-                   enable_model_summary=False, callbacks=callbacks, **kwargs)
+def _trainer(tmp_path, callbacks, trainer_class=CIMQTrainer, **kwargs):
+    kwargs.setdefault("max_epochs", 1)
+    return trainer_class(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         enable_model_summary=False, callbacks=callbacks, **kwargs)
 
 
 def _datamodule():
@@ -52,13 +56,14 @@ def _datamodule():
 
 def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
     snapshots = QuantizerSnapshots()
-    ptq = PostTrainingQuantization(iters_per_block=3, batch_size=16)
-    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec())
+    ptq = PostTrainingQuantization()
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
+                        objective=BlockReconstruction(iters_per_block=3, batch_size=16))
     callbacks = [BitSparseActivations(max_ones=2, sparsity_weight=0.01), ArraywiseWeights(), PartialSumClipping(),
                  QuantDropping(0.5), ptq, snapshots]
     trainer = _trainer(tmp_path, callbacks, limit_val_batches=1)
     trainer.fit(module, datamodule=_datamodule())
-    assert trainer.current_epoch == 11 and trainer.global_step == 11 * 3  # one epoch of 3 steps per unit
+    assert trainer.current_epoch == 1 and trainer.global_step == 11 * 3  # one epoch: 11 units of 3 steps
     for key, before in snapshots.calibrated.items():
         after = snapshots.final[key]
         if key.endswith(".weight"):
@@ -72,7 +77,7 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
     for name, weight in snapshots.weights.items():
         assert torch.equal(weight, dict(module.model.named_parameters())[name]), name  # weights frozen
     assert all(layer.weight_quantizer.hard for _, layer in cim_layers(module.model))
-    assert ptq.objective.block_input_keep_prob == 0.5
+    assert module.objective.block_input_keep_prob == 0.5
     logged = trainer.logged_metrics
     assert "ptq/layer3.2/psum_clip_rate" in logged and 0 < logged["ptq/layer3.2/bit_density"] < 0.5
     assert Path(ptq.checkpoint_path).is_file()
@@ -97,7 +102,7 @@ def test_qat_trains_weights_and_quantizers_with_sparsity_penalty(tmp_path):
 def test_cli_cimq_ptq_then_test_with_its_checkpoint(run_cli, tmp_path):
     fit = run_cli("fit", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/cimq_ptq.yaml",
                   "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
-                  "--trainer.callbacks.init_args.iters_per_block", "2", "--trainer.callbacks.init_args.batch_size", "16")
+                  "--model.objective.init_args.iters_per_block", "2", "--model.objective.init_args.batch_size", "16")
     ptq = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization))
     val_acc = fit.trainer.callback_metrics["val/acc"].item()
     test = run_cli("test", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/cimq_ptq.yaml",
@@ -137,12 +142,11 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
              test_images=sample["images"], test_labels=sample["labels"], classes=sample["classes"])
     fit = run_cli("fit", "--config", "configs/resnet_cifar100.yaml", "--data.root", str(both),
                   "--data.init_args.calibration_size", "32", "--data.init_args.eval_batch_size", "100",
-                  "--trainer.callbacks.init_args.iters_per_block", "1", "--trainer.callbacks.init_args.batch_size", "8")
+                  "--model.objective.init_args.iters_per_block", "1", "--model.objective.init_args.batch_size", "8")
     names = [type(cb).__name__ for cb in fit.trainer.callbacks]
     for expected in ("BitSparseActivations", "ArraywiseWeights", "PartialSumClipping", "QuantDropping", "PostTrainingQuantization"):
         assert expected in names
-    ptq = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization))
-    assert len(ptq.objective.blocks) == 29 and fit.trainer.current_epoch == 29  # stem + 27 blocks + fc
+    assert len(fit.model.objective.blocks) == 29 and fit.trainer.global_step == 29  # stem + 27 blocks + fc, 1 step each
     assert 0.0 <= fit.trainer.callback_metrics["val/acc"].item() <= 1.0
 
 
@@ -152,17 +156,107 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
         ("arraywise", lambda layer: layer.weight_quantizer.granularity == "array" and layer.weight_quantizer.step.numel() == 3),
         ("bit_sparse", lambda layer: layer.input_quantizer.max_ones == 1),
         ("psum_clipping", lambda layer: layer.psum_quantizer.granularity == "array" and layer.options.psum_observer == "mse"),
-        ("qdrop", lambda layer: layer.input_quantizer.drop_prob == 0.5 and layer.weight_quantizer.hard),
+        ("qdrop", lambda layer: layer.input_quantizer.keep_prob == 0.5 and layer.weight_quantizer.hard),
     ],
 )
 def test_cli_each_technique_alone(run_cli, config, check):
     """Each ablation config (conventional + one technique) through the CLI: the technique reaches the model."""
     fit = run_cli("fit", "--config", "configs/resnet20_cifar10.yaml", "--config", f"configs/quant/ablation/{config}.yaml",
                   "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
-                  "--trainer.callbacks.init_args.iters_per_block", "1" if config == "qdrop" else "0",
-                  "--trainer.callbacks.init_args.batch_size", "8")
+                  "--model.objective.init_args.iters_per_block", "1" if config == "qdrop" else "0",
+                  "--model.objective.init_args.batch_size", "8")
     layer = dict(cim_layers(fit.model.model))["layer2.1.conv1"]  # 288 rows: 3 arrays
     assert fit.model.quantizers_initialized() and check(layer)
+    ptq = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization))
+    assert Path(ptq.checkpoint_path).is_file()
+    assert fit.trainer.global_step == (11 if config == "qdrop" else 0)  # calibration only: no training step
     others = {"arraywise": layer.weight_quantizer.granularity == "layer", "bit_sparse": layer.input_quantizer.max_ones is None,
-              "psum_clipping": layer.psum_quantizer.granularity == "layer", "qdrop": layer.input_quantizer.drop_prob is None}
+              "psum_clipping": layer.psum_quantizer.granularity == "layer", "qdrop": layer.input_quantizer.keep_prob is None}
     assert sum(others.values()) == 3  # the three other techniques stay conventional
+
+
+def _technique_config(callback: str, callback_args: str = "", objective: str = "") -> str:
+    """A technique config on the 128x128 W4A4 macro: callback ``cimq_pl.callbacks.<callback>`` with the YAML
+    ``callback_args`` as its init_args, and ``objective`` (YAML) as ``model.objective``."""
+    model = "model:\n  cim: {rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}\n"
+    model += f"  objective: {objective}\n" if objective else ""
+    init_args = f"\n      init_args: {callback_args}" if callback_args else ""
+    return f"{model}trainer:\n  callbacks:\n    - class_path: cimq_pl.callbacks.{callback}{init_args}\n"
+
+
+PTQ_ARGS = "{iters_per_block: 7, batch_size: 8, adaround: false, lr_step: 1.0e-4}"
+OLD_PTQ_KEYS = _technique_config("PostTrainingQuantization", PTQ_ARGS)
+NEW_PTQ_KEYS = _technique_config("PostTrainingQuantization",
+                                 objective=f"{{class_path: cimq_pl.objectives.BlockReconstruction, init_args: {PTQ_ARGS}}}")
+OLD_QAT_KEYS = _technique_config("QuantizationAwareTraining", "{quantizer_lr_scale: 0.5}")
+NEW_QAT_KEYS = _technique_config("QuantizationAwareTraining",
+                                 objective="{class_path: cimq_pl.objectives.TaskObjective, init_args: {quantizer_lr_scale: 0.5}}")
+
+
+def _parsed(tmp_path, monkeypatch, name: str, text: str):
+    """The CLI's module and callbacks for the resnet20 config plus the technique config ``text`` (not run)."""
+    from cimq_pl.cli import CIMQCLI
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cimq_pl"])
+    config = tmp_path / name
+    config.write_text(text)
+    return CIMQCLI(args=["--config", "configs/resnet20_cifar10.yaml", "--config", str(config), "--data.root", str(CIFAR10),
+                         "--model.pretrained", str(RESNET20), "--trainer.logger", "false"], run=False)
+
+
+@pytest.mark.parametrize("old,new,warning", [
+    (OLD_PTQ_KEYS, NEW_PTQ_KEYS, r"PostTrainingQuantization\.iters_per_block/batch_size/adaround/lr_step is deprecated.*"
+                                 r"set model\.objective\.init_args\.iters_per_block, .*cimq_pl\.objectives\.BlockReconstruction"),
+    (OLD_QAT_KEYS, NEW_QAT_KEYS, r"QuantizationAwareTraining\.quantizer_lr_scale is deprecated.*"
+                                 r"set model\.objective\.init_args\.quantizer_lr_scale .*cimq_pl\.objectives\.TaskObjective"),
+])
+def test_old_callback_keys_warn_and_give_the_objective_of_the_new_keys(tmp_path, monkeypatch, old, new, warning):
+    with pytest.warns(FutureWarning, match=warning):
+        before = _parsed(tmp_path, monkeypatch, "old.yaml", old)
+    after = _parsed(tmp_path, monkeypatch, "new.yaml", new)
+    assert type(before.model.objective) is type(after.model.objective)
+    assert vars(before.model.objective) == vars(after.model.objective)
+    assert before.config.model.objective == after.config.model.objective  # the same config, as --print_config shows it
+    assert [type(cb) for cb in before.trainer.callbacks] == [type(cb) for cb in after.trainer.callbacks]
+
+
+def test_moved_arguments_in_python_name_the_objective():
+    with pytest.raises(ConfigError, match=r"CIMQModule\(objective=BlockReconstruction\(iters_per_block=3, batch_size=8\)\)"):
+        PostTrainingQuantization(iters_per_block=3, batch_size=8)
+    with pytest.raises(ConfigError, match=r"CIMQModule\(objective=TaskObjective\(quantizer_lr_scale=0.5\)\)"):
+        QuantizationAwareTraining(quantizer_lr_scale=0.5)
+
+
+def _fit(tmp_path, objective, callbacks, **kwargs):
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(), objective=objective)
+    _trainer(tmp_path, callbacks, limit_val_batches=1, num_sanity_val_steps=0, **kwargs).fit(module, datamodule=_datamodule())
+    return module
+
+
+@pytest.mark.parametrize("objective,callbacks,kwargs,message", [
+    (BlockReconstruction(iters_per_block=2), [PostTrainingQuantization()], {"max_epochs": 2},
+     r"block reconstruction is one epoch of 11 units x 2 steps \(22 training steps\) but trainer.max_epochs=2: set "
+     r"trainer.max_epochs 1"),
+    (BlockReconstruction(iters_per_block=2), [PostTrainingQuantization()], {"max_steps": 5},
+     r"trainer.max_steps=5 stops it earlier: set trainer.max_steps -1"),
+    (None, [PostTrainingQuantization()], {},
+     r"PostTrainingQuantization drives block reconstruction, but model.objective is TaskObjective: add model.objective: "
+     r"\{class_path: cimq_pl.objectives.BlockReconstruction"),
+    (BlockReconstruction(iters_per_block=2), [], {},
+     r"BlockReconstruction needs the PostTrainingQuantization callback .*: add cimq_pl.callbacks.PostTrainingQuantization"),
+    (BlockReconstruction(iters_per_block=2), [QuantizationAwareTraining()], {},
+     r"QuantizationAwareTraining trains with the task loss, but model.objective is BlockReconstruction"),
+])
+def test_a_reconstruction_fit_that_cannot_run_as_one_epoch_is_refused_at_setup(tmp_path, objective, callbacks, kwargs,
+                                                                                 message):
+    with pytest.raises(ConfigError, match=message):
+        _fit(tmp_path, objective, callbacks, **kwargs)
+
+
+def test_a_plain_trainer_without_the_objectives_loader_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"trains on its own loader of 11 units x 2 steps \(22 batches\) but the fit "
+                                          r"has \d+: fit with cimq_pl.trainer.CIMQTrainer .*module.fit_datamodule\(datamodule\)"):
+        _fit(tmp_path, BlockReconstruction(iters_per_block=2, batch_size=4), [PostTrainingQuantization()],
+             trainer_class=Trainer, limit_train_batches=3)

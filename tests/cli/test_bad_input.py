@@ -27,12 +27,12 @@ def _technique(tmp_path, callback: str, init_args: str) -> list[str]:
     return ["--config", _yaml(tmp_path, "technique.yaml", f"""
 model:
   cim: {{rows: 128, cols: 128, weight_bits: 4, input_bits: 4, dac_bits: 1, adc_bits: 4}}
+  objective: {{class_path: cimq_pl.objectives.BlockReconstruction, init_args: {{iters_per_block: 0}}}}
 trainer:
   callbacks:
     - class_path: cimq_pl.callbacks.{callback}
       init_args: {init_args}
     - class_path: cimq_pl.callbacks.PostTrainingQuantization
-      init_args: {{iters_per_block: 0}}
 """)]
 
 
@@ -54,7 +54,10 @@ CASES = [
     ("malformed YAML", lambda t: ["--config", _yaml(t, "bad.yaml", "model: {name: [unclosed\n")], "parsing config"),
     ("config of the wrong type", lambda t: ["--config", _yaml(t, "list.yaml", "model: [1, 2]\n")], "model"),
     ("unknown callback", lambda t: ["--trainer.callbacks+=cimq_pl.callbacks.NoSuchCallback"], "NoSuchCallback"),
-    ("negative PTQ steps", lambda t: [*CONVENTIONAL, "--trainer.callbacks.init_args.iters_per_block", "-5"], "iters_per_block"),
+    ("negative PTQ steps", lambda t: [*CONVENTIONAL, "--model.objective.init_args.iters_per_block", "-5"],
+     "BlockReconstruction.iters_per_block=-5 is invalid"),
+    ("reconstruction fit of two epochs", lambda t: [*CONVENTIONAL, "--model.objective.init_args.iters_per_block", "2",
+                                                    "--trainer.max_epochs", "2"], "set trainer.max_epochs 1"),
     ("keep probability > 1", lambda t: _technique(t, "QuantDropping", "{keep_prob: 1.5}"), "keep_prob"),
     ("more one-bits than input bits", lambda t: _technique(t, "BitSparseActivations", "{max_ones: 9}"), "max_ones"),
     ("unknown dropping target", lambda t: _technique(t, "QuantDropping", "{targets: [weights]}"), "weights"),
@@ -73,6 +76,19 @@ CASES = [
      "--without 'QuantDropping': no such callback in trainer.callbacks; listed: HardwareReport, PostTrainingQuantization"),
     ("more GPUs than the machine has", lambda t: ["--trainer.accelerator", "gpu", "--trainer.devices", "64"],
      "trainer.accelerator='gpu'"),
+    ("negative programming variation", lambda t: [*CONVENTIONAL, "--model.device.programming_sigma", "-0.1"],
+     "DeviceSpec.programming_sigma=-0.1 is invalid: expected a number >= 0"),
+    ("stuck-at probabilities above 1", lambda t: [*CONVENTIONAL, "--model.device.stuck_off_prob", "0.7",
+                                                  "--model.device.stuck_on_prob", "0.7"], "stuck_on_prob=0.7"),
+    ("device without a macro", lambda t: ["--model.device.programming_sigma", "0.1"], "model.device needs"),
+    ("mistyped device key", lambda t: [*CONVENTIONAL, "--model.device.programming_sigm", "0.1"],
+     "model.device: unknown key 'programming_sigm' (did you mean 'programming_sigma'?"),
+    ("unknown programming distribution", lambda t: [*CONVENTIONAL, "--model.device.programming_distribution", "uniform"],
+     "'uniform' is not one of 'normal', 'lognormal'"),
+    ("noise-aware training without a device", lambda t: [*CONVENTIONAL, "--trainer.callbacks+=NoiseAwareTraining"],
+     "NoiseAwareTraining needs the device to train for: set model.device"),
+    ("no Monte Carlo samples", lambda t: [*CONVENTIONAL, "--trainer.callbacks+=MonteCarloDevices",
+                                          "--trainer.callbacks.samples", "0"], "MonteCarloDevices.samples=0"),
 ]
 TYPO = "trainer:\n  callbacks:\n    - class_path: BitSparseActivation\n"
 SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n"  # resolved, then needs model.cim
@@ -80,7 +96,8 @@ SHORT_NAME = "trainer:\n  callbacks:\n    - class_path: BitSparseActivations\n" 
 SHORT = {"ADC bits not a number", "fractional weight bits", "unknown row split", "unknown callback",
          "mistyped macro key", "mistyped callback argument", "mistyped callback class", "empty config file",
          "config file holding a list", "config file holding a scalar", "mistyped data argument", "mistyped trainer key",
-         "short callback name", "abbreviated trainer flag"}
+         "short callback name", "abbreviated trainer flag", "negative programming variation",
+         "stuck-at probabilities above 1", "unknown programming distribution"}
 
 
 def _run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
@@ -152,7 +169,7 @@ def test_callback_help_takes_a_short_class_name():
     args = ["fit", "--trainer.callbacks.help", "PostTrainingQuantization"]
     result = subprocess.run([sys.executable, "-m", "cimq_pl", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--trainer.callbacks.iters_per_block" in result.stdout
+    assert "--trainer.callbacks.checkpoint_name" in result.stdout
 
 
 def test_a_run_refused_after_wandb_started_leaves_no_offline_run_folder(tmp_path, capsys, monkeypatch):

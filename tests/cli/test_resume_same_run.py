@@ -37,11 +37,13 @@ def _cli(args: list[str], gate: bool) -> tuple[int, str, str]:
 
 def test_a_resumed_fit_continues_the_same_run_in_the_same_folder(tmp_path):
     config = tmp_path / "ptq.yaml"
-    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+    objective = {"class_path": "cimq_pl.objectives.BlockReconstruction", "init_args": {"iters_per_block": 2, "batch_size": 8}}
+    config.write_text(yaml.safe_dump({"model": {"objective": objective},
+                                      "trainer": {"callbacks": [
         {"class_path": "sigterm_gate.SigtermGate", "init_args": {"step": GATE_STEP}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "every_n_train_steps": 2, "save_on_exception": True}},
-        {"class_path": "cimq_pl.callbacks.PostTrainingQuantization", "init_args": {"iters_per_block": 2, "batch_size": 8}},
+        {"class_path": "cimq_pl.callbacks.PostTrainingQuantization"},
     ]}}))
     args = ["fit", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/conventional.yaml",
             "--config", str(config), "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20),

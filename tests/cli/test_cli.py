@@ -25,7 +25,7 @@ def _env_without_wandb_key(tmp_path) -> dict[str, str]:
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "cimq_pl", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0
-    assert all(cmd in out.stdout for cmd in ("fit", "validate", "test", "predict", "export", "cost"))
+    assert all(cmd in out.stdout for cmd in ("fit", "validate", "test", "predict", "export", "cost", "search"))
 
 
 def test_readme_command_prints_resnet20_accuracy_and_logs_offline_wandb(tmp_path):

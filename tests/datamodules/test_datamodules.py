@@ -89,3 +89,12 @@ def test_imagenet_folder_uses_224_transforms(tmp_path):
     with pytest.raises(ConfigError, match="ImageNet folder .* not found"):
         ImageNetDataModule(root=str(tmp_path / "missing")).dataset("train")
     Image.open(sources[0]).verify()
+
+
+def test_the_datamodule_knows_nothing_of_ptq():
+    """PTQ's step loader is the reconstruction objective's (cimq_pl/objectives/reconstruction.py), not the data's."""
+    import cimq_pl.datamodules.base as base
+
+    dm = CIFAR10DataModule(root=str(CIFAR10), num_workers=0)
+    names = [name.lower() for name in (*dir(dm), *vars(base))]
+    assert not [name for name in names if "step" in name or "ptq" in name or "reconstruct" in name]

@@ -318,7 +318,26 @@ BAD_EXPORTS = {
     "layer missing": (dict(manifest_edit=lambda m: m["layers"].pop("0")), "names layer '0', which 'layers' does not hold"),
     "field of the wrong kind": (dict(manifest_edit=_set("layers/0/input", "4 bits")), r"malformed manifest \(AttributeError"),
     "scale not positive": (dict(tensors_edit=lambda t: t["0.input_scale"].fill_(0)), "scales .* must be finite and > 0"),
+    "device of the wrong kind": (dict(manifest_edit=_set("device", {"sigma": 0.1})), "manifest 'device' must be null or"),
+    "invalid device": (dict(manifest_edit=_set("device", {"spec": {"programming_sigma": -1}, "noise_aware_training": False})),
+                       r"'device.spec' is not a valid DeviceSpec: DeviceSpec.programming_sigma=-1.0"),
 }
+
+
+def test_the_manifest_records_the_device_and_the_executor_stays_ideal(tmp_path):
+    """The device attached to the layers goes into ``device.spec``; the integer executor computes the ideal macro."""
+    from cimq_pl.quant import DeviceSpec, attach_device_, device_mode
+
+    spec = CIMSpec(rows=16, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=3)
+    model, images = _tiny_conv_model(spec)
+    assert read_export(export_model(model, spec, tmp_path / "ideal", (5, 6, 6))).manifest["device"] is None
+    device = DeviceSpec(programming_sigma=0.05, stuck_on_prob=0.001, seed=3)
+    attach_device_(model, device)
+    export = read_export(export_model(model, spec, tmp_path / "device", (5, 6, 6)))
+    assert export.manifest["device"] == {"spec": device.as_dict(), "noise_aware_training": False}
+    assert export.device == device
+    with device_mode(model, "ideal"):
+        assert torch.allclose(IntegerExecutor(export)(images), model(images), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_EXPORTS))

@@ -15,6 +15,7 @@ from cimq_pl.callbacks import (
 )
 from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
+from cimq_pl.objectives import BlockReconstruction, TaskObjective
 from cimq_pl.quant import CIMSpec, calibrate_, cim_layers, set_collect_stats
 from cimq_pl.quant.techniques import (
     ArraywiseWeightConfig,
@@ -57,7 +58,7 @@ def test_conventional_quantizers_are_the_baseline():
         assert layer.weight_quantizer.granularity == "layer" and layer.weight_quantizer.step.numel() == 1
         assert layer.input_quantizer.max_ones is None
         assert layer.psum_quantizer.granularity == "layer" and not layer.psum_quantizer.theta.requires_grad
-        assert layer.options.psum_observer == "minmax" and layer.input_quantizer.drop_prob is None
+        assert layer.options.psum_observer == "minmax" and layer.input_quantizer.keep_prob is None
 
 
 def test_arraywise_gives_one_scale_per_tile():
@@ -95,7 +96,7 @@ def test_dropping_mixes_quantized_and_float_values_in_training_only(images):
     model = _model(QuantDroppingConfig(keep_prob=0.5, targets=("activations",)))
     calibrate_(model, [images])
     layer = dict(cim_layers(model))["layer1.0.conv1"]
-    assert layer.input_quantizer.drop_prob == 0.5 and layer.psum_quantizer.drop_prob is None
+    assert layer.input_quantizer.keep_prob == 0.5 and layer.psum_quantizer.keep_prob is None
     x = torch.rand(2, 16, 8, 8)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
@@ -109,7 +110,7 @@ def test_techniques_compose_in_any_order_and_keep_runtime_switches():
     configs = [QuantDroppingConfig(0.7), BitSparseActivationConfig(2, 0.1), ArraywiseWeightConfig(), PartialSumClippingConfig()]
     for order in (configs, configs[::-1]):
         for _, layer in cim_layers(_model(*order)):
-            assert layer.input_quantizer.drop_prob == 0.7 and layer.input_quantizer.sparsity_weight == 0.1
+            assert layer.input_quantizer.keep_prob == 0.7 and layer.input_quantizer.sparsity_weight == 0.1
             assert layer.input_quantizer.max_ones == 2 and layer.weight_quantizer.granularity == "array"
             assert layer.psum_quantizer.granularity == "array"
 
@@ -120,12 +121,14 @@ def test_techniques_compose_in_any_order_and_keep_runtime_switches():
         (lambda: ArraywiseWeights(granularity="tile"), r"granularity='tile' is invalid: expected one of \['layer', 'channel', 'array', 'array_channel'\]"),
         (lambda: BitSparseActivations(max_ones=0), r"max_ones=0 is invalid: expected an integer >= 1"),
         (lambda: BitSparseActivations(sparsity_weight=-1.0), r"sparsity_weight=-1.0 is invalid"),
-        (lambda: PartialSumClipping(init="kmeans"), r"init='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"),
+        (lambda: PartialSumClipping(observer="kmeans"), r"observer='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"),
         (lambda: QuantDropping(keep_prob=1.5), r"keep_prob=1.5 is invalid: expected a probability in \(0, 1\]"),
         (lambda: QuantDropping(targets=["weights"]), r"targets=\['weights'\] is invalid"),
-        (lambda: PostTrainingQuantization(iters_per_block=-1), r"iters_per_block=-1 is invalid: expected an integer >= 0"),
-        (lambda: PostTrainingQuantization(warmup=1.0), r"warmup=1.0 is invalid"),
-        (lambda: QuantizationAwareTraining(quantizer_lr_scale=0), r"quantizer_lr_scale=0 is invalid"),
+        (lambda: BlockReconstruction(iters_per_block=-1), r"iters_per_block=-1 is invalid: expected an integer >= 0"),
+        (lambda: BlockReconstruction(warmup=1.0), r"warmup=1.0 is invalid"),
+        (lambda: TaskObjective(quantizer_lr_scale=0), r"quantizer_lr_scale=0 is invalid"),
+        (lambda: PostTrainingQuantization(iters_per_block=200), r"objective=BlockReconstruction\(iters_per_block=200\)"),
+        (lambda: QuantizationAwareTraining(quantizer_lr_scale=0), r"objective=TaskObjective\(quantizer_lr_scale=0\)"),
     ],
 )
 def test_misconfigured_callbacks_name_the_value(build, message):
@@ -137,3 +140,52 @@ def test_technique_without_cim_macro_is_a_clear_error():
     module = CIMQModule("cifar_resnet20", 10)
     with pytest.raises(ConfigError, match="ArraywiseWeights needs a CIM macro: set model.cim"):
         ArraywiseWeights().setup(None, module, "fit")
+
+
+def test_a_technique_applied_after_calibration_keeps_what_still_fits(images):
+    model = _model()
+    calibrate_(model, [images])
+    layer = dict(cim_layers(model))["layer1.0.conv1"]
+    input_step, weight_step = layer.input_quantizer.step.clone(), layer.weight_quantizer.step.clone()
+    psum_quantizer = layer.psum_quantizer
+    quantize_(model, QuantDroppingConfig(0.5))  # settings change in place: the very same quantizers
+    quantize_(model, PartialSumClippingConfig(granularity="layer", observer="minmax", learn_clip=True))
+    assert layer.psum_quantizer is psum_quantizer and layer.psum_quantizer.keep_prob == 0.5
+    assert layer.psum_quantizer.theta.requires_grad and layer.psum_quantizer.initialized
+    quantize_(model, BitSparseActivationConfig(max_ones=2))  # another code set: rebuilt, calibrated step kept
+    assert layer.input_quantizer.max_ones == 2 and torch.equal(layer.input_quantizer.step, input_step)
+    assert layer.input_quantizer.initialized and layer.input_quantizer.keep_prob == 0.5
+    quantize_(model, ArraywiseWeightConfig())  # per-tile scales: re-initialised from the weights (no data needed)
+    assert layer.weight_quantizer.initialized and layer.weight_quantizer.step.shape != weight_step.shape
+    fresh = _model(ArraywiseWeightConfig())
+    calibrate_(fresh, [images])
+    assert torch.equal(layer.weight_quantizer.step, dict(cim_layers(fresh))["layer1.0.conv1"].weight_quantizer.step)
+    quantize_(model, PartialSumClippingConfig(granularity="array"))  # alpha per array: needs calibration again
+    assert not layer.psum_quantizer.initialized
+
+
+def test_old_names_of_partial_sum_clipping_still_work_with_a_deprecation():
+    from cimq_pl.provenance import configured_techniques
+
+    with pytest.warns(FutureWarning, match=r"PartialSumClipping.init is deprecated: call it observer"):
+        settings = configured_techniques(
+            [{"class_path": "cimq_pl.callbacks.PartialSumClipping", "init_args": {"init": "minmax", "learnable": False}}]
+        )
+    assert settings == {"PartialSumClipping": {"granularity": "array", "observer": "minmax", "learn_clip": False}}
+
+
+def test_a_checkpoint_of_another_code_set_is_refused_not_taken(images):
+    saved = _model(BitSparseActivationConfig(max_ones=1))
+    calibrate_(saved, [images])
+    with pytest.raises(ConfigError, match=r"the checkpoint's input codes have max_ones=1 but this layer is configured "
+                                          r"with max_ones=2: set BitSparseActivations.max_ones: 1"):
+        _model(BitSparseActivationConfig(max_ones=2)).load_state_dict(saved.state_dict())
+
+
+def test_block_input_dropping_is_read_from_the_model():
+    from cimq_pl.quant.techniques import applied_technique
+
+    model = _model(QuantDroppingConfig(0.3, targets=("block_input",)))
+    assert applied_technique(model, QuantDroppingConfig).block_input_keep_prob == 0.3
+    assert applied_technique(_model(), QuantDroppingConfig) is None
+    assert all(layer.input_quantizer.keep_prob is None for _, layer in cim_layers(model))

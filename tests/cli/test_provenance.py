@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CIFAR10, REPO, RESNET20
-from test_bad_input import _assert_clear, _run_main
+from .test_bad_input import _assert_clear, _run_main
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.provenance import check_config_agrees, check_quantizer_options, configured_techniques
@@ -46,6 +46,40 @@ def test_float_and_cim_checkpoints_are_not_mixed_up():
         check_config_agrees(_record(cim=None) | {"cimq": {"cim": None, "techniques": {}}}, _model(), {}, "x.ckpt")
     with pytest.raises(ConfigError, match=r"written for a CIM macro .*adc_bits=3.* model\.cim null"):
         check_config_agrees(_record(), {"name": "cifar_resnet20", "num_classes": 10, "cim": None}, {}, "x.ckpt")
+
+
+def test_per_layer_overrides_must_agree():
+    overrides = {"layer1.*.conv2": {"adc_bits": 3}}
+    record = _record()
+    record["cimq"]["cim_overrides"] = overrides
+    check_config_agrees(record, {**_model(adc_bits=3), "cim_overrides": dict(overrides)}, {}, "x.ckpt")
+    with pytest.raises(ConfigError, match=r"written for model\.cim_overrides\['layer1\.\*\.conv2'\]=\{'adc_bits': 3\} but "
+                                          r"the config gives \{'adc_bits': 5\}: pass the per-layer config the run used"):
+        check_config_agrees(record, {**_model(adc_bits=3), "cim_overrides": {"layer1.*.conv2": {"adc_bits": 5}}}, {},
+                            "x.ckpt")
+    with pytest.raises(ConfigError, match=r"model\.cim_overrides\['layer1\.\*\.conv2'\]=\{'adc_bits': 3\} but the config "
+                                          r"gives None"):
+        check_config_agrees(record, _model(adc_bits=3), {}, "x.ckpt")
+    # a checkpoint of the release before overrides (no record of them) had none
+    with pytest.raises(ConfigError, match=r"model\.cim_overrides\['fc'\]=None but the config gives \{'adc_bits': 6\}"):
+        check_config_agrees(_record(), {**_model(adc_bits=3), "cim_overrides": {"fc": {"adc_bits": 6}}}, {}, "x.ckpt")
+    check_config_agrees(_record(), {**_model(adc_bits=3), "cim_overrides": None}, {}, "x.ckpt")
+
+
+def test_qat_init_from_a_ptq_checkpoint_of_other_overrides_is_refused(tmp_path):
+    from cimq_pl.callbacks.qat import load_ptq_checkpoint_
+    from cimq_pl.module import CIMQModule
+
+    module = CIMQModule(cim=CIMSpec(adc_bits=3), cim_overrides={"fc": {"adc_bits": 6}})
+    record = _record()
+    record["cimq"]["cim_overrides"] = {"fc": {"adc_bits": 5}}
+    torch.save({**record, "state_dict": module.state_dict()}, tmp_path / "ptq.ckpt")
+    with pytest.raises(ConfigError, match=r"QAT init_from '.*ptq\.ckpt' was written for model\.cim_overrides\['fc'\]="
+                                          r"\{'adc_bits': 5\} but the config gives \{'adc_bits': 6\}"):
+        load_ptq_checkpoint_(module, str(tmp_path / "ptq.ckpt"))
+    record["cimq"]["cim_overrides"] = {"fc": {"adc_bits": 6}}
+    torch.save({**record, "state_dict": module.state_dict()}, tmp_path / "ptq.ckpt")
+    load_ptq_checkpoint_(module, str(tmp_path / "ptq.ckpt"))  # the same macro and overrides load
 
 
 def test_model_name_and_classes_must_agree():
@@ -133,7 +167,7 @@ def test_without_switches_techniques_off(conventional_checkpoint, capsys, monkey
     path, accuracy = conventional_checkpoint
     monkeypatch.chdir(REPO)
     test = CIMQCLI(args=["test", *BASE, *CIMQ, "--without", ALL_BUT_PTQ_OF_CIMQ, "--ckpt_path", str(path),
-                         "--trainer.callbacks.init_args.iters_per_block", "0", "--trainer.default_root_dir", str(tmp_path)])
+                         "--model.objective.init_args.iters_per_block", "0", "--trainer.default_root_dir", str(tmp_path)])
     names = [type(cb).__name__ for cb in test.trainer.callbacks]
     assert not {"BitSparseActivations", "QuantDropping", "HardwareReport"} & set(names)
     assert test.trainer.callback_metrics["test/acc"].item() == accuracy

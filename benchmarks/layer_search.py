@@ -1,0 +1,226 @@
+"""Per-layer ADC search against uniform ADC resolutions: ResNet-20 W4A4 on 128x128 arrays, CIMQ PTQ preset.
+
+1. ``python -m cimq_pl search`` (run in process, the same CLI) on the CIMQ config, twice: at the energy per image of
+   uniform ADC 4 (``--energy_budget adc_bits=4``) and at the predicted loss of uniform ADC 5
+   (``--loss_budget adc_bits=5``), candidates ADC 3/4/5/6 on every layer; each writes its ``cim_overrides.yaml``.
+2. CIMQ PTQ (`runner.measure`: fit + test on ``cifar10_lossless``, 1,000 images, with the `HardwareReport`) of
+   uniform ADC 3/4/5/6 and of both searched assignments (the same config plus ``--config cim_overrides.yaml``).
+   Uniform rows already in ``sweeps.csv``/``ablation.csv`` for the same budget are reused unless ``--fresh``.
+3. A table with the issue's targets (at the energy of uniform ADC 4: >= 2 points more accuracy than it; at the
+   accuracy of uniform ADC 5: >= 20% less energy), ``layer_search.csv`` and ``layer_search.png`` (accuracy against
+   energy per image, uniform points joined, searched points as stars).
+
+    python benchmarks/layer_search.py              # ~25 min on 2 cores (3 new PTQ fits when the suite's rows exist)
+    python benchmarks/layer_search.py --fresh      # ~45 min: every PTQ fit measured again
+    python benchmarks/layer_search.py --quick      # a few minutes (4.5 min of CPU): tiny data, 1 step per unit,
+                                                   # uniform ADC 4 and 5 only; checks the script, numbers are noise
+                                                   # (with --budgets energy: uniform ADC 4 and one search, half that)
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ResultStore, Setting, base_parser, derived_config, machine,
+                    markdown_table, measure, prepare)
+
+UNIFORM_ADC = (3, 4, 5, 6)
+BUDGETS = {"energy": ("energy_budget", "adc_bits=4"), "accuracy": ("loss_budget", "adc_bits=5")}
+LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5"}
+COLUMNS = ("key", "point", "adc_bits", "iters", "search_images", *METRICS, "fit_seconds", "test_seconds",
+           "search_seconds", "predicted_energy_uj", "assignment", "config")
+QUICK_ARGS = ("--data.init_args.calibration_size", "64", "--data.init_args.eval_batch_size", "50",
+              "--data.init_args.num_workers", "0", "--trainer.limit_test_batches", "2")
+
+
+def _metric_suffix(metric: str) -> str:
+    """Row keys and folders of a search with another metric than the default Fisher one carry its name."""
+    return "" if metric == "fisher" else f"-{metric}"
+
+
+def searched_key(kind: str, iters: int, images: int, metric: str = "fisher") -> str:
+    return f"searched-{kind}-iters{iters}-images{images}{_metric_suffix(metric)}"
+
+
+def _uniform(adc: int, iters: int) -> Setting:
+    return Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters)
+
+
+def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher") -> dict:
+    """One ``python -m cimq_pl search`` (in process) on the CIMQ config at budget ``kind``; returns the written
+    ``cim_overrides.yaml``, the wall time, the predicted energy and the assignment."""
+    import sys
+
+    import wandb
+
+    from cimq_pl.cli import CIMQCLI
+
+    setting = _uniform(4, iters)
+    derived = work_dir / f"{setting.key}.yaml"
+    derived.parent.mkdir(parents=True, exist_ok=True)
+    derived.write_text(yaml.safe_dump(derived_config(setting), sort_keys=False))
+    flag, value = BUDGETS[kind]
+    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric)}"
+    args = ["search", "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
+            "--data.init_args.root", str(LOSSLESS), "--trainer.enable_progress_bar", "false",
+            "--candidates", "{adc_bits: [" + ", ".join(map(str, UNIFORM_ADC)) + "]}", f"--{flag}", value,
+            "--images", str(images), "--metric", metric, "--verify", "false", "--output_dir", str(output), *extra]
+    if "--data.init_args.calibration_size" not in extra:
+        args += ["--data.init_args.calibration_size", str(max(images, 1024))]
+    wandb.finish()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the script's own flags are not the CLI's
+    start = time.perf_counter()
+    try:
+        CIMQCLI(args=args)
+    finally:
+        sys.argv = argv
+    seconds = round(time.perf_counter() - start, 1)
+    overrides = output / "cim_overrides.yaml"
+    chosen = yaml.safe_load(overrides.read_text())["model"]["cim_overrides"]
+    with open(output / "points.csv", newline="") as stream:
+        searched = next(row for row in csv.DictReader(stream) if row["kind"] == "searched")
+    return {"overrides": overrides, "seconds": seconds, "predicted_energy_uj": round(float(searched["predicted_energy_uj"]), 4),
+            "assignment": " ".join(f"{name}:{fields.get('adc_bits')}" for name, fields in chosen.items())}
+
+
+def _stored(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as stream:
+        return {row["key"]: row for row in csv.DictReader(stream)}
+
+
+def _write(path: Path, rows: dict) -> None:
+    from cimq_pl.cost.tables import write_csv_atomic
+
+    write_csv_atomic(path, list(rows.values()), COLUMNS)
+
+
+def _float(row: Optional[dict], key: str) -> Optional[float]:
+    value = (row or {}).get(key, "")
+    return float(value) if value not in ("", None) else None
+
+
+def targets(rows: dict, iters: int, images: int, metric: str = "fisher") -> list[dict]:
+    """The issue's two targets against the measured rows (of the searches with ``metric``)."""
+    uniform = {adc: rows.get(_uniform(adc, iters).key) for adc in UNIFORM_ADC}
+    energy, accuracy = (rows.get(searched_key(kind, iters, images, metric)) for kind in BUDGETS)
+    lines = []
+    acc4, acc = _float(uniform[4], "test/acc"), _float(energy, "test/acc")
+    if acc4 is not None and acc is not None:
+        gain = 100 * (acc - acc4)
+        lines.append({"target": "at the energy per image of uniform ADC 4: >= 2 points more accuracy than it",
+                      "measured": f"{acc:.3f} at {_float(energy, 'test/energy_per_image_uj'):.4f} uJ vs uniform ADC 4 "
+                                  f"{acc4:.3f} at {_float(uniform[4], 'test/energy_per_image_uj'):.4f} uJ: "
+                                  f"{gain:+.1f} points",
+                      "met": "yes" if gain >= 2 else "**no**"})
+    acc5, e5 = _float(uniform[5], "test/acc"), _float(uniform[5], "test/energy_per_image_uj")
+    acc, e = _float(accuracy, "test/acc"), _float(accuracy, "test/energy_per_image_uj")
+    if None not in (acc5, e5, acc, e):
+        saving = 100 * (1 - e / e5)
+        lines.append({"target": "at the accuracy of uniform ADC 5: >= 20% less energy",
+                      "measured": f"{acc:.3f} at {e:.4f} uJ vs uniform ADC 5 {acc5:.3f} at {e5:.4f} uJ: "
+                                  f"{saving:.1f}% less energy, {100 * (acc - acc5):+.1f} points",
+                      "met": "yes" if saving >= 20 and acc >= acc5 else "**no**"})
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Accuracy against energy per image: uniform ADC points joined, searched assignments as stars."""
+    from cimq_pl.cost.plots import finish_figure, new_figure
+
+    figure = new_figure(6.5, 4.5)
+    axes = figure.add_subplot(1, 1, 1)
+    uniform = sorted((_float(r, "test/energy_per_image_uj"), _float(r, "test/acc"), r["adc_bits"])
+                     for r in rows if r["point"] == "uniform" and _float(r, "test/acc") is not None)
+    if uniform:
+        axes.plot([u[0] for u in uniform], [u[1] for u in uniform], "o-", color="tab:blue", label="uniform ADC")
+        for energy, accuracy, bits in uniform:
+            axes.annotate(f"ADC {bits}", (energy, accuracy), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for row in rows:
+        if row["point"] != "uniform" and _float(row, "test/acc") is not None:
+            axes.plot(_float(row, "test/energy_per_image_uj"), _float(row, "test/acc"), "*", markersize=13,
+                      label=row["point"])
+    return finish_figure(figure, axes, path, "energy per image (uJ, NeuroSim 22 nm table)",
+                         "top-1 accuracy after CIMQ PTQ (cifar10_lossless)",
+                         "ResNet-20 W4A4, 128x128: per-layer ADC search vs uniform ADC")
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the same as --smoke: tiny data, 1 step per unit")
+    parser.add_argument("--iters", type=int, default=100, help="PTQ reconstruction steps per unit (suite preset: 100)")
+    parser.add_argument("--images", type=int, default=256, help="calibration images the search measures on")
+    parser.add_argument("--fresh", action="store_true", help="measure the uniform rows again instead of reusing "
+                                                             "the suite's (sweeps.csv, ablation.csv)")
+    parser.add_argument("--metric", choices=("fisher", "kl", "mse"), default="fisher",
+                        help="the search's sensitivity metric (search --metric); rows of other metrics are kept apart")
+    parser.add_argument("--budgets", default="energy,accuracy",
+                        help="which searches: energy (at the energy of uniform ADC 4), accuracy (at the loss of "
+                             "uniform ADC 5), or both (default)")
+    args = parser.parse_args(argv)
+    kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
+    if not kinds or set(kinds) - set(BUDGETS):
+        parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
+    args.smoke = args.smoke or args.quick
+    prepare(args)
+    extra = list(QUICK_ARGS) if args.smoke else []
+    iters, images = (1, 32) if args.smoke else (args.iters, args.images)
+    adc_points = tuple(bits for kind, bits in (("energy", 4), ("accuracy", 5)) if kind in kinds) if args.smoke else UNIFORM_ADC
+    path = args.out_dir / "layer_search.csv"
+    rows = _stored(path)
+    reuse = {} if (args.fresh or args.smoke) else {
+        **ResultStore(args.out_dir / "ablation.csv").rows, **ResultStore(args.out_dir / "sweeps.csv").rows}
+    for adc in adc_points:
+        setting = _uniform(adc, iters)
+        if setting.key in rows:
+            continue
+        if setting.key in reuse:
+            found = reuse[setting.key]
+            print(f"[bench] uniform ADC {adc}: reused from the suite's CSV", flush=True)
+        else:
+            print(f"[bench] uniform ADC {adc}: CIMQ PTQ, {iters} steps per unit", flush=True)
+            found = measure(setting, args.work_dir, extra_args=extra)
+        rows[setting.key] = {**{k: found.get(k, "") for k in COLUMNS}, "key": setting.key, "point": "uniform",
+                             "adc_bits": adc, "iters": iters, "config": found.get("config", "")}
+        _write(path, rows)
+    for kind in kinds:
+        key = searched_key(kind, iters, images, args.metric)
+        if key in rows:
+            continue
+        print(f"[bench] search: {LABELS[kind]} ({images} calibration images)", flush=True)
+        found = run_search(kind, iters, images, args.work_dir, extra, args.metric)
+        print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
+        print(f"[bench] {LABELS[kind]}: CIMQ PTQ, {iters} steps per unit", flush=True)
+        measured = measure(_uniform(4, iters), args.work_dir, extra_args=[*extra, "--config", str(found["overrides"])])
+        point = LABELS[kind] + ("" if args.metric == "fisher" else f" ({args.metric})")
+        rows[key] = {**{k: measured.get(k, "") for k in COLUMNS}, "key": key, "point": point, "adc_bits": "per layer",
+                     "iters": iters, "search_images": images, "search_seconds": found["seconds"],
+                     "predicted_energy_uj": found["predicted_energy_uj"], "assignment": found["assignment"],
+                     "config": str(found["overrides"])}
+        _write(path, rows)
+    shown = [r for r in rows.values() if str(r.get("iters")) == str(iters)]
+    columns = ["point", "adc_bits", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
+               "test/bit_density", "fit_seconds", "search_seconds"]
+    headers = ["setting", "ADC bits", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s", "search s"]
+    print(f"\n**ResNet-20 W4A4, 128x128, CIMQ PTQ ({iters} steps per unit)**: uniform ADC vs per-layer search "
+          f"({images} calibration images); {machine()}\n")
+    print(markdown_table(shown, columns, headers))
+    lines = targets(rows, iters, images, args.metric)
+    if lines:
+        print("\n" + markdown_table(lines, ["target", "measured", "met"]))
+    for row in shown:
+        if row.get("assignment"):
+            print(f"\n{row['point']}: {row['assignment']}")
+    picture = plot(shown, args.out_dir / "layer_search.png")
+    print(f"\nwrote {path} and {picture}")
+    return shown
+
+
+if __name__ == "__main__":
+    main()

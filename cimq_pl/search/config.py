@@ -1,0 +1,163 @@
+"""`SearchConfig`: what ``python -m cimq_pl search`` searches, under which budget, measured how.
+
+A plain dataclass (jsonargparse builds it from a ``search:`` YAML section or ``--search.<field>`` flags),
+validated when built: every bad value is one `ConfigError` line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant.overrides import OVERRIDE_BIT_FIELDS
+from cimq_pl.quant.spec import MAX_BITS, MIN_BITS
+
+__all__ = ["METRICS", "SearchConfig", "parse_setting", "setting_label"]
+
+#: How the loss a setting adds is measured (`cimq_pl.search.sensitivity`).
+METRICS = ("fisher", "kl", "mse")
+
+
+def _default_candidates() -> dict:
+    return {"adc_bits": [3, 4, 5, 6]}
+
+
+def setting_label(setting: dict) -> str:
+    """``{"adc_bits": 4}`` -> ``"adc_bits=4"`` (fields joined with commas; None written as ``null``)."""
+    return ",".join(f"{name}={'null' if value is None else value}" for name, value in setting.items())
+
+
+def parse_setting(text: str, where: str) -> dict:
+    """``"adc_bits=4"`` or ``"adc_bits=4,input_bits=8"`` -> ``{"adc_bits": 4, ...}`` (``null``/``none`` = None).
+
+    Raises:
+        ConfigError: a malformed string or a field that is not a bit-width of `OVERRIDE_BIT_FIELDS`.
+    """
+    setting = {}
+    for part in text.split(","):
+        name, equals, value = (piece.strip() for piece in part.partition("="))
+        if not equals or name not in OVERRIDE_BIT_FIELDS:
+            raise ConfigError(f"{where}={text!r} is invalid: expected a number, or a uniform setting of the candidates "
+                              f"such as 'adc_bits=4' (fields among {', '.join(OVERRIDE_BIT_FIELDS)})")
+        if value.lower() in ("null", "none"):
+            setting[name] = None
+        elif value.lstrip("-").isdigit():
+            setting[name] = int(value)
+        else:
+            raise ConfigError(f"{where}={text!r} is invalid: {name} takes an integer or null, got {value!r}")
+    return setting
+
+
+@dataclass
+class SearchConfig:
+    """A per-layer precision search (``python -m cimq_pl search``).
+
+    Attributes:
+        candidates: the settings each searched layer may take, as lists per field; a layer's candidates are
+            their combinations (``{"adc_bits": [3, 4, 5, 6]}``: four; ``{"adc_bits": [3, 4], "input_bits": [4, 8]}``:
+            four). Fields among ``weight_bits``, ``cell_bits``, ``input_bits``, ``dac_bits``, ``adc_bits``
+            (``null`` = float / ideal ADC).
+        layers: module names or globs of the layers to search (None: every layer the macro maps in ``cim`` mode;
+            layers left ``int8``/``digital`` by ``first_layer``/``last_layer`` keep their mapping).
+        energy_budget: the most energy the chosen assignment may spend, uJ per image, or a uniform setting of the
+            candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits). The search
+            returns the assignment of least predicted loss within it. None (and no ``loss_budget``): the energy of
+            the configured model (``model.cim`` and its overrides).
+        loss_budget: instead of an energy budget, the most predicted loss (the ``metric``'s objective) the
+            assignment may have, or a uniform setting (``"adc_bits=5"``: its predicted loss, the usual way to give
+            it); the search returns the assignment of least predicted energy within it.
+        metric: how a setting's loss is measured: ``fisher`` (the layer alone: its output error weighted by the
+            float network's diagonal Fisher, the second-order estimate of the loss it adds; fast and smooth),
+            ``kl`` or ``mse`` (the whole network's logits with that layer changed, against the layer exact: KL
+            divergence of the softmax, nats per image, or mean squared logit error; slower, exact, noisier). Whole
+            networks (``verify``) are measured by their KL divergence from the float network (MSE with ``mse``).
+        images: calibration images (the first of the datamodule's calibration subset, train split) that every
+            setting is calibrated and measured on.
+        batch_size: images per forward pass.
+        verify: also calibrate and measure, as whole networks, the chosen assignment and every uniform setting of
+            the candidates (the points of the plot; the sensitivities alone predict them additively).
+        test_images: test images (the start of the test split) whose top-1 accuracy the verified points report;
+            0 = none (the loss on the calibration images only).
+        energy_table: YAML of per-event energies; None = the config's `HardwareReport` table, else NeuroSim 22 nm.
+        output_dir: folder of ``cim_overrides.yaml`` (the chosen assignment, a config ``fit`` takes as is),
+            ``sensitivity.csv``, ``front.csv``, ``points.csv`` and ``search.png``.
+        replay: cache every CIM layer's activations on the search images (memory: a few activations per layer
+            and image, about 0.8 GB for ResNet-20 on 256 images) and replay them instead of recomputing: needed by
+            ``fisher``; with ``kl``/``mse`` the same numbers in about half the time.
+    """
+
+    candidates: dict[str, list[Optional[int]]] = field(default_factory=_default_candidates)
+    layers: Optional[list[str]] = None
+    energy_budget: Union[float, str, None] = None
+    loss_budget: Union[float, str, None] = None
+    metric: Literal["fisher", "kl", "mse"] = "fisher"
+    images: int = 256
+    batch_size: int = 128
+    verify: bool = True
+    test_images: int = 0
+    energy_table: Optional[str] = None
+    output_dir: str = "search"
+    replay: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.candidates, dict) or not self.candidates:
+            raise ConfigError(f"search.candidates={self.candidates!r} is invalid: expected a mapping of fields to "
+                              "lists of values, e.g. {adc_bits: [3, 4, 5, 6]}")
+        candidates = {}
+        for name, values in self.candidates.items():
+            if name not in OVERRIDE_BIT_FIELDS:
+                raise ConfigError(f"search.candidates: unknown field {name!r}; allowed: {', '.join(OVERRIDE_BIT_FIELDS)}")
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            for value in values:
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not MIN_BITS <= value <= MAX_BITS):
+                    raise ConfigError(f"search.candidates.{name}: {value!r} is invalid: expected integers in "
+                                      f"[{MIN_BITS}, {MAX_BITS}] or null")
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(f"search.candidates.{name}={values!r} is invalid: expected distinct values, at least one")
+            candidates[name] = values
+        self.candidates = candidates
+        for name in ("images", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"search.{name}={value!r} is invalid: expected an integer >= 1")
+        if isinstance(self.test_images, bool) or not isinstance(self.test_images, int) or self.test_images < 0:
+            raise ConfigError(f"search.test_images={self.test_images!r} is invalid: expected an integer >= 0")
+        if self.metric not in METRICS:
+            raise ConfigError(f"search.metric={self.metric!r} is invalid: expected one of {list(METRICS)}")
+        if self.metric == "fisher" and not self.replay:
+            raise ConfigError("search.metric='fisher' needs search.replay=true (it reads the cached activations); "
+                              "use metric kl or mse without replay")
+        if self.energy_budget is not None and self.loss_budget is not None:
+            raise ConfigError("search.energy_budget and search.loss_budget are both set: give one (the other is "
+                              "what the search minimises)")
+        for name in ("energy_budget", "loss_budget"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setting = parse_setting(value, f"search.{name}")
+                if setting not in self.settings():
+                    raise ConfigError(f"search.{name}={value!r} is not a uniform setting of the candidates: expected "
+                                      f"one of {', '.join(repr(setting_label(s)) for s in self.settings())}")
+            elif value is not None and (isinstance(value, bool) or not value >= 0):
+                raise ConfigError(f"search.{name}={value!r} is invalid: expected a number >= 0 or a setting such as "
+                                  "'adc_bits=4'")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers
+                                        or not all(isinstance(p, str) and p for p in self.layers)):
+            raise ConfigError(f"search.layers={self.layers!r} is invalid: expected a non-empty list of layer names or "
+                              "globs, or null (every layer on the arrays)")
+
+    def settings(self) -> list[dict]:
+        """Every candidate setting: the combinations of the ``candidates`` lists, in order."""
+        names = list(self.candidates)
+        return [dict(zip(names, values)) for values in itertools.product(*self.candidates.values())]
+
+    def budget(self) -> tuple:
+        """``(kind, value)``: kind ``"energy"`` or ``"loss"``; value a number, a setting dict, or None (the
+        configured model's energy)."""
+        kind = "loss" if self.loss_budget is not None else "energy"
+        value = self.loss_budget if kind == "loss" else self.energy_budget
+        if isinstance(value, str):
+            value = parse_setting(value, f"search.{kind}_budget")
+        return kind, (float(value) if isinstance(value, (int, float)) else value)

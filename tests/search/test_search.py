@@ -1,0 +1,174 @@
+"""The per-layer precision search (`cimq_pl.search`): config validation, the exact front against brute force,
+a search on a tiny network with a known answer, trials that reproduce the configured network exactly, and the
+written assignment that `convert_to_cim` takes as is."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.nn import functional as F
+
+from cimq_pl.errors import ConfigError
+from cimq_pl.quant import CIMSpec, QuantizerOptions, cim_layers, convert_to_cim
+from cimq_pl.search import SearchBench, SearchConfig, pareto_front, search_precision, select
+from cimq_pl.search.report import OVERRIDES_FILE, format_summary, write_search_files
+from cimq_pl.search.sensitivity import SensitivityTable
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"candidates": {"adc_bit": [3, 4]}}, r"search\.candidates: unknown field 'adc_bit'; allowed: weight_bits, "),
+    ({"candidates": {"adc_bits": [3, 17]}}, r"search\.candidates\.adc_bits: 17 is invalid: expected integers in \[1, 16\]"),
+    ({"candidates": {"adc_bits": [3, 3]}}, r"expected distinct values"),
+    ({"energy_budget": "adc_bits=7"}, r"search\.energy_budget='adc_bits=7' is not a uniform setting of the candidates: "
+                                      r"expected one of 'adc_bits=3', 'adc_bits=4', 'adc_bits=5', 'adc_bits=6'"),
+    ({"energy_budget": "adc=4"}, r"search\.energy_budget='adc=4' is invalid: expected a number, or a uniform setting"),
+    ({"energy_budget": -1.0}, r"search\.energy_budget=-1\.0 is invalid: expected a number >= 0"),
+    ({"energy_budget": 1.0, "loss_budget": 0.1}, r"both set: give one"),
+    ({"images": 0}, r"search\.images=0 is invalid: expected an integer >= 1"),
+    ({"metric": "ce"}, r"search\.metric='ce' is invalid: expected one of \['fisher', 'kl', 'mse'\]"),
+    ({"replay": False}, r"search\.metric='fisher' needs search\.replay=true"),
+    ({"layers": []}, r"search\.layers=\[\] is invalid"),
+])
+def test_bad_search_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchConfig(**kwargs)
+
+
+def test_candidates_combine_and_budgets_parse():
+    config = SearchConfig(candidates={"adc_bits": [3, 4], "input_bits": [4, None]}, loss_budget="adc_bits=4,input_bits=null")
+    assert config.settings() == [{"adc_bits": 3, "input_bits": 4}, {"adc_bits": 3, "input_bits": None},
+                                 {"adc_bits": 4, "input_bits": 4}, {"adc_bits": 4, "input_bits": None}]
+    assert config.budget() == ("loss", {"adc_bits": 4, "input_bits": None})
+    assert SearchConfig().budget() == ("energy", None) and SearchConfig(energy_budget=0.5).budget() == ("energy", 0.5)
+
+
+def _random_table(layers: int, settings: int, seed: int) -> SensitivityTable:
+    rng = random.Random(seed)
+    rows = lambda: [[rng.uniform(-1, 1) for _ in range(settings)] for _ in range(layers)]  # noqa: E731
+    loss, energy = rows(), rows()
+    loss[1][2] = energy[1][2] = math.nan  # a setting invalid for one layer is never chosen
+    return SensitivityTable([f"l{i}" for i in range(layers)], [{"adc_bits": b} for b in range(settings)],
+                            [0] * layers, loss, loss, energy, rows(), rows(), [[""] * settings for _ in range(layers)],
+                            1.0, 5.0, 0.0, "kl", 8)
+
+
+def test_the_front_and_budgets_are_exact_against_brute_force():
+    table = _random_table(5, 4, seed=3)
+    front = pareto_front(table)
+    choices = [c for c in itertools.product(range(4), repeat=5) if c[1] != 2]
+    predicted = {c: table.predict(c) for c in choices}
+    for budget in (3.0, 4.2, 5.0, 6.5):
+        best = min((c for c in choices if predicted[c][0] <= budget), key=lambda c: predicted[c][1])
+        assert select(front, "energy", budget).loss == pytest.approx(predicted[best][1])
+    for budget in (0.0, 1.0, 2.5):
+        best = min((c for c in choices if predicted[c][1] <= budget), key=lambda c: predicted[c][0])
+        assert select(front, "loss", budget).energy_uj == pytest.approx(predicted[best][0])
+    # every front point is an assignment's prediction and none dominates another
+    for point in front:
+        assert (point.energy_uj, point.loss) == pytest.approx(predicted[point.choice][:2])
+    assert all(a.energy_uj < b.energy_uj and a.loss > b.loss for a, b in zip(front, front[1:]))
+    with pytest.raises(ConfigError, match=r"energy_budget=0\.1 uJ/image is below every assignment.*cheapest needs"):
+        select(front, "energy", 0.1)
+
+
+MACRO = CIMSpec(weight_bits=8, input_bits=8)
+
+
+class _KnownAnswer(nn.Module):
+    """``a`` feeds the logits; ``b`` (four times ``a``'s ADC conversions) reaches them scaled by 1e-4. On 8-bit
+    weights and inputs the ADC is the error that matters: at the energy of ADC 4 everywhere, the best assignment
+    is ADC 6 on ``a`` paid for by ADC 2 on ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 32, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.fc.weight.mul_(30)  # confident logits: the loss reads the ADC error of ``a``
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.fc(h.mean((2, 3))) + 1e-4 * self.b(h).mean((2, 3)).sum(1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def known():
+    torch.manual_seed(0)
+    model = _KnownAnswer().eval()
+    convert_to_cim(model, MACRO, options=QuantizerOptions(), overrides={"fc": {"adc_bits": 6}})
+    images = torch.rand(32, 3, 8, 8)
+    config = SearchConfig(candidates={"adc_bits": [2, 4, 6]}, layers=["a", "b"], energy_budget="adc_bits=4",
+                          images=32, batch_size=16)
+    result = search_precision(model, images.split(16), config, configured_overrides={"fc": {"adc_bits": 6}})
+    return model, images, result
+
+
+def test_a_search_on_a_tiny_model_picks_the_known_answer(known):
+    _, _, result = known
+    assert result.table.assignment(result.chosen.choice) == {"a": {"adc_bits": 6}, "b": {"adc_bits": 2}}
+    uniform4, searched = result.point("adc_bits=4"), result.searched
+    assert searched.measured.energy_uj <= uniform4.measured.energy_uj  # the budget: uniform ADC 4's energy
+    assert searched.measured.loss < uniform4.measured.loss  # the sensitive layer got the bits
+    a, b = result.table.layers.index("a"), result.table.layers.index("b")
+    assert result.table.loss[a][0] > 1e4 * abs(result.table.loss[b][0])  # ADC 2: a matters, b does not
+    assert result.table.energy_uj[b][0] < -2 * result.table.energy_uj[a][2]  # b's ADC 2 pays for a's ADC 6
+    assert searched.predicted_energy_uj == pytest.approx(searched.measured.energy_uj, rel=2e-2)  # density moves a little
+    assert result.overrides == {"a": {"adc_bits": 6}, "b": {"adc_bits": 2}, "fc": {"adc_bits": 6}}
+    text = format_summary(result)
+    assert "searched assignment: adc_bits=6 x1, adc_bits=2 x1" in text and "uniform adc_bits=4" in text
+
+
+def test_the_written_assignment_is_a_config_convert_to_cim_takes(known, tmp_path):
+    _, _, result = known
+    written = write_search_files(result, tmp_path, header="made by a test")
+    assert [path.name for path in written] == [OVERRIDES_FILE, "sensitivity.csv", "front.csv", "points.csv", "search.png"]
+    text = (tmp_path / OVERRIDES_FILE).read_text()
+    assert text.startswith("# made by a test\n")
+    overrides = yaml.safe_load(text)["model"]["cim_overrides"]
+    fresh = _KnownAnswer().eval()
+    convert_to_cim(fresh, MACRO, overrides=overrides)
+    assert {name: layer.spec.adc_bits for name, layer in cim_layers(fresh)} == {"a": 6, "b": 2, "fc": 6}
+
+
+def test_fisher_trials_reproduce_the_configured_layer_and_grow_with_fewer_bits(known):
+    model, images, _ = known
+    bench = SearchBench(model, images.split(16))
+    configured = bench.fisher_trial("a")
+    assert bench.fisher_trial("a", model.a.spec).loss == configured.loss  # exactly: same calibration draws
+    errors = [bench.fisher_trial("a", model.a.spec.replace(adc_bits=bits)).loss for bits in (2, 3, 4, 6, None)]
+    assert errors == sorted(errors, reverse=True) and errors[2] == configured.loss
+    energies = [bench.fisher_trial("b", model.b.spec.replace(adc_bits=bits)).energy_uj for bits in (2, 4, 6)]
+    assert energies == sorted(energies) and energies[1] == pytest.approx(bench.fisher_trial("b").energy_uj)
+
+
+def test_fisher_noise_of_an_adc_is_measured_against_the_ideal_adc(known):
+    from cimq_pl.search.sensitivity import exact_for
+
+    model, images, _ = known
+    assert exact_for(model.a.spec, [{"adc_bits": 3}]) == model.a.spec.replace(adc_bits=None)
+    assert exact_for(model.a.spec, [{"input_bits": 3, "weight_bits": 2}]) == model.a.spec.replace(
+        input_bits=None, weight_bits=None, cell_bits=None)
+    bench = SearchBench(model, images.split(16))
+    ideal = bench.layer_outputs("a", model.a.spec.replace(adc_bits=None))
+    assert bench.fisher_trial("a", model.a.spec.replace(adc_bits=None), ideal).loss == 0.0
+    noise = [bench.fisher_trial("a", model.a.spec.replace(adc_bits=bits), ideal).loss for bits in (2, 4, 6, 8)]
+    assert noise == sorted(noise, reverse=True) and noise[-1] < 1e-3 * noise[0]
+
+
+def test_a_trial_of_the_configured_setting_gives_back_the_configured_network_with_and_without_replay(known):
+    model, images, _ = known
+    benches = [SearchBench(model, images.split(16), metric="kl", replay=replay) for replay in (True, False)]
+    assert benches[0].replay and not benches[1].replay
+    for bench in benches:
+        assert bench.try_layer("a", model.a.spec).loss == bench.reference.loss  # exactly: same calibration draws
+    lowered = [bench.try_layer("a", model.a.spec.replace(adc_bits=2, input_bits=3)) for bench in benches]
+    assert lowered[0].loss == lowered[1].loss and lowered[0].energy_uj == lowered[1].energy_uj
+    assert lowered[0].loss > benches[0].reference.loss
+    assert {name: layer.spec.adc_bits for name, layer in cim_layers(model)} == {"a": 4, "b": 4, "fc": 6}  # restored

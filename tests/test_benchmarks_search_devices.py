@@ -1,0 +1,57 @@
+"""Smoke runs of the two longest benchmark scripts, the per-layer search and the device noise, kept apart from
+`test_benchmarks.py` so that the parallel test run (``pytest -n 2 --dist loadfile``) can put them on another worker.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO, csv_rows
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import device_noise  # noqa: E402
+import layer_search  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_layer_search_quick(out):
+    """The search at the energy of uniform ADC 4 and its PTQ beside uniform ADC 4's (1 step per unit, tiny data)."""
+    rows = {row["point"]: row for row in layer_search.main(["--quick", "--budgets", "energy", "--out-dir", str(out),
+                                                              "--work-dir", str(out / "work")])}
+    assert set(rows) == {"uniform", layer_search.LABELS["energy"]}
+    searched = rows[layer_search.LABELS["energy"]]
+    assert len(searched["assignment"].split()) == 20  # every ResNet-20 layer got an ADC
+    assert all(0 <= float(row["test/acc"]) <= 1 and float(row["test/energy_per_image_uj"]) > 0 for row in rows.values())
+    assert len(csv_rows(out / "layer_search.csv")) == 2 and (out / "layer_search.png").stat().st_size > 0
+
+
+def test_device_noise_quick(out):
+    """Conventional, CIMQ and noise-aware CIMQ PTQ (1 step per unit) tested on 40 images under every kind of device
+    condition with 2 chips each; a second run reuses every row."""
+    import torch
+
+    rows = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
+    by = {(r["method"], r["condition"]): r for r in rows}
+    assert {method for method, _ in by} == {"conventional", "cimq", "cimq_noise_aware"}
+    assert {condition for _, condition in by} == {"ideal", "stuck0.01", "target", "drift", "drift_compensated"}
+    assert all(int(r["images"]) == 40 for r in rows)
+    ideal, noisy = by["cimq", "ideal"], by["cimq", "target"]
+    assert int(ideal["samples"]) == 1 and float(ideal["acc_std"]) == 0.0  # ideal cells: every chip is the same
+    assert int(noisy["samples"]) == 2 and 0.0 <= float(noisy["acc_min"]) <= float(noisy["acc_max"]) <= 1.0
+    for method in ("conventional", "cimq"):  # a year of drift: the compensation is what keeps the network alive
+        assert float(by[method, "drift_compensated"]["acc_mean"]) > float(by[method, "drift"]["acc_mean"])
+    record = torch.load(out / "work" / "device_noise_quick" / "cimq_noise_aware-iters1.ckpt", weights_only=True)["cimq"]
+    assert record["noise_aware"] is True and record["device"]["programming_sigma"] == 0.05
+    assert list((out / "work").rglob("monte_carlo_test_summary.csv"))  # MonteCarloDevices' own files
+    assert (out / "device_noise.png").stat().st_size > 0 and len(csv_rows(out / "device_noise.csv")) == len(rows)
+    again = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
+    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
