@@ -12,6 +12,7 @@ Prints one line per row (test accuracy on the data's test split, fit seconds) an
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import torch
@@ -28,11 +29,14 @@ ROWS = {"cimq": 2, "cimq_uniform_codes": None}  # max_ones of the input code set
 
 
 def run(row: str, adc_bits: int, iters: int, data: str, weights: str, accelerator: str = "auto",
-        calibration_size: int = 1024, num_workers: int = 4) -> dict:
-    """Fit (PTQ) and test one row on ``accelerator``; returns accuracy, fit seconds and the device."""
+        calibration_size: int = 1024, num_workers: int = 4, simulation: str = "eager", lr_scale: float = 1.0) -> dict:
+    """Fit (PTQ) and test one row on ``accelerator``; returns accuracy, fit seconds and the device.
+    ``lr_scale`` multiplies the three reconstruction learning rates (AdaRound logits, input steps, ADC clips)."""
     seed_everything(0)
-    module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits),
-                        objective=BlockReconstruction(iters_per_block=iters, batch_size=32))
+    defaults = inspect.signature(BlockReconstruction).parameters
+    lrs = {name: lr_scale * defaults[name].default for name in ("lr_rounding", "lr_step", "lr_clip")}
+    module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits), simulation=simulation,
+                        objective=BlockReconstruction(iters_per_block=iters, batch_size=32, **lrs))
     datamodule = CIFAR10DataModule(root=data, num_workers=num_workers, eval_batch_size=500,
                                    calibration_size=calibration_size)
     callbacks = [BitSparseActivations(max_ones=ROWS[row]), ArraywiseWeights(), PartialSumClipping(),
@@ -47,8 +51,9 @@ def run(row: str, adc_bits: int, iters: int, data: str, weights: str, accelerato
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
     root = trainer.strategy.root_device
     device = torch.cuda.get_device_name(root) if root.type == "cuda" else "cpu"
-    return {"row": row, "adc_bits": adc_bits, "iters_per_block": iters, "test/acc": round(accuracy, 4),
-            "fit_seconds": round(fit_seconds, 1), "device": device}
+    return {"row": row, "adc_bits": adc_bits, "iters_per_block": iters, "lr_scale": lr_scale,
+            "simulation": simulation, "test/acc": round(accuracy, 4), "fit_seconds": round(fit_seconds, 1),
+            "device": device}
 
 
 def main() -> None:
@@ -58,15 +63,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--adc-bits", nargs="+", type=int, default=[4])
+    parser.add_argument("--simulation", default="eager", choices=["eager", "compiled"], help="CIM layer path")
+    parser.add_argument("--lr-scales", nargs="+", type=float, default=[1.0],
+                        help="multipliers of the three reconstruction learning rates, one row each")
     args = parser.parse_args()
     results = []
     for row in args.rows:
         for adc_bits in args.adc_bits:
-            results.append(run(row, adc_bits, args.iters, args.data, args.weights))
-            print(f"[gpu_ptq] {results[-1]}", flush=True)
-    print("\n| row | ADC bits | steps/unit | test/acc | fit s | device |\n|---|---|---|---|---|---|")
+            for lr_scale in args.lr_scales:
+                results.append(run(row, adc_bits, args.iters, args.data, args.weights, simulation=args.simulation,
+                                   lr_scale=lr_scale))
+                print(f"[gpu_ptq] {results[-1]}", flush=True)
+    print("\n| row | ADC bits | steps/unit | LR x | path | test/acc | fit s | device |\n|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['row']} | {r['adc_bits']} | {r['iters_per_block']} | {r['test/acc']} | {r['fit_seconds']} | {r['device']} |")
+        print(f"| {r['row']} | {r['adc_bits']} | {r['iters_per_block']} | {r['lr_scale']} | {r['simulation']} "
+              f"| {r['test/acc']} | {r['fit_seconds']} | {r['device']} |")
 
 
 if __name__ == "__main__":

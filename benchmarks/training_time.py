@@ -6,6 +6,10 @@
   the full 50,000-image CIFAR-10 train set follow from the step time.
 * PTQ: the fit time of the CIMQ rows of ``ablation.csv`` (written by ``ablation.py``: calibration on 1,024
   images + reconstruction of every unit, W4A4, ADC 4), when present.
+* PTQ step rate (``--ptq-steps N``): the preset ``configs/quant/cimq_ptq.yaml`` with N steps per unit on each
+  ``--simulations`` path (eager, compiled), through the CLI: reconstruction steps per second, timing every
+  step but the first two of each unit (the block's input capture and, compiled, its compilation), and the
+  fit's wall time (compilation included).
 
 Writes ``training_time.csv``.
 
@@ -59,6 +63,34 @@ def qat_row(model: str, steps: int, work_dir, extra) -> dict:
             "epoch_50k_seconds": round(per_step * math.ceil(50000 / 128))}
 
 
+class UnitStepTimer(Callback):
+    """Seconds of the PTQ training steps past the first ``skip`` of each unit of ``steps_per_unit``."""
+
+    def __init__(self, steps_per_unit: int, skip: int = 2):
+        self.steps_per_unit, self.skip, self.steps, self.seconds, self._start = steps_per_unit, skip, 0, 0.0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter() if batch_idx % self.steps_per_unit >= self.skip else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is not None:
+            self.steps += 1
+            self.seconds += time.perf_counter() - self._start
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds else float("nan")
+
+
+def ptq_step_row(model: str, simulation: str, steps: int, work_dir, extra) -> dict:
+    timer = UnitStepTimer(steps)
+    row = measure(Setting(model, "cimq_ptq", iters=steps), work_dir,
+                  extra_args=[*extra, "--model.simulation", simulation], callbacks=[timer], test=False)
+    return {"model": model, "method": f"PTQ step rate (cimq_ptq.yaml, simulation {simulation})",
+            "budget": f"{steps} steps x 32 images per unit", "seconds": row["fit_seconds"],
+            "seconds_per_step": round(1 / timer.steps_per_second, 4)}
+
+
 def ptq_rows(ablation_csv) -> list[dict]:
     if not ablation_csv.is_file():
         return []
@@ -78,13 +110,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from cimq_pl.cost.tables import write_csv_atomic
 
     parser = base_parser(__doc__.split("\n")[0], models=True)
-    parser.add_argument("--steps", type=int, default=10, help="timed QAT steps per model")
+    parser.add_argument("--steps", type=int, default=10, help="timed QAT steps per model (0: no QAT rows)")
+    parser.add_argument("--ptq-steps", type=int, default=0, help="PTQ steps per unit of the step-rate rows (0: none)")
+    parser.add_argument("--simulations", default="eager,compiled", help="CIM layer paths of the step-rate rows")
     args = parser.parse_args(argv)
     extra = prepare(args)
     models = ["resnet20"] if args.smoke else args.models
     steps = 2 if args.smoke else args.steps
     rows = ptq_rows(args.out_dir / "ablation.csv")
-    rows += [qat_row(model, steps, args.work_dir, extra) for model in models]
+    if steps:
+        rows += [qat_row(model, steps, args.work_dir, extra) for model in models]
+    if args.ptq_steps:
+        rows += [ptq_step_row(model, simulation, args.ptq_steps, args.work_dir, extra)
+                 for model in models for simulation in args.simulations.split(",")]
     print("\n" + tables(rows))
     path = write_csv_atomic(args.out_dir / "training_time.csv", rows, COLUMNS)
     print(f"\nwrote {path}")

@@ -1,0 +1,40 @@
+"""``model.simulation``: eager, compiled, or auto (compiled for fits long enough to repay the compilation)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from cimq_pl import module as module_lib
+from cimq_pl.errors import ConfigError
+from cimq_pl.module import AUTO_COMPILE_MIN_STEPS, CIMQModule
+from cimq_pl.quant import CIMSpec, cim_layers
+
+
+def _paths(module) -> set:
+    return {layer.simulation for _, layer in cim_layers(module.model)}
+
+
+@pytest.mark.parametrize("steps, expected", [(AUTO_COMPILE_MIN_STEPS - 1, "eager"), (AUTO_COMPILE_MIN_STEPS, "compiled")])
+def test_auto_compiles_long_fits_only(monkeypatch, steps, expected):
+    monkeypatch.setattr(module_lib, "compiled_simulation_available", lambda: True)
+    module = CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(rows=64, cols=64), simulation="auto")
+    assert _paths(module) == {"eager"}
+    module._trainer = SimpleNamespace(estimated_stepping_batches=steps)
+    module.on_train_start()
+    assert _paths(module) == {expected}
+    module.on_train_end()  # evaluation after the fit runs eagerly, as a separate `test` run would
+    assert _paths(module) == {"eager"}
+
+
+def test_auto_stays_eager_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(module_lib, "compiled_simulation_available", lambda: False)
+    module = CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(rows=64, cols=64), simulation="auto")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10 * AUTO_COMPILE_MIN_STEPS)
+    module.on_train_start()
+    assert _paths(module) == {"eager"}
+
+
+def test_explicit_paths_and_a_bad_value():
+    assert _paths(CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(), simulation="compiled")) == {"compiled"}
+    with pytest.raises(ConfigError, match=r"model.simulation='jit' is invalid: expected one of \['eager', 'compiled', 'auto'\]"):
+        CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(), simulation="jit")
