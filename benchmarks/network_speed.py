@@ -72,7 +72,7 @@ def build(network: str, path: str, device: torch.device, calibration: torch.Tens
     if path == "fp":
         return model
     options = QuantizerOptions(weight_granularity="array", weight_rounding="adaround", input_max_ones=2,
-                               psum_granularity="array", psum_observer="mse", learn_psum_clip=True)
+                               psum_granularity="array", psum_observer="mse", psum_learn_clip=True)
     convert_to_cim(model, _spec(), options=options)
     if path != "eager":  # (an older checkout without cimq_pl.quant.fused measures its eager path only)
         from cimq_pl.quant.fused import set_simulation

@@ -16,6 +16,7 @@ a script can reuse a setting another script already measured (the ADC sweep reus
 from __future__ import annotations
 
 import csv
+import inspect
 import os
 import platform
 import time
@@ -49,6 +50,7 @@ ROWS = {
     "brecq": ("configs/quant/ablation/brecq.yaml", {}),
     "cimq_uniform_codes": ("configs/quant/ablation/cimq_uniform_codes.yaml", {}),
     "cimq_qat": ("configs/quant/cimq_qat.yaml", {}),
+    "cimq_int8_edges": ("configs/quant/cimq_ptq.yaml", {"first_layer": "int8", "last_layer": "int8"}),
 }
 ROW_LABELS = {
     "fp": "FP (no quantization)",
@@ -63,6 +65,7 @@ ROW_LABELS = {
     "brecq": "BRECQ (reconstruction, no dropping)",
     "cimq_uniform_codes": "CIMQ with uniform activation codes",
     "cimq_qat": "CIMQ QAT (all techniques but dropping)",
+    "cimq_int8_edges": "CIMQ, first conv and classifier int8",
 }
 METRICS = (
     "test/acc",
@@ -87,6 +90,9 @@ class Setting:
         max_ones: k of `BitSparseActivations` (0 = uniform codes; only where the config has that callback).
         keep_prob: p of `QuantDropping` (only where the config has that callback).
         iters: PTQ reconstruction steps per unit (only for configs that reconstruct).
+        lr_scale: multiplier of the reconstruction's three learning rates (AdaRound logits, input steps, ADC
+            clips; only for configs that reconstruct).
+        weight_granularity: weight scales of `ArraywiseWeights` (``array``, ``channel``, ``array_channel``).
     """
 
     model: str
@@ -98,6 +104,8 @@ class Setting:
     max_ones: Optional[int] = None
     keep_prob: Optional[float] = None
     iters: Optional[int] = None
+    lr_scale: Optional[float] = None
+    weight_granularity: Optional[str] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
@@ -151,6 +159,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
     for name, callback, argument, value in (
         ("max_ones", "BitSparseActivations", "max_ones", None if setting.max_ones == 0 else setting.max_ones),
         ("keep_prob", "QuantDropping", "keep_prob", setting.keep_prob),
+        ("weight_granularity", "ArraywiseWeights", "granularity", setting.weight_granularity),
     ):
         if getattr(setting, name) is None:
             continue
@@ -164,6 +173,16 @@ def derived_config(setting: Setting) -> Optional[dict]:
         init_args = objective.setdefault("init_args", {})
         if init_args.get("iters_per_block", 1) != 0:  # calibration-only configs stay calibration-only
             init_args["iters_per_block"] = setting.iters
+    if setting.lr_scale is not None:
+        from cimq_pl.objectives import BlockReconstruction
+
+        objective = config["model"].get("objective") or {}
+        if not objective.get("class_path", "").endswith("BlockReconstruction"):
+            raise ValueError(f"setting {setting.key}: lr_scale needs model.objective BlockReconstruction in {path}")
+        init_args = objective.setdefault("init_args", {})
+        defaults = inspect.signature(BlockReconstruction).parameters
+        for name in ("lr_rounding", "lr_step", "lr_clip"):
+            init_args[name] = setting.lr_scale * init_args.get(name, defaults[name].default)
     return config
 
 

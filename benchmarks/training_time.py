@@ -84,7 +84,7 @@ class UnitStepTimer(Callback):
 
 def ptq_step_row(model: str, simulation: str, steps: int, work_dir, extra) -> dict:
     timer = UnitStepTimer(steps)
-    row = measure(Setting(model, "cimq_ptq", iters=steps), work_dir,
+    row = measure(Setting(model, "cimq", iters=steps), work_dir,
                   extra_args=[*extra, "--model.simulation", simulation], callbacks=[timer], test=False)
     return {"model": model, "method": f"PTQ step rate (cimq_ptq.yaml, simulation {simulation})",
             "budget": f"{steps} steps x 32 images per unit", "seconds": row["fit_seconds"],

@@ -66,8 +66,9 @@ class CIMQModule(pl.LightningModule):
             for bit the reference results), ``"compiled"`` (``torch.compile`` kernels around channels-last
             convolutions: about 3x faster PTQ steps after a compilation of about 2 minutes for ResNet-20 on
             the CPU; results equal up to the order of float sums; falls back to eager with one warning where
-            compilation fails) or ``"auto"`` (compiled for a fit of at least `AUTO_COMPILE_MIN_STEPS` optimizer
-            steps, where the compilation pays for itself; eager otherwise and for evaluation).
+            compilation fails) or ``"auto"`` (compiled for a fit on the CPU of at least `AUTO_COMPILE_MIN_STEPS`
+            optimizer steps, where the compilation pays for itself; eager otherwise, for evaluation and on CUDA,
+            where the compiled path measured no faster in a PTQ fit).
         objective: what a training step optimises (:mod:`cimq_pl.objectives`), e.g. ``model.objective:
             {class_path: cimq_pl.objectives.BlockReconstruction, init_args: {iters_per_block: 200}}`` for PTQ
             (with the `PostTrainingQuantization` callback); None = `TaskObjective()` (cross-entropy: fine-tuning,
@@ -257,10 +258,10 @@ class CIMQModule(pl.LightningModule):
             set_device_mode_(self.model, "chip" if on else "ideal", seed=spec.seed, time=spec.read_time)
 
     def on_train_start(self) -> None:
-        """``simulation: auto``: compile the CIM layers for a fit long enough to repay the compilation."""
+        """``simulation: auto``: compile the CIM layers for a CPU fit long enough to repay the compilation."""
         if self.simulation == "auto" and self.is_cim and not self.is_export:
             steps = self.trainer.estimated_stepping_batches
-            if steps >= AUTO_COMPILE_MIN_STEPS and compiled_simulation_available():
+            if self.device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS and compiled_simulation_available():
                 set_simulation(self.model, "compiled")
                 rank_zero_info(f"model.simulation=auto: {steps} training steps, CIM layers compiled "
                                f"(>= {AUTO_COMPILE_MIN_STEPS}; compilation takes a minute or two)")

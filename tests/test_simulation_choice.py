@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cimq_pl import module as module_lib
 from cimq_pl.errors import ConfigError
@@ -26,10 +27,12 @@ def test_auto_compiles_long_fits_only(monkeypatch, steps, expected):
     assert _paths(module) == {"eager"}
 
 
-def test_auto_stays_eager_without_a_compiler(monkeypatch):
-    monkeypatch.setattr(module_lib, "compiled_simulation_available", lambda: False)
+@pytest.mark.parametrize("compiler, device", [(False, "cpu"), (True, "cuda")])
+def test_auto_stays_eager_without_a_compiler_and_on_cuda(monkeypatch, compiler, device):
+    monkeypatch.setattr(module_lib, "compiled_simulation_available", lambda: compiler)
     module = CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(rows=64, cols=64), simulation="auto")
     module._trainer = SimpleNamespace(estimated_stepping_batches=10 * AUTO_COMPILE_MIN_STEPS)
+    monkeypatch.setattr(CIMQModule, "device", property(lambda self: torch.device(device)))
     module.on_train_start()
     assert _paths(module) == {"eager"}
 

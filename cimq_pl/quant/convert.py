@@ -127,6 +127,7 @@ def convert_to_cim(
         except ValueError as error:
             report.skipped.append((name, str(error)))
             continue
+        cim_layer.mapping = mode
         cim_layer.to(device=module.weight.device, dtype=module.weight.dtype)
         cim_layer.train(module.training)
         _set_submodule(model, name, cim_layer)
@@ -153,6 +154,7 @@ def rebuild_cim_layer(layer: nn.Module, spec: CIMSpec, options: Optional[Quantiz
     else:
         raise TypeError(f"cannot rebuild {type(layer).__name__}: expected CIMConv2d or CIMLinear")
     new.train(layer.training)
+    new.mapping = layer.mapping
     return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 

@@ -168,6 +168,36 @@ def channels_last_psums(codes: torch.Tensor, weight: torch.Tensor, split: InputS
     return _conv(_digits(codes, split), weight, conv)
 
 
+def cycle_pack(weights: list, split: InputSplit, dtype: torch.dtype) -> int:
+    """The factor S (a power of two) that lets one convolution compute the partial sums of two input cycles
+    exactly, or 0 where it cannot.
+
+    With integer digits and weights, a cycle's partial sum p_j is an integer with |p_j| <= B (B = the largest
+    sum of |weight| over one column's rows times the largest digit). The convolution of d_2i + S d_2i+1 gives
+    p_2i + S p_2i+1 exactly while (S + 1) B stays below 2^mantissa, and S > 2B makes the pair unique:
+    p_2i+1 = round(P / S), p_2i = P - S p_2i+1 (`_unpack_cycles`). For W4 weights on 128 rows and 1-bit
+    digits, B <= 1024 and S = 4096, well inside float32's 2^24: half the convolution work, the same bits.
+    Used without gradients only (evaluation); needs an even number of cycles.
+    """
+    mantissa = {torch.float32: 24, torch.float64: 53}.get(dtype)
+    if mantissa is None or len(split.widths) % 2 or not split.exact:
+        return 0
+    max_digit = max(max(abs(split.qmin >> shift), abs(split.qmax >> shift)) if not width else 2**width - 1
+                    for shift, width in zip(split.shifts, split.widths))
+    bound = max(float(w.abs().sum((1, 2, 3)).max()) for w in weights) * max_digit
+    factor = 1 << int(2 * bound).bit_length()  # > 2 * bound
+    return factor if (factor + 1) * bound < 2**mantissa else 0
+
+
+def _unpack_cycles(packed: torch.Tensor, factor: int) -> list:
+    """Per-cycle partial sums [p_0, p_1, ...] of cycle-pair partial sums (n_cycles / 2, ...) (`cycle_pack`)."""
+    cycles = []
+    for pair in range(packed.shape[0]):
+        high = torch.round(packed[pair] * (1.0 / factor))
+        cycles += [packed[pair] - high * factor, high]
+    return cycles
+
+
 # ------------------------------------------------------------------------------------------ compiled kernels
 class PostConfig(NamedTuple):
     """Static description of what follows the array convolutions of a layer (compile-time constants)."""
@@ -182,6 +212,7 @@ class PostConfig(NamedTuple):
     scaled: bool  # whether the shift-add multiplies (slice weights, tile scales or reference columns)
     input_scale: bool
     bias: bool
+    pack: int = 0  # > 0: the convolutions ran on cycle pairs d_2i + pack * d_2i+1 (`cycle_pack`)
 
 
 def _sequential_sum(terms: list) -> torch.Tensor:
@@ -225,11 +256,12 @@ def _post_forward(psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input
     (n_cycles, N, H, W, K_p) of each part -> NHWC output (N, H, W, C_out)."""
     out = None
     for p, P in enumerate(psums):
+        cycles = _unpack_cycles(P, cfg.pack) if cfg.pack else P
         if cfg.adc:
-            _, codes = _adc_codes(P, steps[p], qmins[p], qmaxs[p])
+            codes = [_adc_codes(cycle, steps[p], qmins[p], qmaxs[p])[1] for cycle in cycles]
             u = _cycle_sum_nhwc(codes, cfg.cycle_weights) * steps[p]
         else:
-            u = _cycle_sum_nhwc(P, cfg.cycle_weights)
+            u = _cycle_sum_nhwc(cycles, cfg.cycle_weights)
         part, _, _ = _part_output(u, coefs[p], ref_coefs[p], ref_index, cfg.part_blocks[p], cfg)
         out = part if out is None else out + part
     n, h, w = out.shape[:3]
@@ -327,9 +359,10 @@ def _quantize(x, step, lut, keep, quant: InputQuant):
 
 
 def _split_kernel(values: torch.Tensor, split: InputSplit, step=None, lut=None, keep=None,
-                  quant: Optional[InputQuant] = None) -> torch.Tensor:
+                  quant: Optional[InputQuant] = None, pack: int = 0) -> torch.Tensor:
     """`digit_planes` of (N, C, H, W) codes in int32 arithmetic, NHWC: (n_cycles, N, H, W, C); with ``quant``,
-    ``values`` are the float inputs, quantized first (`_quantize`)."""
+    ``values`` are the float inputs, quantized first (`_quantize`); with ``pack``, the cycle pairs
+    d_2i + pack * d_2i+1 (n_cycles / 2, N, H, W, C) (`cycle_pack`)."""
     codes_nhwc = values.permute(0, 2, 3, 1)
     if quant is not None:
         codes_nhwc, _ = _quantize(codes_nhwc, step, lut, None if keep is None else keep.permute(0, 2, 3, 1), quant)
@@ -346,6 +379,8 @@ def _split_kernel(values: torch.Tensor, split: InputSplit, step=None, lut=None, 
         planes.append(digit.to(codes_nhwc.dtype))
     if residual is not None:
         planes[0] = planes[0] + residual
+    if pack:
+        planes = [planes[i] + planes[i + 1] * pack for i in range(0, len(planes), 2)]
     return torch.stack(planes)
 
 
@@ -432,8 +467,9 @@ class _CompiledLayer(torch.autograd.Function):
         n_cycles = len(cfg.cycle_weights)
         inputs = [t.contiguous(memory_format=_CHANNELS_LAST) for t in inputs]  # a transposing read is slower
         keeps = [None if k is None else k.contiguous(memory_format=_CHANNELS_LAST) for k in keeps]
-        digits = [_digits_compiled(t, split, input_step, lut, k, quant) for t, k in zip(inputs, keeps)]
-        psums = [_batch_dynamic(_nhwc(_conv(d, w, conv), n_cycles), 1)
+        digits = [_digits_compiled(t, split, input_step, lut, k, quant, cfg.pack) for t, k in zip(inputs, keeps)]
+        n_convolved = n_cycles // 2 if cfg.pack else n_cycles
+        psums = [_batch_dynamic(_nhwc(_conv(d, w, conv), n_convolved), 1)
                  for d, w, conv in zip(digits, weights, convs)]
         out = _run_compiled(_post_forward, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step,
                             bias, cfg).permute(0, 3, 1, 2)
@@ -488,12 +524,13 @@ class _CompiledLayer(torch.autograd.Function):
 
 
 def _digits_compiled(values: torch.Tensor, split: Optional[InputSplit], step=None, lut=None, keep=None,
-                     quant: Optional[InputQuant] = None) -> torch.Tensor:
-    """`_digits` through the compiled `_split_kernel` (channels-last values and digits)."""
+                     quant: Optional[InputQuant] = None, pack: int = 0) -> torch.Tensor:
+    """`_digits` through the compiled `_split_kernel` (channels-last values and digits; cycle pairs when
+    ``pack``)."""
     if split is None:
         return values
     planes = _run_compiled(_split_kernel, _batch_dynamic(values), split, step, lut, _batch_dynamic(keep),
-                           quant)  # (n_cycles, N, H, W, C)
+                           quant, pack)  # (n_cycles, N, H, W, C)
     return planes.reshape(-1, *planes.shape[2:]).permute(0, 3, 1, 2)
 
 

@@ -107,6 +107,7 @@ class _CIMLayerBase(nn.Module):
         self.register_buffer("_col_block_of_column", geo.col_block_of_column(), persistent=False)
         self._meta_cache: dict = {}
         self.device_model = None  # real-device non-idealities (device_model.py), attached by attach_device_
+        self.mapping = "cim"  # "cim" (the macro's arrays) or "int8" (an 8-bit edge layer), set by convert_to_cim
         self.simulation: Optional[str] = None  # "eager", "compiled" or None (the process default), see fused.py
 
     def _array_convs(self) -> list:
@@ -347,8 +348,12 @@ class _CIMLayerBase(nn.Module):
         if compiled:
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             keeps = self._part_codes(keep) if keep is not None else [None] * len(self.parts)
+            pack = 0  # no gradient and exact integer partial sums: two cycles per convolution (fused.cycle_pack)
+            if not torch.is_grad_enabled() and weight_active and weight_exact and self._integer_psums(split, x.dtype):
+                pack = fused.cycle_pack(weights, split, x.dtype)
             return self._compiled_forward(split, quant, lut, self._part_codes(x), keeps, weights, metas,
-                                          weight_step, slice_weights, n_ref, input_step, adc_active, channels_last)
+                                          weight_step, slice_weights, n_ref, input_step, adc_active, channels_last,
+                                          pack)
 
         needs_grad = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
         fast = device is None and not needs_grad and weight_active and weight_exact and self._integer_psums(split, x.dtype)
@@ -476,10 +481,10 @@ class _CIMLayerBase(nn.Module):
         return self._meta_cache[key]
 
     def _compiled_forward(self, split, quant, lut, part_inputs, keeps, weights, metas, weight_step, slice_weights,
-                          n_ref, input_step, adc_active, channels_last):
+                          n_ref, input_step, adc_active, channels_last, pack: int = 0):
         """The layer output on the compiled path (`fused.compiled_layer`): float inputs of each part (quantized
         by the kernels with ``quant``, ``lut``, ``input_step`` and the QDrop ``keeps``), the array weights and the
-        ADC and shift-add factors."""
+        ADC and shift-add factors; ``pack`` > 0 convolves two cycles at once (`fused.cycle_pack`)."""
         geo, pq = self.geometry, self.psum_quantizer
         dtype, device = weights[0].dtype, weights[0].device
         steps, qmins, qmaxs, coefs, ref_coefs = [], [], [], [], []
@@ -494,7 +499,7 @@ class _CIMLayerBase(nn.Module):
             cycle_weights=tuple(split.cycle_weights) if split is not None else (1,),
             part_blocks=tuple(len(part.row_blocks) for part in self.parts), groups=geo.groups,
             cout_g=geo.out_channels_per_group, n_slices=len(slice_weights), n_ref=n_ref, adc=adc_active,
-            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=self.bias is not None)
+            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=self.bias is not None, pack=pack)
         ref_index = self._col_block_of_column if n_ref else None
         ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
         convs = [conv for conv, _ in self._array_convs()]

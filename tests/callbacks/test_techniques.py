@@ -81,6 +81,17 @@ def test_bit_sparse_codes_lower_measured_bit_density(images):
     assert _bit_density(sparse, images) < 0.7 * _bit_density(plain, images)
 
 
+def test_bit_sparse_codes_leave_int8_edge_layers_uniform():
+    """The code set is a technique of the 4-bit arrays: the int8 first conv and classifier keep all 256 codes."""
+    module = CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(first_layer="int8", last_layer="int8"))
+    quantize_(module.model, BitSparseActivationConfig(max_ones=2))
+    layers = cim_layers(module.model)
+    edges = [layer for _, layer in layers if layer.mapping == "int8"]
+    assert [name for name, layer in layers if layer.mapping == "int8"] == ["conv1", "fc"]
+    assert all(layer.input_quantizer.max_ones is None and layer.spec.input_bits == 8 for layer in edges)
+    assert all(layer.input_quantizer.max_ones == 2 for _, layer in layers if layer.mapping == "cim")
+
+
 def test_psum_clipping_is_per_array_learnable_and_mse_initialised(images):
     baseline, clipped = _model(), _model(PartialSumClippingConfig("array", "mse", True))
     calibrate_(baseline, [images])

@@ -25,7 +25,7 @@ from cimq_pl.quant import (ActivationQuantizer, CIMConv2d, CIMLinear, CIMSpec, D
 from .reference import reference_conv
 from .test_layers_exact import _conv, conv_cases, specs
 
-compiled_layer = fused.compiled_layer
+compiled_layer, cycle_pack = fused.compiled_layer, fused.cycle_pack
 OPTIONS = dict(input_observer="minmax", weight_observer="minmax", psum_observer="minmax", weight_granularity="array")
 
 
@@ -95,6 +95,39 @@ def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, tra
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-9, atol=1e-9, msg=name)
     if not train and max_ones is None:  # (the reference rounds inputs: no bit-sparse code sets)
         torch.testing.assert_close(out, reference_conv(layer, x)["output"], rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
+       max_ones=st.sampled_from([None, 2]))
+def test_cycle_pairs_in_one_convolution_give_the_same_bits(case, spec, signed, seed, max_ones):
+    """Without gradients the compiled path convolves two cycles at once (`fused.cycle_pack`): bit for bit the
+    outputs of one convolution per cycle, in float32 (the dtype whose mantissa the packing must respect)."""
+    layer, x = _initialised(case, spec, seed, torch.float32, signed, input_max_ones=max_ones)
+    layer.eval()
+    layer.simulation = "compiled"
+    factors = []
+    with uncompiled(), torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        unpacked = None
+        patch.setattr(fused, "cycle_pack", lambda *a: factors.append(0) or 0)
+        unpacked = layer(x)
+        patch.setattr(fused, "cycle_pack", lambda *a: factors.append(cycle_pack(*a)) or factors[-1])
+        packed = layer(x)
+    assert torch.equal(packed, unpacked)
+    n_cycles = layer.geometry.n_cycles(signed=bool(layer.input_quantizer.signed))
+    assert (factors[-1] > 0) == (n_cycles % 2 == 0)  # small layers always fit float32's mantissa
+
+
+def test_cycle_pack_factor_by_hand():
+    """Digits of 1 bit, a column of weights (3, -2, 1) over 3 rows: |p| <= 6, so S = 16 > 12 and two cycles
+    share a convolution; a column summing to 4096 needs S = 16384 and more than float32's 24 bits."""
+    split = fused.InputSplit(shifts=(0, 1, 2, 3), widths=(1, 1, 1, 1), cycle_weights=(1, 2, 4, 8), qmin=0, qmax=15,
+                             exact=True)
+    weight = torch.tensor([3.0, -2.0, 1.0]).view(1, 3, 1, 1)
+    assert fused.cycle_pack([weight], split, torch.float32) == 16
+    assert fused.cycle_pack([torch.full((1, 4096, 1, 1), 1.0)], split, torch.float32) == 0  # (16384 + 1) 4096 > 2^24
+    assert fused.cycle_pack([torch.full((1, 4096, 1, 1), 1.0)], split, torch.float64) == 16384
+    assert fused.cycle_pack([weight], split._replace(shifts=(0, 1, 2), widths=(1, 1, 0)), torch.float32) == 0
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -53,14 +53,17 @@ def applied_technique(model: nn.Module, config_type: type):
     return model.__dict__.get(_APPLIED, {}).get(config_type)
 
 
-def reconfigure_(model: nn.Module, **changes) -> int:
-    """Change quantizer options of every CIM layer of ``model`` in place; returns the layers changed.
+def reconfigure_(model: nn.Module, mappings: tuple = ("cim", "int8"), **changes) -> int:
+    """Change quantizer options of the CIM layers of ``model`` mapped as one of ``mappings`` (``"cim"``: the
+    macro's arrays, ``"int8"``: 8-bit edge layers) in place; returns the layers changed.
 
     Only the quantizers whose options change are rebuilt (uncalibrated, on the layer's device); the others
     keep their state.
     """
     changed = 0
     for _, layer in cim_layers(model):
+        if getattr(layer, "mapping", "cim") not in mappings:
+            continue
         options = dataclasses.replace(layer.options, **changes)
         if options != layer.options:
             layer.set_options(options)

@@ -31,7 +31,8 @@ class BitSparseActivationConfig:
 
     Attributes:
         max_ones: most 1 bits per input code (k); None or k = input_bits is the plain uniform code set (a layer
-            with more input bits, e.g. an int8 first layer, keeps k); k above every layer's input_bits is an error.
+            with more input bits on the macro keeps k); k above every layer's input_bits is an error. Layers
+            mapped ``int8`` (`CIMSpec.first_layer` / ``last_layer``) are left alone: uniform 8-bit codes.
         sparsity_weight: lambda of the popcount regularizer (0 disables it).
         observer: input step initialisation, ``"mse"`` (default, searched over the allowed codes),
             ``"minmax"`` or ``"percentile"``.
@@ -54,17 +55,19 @@ class BitSparseActivationConfig:
             raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
 
     def apply_(self, model: nn.Module) -> None:
-        """Restrict every CIM layer's input codes and set its regularizer weight.
+        """Restrict the input codes of every CIM layer on the macro's arrays (not the ``int8`` edge layers) and set
+        its regularizer weight.
 
         Raises:
             ConfigError: ``max_ones`` exceeds every layer's input bits (no code can have that many one bits).
         """
-        widths = [layer.spec.input_bits for _, layer in cim_layers(model) if layer.input_quantizer is not None]
+        widths = [layer.spec.input_bits for _, layer in cim_layers(model)
+                  if layer.input_quantizer is not None and layer.mapping == "cim"]
         if self.max_ones is not None and widths and self.max_ones > max(widths):
             raise ConfigError(
                 f"max_ones={self.max_ones} exceeds the macro's input_bits={max(widths)}: a code has at most "
                 "input_bits one bits (max_ones: null gives the plain uniform code set)"
             )
         reconfigure_(
-            model, input_max_ones=self.max_ones, input_observer=self.observer, input_sparsity_weight=self.sparsity_weight
+            model, mappings=("cim",), input_max_ones=self.max_ones, input_observer=self.observer, input_sparsity_weight=self.sparsity_weight
         )

@@ -1,0 +1,57 @@
+"""The accuracy levers of issue 15, each added to the CIMQ PTQ preset and measured in one run.
+
+Every row is the preset ``configs/quant/cimq_ptq.yaml`` (ResNet-20 W4A4 on 128x128 arrays, bit-serial inputs,
+``--iters`` reconstruction steps of 32 images per unit) with some levers changed, measured by `runner.measure`
+(the CLI's fit + test) on the 1,000 ``cifar10_lossless`` test images at each ``--adc-bits``:
+
+* ``int8_edges``: the first conv and the classifier on the arrays at 8-bit weights and inputs, ideal ADC
+  (`CIMSpec.first_layer` / ``last_layer: int8``; the bit-sparse code set leaves them uniform);
+* ``lr10``: the three reconstruction learning rates (AdaRound logits, input steps, ADC clips) x10;
+* ``array_channel``: one weight scale per column of each array instead of one per array.
+
+Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
+
+    python benchmarks/accuracy_levers.py                       # ~30 min on 2 cores (ADC 4, 100 steps)
+    python benchmarks/accuracy_levers.py --adc-bits 4 3 --iters 100
+    python benchmarks/accuracy_levers.py --smoke
+"""
+
+from __future__ import annotations
+
+from runner import ResultStore, Setting, base_parser, markdown_table, prepare, run_settings
+
+#: lever set name -> Setting fields (besides model, bits and iters); every set is measured at every ADC width
+LEVER_SETS = {
+    "preset": dict(row="cimq"),
+    "int8_edges": dict(row="cimq_int8_edges"),
+    "int8_edges + lr10": dict(row="cimq_int8_edges", lr_scale=10.0),
+    "int8_edges + lr10 + array_channel": dict(row="cimq_int8_edges", lr_scale=10.0, weight_granularity="array_channel"),
+}
+COLUMNS = ("levers", "adc_bits", "iters", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
+           "fit_seconds")
+HEADERS = ("levers", "ADC bits", "steps/unit", "test acc", "bit density", "HW efficiency vs baseline", "fit s")
+
+
+def grid(adc_bits, iters: int, sets) -> list[tuple[str, Setting]]:
+    return [(name, Setting("resnet20", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters, **LEVER_SETS[name]))
+            for adc in adc_bits for name in sets]
+
+
+def main(argv=None) -> list[dict]:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--adc-bits", nargs="+", type=int, default=[4])
+    parser.add_argument("--iters", type=int, default=100, help="reconstruction steps per unit")
+    parser.add_argument("--sets", nargs="+", default=list(LEVER_SETS), choices=list(LEVER_SETS))
+    args = parser.parse_args(argv)
+    extra = prepare(args)
+    iters = 2 if args.smoke else args.iters
+    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets)
+    store = ResultStore(args.out_dir / "accuracy_levers.csv")
+    measured = run_settings([(setting, False) for _, setting in cells], store, args.work_dir, extra)
+    rows = [{**row, "levers": name} for (name, _), row in zip(cells, measured)]
+    print("\n" + markdown_table(rows, COLUMNS, HEADERS))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
