@@ -1,18 +1,20 @@
-"""The accuracy levers of issue 15, each added to the CIMQ PTQ preset and measured in one run.
+"""The accuracy levers of issue 15, added one at a time to the CIMQ PTQ preset as it was before, in one run.
 
-Every row is the preset ``configs/quant/cimq_ptq.yaml`` (ResNet-20 W4A4 on 128x128 arrays, bit-serial inputs,
-``--iters`` reconstruction steps of 32 images per unit) with some levers changed, measured by `runner.measure`
-(the CLI's fit + test) on the 1,000 ``cifar10_lossless`` test images at each ``--adc-bits``:
+Every row is ``configs/quant/cimq_ptq.yaml`` (ResNet-20 W4A4 on 128x128 arrays, bit-serial inputs, ``--iters``
+reconstruction steps of 32 images per unit) with some levers set, measured by `runner.measure` (the CLI's
+fit + test) on the 1,000 ``cifar10_lossless`` test images at each ``--adc-bits``:
 
-* ``int8_edges``: the first conv and the classifier on the arrays at 8-bit weights and inputs, ideal ADC
-  (`CIMSpec.first_layer` / ``last_layer: int8``; the bit-sparse code set leaves them uniform);
-* ``lr10``: the three reconstruction learning rates (AdaRound logits, input steps, ADC clips) x10;
-* ``array_channel``: one weight scale per column of each array instead of one per array.
+* ``before``: the preset before issue 15: the first conv and the classifier on the 4-bit arrays, QDrop's
+  learning rates (tuned for 20,000 steps), one weight scale per array;
+* ``+ int8 edges``: those two layers at 8-bit weights and inputs, ideal ADC (`CIMSpec.first_layer` /
+  ``last_layer: int8``; the bit-sparse code set leaves them uniform);
+* ``+ lr x10``: the three reconstruction learning rates (AdaRound logits, input steps, ADC clips) x10;
+* ``+ array_channel``: one weight scale per column of each array: today's preset.
 
 Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
 
-    python benchmarks/accuracy_levers.py                       # ~30 min on 2 cores (ADC 4, 100 steps)
-    python benchmarks/accuracy_levers.py --adc-bits 4 3 --iters 100
+    python benchmarks/accuracy_levers.py                      # ~15 min on 2 cores (ADC 4, 100 steps)
+    python benchmarks/accuracy_levers.py --adc-bits 8 5 4 3 --iters 200 --sets preset
     python benchmarks/accuracy_levers.py --smoke
 """
 
@@ -22,10 +24,10 @@ from runner import ResultStore, Setting, base_parser, markdown_table, prepare, r
 
 #: lever set name -> Setting fields (besides model, bits and iters); every set is measured at every ADC width
 LEVER_SETS = {
-    "preset": dict(row="cimq"),
-    "int8_edges": dict(row="cimq_int8_edges"),
-    "int8_edges + lr10": dict(row="cimq_int8_edges", lr_scale=10.0),
-    "int8_edges + lr10 + array_channel": dict(row="cimq_int8_edges", lr_scale=10.0, weight_granularity="array_channel"),
+    "before": dict(row="cimq_edges_on_arrays", lr_scale=1.0, weight_granularity="array"),
+    "+ int8 edges": dict(row="cimq", lr_scale=1.0, weight_granularity="array"),
+    "+ lr x10": dict(row="cimq", lr_scale=10.0, weight_granularity="array"),
+    "preset": dict(row="cimq"),  # + array_channel
 }
 COLUMNS = ("levers", "adc_bits", "iters", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")

@@ -50,8 +50,11 @@ ROWS = {
     "brecq": ("configs/quant/ablation/brecq.yaml", {}),
     "cimq_uniform_codes": ("configs/quant/ablation/cimq_uniform_codes.yaml", {}),
     "cimq_qat": ("configs/quant/cimq_qat.yaml", {}),
-    "cimq_int8_edges": ("configs/quant/cimq_ptq.yaml", {"first_layer": "int8", "last_layer": "int8"}),
+    "cimq_edges_on_arrays": ("configs/quant/cimq_ptq.yaml", {"first_layer": "cim", "last_layer": "cim"}),
 }
+# rows whose config changed since results were stored: a new name in the key, so the old rows are never reused
+# (issue 15 changed the CIMQ presets: int8 edge layers, learning rates x10 (PTQ), per-column weight scales)
+ROW_KEY_NAMES = {"cimq": "cimq15", "cimq_quick": "cimq_quick15", "cimq_qat": "cimq_qat15"}
 ROW_LABELS = {
     "fp": "FP (no quantization)",
     "conventional": "conventional PTQ (layerwise min-max weights, min-max ADC range)",
@@ -65,7 +68,7 @@ ROW_LABELS = {
     "brecq": "BRECQ (reconstruction, no dropping)",
     "cimq_uniform_codes": "CIMQ with uniform activation codes",
     "cimq_qat": "CIMQ QAT (all techniques but dropping)",
-    "cimq_int8_edges": "CIMQ, first conv and classifier int8",
+    "cimq_edges_on_arrays": "CIMQ with the first conv and the classifier on the 4-bit arrays",
 }
 METRICS = (
     "test/acc",
@@ -90,8 +93,9 @@ class Setting:
         max_ones: k of `BitSparseActivations` (0 = uniform codes; only where the config has that callback).
         keep_prob: p of `QuantDropping` (only where the config has that callback).
         iters: PTQ reconstruction steps per unit (only for configs that reconstruct).
-        lr_scale: multiplier of the reconstruction's three learning rates (AdaRound logits, input steps, ADC
-            clips; only for configs that reconstruct).
+        lr_scale: the reconstruction's three learning rates (AdaRound logits, input steps, ADC clips) as a
+            multiple of QDrop's (`BlockReconstruction`'s defaults), whatever the config sets (only for configs
+            that reconstruct).
         weight_granularity: weight scales of `ArraywiseWeights` (``array``, ``channel``, ``array_channel``).
     """
 
@@ -120,7 +124,7 @@ class Setting:
     @property
     def key(self) -> str:
         """Stable identifier: model, row and every field that is set (used for resuming and file names)."""
-        parts = [self.model, self.row]
+        parts = [self.model, ROW_KEY_NAMES.get(self.row, self.row)]
         for item in fields(self)[2:]:
             value = getattr(self, item.name)
             if value is not None:
@@ -182,7 +186,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
         init_args = objective.setdefault("init_args", {})
         defaults = inspect.signature(BlockReconstruction).parameters
         for name in ("lr_rounding", "lr_step", "lr_clip"):
-            init_args[name] = setting.lr_scale * init_args.get(name, defaults[name].default)
+            init_args[name] = setting.lr_scale * defaults[name].default
     return config
 
 
