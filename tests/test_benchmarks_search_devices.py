@@ -29,7 +29,7 @@ def test_layer_search_quick(out):
                                                               "--work-dir", str(out / "work")])}
     assert set(rows) == {"uniform", layer_search.LABELS["energy"]}
     searched = rows[layer_search.LABELS["energy"]]
-    assert len(searched["assignment"].split()) == 20  # every ResNet-20 layer got an ADC
+    assert len(searched["assignment"].split()) == 18  # every ResNet-20 layer on the 4-bit arrays (not the int8 edges)
     assert all(0 <= float(row["test/acc"]) <= 1 and float(row["test/energy_per_image_uj"]) > 0 for row in rows.values())
     assert len(csv_rows(out / "layer_search.csv")) == 2 and (out / "layer_search.png").stat().st_size > 0
 

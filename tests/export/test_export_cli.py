@@ -83,7 +83,7 @@ def test_an_export_is_inference_only(tmp_path, capsys, monkeypatch):
     from cimq_pl.quant import CIMSpec, calibrate_
 
     torch.manual_seed(0)
-    module = CIMQModule(cim=CIMSpec())
+    module = CIMQModule(cim=CIMSpec(first_layer="int8", last_layer="int8"))  # cimq_ptq.yaml's macro
     calibrate_(module.model, [torch.randn(4, 3, 32, 32)])
     export_dir = export_model(module.model, module.cim, tmp_path / "export", (3, 32, 32),
                               {"model": {"name": "cifar_resnet20", "num_classes": 10}})
