@@ -12,7 +12,6 @@ Prints one line per row (test accuracy on the data's test split, fit seconds) an
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 
 import torch
@@ -33,8 +32,7 @@ def run(row: str, adc_bits: int, iters: int, data: str, weights: str, accelerato
     """Fit (PTQ) and test one row on ``accelerator``; returns accuracy, fit seconds and the device.
     ``lr_scale`` multiplies the three reconstruction learning rates (AdaRound logits, input steps, ADC clips)."""
     seed_everything(0)
-    defaults = inspect.signature(BlockReconstruction).parameters
-    lrs = {name: lr_scale * defaults[name].default for name in ("lr_rounding", "lr_step", "lr_clip")}
+    lrs = BlockReconstruction.scaled_learning_rates(lr_scale)
     module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits), simulation=simulation,
                         objective=BlockReconstruction(iters_per_block=iters, batch_size=32, **lrs))
     datamodule = CIFAR10DataModule(root=data, num_workers=num_workers, eval_batch_size=500,

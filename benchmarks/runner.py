@@ -16,7 +16,6 @@ a script can reuse a setting another script already measured (the ADC sweep reus
 from __future__ import annotations
 
 import csv
-import inspect
 import os
 import platform
 import time
@@ -183,10 +182,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
         objective = config["model"].get("objective") or {}
         if not objective.get("class_path", "").endswith("BlockReconstruction"):
             raise ValueError(f"setting {setting.key}: lr_scale needs model.objective BlockReconstruction in {path}")
-        init_args = objective.setdefault("init_args", {})
-        defaults = inspect.signature(BlockReconstruction).parameters
-        for name in ("lr_rounding", "lr_step", "lr_clip"):
-            init_args[name] = setting.lr_scale * defaults[name].default
+        objective.setdefault("init_args", {}).update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
     return config
 
 

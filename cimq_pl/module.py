@@ -127,17 +127,16 @@ class CIMQModule(pl.LightningModule):
         self.cim_overrides = self.hparams["cim_overrides"]
         if self.cim_overrides and cim is None:
             raise ConfigError("model.cim_overrides needs a macro to override: set model.cim (or drop the overrides)")
+        if simulation not in (*SIMULATIONS, "auto"):
+            raise ConfigError(f"model.simulation={simulation!r} is invalid: expected one of "
+                              f"{[*SIMULATIONS, 'auto']}")
         if cim is not None and export is None:
             self.model.eval()
             fold_batchnorm_(self.model)
             self.conversion_report = convert_to_cim(self.model, cim, options=CONVENTIONAL_OPTIONS,
                                                     overrides=self.cim_overrides)
-        if simulation not in (*SIMULATIONS, "auto"):
-            raise ConfigError(f"model.simulation={simulation!r} is invalid: expected one of "
-                              f"{[*SIMULATIONS, 'auto']}")
-        self.simulation = simulation
-        if cim is not None and export is None:
             set_simulation(self.model, "eager" if simulation == "auto" else simulation)
+        self.simulation = simulation
         if device is not None and (cim is None or export is not None):
             raise ConfigError("model.device needs the network on a CIM macro (model.cim) and is not simulated by an "
                               "export's integer executor (model.export): set model.cim, or remove model.device")
@@ -257,9 +256,14 @@ class CIMQModule(pl.LightningModule):
             spec = self.device_spec
             set_device_mode_(self.model, "chip" if on else "ideal", seed=spec.seed, time=spec.read_time)
 
+    @property
+    def _auto_simulation(self) -> bool:
+        """Whether ``simulation: auto`` chooses the path of CIM layers this module simulates."""
+        return self.simulation == "auto" and self.is_cim and not self.is_export
+
     def on_train_start(self) -> None:
         """``simulation: auto``: compile the CIM layers for a CPU fit long enough to repay the compilation."""
-        if self.simulation == "auto" and self.is_cim and not self.is_export:
+        if self._auto_simulation:
             steps = self.trainer.estimated_stepping_batches
             if self.device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS and compiled_simulation_available():
                 set_simulation(self.model, "compiled")
@@ -267,7 +271,7 @@ class CIMQModule(pl.LightningModule):
                                f"(>= {AUTO_COMPILE_MIN_STEPS}; compilation takes a minute or two)")
 
     def on_train_end(self) -> None:
-        if self.simulation == "auto" and self.is_cim and not self.is_export:
+        if self._auto_simulation:
             set_simulation(self.model, "eager")  # evaluation after the fit runs as a separate test would
 
     def on_validation_start(self) -> None:

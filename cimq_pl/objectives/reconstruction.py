@@ -24,6 +24,7 @@ step)`` alone, so a fit resumed from a mid-unit checkpoint makes exactly the dra
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -124,6 +125,13 @@ class BlockReconstruction(Objective):
     Raises:
         ConfigError: on a bad value (named in the message with what is allowed).
     """
+
+    @classmethod
+    def scaled_learning_rates(cls, scale: float) -> dict:
+        """``{"lr_rounding": ..., "lr_step": ..., "lr_clip": ...}``: QDrop's three rates (the defaults) x ``scale``,
+        as keyword arguments of this class (benchmarks that sweep the rates)."""
+        defaults = inspect.signature(cls).parameters
+        return {name: scale * defaults[name].default for name in ("lr_rounding", "lr_step", "lr_clip")}
 
     def __init__(
         self,

@@ -108,7 +108,6 @@ def test_cycle_pairs_in_one_convolution_give_the_same_bits(case, spec, signed, s
     layer.simulation = "compiled"
     factors = []
     with uncompiled(), torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        unpacked = None
         patch.setattr(fused, "cycle_pack", lambda *a: factors.append(0) or 0)
         unpacked = layer(x)
         patch.setattr(fused, "cycle_pack", lambda *a: factors.append(cycle_pack(*a)) or factors[-1])

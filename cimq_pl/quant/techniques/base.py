@@ -62,7 +62,7 @@ def reconfigure_(model: nn.Module, mappings: tuple = ("cim", "int8"), **changes)
     """
     changed = 0
     for _, layer in cim_layers(model):
-        if getattr(layer, "mapping", "cim") not in mappings:
+        if layer.mapping not in mappings:
             continue
         options = dataclasses.replace(layer.options, **changes)
         if options != layer.options:
