@@ -15,6 +15,7 @@ Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
 
     python benchmarks/accuracy_levers.py                      # ~15 min on 2 cores (ADC 4, 100 steps)
     python benchmarks/accuracy_levers.py --adc-bits 8 5 4 3 --iters 200 --sets preset
+    python benchmarks/accuracy_levers.py --iters 0 50 100 200 400 1000 --sets preset   # accuracy against steps
     python benchmarks/accuracy_levers.py --smoke
 """
 
@@ -28,25 +29,31 @@ LEVER_SETS = {
     "+ int8 edges": dict(row="cimq", lr_scale=1.0, weight_granularity="array"),
     "+ lr x10": dict(row="cimq", lr_scale=10.0, weight_granularity="array"),
     "preset": dict(row="cimq"),  # + array_channel
+    # the input code sets of the preset (issue 15, part 4): density against accuracy
+    "uniform codes": dict(row="cimq", max_ones=0),
+    "5-bit codes, k = 2 (16 levels)": dict(row="cimq", input_bits=5, max_ones=2),
+    "uniform codes + sparsity regulariser": dict(row="cimq", max_ones=0, sparsity_weight=0.01),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")
 HEADERS = ("levers", "ADC bits", "steps/unit", "test acc", "bit density", "HW efficiency vs baseline", "fit s")
 
 
-def grid(adc_bits, iters: int, sets) -> list[tuple[str, Setting]]:
-    return [(name, Setting("resnet20", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters, **LEVER_SETS[name]))
-            for adc in adc_bits for name in sets]
+def grid(adc_bits, iters, sets) -> list[tuple[str, Setting]]:
+    """Every lever set at every ADC width and every number of steps per unit in ``iters``."""
+    return [(name, Setting("resnet20", **{"weight_bits": 4, "input_bits": 4, **LEVER_SETS[name]}, adc_bits=adc,
+                           iters=steps)) for adc in adc_bits for steps in iters for name in sets]
 
 
 def main(argv=None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--adc-bits", nargs="+", type=int, default=[4])
-    parser.add_argument("--iters", type=int, default=100, help="reconstruction steps per unit")
+    parser.add_argument("--iters", nargs="+", type=int, default=[100],
+                        help="reconstruction steps per unit (several: accuracy against steps; 0 = calibration only)")
     parser.add_argument("--sets", nargs="+", default=list(LEVER_SETS), choices=list(LEVER_SETS))
     args = parser.parse_args(argv)
     extra = prepare(args)
-    iters = 2 if args.smoke else args.iters
+    iters = [2] if args.smoke else args.iters
     cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets)
     store = ResultStore(args.out_dir / "accuracy_levers.csv")
     measured = run_settings([(setting, False) for _, setting in cells], store, args.work_dir, extra)

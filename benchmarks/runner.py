@@ -96,6 +96,8 @@ class Setting:
             multiple of QDrop's (`BlockReconstruction`'s defaults), whatever the config sets (only for configs
             that reconstruct).
         weight_granularity: weight scales of `ArraywiseWeights` (``array``, ``channel``, ``array_channel``).
+        sparsity_weight: lambda of `BitSparseActivations`' bit-sparsity regulariser.
+        psum_granularity: ADC clip ranges of `PartialSumClipping` (``layer``, ``array``, ``column``).
     """
 
     model: str
@@ -109,6 +111,8 @@ class Setting:
     iters: Optional[int] = None
     lr_scale: Optional[float] = None
     weight_granularity: Optional[str] = None
+    sparsity_weight: Optional[float] = None
+    psum_granularity: Optional[str] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
@@ -163,6 +167,8 @@ def derived_config(setting: Setting) -> Optional[dict]:
         ("max_ones", "BitSparseActivations", "max_ones", None if setting.max_ones == 0 else setting.max_ones),
         ("keep_prob", "QuantDropping", "keep_prob", setting.keep_prob),
         ("weight_granularity", "ArraywiseWeights", "granularity", setting.weight_granularity),
+        ("sparsity_weight", "BitSparseActivations", "sparsity_weight", setting.sparsity_weight),
+        ("psum_granularity", "PartialSumClipping", "granularity", setting.psum_granularity),
     ):
         if getattr(setting, name) is None:
             continue

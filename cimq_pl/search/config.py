@@ -29,6 +29,26 @@ def setting_label(setting: dict) -> str:
     return ",".join(f"{name}={'null' if value is None else value}" for name, value in setting.items())
 
 
+def split_fraction(text: str, where: str) -> tuple[float, str]:
+    """``"0.8*adc_bits=5"`` -> ``(0.8, "adc_bits=5")``; a plain setting -> ``(1.0, text)``: a budget given as a
+    fraction of a uniform setting's (e.g. 20% less energy than uniform ADC 5).
+
+    Raises:
+        ConfigError: a fraction that is not a number > 0.
+    """
+    head, star, rest = text.partition("*")
+    if not star:
+        return 1.0, text
+    try:
+        fraction = float(head)
+    except ValueError:
+        fraction = float("nan")
+    if not fraction > 0:
+        raise ConfigError(f"{where}={text!r} is invalid: the factor before '*' must be a number > 0, as in "
+                          f"'0.8*adc_bits=5' (80% of uniform ADC 5's)")
+    return fraction, rest.strip()
+
+
 def parse_setting(text: str, where: str) -> dict:
     """``"adc_bits=4"`` or ``"adc_bits=4,input_bits=8"`` -> ``{"adc_bits": 4, ...}`` (``null``/``none`` = None).
 
@@ -62,12 +82,14 @@ class SearchConfig:
         layers: module names or globs of the layers to search (None: every layer the macro maps in ``cim`` mode;
             layers left ``int8``/``digital`` by ``first_layer``/``last_layer`` keep their mapping).
         energy_budget: the most energy the chosen assignment may spend, uJ per image, or a uniform setting of the
-            candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits). The search
+            candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits), or a fraction of
+            one (``"0.8*adc_bits=5"``: 20% less than uniform ADC 5). The search
             returns the assignment of least predicted loss within it. None (and no ``loss_budget``): the energy of
             the configured model (``model.cim`` and its overrides).
         loss_budget: instead of an energy budget, the most predicted loss (the ``metric``'s objective) the
             assignment may have, or a uniform setting (``"adc_bits=5"``: its predicted loss, the usual way to give
-            it); the search returns the assignment of least predicted energy within it.
+            it; a fraction of one as for ``energy_budget``); the search returns the assignment of least predicted
+            energy within it.
         metric: how a setting's loss is measured: ``fisher`` (the layer alone: its output error weighted by the
             float network's diagonal Fisher, the second-order estimate of the loss it adds; fast and smooth),
             ``kl`` or ``mse`` (the whole network's logits with that layer changed, against the layer exact: KL
@@ -136,7 +158,7 @@ class SearchConfig:
         for name in ("energy_budget", "loss_budget"):
             value = getattr(self, name)
             if isinstance(value, str):
-                setting = parse_setting(value, f"search.{name}")
+                setting = parse_setting(split_fraction(value, f"search.{name}")[1], f"search.{name}")
                 if setting not in self.settings():
                     raise ConfigError(f"search.{name}={value!r} is not a uniform setting of the candidates: expected "
                                       f"one of {', '.join(repr(setting_label(s)) for s in self.settings())}")
@@ -154,10 +176,11 @@ class SearchConfig:
         return [dict(zip(names, values)) for values in itertools.product(*self.candidates.values())]
 
     def budget(self) -> tuple:
-        """``(kind, value)``: kind ``"energy"`` or ``"loss"``; value a number, a setting dict, or None (the
-        configured model's energy)."""
+        """``(kind, value, fraction)``: kind ``"energy"`` or ``"loss"``; value a number, a setting dict, or None (the
+        configured model's energy); fraction the factor a setting's budget is taken at (1.0 unless given)."""
         kind = "loss" if self.loss_budget is not None else "energy"
-        value = self.loss_budget if kind == "loss" else self.energy_budget
+        value, fraction = (self.loss_budget if kind == "loss" else self.energy_budget), 1.0
         if isinstance(value, str):
-            value = parse_setting(value, f"search.{kind}_budget")
-        return kind, (float(value) if isinstance(value, (int, float)) else value)
+            fraction, text = split_fraction(value, f"search.{kind}_budget")
+            value = parse_setting(text, f"search.{kind}_budget")
+        return kind, (float(value) if isinstance(value, (int, float)) else value), fraction

@@ -115,9 +115,10 @@ def select(front: Sequence[FrontPoint], kind: str, budget: float, tolerance: flo
     return min(feasible, key=lambda point: (other(point), spent(point)))
 
 
-def budget_value(table: SensitivityTable, kind: str, value) -> tuple[float, Optional[tuple]]:
+def budget_value(table: SensitivityTable, kind: str, value, fraction: float = 1.0) -> tuple[float, Optional[tuple]]:
     """The numeric budget of ``value`` (a number, a setting dict naming a uniform setting, or None: the configured
-    network's energy), and the uniform assignment it names (None for a number)."""
+    network's energy), and the uniform assignment it names (None for a number); a setting's budget is taken at
+    ``fraction`` of its predicted energy or loss."""
     if value is None:
         return table.reference_energy_uj, None
     if isinstance(value, dict):
@@ -128,5 +129,5 @@ def budget_value(table: SensitivityTable, kind: str, value) -> tuple[float, Opti
             raise ConfigError(f"search.{kind}_budget: the uniform setting {value} is invalid for layer {bad!r}: "
                               f"{table.notes[table.layers.index(bad)][index]}")
         energy, loss, _ = table.predict(choice)
-        return (energy if kind == "energy" else loss), choice
+        return fraction * (energy if kind == "energy" else loss), choice
     return float(value), None

@@ -121,7 +121,7 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
     bench = SearchBench(model, batches, config.metric, table, labels, config.replay, input_trials, seed)
     layers = searched_layers(model, config.layers)
     settings = config.settings()
-    kind, value = config.budget()
+    kind, value, fraction = config.budget()
     uniform_settings = list(range(len(settings))) if config.verify else []
     if on_start is not None:
         on_start(len(layers) * len(settings) + len(uniform_settings) + (1 if config.verify else 0))
@@ -129,9 +129,10 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
     sensitivity = measure_sensitivity(bench, layers, settings, progress)
     seconds = {"sensitivity": time.perf_counter() - start}
     front = pareto_front(sensitivity)
-    budget, _ = budget_value(sensitivity, kind, value)
+    budget, _ = budget_value(sensitivity, kind, value, fraction)
+    scaled = "" if fraction == 1.0 else f"{fraction:g} x "
     description = ("the configured network's energy" if value is None else
-                   f"uniform {setting_label(value)}" if isinstance(value, dict) else f"{budget:g}")
+                   f"{scaled}uniform {setting_label(value)}" if isinstance(value, dict) else f"{budget:g}")
     chosen = select(front, kind, budget)
     reference = bench.reference
     points = [MeasuredPoint("configured", "configured", None, reference.energy_uj, sensitivity.reference_loss,

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant import CIMSpec, QuantizerOptions, cim_layers, convert_to_cim
 from cimq_pl.search import SearchBench, SearchConfig, pareto_front, search_precision, select
+from cimq_pl.search.front import budget_value
 from cimq_pl.search.report import OVERRIDES_FILE, format_summary, write_search_files
 from cimq_pl.search.sensitivity import SensitivityTable
 
@@ -29,6 +30,10 @@ from cimq_pl.search.sensitivity import SensitivityTable
                                       r"expected one of 'adc_bits=3', 'adc_bits=4', 'adc_bits=5', 'adc_bits=6'"),
     ({"energy_budget": "adc=4"}, r"search\.energy_budget='adc=4' is invalid: expected a number, or a uniform setting"),
     ({"energy_budget": -1.0}, r"search\.energy_budget=-1\.0 is invalid: expected a number >= 0"),
+    ({"energy_budget": "-0.8*adc_bits=5"}, r"search\.energy_budget='-0\.8\*adc_bits=5' is invalid: the factor before "
+                                          r"'\*' must be a number > 0"),
+    ({"loss_budget": "x*adc_bits=5"}, r"search\.loss_budget='x\*adc_bits=5' is invalid: the factor"),
+    ({"energy_budget": "0.8*adc_bits=7"}, r"is not a uniform setting of the candidates"),
     ({"energy_budget": 1.0, "loss_budget": 0.1}, r"both set: give one"),
     ({"images": 0}, r"search\.images=0 is invalid: expected an integer >= 1"),
     ({"metric": "ce"}, r"search\.metric='ce' is invalid: expected one of \['fisher', 'kl', 'mse'\]"),
@@ -44,8 +49,18 @@ def test_candidates_combine_and_budgets_parse():
     config = SearchConfig(candidates={"adc_bits": [3, 4], "input_bits": [4, None]}, loss_budget="adc_bits=4,input_bits=null")
     assert config.settings() == [{"adc_bits": 3, "input_bits": 4}, {"adc_bits": 3, "input_bits": None},
                                  {"adc_bits": 4, "input_bits": 4}, {"adc_bits": 4, "input_bits": None}]
-    assert config.budget() == ("loss", {"adc_bits": 4, "input_bits": None})
-    assert SearchConfig().budget() == ("energy", None) and SearchConfig(energy_budget=0.5).budget() == ("energy", 0.5)
+    assert config.budget() == ("loss", {"adc_bits": 4, "input_bits": None}, 1.0)
+    assert SearchConfig().budget() == ("energy", None, 1.0)
+    assert SearchConfig(energy_budget=0.5).budget() == ("energy", 0.5, 1.0)
+    assert SearchConfig(energy_budget="0.8 * adc_bits=5").budget() == ("energy", {"adc_bits": 5}, 0.8)
+
+
+def test_a_budget_can_be_a_fraction_of_a_uniform_setting():
+    table = _random_table(5, 4, seed=3)
+    energy, loss, _ = table.predict(table.uniform(3))
+    assert budget_value(table, "energy", {"adc_bits": 3}) == (energy, table.uniform(3))
+    assert budget_value(table, "energy", {"adc_bits": 3}, 0.8) == (pytest.approx(0.8 * energy), table.uniform(3))
+    assert budget_value(table, "loss", {"adc_bits": 3}, 0.5)[0] == pytest.approx(0.5 * loss)
 
 
 def _random_table(layers: int, settings: int, seed: int) -> SensitivityTable:
