@@ -8,7 +8,7 @@ __all__ = ["PartialSumClipping"]
 
 class PartialSumClipping(TechniqueCallback, config=PartialSumClippingConfig,
                          renamed={"init": "observer", "learnable": "learn_clip"}):
-    """Learned ADC clipping alpha = alpha0 x exp(theta), per array or per layer.
+    """Learned ADC clipping alpha = alpha0 x exp(theta), per array, per layer or per column (bitline).
 
     The ADC resolution is the macro's (``model.cim.adc_bits``). ``init`` and ``learnable`` are the old names
     of ``observer`` and ``learn_clip`` (accepted with a deprecation line).

@@ -1,9 +1,10 @@
 """What the cost model needs to know about each CIM layer of a model, and how its event counters are read.
 
 A `LayerInfo` is the static description of one CIM layer (geometry from `TileGeometry`, the ADC resolution,
-whether per-array scales force a multiply per array output). `gather_counts` stacks the `CIMStats` counters of
-all layers into one (layers x counters) int64 tensor, the unit a `HardwareCostMetric` accumulates;
-`take_counts` also zeroes them, so that every loop over batches reads them the same way::
+whether per-array scales force a multiply per array output, how many ADC ranges the layer programs).
+`gather_counts` stacks the `CIMStats` counters of all layers into one (layers x counters) int64 tensor, the
+unit a `HardwareCostMetric` accumulates; `take_counts` also zeroes them, so that every loop over batches reads
+them the same way::
 
     metric.update(take_counts(layers))
 """
@@ -26,6 +27,9 @@ __all__ = ["COUNTER_NAMES", "LayerInfo", "describe_layers", "gather_counts", "re
 #: Weight granularities with one scale per array tile (a multiply per array output, SPEC 4.2).
 PER_ARRAY_WEIGHT_GRANULARITIES = ("array", "array_channel")
 
+#: ADC (psum) granularities whose ranges differ between the arrays of one output (a multiply per array output).
+PER_ARRAY_ADC_GRANULARITIES = ("array", "column")
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -37,12 +41,17 @@ class LayerInfo:
         adc_bits: ADC resolution of the macro, bits; None for an ideal ADC (charged as
             ``EnergyTable.ideal_adc_bits``).
         per_array_scales: whether the row-block results of one output carry different digital factors
-            (arraywise weight scales, or one ADC range per array), so each is multiplied before they are added;
-            otherwise the row blocks are added as integers and each output is multiplied once.
+            (arraywise weight scales, or one ADC range per array or per column), so each is multiplied before
+            they are added; otherwise the row blocks are added as integers and each output is multiplied once.
+            A per-column range costs no more multiplies than a per-array one: an output's result of one row
+            block carries one digital factor either way.
         float_inputs: whether the layer's inputs are not quantized (no input bits are counted, so its
             wordline and cell-read energies are 0; reports flag such layers).
         weight_bits: the layer's weight code bits (None: float weights, or not given), for the reports.
         input_bits: the layer's input code bits (None: float inputs, or not given), for the reports.
+        adc_range_settings: distinct ADC ranges the layer's bitlines read, count (`adc_range_settings` of the
+            layer; 0 without an ADC quantizer): each is a programmable ADC reference (a register set when the
+            layer is loaded), an area cost with no energy per conversion, so it is reported, not charged.
 
     All bit-widths are the layer's own spec (``layer.spec``), which per-layer overrides of the macro
     (``model.cim_overrides``) set.
@@ -55,6 +64,7 @@ class LayerInfo:
     float_inputs: bool
     weight_bits: Optional[int] = None
     input_bits: Optional[int] = None
+    adc_range_settings: int = 0
 
     @classmethod
     def from_layer(cls, name: str, layer: nn.Module) -> "LayerInfo":
@@ -65,7 +75,7 @@ class LayerInfo:
         weight_per_array = (
             weight_q is not None and weight_q.enabled and weight_q.granularity in PER_ARRAY_WEIGHT_GRANULARITIES
         )
-        adc_per_array = psum_q is not None and psum_q.enabled and psum_q.granularity == "array"
+        adc_per_array = psum_q is not None and psum_q.enabled and psum_q.granularity in PER_ARRAY_ADC_GRANULARITIES
         return cls(
             name=name,
             geometry=layer.geometry,
@@ -74,6 +84,7 @@ class LayerInfo:
             float_inputs=input_q is None or not input_q.enabled,
             weight_bits=layer.spec.weight_bits,
             input_bits=layer.spec.input_bits,
+            adc_range_settings=layer.adc_range_settings(),
         )
 
 

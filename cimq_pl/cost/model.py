@@ -12,7 +12,12 @@ Per layer, from its `CIMStats` counters, its `TileGeometry` and an `EnergyTable`
 * **shift-add ops** = ADC conversions (each ADC output is shifted by its cycle and slice weight and added into
   its array accumulator) + positions x C_out x row blocks (each array result added into its output).
 * **scale ops** = positions x C_out x row blocks when the row blocks of an output carry different digital
-  factors (``LayerInfo.per_array_scales``), else positions x C_out (the one requantisation multiply).
+  factors (``LayerInfo.per_array_scales``: arraywise weight scales, or an ADC range per array or per column),
+  else positions x C_out (the one requantisation multiply). A range per column costs what a range per array
+  does: an output's result of one row block carries one digital factor either way.
+* **ADC range settings** (``LayerInfo.adc_range_settings``, per layer): the programmable ADC references the
+  layer needs (one register per distinct range, set when the layer is loaded; per used bitline with the
+  ``"column"`` granularity). Area, not energy per conversion: reported in the per-layer table, not charged.
 * **array cycles** (latency) = positions x input cycles x ``columns_per_adc``: all arrays of a layer work in
   parallel (every layer's weights resident), layers one after the other; each cycle lasts one conversion.
 

@@ -15,9 +15,11 @@ from cimq_pl.cost.model import COMPONENTS, NetworkCost, hw_efficiency
 __all__ = ["LAYER_COLUMNS", "SUMMARY_COLUMNS", "format_table", "layer_rows", "summary_row", "write_csv_atomic"]
 
 #: Columns of the per-layer table; counts and energies are per image; bit-widths are each layer's own (its
-#: spec, with any per-layer override of the macro applied).
+#: spec, with any per-layer override of the macro applied); ``adc_range_settings`` is per layer, not per image
+#: (the ADC ranges programmed when the layer is loaded, `LayerInfo.adc_range_settings`).
 LAYER_COLUMNS = (
-    "layer", "arrays", "adc_bits", "weight_bits", "input_bits", "ideal_adc", "float_inputs", "macs", "adc_conversions", "input_bits_fed",
+    "layer", "arrays", "adc_bits", "adc_range_settings", "weight_bits", "input_bits", "ideal_adc", "float_inputs",
+    "macs", "adc_conversions", "input_bits_fed",
     "input_ones_fed", "bit_density", "wordline_activations", "cell_reads", "shift_add_ops", "scale_ops",
     *(f"energy_{name}_uj" for name in COMPONENTS), "energy_uj", "energy_share", "tops_per_w", "latency_us",
 )
@@ -44,6 +46,7 @@ def layer_rows(cost: NetworkCost) -> list:
         row = {"layer": layer.name, "arrays": layer.arrays, "adc_bits": layer.adc_bits,
                "weight_bits": info.weight_bits if info is not None else None,
                "input_bits": info.input_bits if info is not None else None,
+               "adc_range_settings": info.adc_range_settings if info is not None else None,
                "ideal_adc": layer.ideal_adc, "float_inputs": layer.float_inputs}
         row.update({name: layer.per_image(name) for name in _COUNTS})
         row["bit_density"] = layer.bit_density

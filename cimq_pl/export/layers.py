@@ -100,7 +100,8 @@ def _cells(geometry, layout: dict, slices: torch.Tensor, reference_digit: int) -
 
 @torch.no_grad()
 def _adc_tensors(name: str, pq: PsumQuantizer, geometry, layout: dict, bound: int) -> tuple[dict, dict]:
-    """ADC settings of the layer: one per entry of the quantizer's alpha (kind x row array x column block)."""
+    """ADC settings of the layer: one per entry of the quantizer's alpha (kind x row array x column block, or
+    x output column with ``"column"`` granularity; entries no bitline reads are exported too, unused)."""
     geo = geometry
     n_settings = pq.alpha0.numel()
     per_kind = pq.alpha0.shape[1] * pq.alpha0.shape[2]
@@ -113,12 +114,15 @@ def _adc_tensors(name: str, pq: PsumQuantizer, geometry, layout: dict, bound: in
     n_slices = geo.n_weight_slices
     setting = torch.full((len(mapping["tiles"]), geo.cols), -1, dtype=torch.int64)
     for index, tile in enumerate(mapping["tiles"]):
-        n_cols = mapping["col_blocks"][tile["col_block"]][1]
+        col_start, n_cols = mapping["col_blocks"][tile["col_block"]]
         row_array = tile["group"] * geo.n_row_blocks + tile["row_block"]
-        kinds = torch.arange(n_slices).repeat(n_cols)  # bitline o * n_slices + s reads slice s
-        if geo.reference_columns_per_array:
+        kinds = torch.arange(n_slices).repeat(n_cols)  # bitline o * n_slices + s reads slice s of column o
+        columns = col_start + torch.arange(n_cols).repeat_interleave(n_slices)  # output column within the group
+        if geo.reference_columns_per_array:  # a reference column's alpha column is its column block
             kinds = torch.cat([kinds, torch.tensor([n_slices])])
-        groups = pq.group_of(kinds, torch.full_like(kinds, row_array), torch.full_like(kinds, tile["col_block"]))
+            columns = torch.cat([columns, torch.tensor([tile["col_block"]])])
+        groups = pq.group_of(kinds, torch.full_like(kinds, row_array), torch.full_like(kinds, tile["col_block"]),
+                             columns)
         setting[index, : kinds.numel()] = groups
     tensors = {
         f"{name}.adc_setting": setting.to(smallest_int_dtype(-1, n_settings)),

@@ -160,6 +160,7 @@ class _CIMLayerBase(nn.Module):
                 n_row_arrays=geo.groups * geo.n_row_blocks,
                 n_col_blocks=geo.n_col_blocks,
                 granularity=options.psum_granularity,
+                n_columns=geo.out_channels_per_group,
                 observer=options.psum_observer,
                 learn_clip=options.psum_learn_clip,
                 keep_prob=options.psum_keep_prob,
@@ -209,6 +210,21 @@ class _CIMLayerBase(nn.Module):
         for quantizer in self.quantizers().values():
             quantizer.enabled = enabled
 
+    def adc_range_settings(self) -> int:
+        """Distinct ADC ranges (alpha entries) the layer's bitlines read, count; 0 without an enabled ADC quantizer.
+
+        Each is one programmable ADC reference set when the layer is loaded (a register per range: area, not
+        energy per conversion): the weight slices and reference column kinds with ``"layer"``, times the arrays
+        with ``"array"``, one per used bitline of every array with ``"column"``.
+        """
+        pq, geo = self.psum_quantizer, self.geometry
+        if pq is None or not pq.enabled:
+            return 0
+        n_ref = geo.n_col_blocks * geo.reference_columns_per_array
+        groups = [self._channel_meta(index, geo.n_weight_slices, n_ref, False, False)[0]
+                  for index in range(len(self.parts))]
+        return int(torch.cat(groups).unique().numel())
+
     def _weight4d(self) -> torch.Tensor:
         return self.weight.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
@@ -218,8 +234,11 @@ class _CIMLayerBase(nn.Module):
 
     # ------------------------------------------------------------------ simulation
     def _channel_meta(self, part_index: int, n_slices: int, n_ref: int, float_inputs: bool, float_weights: bool):
-        """(alpha group, signed) per conv output channel of a part, cached per configuration and device."""
-        key = (part_index, n_slices, n_ref, float_inputs, float_weights, self.weight.device)
+        """(alpha group, signed) per conv output channel of a part, cached per configuration, device and ADC
+        granularity (`set_options` may rebuild the ADC quantizer with another one)."""
+        pq = self.psum_quantizer
+        adc = None if pq is None else (pq.granularity, pq.alpha0.shape)
+        key = (part_index, n_slices, n_ref, float_inputs, float_weights, self.weight.device, adc)
         if key not in self._meta_cache:
             geo = self.geometry
             device = self.weight.device
@@ -228,6 +247,9 @@ class _CIMLayerBase(nn.Module):
             kind = torch.cat([torch.arange(n_slices, device=device).repeat_interleave(cout_g),
                               torch.full((n_ref,), n_slices, device=device, dtype=torch.long)])
             col = torch.cat([self._col_block_of_column.repeat(n_slices), torch.arange(n_ref, device=device)])
+            # the column of a slice channel is its output column; a reference channel's, its column block
+            column = torch.cat([torch.arange(cout_g, device=device).repeat(n_slices),
+                                torch.arange(n_ref, device=device)])
             if float_weights or float_inputs:
                 signed_kind = torch.ones(n_slices + 1, dtype=torch.bool, device=device)
             else:  # the reference column (last kind) reads unsigned digits
@@ -236,8 +258,9 @@ class _CIMLayerBase(nn.Module):
             n_arrays = row_array.numel()
             kind_all = kind.repeat(n_arrays)
             col_all = col.repeat(n_arrays)
+            column_all = column.repeat(n_arrays)
             row_all = row_array.reshape(-1).repeat_interleave(kind.numel())
-            group = self.psum_quantizer.group_of(kind_all, row_all, col_all) if self.psum_quantizer else None
+            group = pq.group_of(kind_all, row_all, col_all, column_all) if pq is not None else None
             self._meta_cache[key] = (group, signed_kind[kind_all])
         return self._meta_cache[key]
 

@@ -27,7 +27,8 @@ class QuantizerOptions:
         input_max_ones: bit-sparse code set, at most this many 1 bits per input code (None: all codes).
         input_sparsity_weight: lambda of the bit-sparsity regularizer on the input codes (0: none).
         input_keep_prob: QDrop keep probability of the input codes while training (None: no dropping).
-        psum_granularity: ADC clip per ``"array"`` or per ``"layer"``.
+        psum_granularity: ADC clip per ``"array"``, per ``"layer"`` or per ``"column"`` (every bitline's ADC its own
+            range).
         psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline).
         psum_learn_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
         psum_keep_prob: QDrop keep probability of the ADC codes while training (None: no dropping).
@@ -49,7 +50,7 @@ class QuantizerOptions:
     input_max_ones: Optional[int] = None
     input_sparsity_weight: float = 0.0
     input_keep_prob: Optional[float] = None
-    psum_granularity: Literal["layer", "array"] = "array"
+    psum_granularity: Literal["layer", "array", "column"] = "array"
     psum_observer: Observer = "mse"
     psum_learn_clip: bool = True
     psum_keep_prob: Optional[float] = None

@@ -25,7 +25,7 @@ from torch import nn
 from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor, round_ste
 from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
-PSUM_GRANULARITIES = ("layer", "array")
+PSUM_GRANULARITIES = ("layer", "array", "column")
 
 
 def cycle_sum(values: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
@@ -115,18 +115,22 @@ class _ADCCycleSum(torch.autograd.Function):
 
 
 class PsumQuantizer(QuantizerBase):
-    """ADC model: b_p-bit quantizer of every partial sum, with alpha per layer or per array.
+    """ADC model: b_p-bit quantizer of every partial sum, with alpha per layer, per array or per column.
 
-    ``alpha`` has shape (n_kinds, n_row_arrays, n_col_blocks) for ``granularity="array"`` and (n_kinds, 1, 1)
-    for ``"layer"``. A *kind* is a weight slice (0 = least significant) or, last, the offset reference column;
-    ``n_row_arrays = groups * n_row_blocks``.
+    ``alpha`` has shape (n_kinds, 1, 1) for ``granularity="layer"``, (n_kinds, n_row_arrays, n_col_blocks) for
+    ``"array"`` and (n_kinds, n_row_arrays, n_columns) for ``"column"``. A *kind* is a weight slice
+    (0 = least significant) or, last, the offset reference column; ``n_row_arrays = groups * n_row_blocks``.
+    With ``"column"`` every physical bitline has its own range, as every bitline has its own ADC: a slice's entry
+    is indexed by the output column within its conv group (0..C_out/g - 1), a reference column's by its column
+    block (entries of the reference kind past n_col_blocks are never read).
 
     Args:
         bits: ADC resolution b_p.
         n_kinds: weight slices plus reference columns kinds (1 + 1 with offset slicing).
         n_row_arrays: groups * n_row_blocks of the layer.
         n_col_blocks: column blocks of the layer.
-        granularity: ``"array"`` (default, SPEC 4.3) or ``"layer"``.
+        granularity: ``"array"`` (default, SPEC 4.3), ``"layer"`` or ``"column"``.
+        n_columns: output columns per conv group (C_out/g, at least n_col_blocks); read by ``"column"`` only.
         observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC) or
             ``"percentile"``.
         learn_clip: whether theta is trainable (False: the conventional, fixed min-max ADC).
@@ -134,7 +138,7 @@ class PsumQuantizer(QuantizerBase):
         **observer_kwargs: forwarded to the observer.
 
     Raises:
-        ValueError: on an unknown granularity or bits outside [1, 16].
+        ValueError: on an unknown granularity, bits outside [1, 16] or ``n_columns < n_col_blocks``.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class PsumQuantizer(QuantizerBase):
         n_row_arrays: int = 1,
         n_col_blocks: int = 1,
         granularity: str = "array",
+        n_columns: int = 1,
         observer: str = "mse",
         learn_clip: bool = True,
         keep_prob: Optional[float] = None,
@@ -154,7 +159,10 @@ class PsumQuantizer(QuantizerBase):
         check_bits(bits)
         self.bits = bits
         self.granularity = granularity
-        shape = (n_kinds, n_row_arrays, n_col_blocks) if granularity == "array" else (n_kinds, 1, 1)
+        if granularity == "column" and n_columns < n_col_blocks:
+            raise ValueError(f"n_columns={n_columns} is invalid: expected at least n_col_blocks={n_col_blocks}")
+        per_row_array = {"layer": (1, 1), "array": (n_row_arrays, n_col_blocks), "column": (n_row_arrays, n_columns)}
+        shape = (n_kinds, *per_row_array[granularity])
         self.register_buffer("alpha0", torch.ones(shape))
         self.theta = nn.Parameter(torch.zeros(shape), requires_grad=learn_clip)
         self.learn_clip = learn_clip
@@ -178,12 +186,17 @@ class PsumQuantizer(QuantizerBase):
         """Clip values alpha = alpha0 * exp(theta), in partial-sum code units."""
         return self.alpha0 * torch.exp(self.theta)
 
-    def group_of(self, kind: torch.Tensor, row_array: torch.Tensor, col_block: torch.Tensor) -> torch.Tensor:
-        """Flat index into ``alpha`` of channels described by (kind, row array, column block) tensors."""
+    def group_of(self, kind: torch.Tensor, row_array: torch.Tensor, col_block: torch.Tensor,
+                 column: torch.Tensor) -> torch.Tensor:
+        """Flat index into ``alpha`` of channels described by (kind, row array, column block, column) tensors.
+
+        ``column`` is the output column within the conv group for a weight slice, the column block for a
+        reference column (read by ``"column"`` granularity only).
+        """
         _, n_rows, n_cols = self.alpha0.shape
         if self.granularity == "layer":
             return kind
-        return (kind * n_rows + row_array) * n_cols + col_block
+        return (kind * n_rows + row_array) * n_cols + (column if self.granularity == "column" else col_block)
 
     def channel_params(self, group: torch.Tensor, signed: torch.Tensor) -> tuple:
         """Per-channel (step, qmin, qmax) for channels with alpha index ``group`` and signedness ``signed``."""
@@ -221,7 +234,9 @@ class PsumQuantizer(QuantizerBase):
 
     @torch.no_grad()
     def init_from_observer(self) -> None:
-        """Set alpha0 from the observed partial sums (theta reset to 0), then reset the observer."""
+        """Set alpha0 from the observed partial sums (theta reset to 0), then reset the observer.
+
+        An entry no channel reads (the reference kind past n_col_blocks with ``"column"``) gets alpha0 = 1."""
         n_groups = self.alpha0.numel()
         groups, signed = self._observed_groups, self._observed_signed
         group_signed = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
@@ -231,6 +246,8 @@ class PsumQuantizer(QuantizerBase):
             qmin, qmax = code_range(self.bits, is_signed)
             alphas.append(self.observer.compute(groups, n_groups, qmin, qmax, clip_levels(qmin, qmax)))
         alpha = torch.where(group_signed, alphas[1], alphas[0])
+        used = torch.bincount(groups, minlength=n_groups) > 0
+        alpha = torch.where(used, alpha, torch.ones_like(alpha))
         self.alpha0.copy_(alpha.view_as(self.alpha0))
         self.theta.zero_()
         self.initialized = True

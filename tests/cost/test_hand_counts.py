@@ -114,3 +114,22 @@ def test_ideal_adc_is_charged_as_ideal_adc_bits_and_flagged():
     # 8 bits: (8 + 2) uW x 9 ns = 90 fJ per conversion, 128 conversions (still counted with an ideal ADC)
     assert row.energy_fj["adc"] == pytest.approx(128 * 90.0)
     assert row.energy_fj["cell_read"] == pytest.approx(176 * 0.5 * 9)
+
+
+@pytest.mark.parametrize("granularity, scale_ops, ranges", [
+    ("layer", 4 * 4, 3),  # one range per kind (2 slices + reference): row blocks add as integers
+    ("array", 4 * 4 * 2, 3 * 2 * 2),  # per kind and array: each row block's result is multiplied
+    ("column", 4 * 4 * 2, 2 * 2 * 4 + 2 * 2),  # per bitline: 2 slices x 2 row blocks x 4 outputs + 4 references
+])
+def test_adc_range_granularity_by_hand(granularity, scale_ops, ranges):
+    # 4-bit weights in 2-bit cells -> 2 slices, offset slicing: (5 - 1) // 2 = 2 output columns per array and a
+    # reference column -> 2 column blocks; 2 row blocks. Layerwise weight scales: only the ADC range decides.
+    spec = CIMSpec(rows=9, cols=5, weight_bits=4, cell_bits=2, input_bits=4, adc_bits=4, weight_slicing="offset")
+    layer, cost = _run(spec, QuantizerOptions(weight_granularity="layer", psum_granularity=granularity))
+    (row,) = cost.layers
+    assert row.arrays == 4
+    assert row.counts["scale_ops"] == scale_ops  # a per-column range costs the multiplies of a per-array one
+    assert row.info.adc_range_settings == layer.adc_range_settings() == ranges  # 20 = every bitline of 4 arrays
+    # conversion energy does not depend on the granularity: 4 positions x 2 row blocks x 10 columns x 4 cycles
+    assert row.counts["adc_conversions"] == 4 * 2 * (4 * 2 + 2) * 4
+    assert row.energy_fj["adc"] == pytest.approx(320 * 30.0)

@@ -36,11 +36,11 @@ def _calibrated(model: nn.Module, spec: CIMSpec, images: torch.Tensor, options=N
     return model.eval()
 
 
-def _tiny_conv_model(spec: CIMSpec) -> tuple[nn.Module, torch.Tensor]:
+def _tiny_conv_model(spec: CIMSpec, options=None, perturb=False) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(5, 6, 3, padding=1, bias=True), nn.ReLU())
     images = torch.randn(3, 5, 6, 6)
-    return _calibrated(model, spec, images), images
+    return _calibrated(model, spec, images, options, perturb), images
 
 
 def _slow_layer(export, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +115,33 @@ def test_format_read_literally_gives_the_fake_quant_layer(spec, tmp_path):
     expected = layer(images).double()
     assert torch.allclose(_slow_layer(export, "0", images), expected, rtol=1e-5, atol=1e-5)
     # same integers; the float32 accumulation over 5 row blocks may round in another order than torch's sum
+    assert torch.allclose(IntegerExecutor(export)(images), model(images), rtol=1e-6, atol=1e-6)
+
+
+def test_column_adc_ranges_are_exported_per_bitline_and_execute_exactly(tmp_path):
+    """``psum_granularity="column"``: bitline o * n_slices + s of a tile reads the setting of slice s of its global
+    output column, the reference bitline that of its column block; the export runs the fake-quant layer exactly."""
+    spec = CIMSpec(rows=20, cols=7, weight_bits=4, cell_bits=2, weight_slicing="offset", input_bits=4, dac_bits=2,
+                   adc_bits=4, row_split="dense")
+    model, images = _tiny_conv_model(spec, QuantizerOptions(psum_granularity="column"), perturb=True)
+    export = read_export(export_model(model, spec, tmp_path / "export", (5, 6, 6)))
+    pq, geo = model[0].psum_quantizer, model[0].geometry
+    entry = export.manifest["layers"]["0"]
+    assert entry["adc"]["granularity"] == "column" and entry["adc"]["settings"] == pq.alpha0.numel() == 3 * 3 * 6
+    alpha = pq.alpha().detach().flatten()
+    for index, tile in enumerate(entry["mapping"]["tiles"]):  # 3 row blocks x 2 column blocks of 3, 3 columns
+        col_start, n_cols = entry["mapping"]["col_blocks"][tile["col_block"]]
+        row_array = tile["row_block"]
+        setting = export.tensors["0.adc_setting"][index].long()
+        for o in range(n_cols):
+            for s in range(2):
+                assert alpha[setting[o * 2 + s]] == pq.alpha()[s, row_array, col_start + o]
+        assert alpha[setting[n_cols * 2]] == pq.alpha()[2, row_array, tile["col_block"]]
+        assert (setting[n_cols * 2 + 1:] == -1).all()
+    used = export.tensors["0.adc_setting"][export.tensors["0.adc_setting"] >= 0]
+    assert used.unique().numel() == used.numel() == model[0].adc_range_settings() == 3 * (2 * 6 + 2)
+    expected = model[0](images).double()
+    assert torch.allclose(_slow_layer(export, "0", images), expected, rtol=1e-5, atol=1e-5)
     assert torch.allclose(IntegerExecutor(export)(images), model(images), rtol=1e-6, atol=1e-6)
 
 

@@ -3,7 +3,7 @@
 Loops over conv groups, row blocks, column blocks, input cycles and weight slices; every bit is extracted
 with integer shifts. It recomputes the tiling from the spec on its own (it does not use `TileGeometry`), and
 takes from the layer only the learned numbers: input step and sign, per-(group, row block, column) weight
-steps and the ADC clip values.
+steps and the ADC clip values (per layer, array or column).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def reference_conv(layer, x: torch.Tensor) -> dict:
                         )
                         value = p
                         if pq is not None:
-                            alpha = _alpha(pq, s, g * n_r + r, c)
+                            alpha = _alpha(pq, s, g * n_r + r, c, o)
                             code, step = _adc(p, alpha, pq.bits, kind_signed)
                             codes_out[j, :, g, r, s * cout_g + o] = code
                             value = code * step
@@ -156,7 +156,7 @@ def reference_conv(layer, x: torch.Tensor) -> dict:
                     p = a[:, rows, :].sum(1) * ref_digit
                     value = p
                     if pq is not None:
-                        code, step = _adc(p, _alpha(pq, n_s, g * n_r + r, c), pq.bits, float_inputs)
+                        code, step = _adc(p, _alpha(pq, n_s, g * n_r + r, c, c), pq.bits, float_inputs)
                         codes_out[j, :, g, r, n_s * cout_g + c] = code
                         value = code * step
                     psums[j, :, g, r, n_s * cout_g + c] = p
@@ -174,8 +174,11 @@ def reference_conv(layer, x: torch.Tensor) -> dict:
     }
 
 
-def _alpha(pq, kind: int, row_array: int, col_block: int) -> float:
+def _alpha(pq, kind: int, row_array: int, col_block: int, column: int) -> float:
+    """The clip of one bitline; ``column``: the output column of a slice, the column block of a reference column."""
     alpha = pq.alpha().detach().double()
     if pq.granularity == "layer":
         return float(alpha[kind, 0, 0])
+    if pq.granularity == "column":
+        return float(alpha[kind, row_array, column])
     return float(alpha[kind, row_array, col_block])

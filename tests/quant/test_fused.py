@@ -66,9 +66,10 @@ def _run(layer, x, seed=0):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16))
-def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed):
-    layer, x = _initialised(case, spec, seed, torch.float32, signed)
+@given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
+       granularity=st.sampled_from(["array", "column"]))
+def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed, granularity):
+    layer, x = _initialised(case, spec, seed, torch.float32, signed, psum_granularity=granularity)
     layer.eval()
     plain = layer(x)  # the weights need gradients: the plain (NCHW, digit-stacking) path
     with torch.no_grad():
@@ -78,10 +79,11 @@ def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
-       train=st.booleans(), rounding=st.sampled_from(["nearest", "adaround"]), max_ones=st.sampled_from([None, 1, 2]))
-def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding, max_ones):
+       train=st.booleans(), rounding=st.sampled_from(["nearest", "adaround"]), max_ones=st.sampled_from([None, 1, 2]),
+       granularity=st.sampled_from(["array", "column"]))
+def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding, max_ones, granularity):
     layer, x = _initialised(case, spec, seed, torch.float64, signed, weight_rounding=rounding,
-                            input_max_ones=max_ones)
+                            input_max_ones=max_ones, psum_granularity=granularity)
     layer.train(train)
     if train and layer.input_quantizer is not None:
         layer.input_quantizer.keep_prob = 0.5  # QDrop: non-integer digits in the first cycle

@@ -76,7 +76,7 @@ def test_quantizers_disabled_equals_conv(case, spec, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
-       granularity=st.sampled_from(["layer", "array"]))
+       granularity=st.sampled_from(["layer", "array", "column"]))
 def test_quantized_layer_matches_reference(case, spec, signed, seed, granularity):
     torch.manual_seed(seed)
     conv, x = _conv(case)

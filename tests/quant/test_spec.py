@@ -48,7 +48,7 @@ def test_defaults_and_none_bits():
         (dict(weight_granularity="tile"), r"weight_granularity='tile' .*array_channel"),
         (dict(weight_rounding="stochastic"), r"weight_rounding='stochastic' .*adaround"),
         (dict(psum_observer="kl"), r"psum_observer='kl' .*mse"),
-        (dict(psum_granularity="channel"), r"psum_granularity='channel' .*\['layer', 'array'\]"),
+        (dict(psum_granularity="channel"), r"psum_granularity='channel' .*\['layer', 'array', 'column'\]"),
         (dict(input_max_ones=0), r"input_max_ones=0 .*>= 1"),
         (dict(percentile=0), r"percentile=0 .*\(0, 100\]"),
     ],

@@ -3,7 +3,8 @@
 Every partial sum is read by a b_p-bit ADC over [-alpha, alpha] (or [0, alpha]). alpha = alpha0 x exp(theta):
 alpha0 from calibration statistics of the partial sums (MSE-optimal by default), theta learned, with the
 gradient reaching alpha from clipped and unclipped values alike (APoT's reparameterized clipping function,
-not PACT's). One alpha per array (default) or per layer. The conventional ADC is min-max, per layer, fixed.
+not PACT's). One alpha per array (default), per layer or per column (every bitline has its own ADC, so each
+may have its own range, as in ColumnQuant). The conventional ADC is min-max, per layer, fixed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class PartialSumClippingConfig:
     """ADC clipping range: granularity, initialisation and whether it learns.
 
     Attributes:
-        granularity: ``"array"`` (one alpha per array and weight slice) or ``"layer"``.
+        granularity: ``"array"`` (one alpha per array and weight slice), ``"layer"`` (one per weight slice) or
+            ``"column"`` (one per bitline: per array and output column, weight slice or reference column).
         observer: alpha0 from the calibration partial sums: ``"mse"``, ``"percentile"`` or ``"minmax"``.
         learn_clip: learn theta during PTQ/QAT (False keeps the calibrated range).
 
@@ -35,7 +37,7 @@ class PartialSumClippingConfig:
         ConfigError: on an unknown granularity or observer.
     """
 
-    granularity: Literal["layer", "array"] = "array"
+    granularity: Literal["layer", "array", "column"] = "array"
     observer: Literal["minmax", "percentile", "mse"] = "mse"
     learn_clip: bool = True
 
