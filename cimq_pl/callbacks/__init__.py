@@ -1,4 +1,4 @@
-"""Lightning callbacks: the four CIMQ techniques, PTQ and QAT, the hardware report, and real devices
+"""Lightning callbacks: the four CIMQ techniques (and GPTQ rounding), PTQ and QAT, the hardware report, and real devices
 (Monte Carlo evaluation over chips, noise-aware training).
 
 List them under ``trainer.callbacks`` in a config; each owns one concern and attaches at ``setup``.
@@ -7,6 +7,7 @@ List them under ``trainer.callbacks`` in a config; each owns one concern and att
 from cimq_pl.callbacks.arraywise import ArraywiseWeights
 from cimq_pl.callbacks.bit_sparse import BitSparseActivations
 from cimq_pl.callbacks.dropping import QuantDropping
+from cimq_pl.callbacks.gptq import GPTQRounding
 from cimq_pl.callbacks.hardware_report import HardwareReport
 from cimq_pl.callbacks.monte_carlo import MonteCarloDevices
 from cimq_pl.callbacks.noise_aware import NoiseAwareTraining
@@ -17,6 +18,7 @@ from cimq_pl.callbacks.qat import QuantizationAwareTraining
 __all__ = [
     "ArraywiseWeights",
     "BitSparseActivations",
+    "GPTQRounding",
     "HardwareReport",
     "MonteCarloDevices",
     "NoiseAwareTraining",

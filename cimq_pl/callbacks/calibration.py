@@ -11,6 +11,7 @@ from cimq_pl.checkpointing import save_checkpoint_atomic
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant import calibrate_, cim_layers, iter_quantizers
 from cimq_pl.quant.reconstruction import eval_mode
+from cimq_pl.quant.techniques import GPTQRoundingConfig, applied_technique
 
 __all__ = ["CALIBRATED_CHECKPOINT", "calibrate_module_", "calibration_images", "load_quantizer_state_", "quantizer_state"]
 
@@ -43,13 +44,17 @@ def calibrate_module_(trainer: Trainer, pl_module: LightningModule, images: torc
 
     Every process calibrates on the same full calibration subset (train split, seeded) with the random
     generator seeded from ``seed`` (the datamodule's; observers subsample at random), then takes process 0's
-    quantizer parameters: all processes hold bit-identical quantizers, equal to a one-process run's.
+    quantizer parameters: all processes hold bit-identical quantizers, equal to a one-process run's. GPTQ
+    rounding (`GPTQRounding`, with its ``damp``) happens inside `calibrate_`; its wall time is logged.
     """
     rank_zero_info(f"[cimq] calibrating {len(cim_layers(pl_module.model))} CIM layers on {len(images)} train images")
     device = pl_module.device
+    gptq = applied_technique(pl_module.model, GPTQRoundingConfig) or GPTQRoundingConfig()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(pl_module.model):
         torch.manual_seed(seed)
-        calibrate_(pl_module.model, images.split(batch_size))
+        report = calibrate_(pl_module.model, images.split(batch_size), gptq_damp=gptq.damp)
+    if report is not None:
+        rank_zero_info(f"[cimq] {report.describe()}")
     state = trainer.strategy.broadcast(quantizer_state(pl_module.model), src=0)
     load_quantizer_state_(pl_module.model, state)
     if trainer.state.fn == "fit" and trainer.strategy.broadcast(preemption.requested(), src=0):

@@ -9,7 +9,8 @@ does what happens around the steps:
   ``iters_per_block: 0`` (the conventional baseline) that is the whole PTQ: the checkpoint is written and the fit
   stops before its first training step.
 * ``on_train_batch_start`` of a unit's first batch (or of the first batch after a resume): earlier units are
-  hardened and the unit's block I/O is cached over the calibration images.
+  hardened and the unit's block I/O is cached over the calibration images (and, with ``rounding_init: gptq``,
+  the unit's weights GPTQ-rounded from the cached inputs: `BlockReconstruction.init_unit_rounding`).
 * ``on_train_batch_end`` of a unit's last batch: its rounding is hardened and its partial-sum clip rate and input
   bit density are logged (``ptq/<unit>/psum_clip_rate``, ``ptq/<unit>/bit_density``).
 * At the end the quantized model is written, atomically, to ``<log dir>/checkpoints/ptq.ckpt`` for
@@ -120,6 +121,9 @@ class PostTrainingQuantization(Callback):
         name = objective.blocks[index][0]
         rank_zero_info(f"[cimq] reconstructing unit {index + 1}/{len(objective.blocks)}: {name}")
         objective.cache_block_io(pl_module.model, self._calibration_images)
+        report = objective.init_unit_rounding()  # rounding_init: gptq (not again after a resume mid-unit)
+        if report is not None:
+            rank_zero_info(f"[cimq] {name}: {report.describe()}")
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

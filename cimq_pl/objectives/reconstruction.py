@@ -18,6 +18,11 @@ calibration samples of the cache and:
 Only the current unit's AdaRound logits, input step sizes and ADC clip parameters learn; weights, biases
 and weight step sizes stay fixed.
 
+With ``rounding_init="gptq"`` the unit's weights are GPTQ-rounded when it starts (`init_unit_rounding`): the
+Hessian of each of its layers is collected by running the unit on the cached quantized inputs ``x_q`` (the
+earlier units final), GPTQ's compensation is stored in the weight quantizers and AdaRound's logits start at
+frac((w + compensation) / s), so AdaRound starts from GPTQ's codes (without AdaRound, the codes stay GPTQ's).
+
 Every random draw of a step (which samples, which elements QDrop keeps) is seeded from ``(seed, rank, unit,
 step)`` alone, so a fit resumed from a mid-unit checkpoint makes exactly the draws of an uninterrupted one.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -34,8 +40,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.objectives.base import Objective, quantizer_parameters, sparsity_penalty
-from cimq_pl.quant import iter_quantizers
+from cimq_pl.quant import cim_layers, iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
+from cimq_pl.quant.gptq import DEFAULT_DAMP, GPTQReport, gptq_
 from cimq_pl.quant.layers import _CIMLayerBase
 from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
 from cimq_pl.seeding import derive_seed
@@ -48,7 +55,10 @@ from cimq_pl.quant.reconstruction import (
     find_blocks,
 )
 
-__all__ = ["BlockReconstruction", "UnitSchedule", "UnitSteps"]
+__all__ = ["ROUNDING_INITS", "BlockReconstruction", "UnitSchedule", "UnitSteps"]
+
+#: Where a unit's weight rounding starts: round-to-nearest of the weights, or GPTQ's rounding.
+ROUNDING_INITS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,11 @@ class BlockReconstruction(Objective):
         lr_rounding: Adam learning rate of the AdaRound logits.
         lr_step: Adam learning rate of the input step sizes (QDrop: 4e-5, cosine decay within each unit).
         lr_clip: Adam learning rate of the ADC clip parameters theta.
+        rounding_init: where each unit's rounding starts: ``"nearest"`` (AdaRound's h(V) = frac(w / s)) or
+            ``"gptq"`` (GPTQ from the unit's cached quantized inputs, computed when the unit starts; AdaRound then
+            starts from GPTQ's codes, or, with ``adaround: false``, the codes are GPTQ's). Needs
+            ``iters_per_block > 0``; for calibration-only GPTQ use the `GPTQRounding` callback.
+        gptq_damp: GPTQ's Hessian dampening (fraction of its mean diagonal), with ``rounding_init: gptq``.
 
     Raises:
         ConfigError: on a bad value (named in the message with what is allowed).
@@ -145,6 +160,8 @@ class BlockReconstruction(Objective):
         lr_rounding: float = 1e-3,
         lr_step: float = 4e-5,
         lr_clip: float = 1e-3,
+        rounding_init: Literal["nearest", "gptq"] = "nearest",
+        gptq_damp: float = DEFAULT_DAMP,
     ):
         for name, value, low in (("iters_per_block", iters_per_block, 0), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -156,6 +173,15 @@ class BlockReconstruction(Objective):
                             ("beta_end", beta_end)):
             if not value >= 0:
                 raise ConfigError(f"BlockReconstruction.{name}={value!r} is invalid: expected a number >= 0")
+        if rounding_init not in ROUNDING_INITS:
+            raise ConfigError(f"BlockReconstruction.rounding_init={rounding_init!r} is invalid: expected one of "
+                              f"{list(ROUNDING_INITS)}")
+        if not 0 <= gptq_damp < float("inf"):
+            raise ConfigError(f"BlockReconstruction.gptq_damp={gptq_damp!r} is invalid: expected a number >= 0")
+        if rounding_init == "gptq" and iters_per_block == 0:
+            raise ConfigError("BlockReconstruction.rounding_init='gptq' acts when a reconstruction unit starts, but "
+                              "iters_per_block=0 reconstructs none: for calibration-only GPTQ rounding add the "
+                              "cimq_pl.callbacks.GPTQRounding callback instead")
         self.iters_per_block = iters_per_block
         self.batch_size = batch_size
         self.adaround = adaround
@@ -163,6 +189,7 @@ class BlockReconstruction(Objective):
         self.warmup = warmup
         self.beta_start, self.beta_end = beta_start, beta_end
         self.learning_rates = {"rounding": lr_rounding, "step": lr_step, "clip": lr_clip}
+        self.rounding_init, self.gptq_damp = rounding_init, gptq_damp
         # the runtime state of a fit, built by `setup` / `attach`
         self.blocks: list[tuple[str, nn.Module]] = []
         self.schedule = UnitSchedule(0, 1)
@@ -191,6 +218,7 @@ class BlockReconstruction(Objective):
             ConfigError: no `PostTrainingQuantization` callback, or a fit longer or shorter than one epoch.
         """
         model = module.model
+        self._refuse_gptq_option(model)
         if self.reconstructs and self.adaround:
             reconfigure_(model, weight_rounding="adaround")
         if stage != "fit":
@@ -211,6 +239,19 @@ class BlockReconstruction(Objective):
         if self.reconstructs:
             self.check_fit_length(trainer.max_epochs, trainer.max_steps)
 
+    def _refuse_gptq_option(self, model: nn.Module) -> None:
+        """Refuse layers GPTQ-rounded at calibration (`GPTQRounding`) when reconstruction would replace that rounding
+        (AdaRound) or redo it (``rounding_init: gptq``)."""
+        if not (self.reconstructs and (self.adaround or self.rounding_init == "gptq")):
+            return
+        if any(layer.options.weight_rounding == "gptq" for _, layer in cim_layers(model)):
+            raise ConfigError(
+                "the GPTQRounding callback rounds the weights at calibration, but BlockReconstruction "
+                f"(adaround={self.adaround}, rounding_init={self.rounding_init!r}) would "
+                f"{'learn' if self.adaround else 'recompute'} that rounding per unit: for AdaRound from GPTQ remove "
+                "GPTQRounding and set model.objective.init_args.rounding_init: gptq; to keep GPTQ's rounding set "
+                "adaround: false (or iters_per_block: 0)")
+
     def attach(self, blocks: list[tuple[str, nn.Module]], seed: int = 0, rank: int = 0, world_size: int = 1,
                block_input_keep_prob: float | None = None) -> None:
         """Start a fit over the units ``blocks`` (``(name, module)`` in execution order) in process ``rank`` of
@@ -223,8 +264,9 @@ class BlockReconstruction(Objective):
         self.current, self.step_in_unit, self.cache = 0, 0, None
 
     def describe(self) -> str:
+        start = ", rounding from GPTQ" if self.rounding_init == "gptq" else ""
         return (f"{self.schedule.units} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
-                f"images: {', '.join(name for name, _ in self.blocks)}")
+                f"images{start}: {', '.join(name for name, _ in self.blocks)}")
 
     def check_fit_length(self, max_epochs: int | None, max_steps: int) -> None:
         """Refuse a trainer that would not run exactly the one epoch of ``units x steps_per_unit`` batches."""
@@ -268,6 +310,29 @@ class BlockReconstruction(Objective):
         """Cache ``(x_fp, y_fp, x_q)`` of the current unit for all calibration ``images`` (in order)."""
         parts = [self.block_io(model, images[i : i + chunk]) for i in range(0, len(images), chunk)]
         self.cache = tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+    @torch.no_grad()
+    def init_unit_rounding(self, chunk: int = 256) -> GPTQReport | None:
+        """With ``rounding_init="gptq"``: GPTQ-round the current unit's layers from its cached quantized inputs
+        (call after `cache_block_io`) and start their AdaRound logits there; None otherwise.
+
+        Layers already compensated are left alone (a fit resumed mid-unit: the checkpoint holds the compensation
+        and the logits learned since), so GPTQ runs once per unit. The Hessians come from one pass of the unit,
+        in eval mode, over ``x_q`` in chunks of ``chunk`` samples.
+        """
+        if self.rounding_init != "gptq" or self.cache is None:
+            return None
+        _, block = self.block
+        names = [name for name, layer in cim_layers(block) if layer.weight_quantizer is not None
+                 and layer.weight_quantizer.enabled and not layer.weight_quantizer.compensated]
+        if not names:
+            return None
+        with eval_mode(block):
+            report = gptq_(block, self.cache[2].split(chunk), lambda unit, x: unit(x), layers=names, damp=self.gptq_damp)
+        for name, layer in cim_layers(block):
+            if name in names and layer.weight_quantizer.rounding_logits is not None:
+                layer.weight_quantizer.init_rounding(layer._weight4d())
+        return report
 
     def finish_unit(self, index: int) -> None:
         """Freeze unit ``index``: hard rounding from now on; its cache is dropped."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cimq_pl.quant.device_model import device_mode
+from cimq_pl.quant.gptq import DEFAULT_DAMP, GPTQReport, gptq_, uses_gptq
 from cimq_pl.quant.layers import QUANTIZER_ROLES, cim_layers, iter_quantizers
 
 
@@ -17,27 +18,35 @@ def calibrate_(
     model: nn.Module,
     batches: Iterable,
     forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
-) -> None:
-    """Initialise every quantizer of every CIM layer from data, in place (two passes over ``batches``).
+    gptq_damp: float = DEFAULT_DAMP,
+) -> Optional[GPTQReport]:
+    """Initialise every quantizer of every CIM layer from data, in place (two passes over ``batches``, three
+    with GPTQ rounding).
 
     Pass 1: weight steps from the weights; input quantizers observe (values pass through unquantized, ADCs
-    ideal). Pass 2: with inputs and weights quantized, the ADC quantizers observe the integer partial sums
-    (passing them through) and set alpha0. Disabled quantizers are left alone. A real device attached to the
-    layers (`attach_device_`) is off meanwhile: ranges are calibrated on ideal cells, as a compiler does before
-    the chip is known.
+    ideal). Then, when some layer's weight rounding is ``"gptq"``: one pass with inputs and weights quantized
+    (ADCs ideal) collects those layers' input Hessians and GPTQ compensates their weights (`gptq_`). Pass 2:
+    with inputs and weights quantized, the ADC quantizers observe the integer partial sums (passing them
+    through) and set alpha0. Disabled quantizers are left alone. A real device attached to the layers
+    (`attach_device_`) is off meanwhile: ranges are calibrated on ideal cells, as a compiler does before the
+    chip is known.
 
     Args:
         model: a converted model (its train/eval mode is kept; use eval mode for BN statistics).
         batches: a re-iterable of batches (e.g. a list or a DataLoader).
         forward_fn: ``forward_fn(model, batch)``; default ``model(batch[0])`` for tuples/lists, else
             ``model(batch)``.
+        gptq_damp: Hessian dampening of GPTQ rounding (fraction of the mean diagonal).
+
+    Returns:
+        The `GPTQReport` of the GPTQ pass (layers, seconds), None when no layer rounds with GPTQ.
     """
     forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
     with device_mode(model, "ideal"):
-        _calibrate(model, batches, forward_fn)
+        return _calibrate(model, batches, forward_fn, gptq_damp)
 
 
-def _calibrate(model: nn.Module, batches: Iterable, forward_fn: Callable) -> None:
+def _calibrate(model: nn.Module, batches: Iterable, forward_fn: Callable, gptq_damp: float) -> Optional[GPTQReport]:
     for _, layer in cim_layers(model):
         wq = layer.weight_quantizer
         if wq is not None and wq.enabled:
@@ -53,6 +62,9 @@ def _calibrate(model: nn.Module, batches: Iterable, forward_fn: Callable) -> Non
         forward_fn(model, batch)
     for quantizer in inputs:
         quantizer.finish_observing()
+    report = None
+    if any(uses_gptq(layer) for _, layer in cim_layers(model)):  # inputs and weights quantized, ADCs ideal
+        report = gptq_(model, batches, forward_fn, damp=gptq_damp)
     for pq, enabled in psums.items():
         pq.enabled = enabled
         if enabled:
@@ -61,6 +73,7 @@ def _calibrate(model: nn.Module, batches: Iterable, forward_fn: Callable) -> Non
         forward_fn(model, batch)
     for pq in psums:
         pq.finish_observing()
+    return report
 
 
 def set_collect_stats(model: nn.Module, collect: bool = True, reset: bool = True) -> None:

@@ -20,7 +20,8 @@ class QuantizerOptions:
     Attributes:
         weight_granularity: ``"layer"``, ``"channel"``, ``"array"`` (one scale per crossbar tile, SPEC 4.2) or
             ``"array_channel"``.
-        weight_rounding: ``"nearest"`` or ``"adaround"``.
+        weight_rounding: ``"nearest"``, ``"adaround"`` (learned by PTQ) or ``"gptq"`` (round-to-nearest of the
+            weights GPTQ compensated at calibration, `cimq_pl.quant.gptq`; the `GPTQRounding` callback sets it).
         weight_observer: step initialisation of weights.
         input_observer: step initialisation of input activations.
         input_signed: input codes signed (True), unsigned (False) or decided from calibration data (None).
@@ -43,7 +44,7 @@ class QuantizerOptions:
     """
 
     weight_granularity: Literal["layer", "channel", "array", "array_channel"] = "array"
-    weight_rounding: Literal["nearest", "adaround"] = "nearest"
+    weight_rounding: Literal["nearest", "adaround", "gptq"] = "nearest"
     weight_observer: Observer = "mse"
     input_observer: Observer = "mse"
     input_signed: Optional[bool] = None

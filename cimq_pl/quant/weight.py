@@ -1,4 +1,5 @@
-"""`WeightQuantizer`: signed LSQ weight codes with layer/channel/array/array_channel scales and AdaRound."""
+"""`WeightQuantizer`: signed LSQ weight codes with layer/channel/array/array_channel scales, AdaRound and the
+GPTQ compensation of the weights it rounds."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from cimq_pl.quant.tiling import TileGeometry
 from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 WEIGHT_GRANULARITIES = ("layer", "channel", "array", "array_channel")
-ROUNDINGS = ("nearest", "adaround")
+ROUNDINGS = ("nearest", "adaround", "gptq")
 ADAROUND_ZETA = 1.1
 ADAROUND_GAMMA = -0.1
 
@@ -36,11 +37,20 @@ class WeightQuantizer(QuantizerBase):
     h(V) equals the fractional part of w / s; rounding is hard (h >= 0.5) when ``hard`` is True or in eval
     mode.
 
+    With ``rounding="gptq"`` the codes are round-to-nearest, like ``"nearest"``; the rounding that differs is the
+    weights': `calibrate_` runs GPTQ (`cimq_pl.quant.gptq`) on the layer and stores its result here as the
+    ``compensation`` (C_out, C_in/g, k_h, k_w), the float offset GPTQ adds to every weight before rounding. Every
+    rounding mode quantizes ``w + compensation`` when a compensation is set (AdaRound then starts from
+    frac((w + compensation) / s), `BlockReconstruction(rounding_init="gptq")`), so the layer's own weights, and
+    with them the float network (every quantizer disabled), stay the original ones. The compensation is saved
+    in the state_dict (extra state), carried over by `adopt_calibration_`, and dropped when the steps are
+    re-initialised (`init_from_observer`) or the codes baked into the weights (`bake_rounding_`).
+
     Args:
         geometry: the layer's `TileGeometry`.
         bits: weight code bits b_w.
         granularity: one of ``"layer"``, ``"channel"``, ``"array"``, ``"array_channel"``.
-        rounding: ``"nearest"`` or ``"adaround"``.
+        rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"`` (nearest codes of GPTQ-compensated weights).
         observer: step initialisation, ``"mse"`` (default, SPEC 4.2), ``"minmax"`` or ``"percentile"``.
         grad_scaling: LSQ gradient scaling of the step.
         **observer_kwargs: forwarded to the observer.
@@ -77,15 +87,31 @@ class WeightQuantizer(QuantizerBase):
         self.register_buffer("col_block_of_column", geometry.col_block_of_column(), persistent=False)
         weight_shape = (g * cout_g, geometry.in_channels_per_group, *geometry.kernel_size)
         self.rounding_logits = nn.Parameter(torch.zeros(weight_shape)) if rounding == "adaround" else None
+        self.register_buffer("compensation", None, persistent=False)  # GPTQ's offset, saved as extra state
 
     SETTINGS = ()  # every weight option changes the quantizer's parameters: it is rebuilt
 
     def get_extra_state(self) -> Any:
-        return {"initialized": self.initialized, "hard": self.hard}
+        return {"initialized": self.initialized, "hard": self.hard, "compensation": self.compensation}
 
     def set_extra_state(self, state: Any) -> None:
         self.initialized = bool(state["initialized"])
         self.hard = bool(state.get("hard", False))
+        compensation = state.get("compensation")
+        self.compensation = None if compensation is None else compensation.to(self.step.device, self.step.dtype)
+
+    @property
+    def compensated(self) -> bool:
+        """Whether GPTQ's compensation is set (the weights this quantizer rounds are ``w + compensation``)."""
+        return self.compensation is not None
+
+    @torch.no_grad()
+    def adopt_calibration_(self, old: "QuantizerBase") -> bool:
+        """As `QuantizerBase.adopt_calibration_`; the GPTQ compensation comes along when the steps do."""
+        adopted = super().adopt_calibration_(old)
+        if adopted and getattr(old, "compensation", None) is not None:
+            self.compensation = old.compensation.clone()
+        return adopted
 
     @property
     def code_range(self) -> tuple:
@@ -138,8 +164,10 @@ class WeightQuantizer(QuantizerBase):
     def init_from_observer(self, weight: torch.Tensor) -> None:
         """Set every step from ``weight`` with the observer's method (weights need no calibration data).
 
-        Also initialises the AdaRound logits so that h(V) equals the fractional part of w / s.
+        Also initialises the AdaRound logits so that h(V) equals the fractional part of w / s. A GPTQ
+        compensation, computed for the old steps, is dropped.
         """
+        self.compensation = None
         qmin, qmax = self.code_range
         levels = clip_levels(qmin, qmax)
         self.observer.reset()
@@ -156,10 +184,43 @@ class WeightQuantizer(QuantizerBase):
         if not self.initialized:
             self.init_from_observer(weight)
 
+    def ratio(self, weight: torch.Tensor, expanded_step: torch.Tensor = None) -> torch.Tensor:
+        """``(w + compensation) / s`` per element (``w / s`` without compensation): what the codes round.
+
+        Args:
+            weight: (C_out, C_in/groups, k_h, k_w) float weight.
+            expanded_step: optional precomputed `expanded_step()`.
+        """
+        if self.compensation is not None:
+            weight = weight + self.compensation
+        return weight / self.element_step(expanded_step)
+
+    @torch.no_grad()
+    def compensate_(self, weight: torch.Tensor, compensated: torch.Tensor) -> None:
+        """Make the codes of ``weight`` the round-to-nearest codes of ``compensated`` (GPTQ's W'), exactly.
+
+        Stores ``compensated - weight`` as the compensation; where float rounding of ``w + compensation`` lands
+        on another code than ``compensated`` gives (a tie, or a different summation order), the element is
+        moved to the middle of its code's interval, so the codes match bit for bit.
+
+        Args:
+            weight: the layer's (C_out, C_in/groups, k_h, k_w) weight.
+            compensated: W', same shape (any float dtype).
+        """
+        qmin, qmax = self.code_range
+        step = self.element_step().detach()
+        target = torch.clamp(torch.round(compensated.to(torch.float64) / step.to(torch.float64)), qmin, qmax)
+        target = target.to(weight.dtype)
+        self.compensation = (compensated.to(weight.dtype) - weight).detach().clone()
+        codes = torch.clamp(torch.round(self.ratio(weight)), qmin, qmax)
+        wrong = codes != target
+        if wrong.any():
+            self.compensation[wrong] = (target * step - weight)[wrong]
+
     @torch.no_grad()
     def init_rounding(self, weight: torch.Tensor) -> None:
-        """Initialise the AdaRound logits V so that h(V) = frac(w / s)."""
-        ratio = weight / self.element_step()
+        """Initialise the AdaRound logits V so that h(V) = frac((w + compensation) / s)."""
+        ratio = self.ratio(weight)
         fraction = (ratio - torch.floor(ratio)).clamp(1e-4, 1 - 1e-4)
         sig = ((fraction - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA)).clamp(1e-6, 1 - 1e-6)
         self.rounding_logits.copy_(torch.log(sig / (1 - sig)))
@@ -172,8 +233,9 @@ class WeightQuantizer(QuantizerBase):
     def bake_rounding_(self, weight: torch.Tensor, rounding_logits: torch.Tensor = None) -> None:
         """Write the hard AdaRound decisions into ``weight`` in place, so that round-to-nearest gives the same codes.
 
-        The code is ``floor(w / s) + [V >= 0]`` (h(V) >= 0.5 exactly when V >= 0); ``weight`` becomes
-        ``code x s``. Used where AdaRound ends and plain rounding takes over (QAT from a PTQ checkpoint).
+        The code is ``floor((w + compensation) / s) + [V >= 0]`` (h(V) >= 0.5 exactly when V >= 0); ``weight``
+        becomes ``code x s`` and the GPTQ compensation, now in the weights, is dropped. Used where AdaRound ends
+        and plain rounding takes over (QAT from a PTQ checkpoint).
 
         Args:
             weight: the layer's (C_out, C_in/groups, k_h, k_w) weight, changed in place.
@@ -184,8 +246,9 @@ class WeightQuantizer(QuantizerBase):
             return
         step = self.element_step().detach()
         qmin, qmax = self.code_range
-        codes = torch.clamp(torch.floor(weight / step) + (logits.to(step.device) >= 0).to(step.dtype), qmin, qmax)
+        codes = torch.clamp(torch.floor(self.ratio(weight)) + (logits.to(step.device) >= 0).to(step.dtype), qmin, qmax)
         weight.copy_(codes * step)
+        self.compensation = None
 
     def soft_rounding(self) -> torch.Tensor:
         """h(V) in [0, 1], the AdaRound rectified sigmoid of the logits."""
@@ -208,7 +271,7 @@ class WeightQuantizer(QuantizerBase):
         """
         self.init_if_needed_(weight)
         qmin, qmax = self.code_range
-        ratio = weight / self.element_step(expanded_step)
+        ratio = self.ratio(weight, expanded_step)
         if self.rounding_logits is None:
             return round_ste(torch.clamp(ratio, qmin, qmax))
         rounding = self.soft_rounding()
@@ -224,4 +287,5 @@ class WeightQuantizer(QuantizerBase):
         return self.codes(weight, expanded) * self.element_step(expanded)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, granularity={self.granularity}, rounding={self.rounding}, enabled={self.enabled}"
+        return (f"bits={self.bits}, granularity={self.granularity}, rounding={self.rounding}, enabled={self.enabled}"
+                + (", compensated" if self.compensated else ""))

@@ -11,6 +11,7 @@ so they compose in any order. The Lightning callbacks in :mod:`cimq_pl.callbacks
 | `ArraywiseWeightConfig` | arraywise weight quantization granularity (4.2) |
 | `PartialSumClippingConfig` | partial-sum quantization with a reparametrized clipping function (4.3) |
 | `QuantDroppingConfig` | random quantization dropping (4.4) |
+| `GPTQRoundingConfig` | GPTQ weight rounding at calibration (not a CIMQ technique: AdaRound's alternative) |
 """
 
 from cimq_pl.quant.techniques.base import (
@@ -26,6 +27,7 @@ from cimq_pl.quant.techniques.arraywise import ArraywiseWeightConfig
 from cimq_pl.quant.techniques.bit_sparse import BitSparseActivationConfig
 from cimq_pl.quant.techniques.psum_clipping import PartialSumClippingConfig
 from cimq_pl.quant.techniques.dropping import DROP_TARGETS, QuantDroppingConfig
+from cimq_pl.quant.techniques.gptq import GPTQRoundingConfig
 
 __all__ = [
     "CONVENTIONAL_OPTIONS",
@@ -34,6 +36,7 @@ __all__ = [
     "applied_technique",
     "ArraywiseWeightConfig",
     "BitSparseActivationConfig",
+    "GPTQRoundingConfig",
     "PartialSumClippingConfig",
     "QuantDroppingConfig",
     "list_techniques",
