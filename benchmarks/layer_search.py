@@ -29,10 +29,11 @@ from typing import Optional
 
 import yaml
 
-from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ResultStore, Setting, base_parser, derived_config, machine,
-                    markdown_table, measure, prepare)
+from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, ResultStore, Setting, base_parser,
+                    derived_config, machine, markdown_table, measure, prepare)
 
 UNIFORM_ADC = (3, 4, 5, 6)
+METRIC_NAMES = ("fisher", "kl", "mse")
 BUDGETS = {"energy": ("energy_budget", "adc_bits=4"), "accuracy": ("loss_budget", "adc_bits=5"),
            "saving": ("energy_budget", "0.8*adc_bits=5")}
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
@@ -49,7 +50,9 @@ def _metric_suffix(metric: str) -> str:
 
 
 def searched_key(kind: str, iters: int, images: int, metric: str = "fisher") -> str:
-    return f"searched-{kind}-iters{iters}-images{images}{_metric_suffix(metric)}"
+    """Row key of a searched assignment; it names the CIMQ preset's version (`runner.ROW_KEY_NAMES`), as the uniform
+    rows' keys do, so that a changed preset measures again."""
+    return f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}{_metric_suffix(metric)}"
 
 
 def _uniform(adc: int, iters: int) -> Setting:
@@ -167,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--images", type=int, default=256, help="calibration images the search measures on")
     parser.add_argument("--fresh", action="store_true", help="measure the uniform rows again instead of reusing "
                                                              "the suite's (sweeps.csv, ablation.csv)")
-    parser.add_argument("--metric", choices=("fisher", "kl", "mse"), default="fisher",
+    parser.add_argument("--metric", choices=METRIC_NAMES, default="fisher",
                         help="the search's sensitivity metric (search --metric); rows of other metrics are kept apart")
     parser.add_argument("--budgets", default="energy,accuracy,saving",
                         help="which searches: energy (at the energy of uniform ADC 4), accuracy (at the loss of "
@@ -215,7 +218,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                      "predicted_energy_uj": found["predicted_energy_uj"], "assignment": found["assignment"],
                      "config": str(found["overrides"])}
         _write(path, rows)
-    shown = [r for r in rows.values() if str(r.get("iters")) == str(iters)]
+    current = {_uniform(adc, iters).key for adc in adc_points} | {searched_key(kind, iters, images, metric)
+                                                                  for kind in BUDGETS for metric in METRIC_NAMES}
+    shown = [r for key, r in rows.items() if key in current]
     columns = ["point", "adc_bits", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
                "test/bit_density", "fit_seconds", "search_seconds"]
     headers = ["setting", "ADC bits", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s", "search s"]

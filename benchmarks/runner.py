@@ -52,14 +52,19 @@ ROWS = {
     "cimq_edges_on_arrays": ("configs/quant/cimq_ptq.yaml", {"first_layer": "cim", "last_layer": "cim"}),
 }
 # rows whose config changed since results were stored: a new name in the key, so the old rows are never reused
-# (issue 15 changed the CIMQ presets: int8 edge layers, learning rates x10 (PTQ), per-column weight scales)
-ROW_KEY_NAMES = {"cimq": "cimq15", "cimq_quick": "cimq_quick15", "cimq_qat": "cimq_qat15"}
+# (issue 15 changed the CIMQ presets: int8 edge layers, learning rates x10 (PTQ), per-column weight scales; and
+# every other technique config: int8 edge layers, per-column weight scales where ArraywiseWeights is listed)
+# ("15b": the CIMQ presets and the ablation's per-column ADC clips, after "15" had per-array ones)
+ROW_KEY_NAMES = {name: f"{name}15" for name in (
+    "conventional", "arraywise", "bit_sparse", "qdrop", "qdrop_no_cim", "brecq")}
+ROW_KEY_NAMES.update({name: f"{name}15b" for name in (
+    "cimq", "cimq_quick", "cimq_qat", "psum_clipping", "cimq_uniform_codes", "cimq_edges_on_arrays")})
 ROW_LABELS = {
     "fp": "FP (no quantization)",
     "conventional": "conventional PTQ (layerwise min-max weights, min-max ADC range)",
     "arraywise": "+ arraywise weight scales alone",
     "bit_sparse": "+ bit-sparse activations (k=1) alone",
-    "psum_clipping": "+ per-array MSE ADC clipping alone",
+    "psum_clipping": "+ per-column MSE ADC clipping alone",
     "qdrop": "+ reconstruction with quantization dropping alone",
     "cimq": "CIMQ: all four",
     "cimq_quick": "CIMQ: all four, quick preset",
@@ -98,6 +103,7 @@ class Setting:
         weight_granularity: weight scales of `ArraywiseWeights` (``array``, ``channel``, ``array_channel``).
         sparsity_weight: lambda of `BitSparseActivations`' bit-sparsity regulariser.
         psum_granularity: ADC clip ranges of `PartialSumClipping` (``layer``, ``array``, ``column``).
+        rounding_init: where AdaRound starts, `BlockReconstruction`'s ``rounding_init`` (``nearest`` or ``gptq``).
     """
 
     model: str
@@ -113,6 +119,7 @@ class Setting:
     weight_granularity: Optional[str] = None
     sparsity_weight: Optional[float] = None
     psum_granularity: Optional[str] = None
+    rounding_init: Optional[str] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
@@ -175,20 +182,21 @@ def derived_config(setting: Setting) -> Optional[dict]:
         if callback not in callbacks:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
         callbacks[callback][argument] = value
-    if setting.iters is not None:
-        objective = config["model"].get("objective") or {}
-        if not objective.get("class_path", "").endswith("BlockReconstruction"):
-            raise ValueError(f"setting {setting.key}: iters needs model.objective BlockReconstruction in {path}")
-        init_args = objective.setdefault("init_args", {})
-        if init_args.get("iters_per_block", 1) != 0:  # calibration-only configs stay calibration-only
-            init_args["iters_per_block"] = setting.iters
-    if setting.lr_scale is not None:
+    changes = {name: getattr(setting, name) for name in ("iters", "rounding_init", "lr_scale")}
+    if any(value is not None for value in changes.values()):
         from cimq_pl.objectives import BlockReconstruction
 
         objective = config["model"].get("objective") or {}
         if not objective.get("class_path", "").endswith("BlockReconstruction"):
-            raise ValueError(f"setting {setting.key}: lr_scale needs model.objective BlockReconstruction in {path}")
-        objective.setdefault("init_args", {}).update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
+            named = ", ".join(name for name, value in changes.items() if value is not None)
+            raise ValueError(f"setting {setting.key}: {named} needs model.objective BlockReconstruction in {path}")
+        init_args = objective.setdefault("init_args", {})
+        if setting.iters is not None and init_args.get("iters_per_block", 1) != 0:  # calibration-only stays so
+            init_args["iters_per_block"] = setting.iters
+        if setting.rounding_init is not None:
+            init_args["rounding_init"] = setting.rounding_init
+        if setting.lr_scale is not None:
+            init_args.update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
     return config
 
 

@@ -7,7 +7,8 @@ __all__ = ["ArraywiseWeights"]
 
 
 class ArraywiseWeights(TechniqueCallback, config=ArraywiseWeightConfig):
-    """One weight scale per crossbar tile (or another granularity, for ablations).
+    """Weight scales that follow the crossbar tiling: one per column of each array (default, ``array_channel``),
+    one per tile (``array``, CIMQ's), or another granularity for ablations.
 
     The weight bit-width is the macro's (``model.cim.weight_bits``).
     """

@@ -153,9 +153,10 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
 @pytest.mark.parametrize(
     "config,check",
     [
-        ("arraywise", lambda layer: layer.weight_quantizer.granularity == "array" and layer.weight_quantizer.step.numel() == 3),
+        ("arraywise", lambda layer: layer.weight_quantizer.granularity == "array_channel"
+         and layer.weight_quantizer.step.numel() == 3 * 32),  # 3 row blocks x 32 columns
         ("bit_sparse", lambda layer: layer.input_quantizer.max_ones == 1),
-        ("psum_clipping", lambda layer: layer.psum_quantizer.granularity == "array" and layer.options.psum_observer == "mse"),
+        ("psum_clipping", lambda layer: layer.psum_quantizer.granularity == "column" and layer.options.psum_observer == "mse"),
         ("qdrop", lambda layer: layer.input_quantizer.keep_prob == 0.5 and layer.weight_quantizer.hard),
     ],
 )

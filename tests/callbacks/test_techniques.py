@@ -122,8 +122,8 @@ def test_techniques_compose_in_any_order_and_keep_runtime_switches():
     for order in (configs, configs[::-1]):
         for _, layer in cim_layers(_model(*order)):
             assert layer.input_quantizer.keep_prob == 0.7 and layer.input_quantizer.sparsity_weight == 0.1
-            assert layer.input_quantizer.max_ones == 2 and layer.weight_quantizer.granularity == "array"
-            assert layer.psum_quantizer.granularity == "array"
+            assert layer.input_quantizer.max_ones == 2 and layer.weight_quantizer.granularity == "array_channel"
+            assert layer.psum_quantizer.granularity == "column"
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,7 @@ def test_old_names_of_partial_sum_clipping_still_work_with_a_deprecation():
         settings = configured_techniques(
             [{"class_path": "cimq_pl.callbacks.PartialSumClipping", "init_args": {"init": "minmax", "learnable": False}}]
         )
-    assert settings == {"PartialSumClipping": {"granularity": "array", "observer": "minmax", "learn_clip": False}}
+    assert settings == {"PartialSumClipping": {"granularity": "column", "observer": "minmax", "learn_clip": False}}
 
 
 def test_a_checkpoint_of_another_code_set_is_refused_not_taken(images):

@@ -123,7 +123,7 @@ def _assert_clear(code, err: str, needle: str, short: bool = False) -> None:
     assert lines, err[-2000:]
     assert any(needle in line for line in lines), lines
     if short:
-        assert all(len(line) < 300 and "Union" not in line and "Does not validate" not in line for line in lines), lines
+        assert all(len(line) < 400 and "Union" not in line and "Does not validate" not in line for line in lines), lines
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -28,7 +28,8 @@ def _reference():
                              mean=tuple(config["mean"]), std=tuple(config["std"]))
     images = first_images(data.test_dataloader(), 8, torch.device("cpu"))
     calibration = first_images(data.calibration_dataloader(), 8, torch.device("cpu"))
-    spec = CIMSpec(rows=128, cols=128, weight_bits=4, input_bits=4, dac_bits=1, adc_bits=4)
+    spec = CIMSpec(rows=128, cols=128, weight_bits=4, input_bits=4, dac_bits=1, adc_bits=4, first_layer="int8",
+                   last_layer="int8")
     return cost_report(model, spec, images, calibration, CONVENTIONAL_OPTIONS, print_fn=None)
 
 

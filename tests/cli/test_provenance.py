@@ -149,9 +149,6 @@ def test_the_checkpoint_records_its_run(conventional_checkpoint):
     assert record["quantizer_options"]["layer2.0.conv1"]["weight_granularity"] == "layer"  # conventional
 
 
-EDGES_ON_ARRAYS = ("--model.cim.first_layer", "cim", "--model.cim.last_layer", "cim")  # conventional.yaml's edges
-
-
 def test_a_checkpoint_of_another_macro_or_technique_set_is_refused_before_the_run(conventional_checkpoint, capsys,
                                                                                    monkeypatch):
     path, _ = conventional_checkpoint
@@ -159,9 +156,10 @@ def test_a_checkpoint_of_another_macro_or_technique_set_is_refused_before_the_ru
                           capsys, monkeypatch)
     _assert_clear(code, err, "was written for model.cim.adc_bits=4 but the config gives 3: pass --model.cim.adc_bits 4")
     assert "Restoring states" not in err  # refused while parsing, before the model or the checkpoint is loaded
+    code, err = _run_main(["test", *BASE, *CIMQ, "--model.cim.first_layer", "cim", "--ckpt_path", str(path)], capsys,
+                          monkeypatch)
+    _assert_clear(code, err, "was written for model.cim.first_layer='int8' but the config gives 'cim'")
     code, err = _run_main(["test", *BASE, *CIMQ, "--ckpt_path", str(path)], capsys, monkeypatch)
-    _assert_clear(code, err, "was written for model.cim.first_layer='cim' but the config gives 'int8'")
-    code, err = _run_main(["test", *BASE, *CIMQ, *EDGES_ON_ARRAYS, "--ckpt_path", str(path)], capsys, monkeypatch)
     _assert_clear(code, err, "pass --without ArraywiseWeights,BitSparseActivations,PartialSumClipping,QuantDropping")
 
 
@@ -171,7 +169,7 @@ def test_without_switches_techniques_off(conventional_checkpoint, capsys, monkey
 
     path, accuracy = conventional_checkpoint
     monkeypatch.chdir(REPO)
-    test = CIMQCLI(args=["test", *BASE, *CIMQ, *EDGES_ON_ARRAYS, "--without", ALL_BUT_PTQ_OF_CIMQ, "--ckpt_path", str(path),
+    test = CIMQCLI(args=["test", *BASE, *CIMQ, "--without", ALL_BUT_PTQ_OF_CIMQ, "--ckpt_path", str(path),
                          "--model.objective.init_args.iters_per_block", "0", "--trainer.default_root_dir", str(tmp_path)])
     names = [type(cb).__name__ for cb in test.trainer.callbacks]
     assert not {"BitSparseActivations", "QuantDropping", "HardwareReport"} & set(names)

@@ -26,14 +26,16 @@ class ArraywiseWeightConfig:
     """Weight-scale granularity and initialisation.
 
     Attributes:
-        granularity: ``"array"`` (CIMQ), ``"array_channel"``, ``"channel"`` or ``"layer"``.
+        granularity: ``"array_channel"`` (default: one scale per column of each array, free for the macro since
+            every column's digital result is scaled anyway; measured best under the full PTQ, issue 15),
+            ``"array"`` (CIMQ's one scale per crossbar tile), ``"channel"`` or ``"layer"``.
         observer: step initialisation, ``"mse"`` (default), ``"minmax"`` or ``"percentile"``.
 
     Raises:
         ConfigError: on an unknown granularity or observer.
     """
 
-    granularity: Literal["layer", "channel", "array", "array_channel"] = "array"
+    granularity: Literal["layer", "channel", "array", "array_channel"] = "array_channel"
     observer: Literal["minmax", "percentile", "mse"] = "mse"
 
     def __post_init__(self) -> None:

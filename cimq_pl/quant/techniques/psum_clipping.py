@@ -28,8 +28,9 @@ class PartialSumClippingConfig:
     """ADC clipping range: granularity, initialisation and whether it learns.
 
     Attributes:
-        granularity: ``"array"`` (one alpha per array and weight slice), ``"layer"`` (one per weight slice) or
-            ``"column"`` (one per bitline: per array and output column, weight slice or reference column).
+        granularity: ``"column"`` (default: one per bitline, per array and output column, weight slice or
+            reference column, as every column has its own ADC; measured best under the full PTQ, issue 15),
+            ``"array"`` (CIMQ's: one alpha per array and weight slice) or ``"layer"`` (one per weight slice).
         observer: alpha0 from the calibration partial sums: ``"mse"``, ``"percentile"`` or ``"minmax"``.
         learn_clip: learn theta during PTQ/QAT (False keeps the calibrated range).
 
@@ -37,7 +38,7 @@ class PartialSumClippingConfig:
         ConfigError: on an unknown granularity or observer.
     """
 
-    granularity: Literal["layer", "array", "column"] = "array"
+    granularity: Literal["layer", "array", "column"] = "column"
     observer: Literal["minmax", "percentile", "mse"] = "mse"
     learn_clip: bool = True
 
