@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cimq_pl.quant.device_model import device_mode
-from cimq_pl.quant.gptq import DEFAULT_DAMP, GPTQReport, gptq_, uses_gptq
+from cimq_pl.quant.gptq import DEFAULT_DAMP, GPTQReport, forward_batch, gptq_, uses_gptq
 from cimq_pl.quant.layers import QUANTIZER_ROLES, cim_layers, iter_quantizers
 
 
@@ -41,7 +41,7 @@ def calibrate_(
     Returns:
         The `GPTQReport` of the GPTQ pass (layers, seconds), None when no layer rounds with GPTQ.
     """
-    forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    forward_fn = forward_fn or forward_batch
     with device_mode(model, "ideal"):
         return _calibrate(model, batches, forward_fn, gptq_damp)
 

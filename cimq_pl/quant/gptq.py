@@ -36,7 +36,8 @@ from torch import nn
 from cimq_pl.quant.hessian import collecting_hessians
 from cimq_pl.quant.layers import cim_layers
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_DAMP", "GPTQReport", "gptq_", "gptq_layer_", "gptq_weights", "uses_gptq"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_DAMP", "GPTQReport", "forward_batch", "gptq_", "gptq_layer_", "gptq_weights",
+           "uses_gptq"]
 
 #: Dampening of the Hessian, relative to the mean of its diagonal (GPTQ's ``percdamp``).
 DEFAULT_DAMP = 0.01
@@ -128,6 +129,11 @@ def gptq_layer_(layer: nn.Module, hessian: torch.Tensor, damp: float = DEFAULT_D
     quantizer.compensate_(weight, compensated)
 
 
+def forward_batch(model: nn.Module, batch) -> object:
+    """The default ``forward_fn`` of calibration passes: ``model(batch[0])`` for tuples/lists, else ``model(batch)``."""
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
 @dataclass(frozen=True)
 class GPTQReport:
     """What `gptq_` did: the layers it rounded and the wall time (seconds: forward pass + GPTQ)."""
@@ -164,7 +170,7 @@ def gptq_(
         block_size: rows per lazy batch update.
     """
     start = time.perf_counter()
-    forward_fn = forward_fn or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    forward_fn = forward_fn or forward_batch
     chosen = {name: layer for name, layer in cim_layers(model) if layer.weight_quantizer is not None
               and (uses_gptq(layer) if layers is None else name in layers)}
     if chosen:
