@@ -33,6 +33,7 @@ LEVER_SETS = {
     "uniform codes": dict(row="cimq", max_ones=0),
     "5-bit codes, k = 2 (16 levels)": dict(row="cimq", input_bits=5, max_ones=2),
     "uniform codes + sparsity regulariser": dict(row="cimq", max_ones=0, sparsity_weight=0.01),
+    "uniform codes + sparsity regulariser x10": dict(row="cimq", max_ones=0, sparsity_weight=0.1),
     # on top of the preset: one ADC range per column (bitline), AdaRound started from GPTQ's rounding
     "+ column ADC clip": dict(row="cimq", psum_granularity="column"),
     "+ AdaRound from GPTQ": dict(row="cimq", rounding_init="gptq"),

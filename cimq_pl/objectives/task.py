@@ -11,7 +11,7 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.objectives.base import Objective, sparsity_penalty
 from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
-from cimq_pl.seeding import derive_seed
+from cimq_pl.seeding import derive_seed, seed_step
 
 __all__ = ["TaskObjective"]
 
@@ -40,7 +40,7 @@ class TaskObjective(Objective):
         # the step's random draws (QDrop masks) depend on where the step is, not on what ran before: exact resume
         datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
         rank = getattr(module, "global_rank", 0)
-        torch.manual_seed(derive_seed(getattr(datamodule, "seed", 0), rank, module.current_epoch, batch_idx))
+        seed_step(derive_seed(getattr(datamodule, "seed", 0), rank, module.current_epoch, batch_idx), images.device)
         logits = module(images)
         loss = F.cross_entropy(logits, labels)
         module.log("train/ce", loss)

@@ -75,8 +75,9 @@ def explain_nonfinite(module: nn.Module, *inputs, prefix: str = "") -> str:
 def check_finite(loss: torch.Tensor, module: nn.Module, *inputs, where: str, prefix: str = "") -> None:
     """Raise `FloatingPointError` when ``loss`` or a quantizer tensor of ``module`` is NaN/inf.
 
-    Quantizer tensors are checked too because some faults never reach the loss (a NaN ADC clip turns every
-    code into the same finite value: a silently wrong model). One device sync when all is well.
+    The learning quantizer tensors (those that require a gradient: only they change in a step) are checked too
+    because some faults never reach the loss (a NaN ADC clip turns every code into the same finite value: a
+    silently wrong model). One device sync when all is well.
 
     Args:
         loss: the step's loss.
@@ -85,7 +86,7 @@ def check_finite(loss: torch.Tensor, module: nn.Module, *inputs, where: str, pre
         where: the start of the message, e.g. ``"PTQ block 'layer2.1' at step 40"``.
         prefix: ``module``'s name in the network.
     """
-    flags = [torch.isfinite(tensor).all() for *_, tensor in _quantizer_tensors(module)]
+    flags = [torch.isfinite(tensor).all() for *_, tensor in _quantizer_tensors(module) if tensor.requires_grad]
     flags.append(torch.isfinite(loss).all())
     if bool(torch.stack(flags).all()):
         return

@@ -442,6 +442,12 @@ def _batch_dynamic(tensor: Optional[torch.Tensor], dim: int = 0) -> Optional[tor
     return tensor
 
 
+def _owning(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s memory as a tensor of its own, not an autograd view: a custom Function may not return a view of
+    its own intermediate when the caller modifies the output in place (``relu_`` after a layer)."""
+    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
+
+
 def _nhwc(tensor_4d: torch.Tensor, n_cycles: int) -> torch.Tensor:
     """A channels-last (n_cycles * N, K, H, W) tensor as its NHWC view (n_cycles, N, H, W, K)."""
     nhwc = tensor_4d.permute(0, 2, 3, 1)
@@ -473,8 +479,7 @@ class _CompiledLayer(torch.autograd.Function):
                  for d, w, conv in zip(digits, weights, convs)]
         out = _run_compiled(_post_forward, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step,
                             bias, cfg).permute(0, 3, 1, 2)
-        if not channels_last:
-            out = out.contiguous()
+        out = _owning(out) if channels_last else out.contiguous()
         ctx.n_images = inputs[0].shape[0]
         ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *coefs, *ref_coefs, input_step,
                               *(inputs if quant is not None else [None] * n_parts), *keeps)

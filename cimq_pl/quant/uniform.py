@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cimq_pl.quant.dropping import keep_mask
 from cimq_pl.quant.observers import RangeObserver
 from cimq_pl.quant.ste import clip_levels, code_range, lsq_grad_factor, round_ste, scale_grad
 
@@ -58,8 +59,8 @@ class QuantizerBase(nn.Module):
         return self.training and self.keep_prob is not None
 
     def drop_mask(self, like: torch.Tensor) -> torch.Tensor:
-        """Bool mask, True where an element keeps its quantized value (probability ``keep_prob``)."""
-        return torch.rand_like(like) < self.keep_prob
+        """Bool mask, True where an element keeps its quantized value (probability ``keep_prob``, `keep_mask`)."""
+        return keep_mask(like, self.keep_prob)
 
     def start_observing(self) -> None:
         """Forget what the observer saw; until ``finish_observing`` values pass through it unquantized."""

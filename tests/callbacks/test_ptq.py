@@ -44,6 +44,16 @@ class QuantizerSnapshots(Callback):
         self.final = self._tensors(pl_module)
 
 
+class StepLosses(Callback):
+    """The ``ptq/rec_loss`` of every training step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["ptq/rec_loss"]))
+
+
 def _trainer(tmp_path, callbacks, trainer_class=CIMQTrainer, **kwargs):
     kwargs.setdefault("max_epochs", 1)
     return trainer_class(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
@@ -60,7 +70,7 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
     module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
                         objective=BlockReconstruction(iters_per_block=3, batch_size=16))
     callbacks = [BitSparseActivations(max_ones=2, sparsity_weight=0.01), ArraywiseWeights(), PartialSumClipping(),
-                 QuantDropping(0.5), ptq, snapshots]
+                 QuantDropping(0.5), ptq, snapshots, steps := StepLosses()]
     trainer = _trainer(tmp_path, callbacks, limit_val_batches=1)
     trainer.fit(module, datamodule=_datamodule())
     assert trainer.current_epoch == 1 and trainer.global_step == 11 * 3  # one epoch: 11 units of 3 steps
@@ -80,6 +90,8 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
     assert module.objective.block_input_keep_prob == 0.5
     logged = trainer.logged_metrics
     assert "ptq/layer3.2/psum_clip_rate" in logged and 0 < logged["ptq/layer3.2/bit_density"] < 0.5
+    for unit, (name, _) in enumerate(module.objective.blocks):  # each unit's mean reconstruction loss
+        assert float(logged[f"ptq/{name}/rec_loss"]) == pytest.approx(sum(steps.losses[3 * unit:3 * unit + 3]) / 3, rel=1e-6)
     assert Path(ptq.checkpoint_path).is_file()
 
 

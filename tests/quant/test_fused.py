@@ -259,3 +259,29 @@ def test_bit_sparse_projection_table_matches_binary_search():
                                 midpoints.to(dtype) + 1e-6, torch.arange(qmin - 2, qmax + 3).to(dtype)])
             expected = table.to(dtype)[torch.bucketize(values, midpoints.to(dtype))]
             assert torch.equal(quantizer.project(values), expected)
+
+
+def test_compiled_channels_last_output_takes_an_in_place_relu_with_the_eager_gradients():
+    """A channels-last input gives a channels-last output that is not an autograd view of the Function's own
+    intermediate, so ``relu_`` after the layer (ResNet blocks) works in training, with the eager path's values."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1).double()
+    spec = CIMSpec(rows=16, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=4)
+    layer = CIMConv2d.from_conv(conv, spec, QuantizerOptions(**OPTIONS)).double()
+    x = torch.rand(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    layer(x)
+    layer.train()
+
+    def relu_after(module, inputs):
+        inputs = inputs.clone().requires_grad_(True)
+        out = torch.relu_(module(inputs))
+        out.sum().backward()
+        return out.detach(), inputs.grad
+
+    eager_out, eager_grad = relu_after(layer, x)
+    layer.simulation = "compiled"
+    with uncompiled():
+        out, grad = relu_after(layer, x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-9, atol=1e-9)
