@@ -1,21 +1,26 @@
-"""The accuracy levers of issue 15, added one at a time to the CIMQ PTQ preset as it was before, in one run.
+"""The accuracy levers of issue 15, added one at a time to the CIMQ PTQ preset, in one run.
 
 Every row is ``configs/quant/cimq_ptq.yaml`` (ResNet-20 W4A4 on 128x128 arrays, bit-serial inputs, ``--iters``
 reconstruction steps of 32 images per unit) with some levers set, measured by `runner.measure` (the CLI's
 fit + test) on the 1,000 ``cifar10_lossless`` test images at each ``--adc-bits``:
 
 * ``before``: the preset before issue 15: the first conv and the classifier on the 4-bit arrays, QDrop's
-  learning rates (tuned for 20,000 steps), one weight scale per array;
+  learning rates (tuned for 20,000 steps), one weight scale per array, codes with at most 2 ones (k = 2);
 * ``+ int8 edges``: those two layers at 8-bit weights and inputs, ideal ADC (`CIMSpec.first_layer` /
-  ``last_layer: int8``; the bit-sparse code set leaves them uniform);
+  ``last_layer: int8``; the input code sets leave them uniform);
 * ``+ lr x10``: the three reconstruction learning rates (AdaRound logits, input steps, ADC clips) x10;
-* ``+ array_channel``: one weight scale per column of each array: today's preset.
+* ``+ array_channel``: one weight scale per column of each array; ``+ column ADC clip``: one ADC range per
+  column (the preset of the session before the step lever); ``+ AdaRound from GPTQ``;
+* ``preset``: ``cimq_ptq.yaml`` as it is (uniform codes at twice the calibrated input step);
+* the input code sets and density levers: uniform codes, 5-bit codes with k = 2, the sparsity regulariser,
+  the input step x1.5 ... x3.
 
 Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
 
     python benchmarks/accuracy_levers.py                      # ~15 min on 2 cores (ADC 4, 100 steps)
     python benchmarks/accuracy_levers.py --adc-bits 8 5 4 3 --iters 200 --sets preset
     python benchmarks/accuracy_levers.py --iters 0 50 100 200 400 1000 --sets preset   # accuracy against steps
+    python benchmarks/accuracy_levers.py --model resnet32 --iters 200 --sets preset
     python benchmarks/accuracy_levers.py --smoke
 """
 
@@ -23,29 +28,40 @@ from __future__ import annotations
 
 from runner import ResultStore, Setting, base_parser, markdown_table, prepare, run_settings
 
+#: the bit-sparse code set of the presets before this round: at most 2 ones per 4-bit code, the calibrated step
+_K2 = dict(max_ones=2, step_scale=1.0)
+
 #: lever set name -> Setting fields (besides model, bits and iters); every set is measured at every ADC width
 LEVER_SETS = {
-    "before": dict(row="cimq_edges_on_arrays", lr_scale=1.0, weight_granularity="array"),
-    "+ int8 edges": dict(row="cimq", lr_scale=1.0, weight_granularity="array"),
-    "+ lr x10": dict(row="cimq", lr_scale=10.0, weight_granularity="array"),
-    "preset": dict(row="cimq"),  # + array_channel
-    # the input code sets of the preset (issue 15, part 4): density against accuracy
-    "uniform codes": dict(row="cimq", max_ones=0),
-    "5-bit codes, k = 2 (16 levels)": dict(row="cimq", input_bits=5, max_ones=2),
-    "uniform codes + sparsity regulariser": dict(row="cimq", max_ones=0, sparsity_weight=0.01),
-    "uniform codes + sparsity regulariser x10": dict(row="cimq", max_ones=0, sparsity_weight=0.1),
-    # on top of the preset: one ADC range per column (bitline), AdaRound started from GPTQ's rounding
-    "+ column ADC clip": dict(row="cimq", psum_granularity="column"),
-    "+ AdaRound from GPTQ": dict(row="cimq", rounding_init="gptq"),
+    # the history of issue 15 (input codes with at most 2 ones at the calibrated step, as the preset had then)
+    "before": dict(row="cimq_edges_on_arrays", lr_scale=1.0, weight_granularity="array", **_K2),
+    "+ int8 edges": dict(row="cimq", lr_scale=1.0, weight_granularity="array", **_K2),
+    "+ lr x10": dict(row="cimq", lr_scale=10.0, weight_granularity="array", **_K2),
+    "+ array_channel": dict(row="cimq", psum_granularity="array", **_K2),
+    "+ column ADC clip": dict(row="cimq", **_K2),
+    "+ AdaRound from GPTQ": dict(row="cimq", rounding_init="gptq", **_K2),
+    # today's preset: uniform input codes at twice the calibrated step (cimq_ptq.yaml as it is)
+    "preset": dict(row="cimq"),
+    # the input code sets (issue 15, part 4): density against accuracy
+    "uniform codes": dict(row="cimq", max_ones=0, step_scale=1.0),
+    "5-bit codes, k = 2 (16 levels)": dict(row="cimq", input_bits=5, **_K2),
+    "uniform codes + sparsity regulariser": dict(row="cimq", max_ones=0, step_scale=1.0, sparsity_weight=0.01),
+    "uniform codes + sparsity regulariser x10": dict(row="cimq", max_ones=0, step_scale=1.0, sparsity_weight=0.1),
+    # the activation step as a density lever: the calibrated input steps x1.5 ... x3 (smaller codes, fewer 1 bits)
+    "uniform codes, input steps x1.5": dict(row="cimq", max_ones=0, step_scale=1.5),
+    "uniform codes, input steps x2": dict(row="cimq", max_ones=0, step_scale=2.0),
+    "uniform codes, input steps x2.5": dict(row="cimq", max_ones=0, step_scale=2.5),
+    "uniform codes, input steps x3": dict(row="cimq", max_ones=0, step_scale=3.0),
+    "k = 2, input steps x1.5": dict(row="cimq", max_ones=2, step_scale=1.5),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")
 HEADERS = ("levers", "ADC bits", "steps/unit", "test acc", "bit density", "HW efficiency vs baseline", "fit s")
 
 
-def grid(adc_bits, iters, sets) -> list[tuple[str, Setting]]:
+def grid(adc_bits, iters, sets, model: str = "resnet20") -> list[tuple[str, Setting]]:
     """Every lever set at every ADC width and every number of steps per unit in ``iters``."""
-    return [(name, Setting("resnet20", **{"weight_bits": 4, "input_bits": 4, **LEVER_SETS[name]}, adc_bits=adc,
+    return [(name, Setting(model, **{"weight_bits": 4, "input_bits": 4, **LEVER_SETS[name]}, adc_bits=adc,
                            iters=steps)) for adc in adc_bits for steps in iters for name in sets]
 
 
@@ -55,13 +71,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--iters", nargs="+", type=int, default=[100],
                         help="reconstruction steps per unit (several: accuracy against steps; 0 = calibration only)")
     parser.add_argument("--sets", nargs="+", default=list(LEVER_SETS), choices=list(LEVER_SETS))
+    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet32"],
+                        help="the CIFAR-10 network (the issue's targets are for ResNet-20; ResNet-32 at ADC 4 too)")
     args = parser.parse_args(argv)
     extra = prepare(args)
     iters = [2] if args.smoke else args.iters
-    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets)
+    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets, args.model)
     store = ResultStore(args.out_dir / "accuracy_levers.csv")
     measured = run_settings([(setting, False) for _, setting in cells], store, args.work_dir, extra)
-    rows = [{**row, "levers": name} for (name, _), row in zip(cells, measured)]
+    rows = [{**row, "levers": name if args.model == "resnet20" else f"{args.model}: {name}"}
+            for (name, _), row in zip(cells, measured)]
     print("\n" + markdown_table(rows, COLUMNS, HEADERS))
     return rows
 

@@ -57,8 +57,9 @@ ROWS = {
 # ("15b": the CIMQ presets and the ablation's per-column ADC clips, after "15" had per-array ones)
 ROW_KEY_NAMES = {name: f"{name}15" for name in (
     "conventional", "arraywise", "bit_sparse", "qdrop", "qdrop_no_cim", "brecq")}
-ROW_KEY_NAMES.update({name: f"{name}15b" for name in (
-    "cimq", "cimq_quick", "cimq_qat", "psum_clipping", "cimq_uniform_codes", "cimq_edges_on_arrays")})
+ROW_KEY_NAMES.update({name: f"{name}15b" for name in ("psum_clipping", "cimq_uniform_codes")})
+# ("15c": the CIMQ presets' input codes: uniform codes with twice the calibrated step instead of k = 2)
+ROW_KEY_NAMES.update({name: f"{name}15c" for name in ("cimq", "cimq_quick", "cimq_qat", "cimq_edges_on_arrays")})
 ROW_LABELS = {
     "fp": "FP (no quantization)",
     "conventional": "conventional PTQ (layerwise min-max weights, min-max ADC range)",
@@ -104,6 +105,7 @@ class Setting:
         sparsity_weight: lambda of `BitSparseActivations`' bit-sparsity regulariser.
         psum_granularity: ADC clip ranges of `PartialSumClipping` (``layer``, ``array``, ``column``).
         rounding_init: where AdaRound starts, `BlockReconstruction`'s ``rounding_init`` (``nearest`` or ``gptq``).
+        step_scale: factor on the calibrated input steps, `BitSparseActivations`' ``step_scale``.
     """
 
     model: str
@@ -120,6 +122,7 @@ class Setting:
     sparsity_weight: Optional[float] = None
     psum_granularity: Optional[str] = None
     rounding_init: Optional[str] = None
+    step_scale: Optional[float] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
@@ -176,6 +179,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
         ("weight_granularity", "ArraywiseWeights", "granularity", setting.weight_granularity),
         ("sparsity_weight", "BitSparseActivations", "sparsity_weight", setting.sparsity_weight),
         ("psum_granularity", "PartialSumClipping", "granularity", setting.psum_granularity),
+        ("step_scale", "BitSparseActivations", "step_scale", setting.step_scale),
     ):
         if getattr(setting, name) is None:
             continue

@@ -175,6 +175,19 @@ def _renamed_settings(name: str, settings: Mapping) -> dict:
     return {renamed.get(field, field): value for field, value in settings.items()}
 
 
+def _with_defaults(name: str, settings: Mapping) -> dict:
+    """``settings`` of technique ``name`` with the defaults of the fields it lacks (a record made before a field
+    existed was made with its default)."""
+    import cimq_pl.callbacks
+
+    config_type = getattr(getattr(cimq_pl.callbacks, name, None), "config_type", None)
+    if config_type is None or not dataclasses.is_dataclass(config_type):
+        return dict(settings)
+    defaults = {field.name: _plain(field.default) for field in dataclasses.fields(config_type)
+                if field.default is not dataclasses.MISSING}
+    return {**defaults, **settings}
+
+
 def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping[str, dict]) -> None:
     saved = {name: _renamed_settings(name, settings) for name, settings in saved.items()}
     missing, extra = sorted(saved.keys() - configured.keys()), sorted(configured.keys() - saved.keys())
@@ -186,10 +199,11 @@ def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping
         raise ConfigError(f"{where} was made without the technique(s) {', '.join(extra)}, which the config lists: "
                           f"pass --without {','.join(extra)}")
     for name in sorted(saved):
-        for field in sorted(saved[name].keys() | configured[name].keys()):
-            if saved[name].get(field) != configured[name].get(field):
-                raise ConfigError(f"{where} was made with {name}.{field}={saved[name].get(field)!r} but the config "
-                                  f"gives {configured[name].get(field)!r}: set {field}: {saved[name].get(field)!r} in "
+        mine, theirs = _with_defaults(name, saved[name]), _with_defaults(name, configured[name])
+        for field in sorted(mine.keys() | theirs.keys()):
+            if mine.get(field) != theirs.get(field):
+                raise ConfigError(f"{where} was made with {name}.{field}={mine.get(field)!r} but the config "
+                                  f"gives {theirs.get(field)!r}: set {field}: {mine.get(field)!r} in "
                                   f"the {name} init_args (or use the config the run was made with)")
 
 

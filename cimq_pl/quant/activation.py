@@ -28,6 +28,7 @@ class ActivationQuantizer(UniformQuantizer):
         grad_scaling: LSQ gradient scaling of the step.
         sparsity_weight: lambda of the bit-sparsity regularizer (SPEC 4.1); 0 records no penalty.
         keep_prob: QDrop keep probability (see `QuantizerBase`).
+        step_scale: factor on the step the observer initialises (above 1: smaller codes, fewer 1 bits).
         **observer_kwargs: forwarded to the observer.
 
     Attributes:
@@ -46,9 +47,13 @@ class ActivationQuantizer(UniformQuantizer):
         grad_scaling: bool = True,
         sparsity_weight: float = 0.0,
         keep_prob: Optional[float] = None,
+        step_scale: float = 1.0,
         **observer_kwargs,
     ) -> None:
         super().__init__(bits, signed, observer, grad_scaling, keep_prob, **observer_kwargs)
+        if not 0 < step_scale < float("inf"):
+            raise ValueError(f"step_scale={step_scale!r} is invalid: expected a finite number > 0")
+        self.step_scale = step_scale
         if max_ones is not None and not 1 <= max_ones <= bits:
             raise ValueError(f"max_ones={max_ones!r} is invalid: expected an integer in [1, bits={bits}] or None")
         self.max_ones = max_ones
@@ -57,6 +62,13 @@ class ActivationQuantizer(UniformQuantizer):
         self._tables: dict = {}
 
     SETTINGS = ("keep_prob", "sparsity_weight")
+
+    @torch.no_grad()
+    def init_from_observer(self) -> None:
+        """The observer's step times ``step_scale`` (fewer 1 bits per code above 1)."""
+        super().init_from_observer()
+        if self.step_scale != 1.0:
+            self.step.mul_(self.step_scale)
 
     def get_extra_state(self) -> Any:
         return {**super().get_extra_state(), "max_ones": self.max_ones}

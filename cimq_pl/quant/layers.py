@@ -142,6 +142,7 @@ class _CIMLayerBase(nn.Module):
                 options.input_observer,
                 sparsity_weight=options.input_sparsity_weight,
                 keep_prob=options.input_keep_prob,
+                step_scale=options.input_step_scale,
                 percentile=options.percentile,
             )
         if spec.weight_bits is not None:

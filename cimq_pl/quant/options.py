@@ -28,6 +28,8 @@ class QuantizerOptions:
         input_max_ones: bit-sparse code set, at most this many 1 bits per input code (None: all codes).
         input_sparsity_weight: lambda of the bit-sparsity regularizer on the input codes (0: none).
         input_keep_prob: QDrop keep probability of the input codes while training (None: no dropping).
+        input_step_scale: factor on the input step the observer initialises (calibration); above 1 the codes are
+            smaller, so they hold fewer 1 bits (a density lever, issue 15); 1 = the observer's step.
         psum_granularity: ADC clip per ``"array"``, per ``"layer"`` or per ``"column"`` (every bitline's ADC its own
             range).
         psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline).
@@ -51,6 +53,7 @@ class QuantizerOptions:
     input_max_ones: Optional[int] = None
     input_sparsity_weight: float = 0.0
     input_keep_prob: Optional[float] = None
+    input_step_scale: float = 1.0
     psum_granularity: Literal["layer", "array", "column"] = "array"
     psum_observer: Observer = "mse"
     psum_learn_clip: bool = True
@@ -73,6 +76,9 @@ class QuantizerOptions:
             raise ConfigError(f"QuantizerOptions.input_max_ones={self.input_max_ones!r} is invalid: expected an integer >= 1 or None")
         if not self.input_sparsity_weight >= 0:
             raise ConfigError(f"QuantizerOptions.input_sparsity_weight={self.input_sparsity_weight!r} is invalid: expected a number >= 0")
+        if isinstance(self.input_step_scale, bool) or not 0 < self.input_step_scale < float("inf"):
+            raise ConfigError(f"QuantizerOptions.input_step_scale={self.input_step_scale!r} is invalid: expected a "
+                              "finite number > 0 (1 = the observer's step)")
         for name in ("input_keep_prob", "psum_keep_prob"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:

@@ -117,6 +117,20 @@ def test_dropping_mixes_quantized_and_float_values_in_training_only(images):
     assert not torch.equal(first, layer(x))
 
 
+def test_step_scale_reaches_the_array_layers_only_and_lowers_the_measured_bit_density(images):
+    """``step_scale`` 2 on the 4-bit array layers (not the int8 edge layers): smaller codes, fewer 1 bits fed."""
+    spec = CIMSpec(rows=128, cols=128, weight_bits=4, input_bits=4, adc_bits=4, first_layer="int8", last_layer="int8")
+    density = {}
+    for scale in (1.0, 2.0):
+        model = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=spec).model
+        quantize_(model, BitSparseActivationConfig(max_ones=None, step_scale=scale))
+        assert {(layer.mapping, layer.input_quantizer.step_scale) for _, layer in cim_layers(model)} == \
+            {("cim", scale), ("int8", 1.0)}
+        calibrate_(model, [images])
+        density[scale] = _bit_density(model, images)
+    assert density[2.0] < 0.85 * density[1.0]
+
+
 def test_techniques_compose_in_any_order_and_keep_runtime_switches():
     configs = [QuantDroppingConfig(0.7), BitSparseActivationConfig(2, 0.1), ArraywiseWeightConfig(), PartialSumClippingConfig()]
     for order in (configs, configs[::-1]):
@@ -132,6 +146,7 @@ def test_techniques_compose_in_any_order_and_keep_runtime_switches():
         (lambda: ArraywiseWeights(granularity="tile"), r"granularity='tile' is invalid: expected one of \['layer', 'channel', 'array', 'array_channel'\]"),
         (lambda: BitSparseActivations(max_ones=0), r"max_ones=0 is invalid: expected an integer >= 1"),
         (lambda: BitSparseActivations(sparsity_weight=-1.0), r"sparsity_weight=-1.0 is invalid"),
+        (lambda: BitSparseActivations(step_scale=0.0), r"step_scale=0.0 is invalid: expected a finite number > 0"),
         (lambda: PartialSumClipping(observer="kmeans"), r"observer='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"),
         (lambda: PartialSumClipping(granularity="row"), r"granularity='row' is invalid: expected one of \['layer', 'array', 'column'\]"),
         (lambda: QuantDropping(keep_prob=1.5), r"keep_prob=1.5 is invalid: expected a probability in \(0, 1\]"),

@@ -106,7 +106,18 @@ def test_technique_settings_are_read_from_the_parsed_callbacks_config():
                  {"class_path": "cimq_pl.callbacks.PostTrainingQuantization", "init_args": {"iters_per_block": 0}},
                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}]
     assert configured_techniques(callbacks) == {
-        "BitSparseActivations": {"max_ones": 1, "sparsity_weight": 0.0, "observer": "mse"}}
+        "BitSparseActivations": {"max_ones": 1, "sparsity_weight": 0.0, "observer": "mse", "step_scale": 1.0}}
+
+
+def test_a_record_made_before_a_technique_field_existed_was_made_with_its_default():
+    """Checkpoints written before ``BitSparseActivations.step_scale`` existed agree with its default only."""
+    old = {"BitSparseActivations": {"max_ones": 2, "sparsity_weight": 0.0, "observer": "mse"}}
+    record = _record(techniques=old)
+    check_config_agrees(record, _model(adc_bits=3), {"BitSparseActivations": {**old["BitSparseActivations"],
+                                                                               "step_scale": 1.0}}, "x.ckpt")
+    with pytest.raises(ConfigError, match=r"BitSparseActivations\.step_scale=1\.0 but the config gives 2\.0"):
+        check_config_agrees(record, _model(adc_bits=3), {"BitSparseActivations": {**old["BitSparseActivations"],
+                                                                                   "step_scale": 2.0}}, "x.ckpt")
 
 
 def test_quantizer_options_that_differ_name_the_layer_and_field():

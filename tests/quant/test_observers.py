@@ -38,3 +38,16 @@ def test_observer_misconfiguration_and_empty():
         RangeObserver("percentile", percentile=120)
     with pytest.raises(RuntimeError, match="seen no data"):
         RangeObserver().compute(torch.zeros(1, dtype=torch.long), 1, 0, 1, 1)
+
+
+def test_activation_step_scale_multiplies_the_observers_step_exactly():
+    from cimq_pl.quant import ActivationQuantizer
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 5, 5) * 2.5
+    plain, scaled = ActivationQuantizer(4, max_ones=2, observer="mse"), ActivationQuantizer(4, max_ones=2, observer="mse", step_scale=2.0)
+    plain.init_from_data(x)
+    scaled.init_from_data(x)
+    assert scaled.step.item() == 2.0 * plain.step.item() and plain.step.item() > 0
+    with pytest.raises(ValueError, match="step_scale=0 is invalid"):
+        ActivationQuantizer(4, step_scale=0)

@@ -36,6 +36,8 @@ class BitSparseActivationConfig:
         sparsity_weight: lambda of the popcount regularizer (0 disables it).
         observer: input step initialisation, ``"mse"`` (default, searched over the allowed codes),
             ``"minmax"`` or ``"percentile"``.
+        step_scale: factor on that initial step (1: the observer's; above 1 the codes are smaller and hold fewer
+            1 bits: a density lever, issue 15). Applied at calibration; PTQ/QAT then learn the step from there.
 
     Raises:
         ConfigError: max_ones < 1, a negative sparsity_weight or an unknown observer (max_ones above the
@@ -45,12 +47,16 @@ class BitSparseActivationConfig:
     max_ones: Optional[int] = 2
     sparsity_weight: float = 0.0
     observer: Literal["minmax", "percentile", "mse"] = "mse"
+    step_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_ones is not None and (isinstance(self.max_ones, bool) or not isinstance(self.max_ones, int) or self.max_ones < 1):
             raise ConfigError(f"max_ones={self.max_ones!r} is invalid: expected an integer >= 1 (<= input_bits) or None")
         if not self.sparsity_weight >= 0:
             raise ConfigError(f"sparsity_weight={self.sparsity_weight!r} is invalid: expected a number >= 0")
+        if isinstance(self.step_scale, bool) or not 0 < self.step_scale < float("inf"):
+            raise ConfigError(f"step_scale={self.step_scale!r} is invalid: expected a finite number > 0 (1 = the "
+                              "observer's step)")
         if self.observer not in OBSERVER_METHODS:
             raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
 
@@ -69,5 +75,6 @@ class BitSparseActivationConfig:
                 "input_bits one bits (max_ones: null gives the plain uniform code set)"
             )
         reconfigure_(
-            model, mappings=("cim",), input_max_ones=self.max_ones, input_observer=self.observer, input_sparsity_weight=self.sparsity_weight
+            model, mappings=("cim",), input_max_ones=self.max_ones, input_observer=self.observer, input_sparsity_weight=self.sparsity_weight,
+            input_step_scale=self.step_scale
         )
