@@ -13,7 +13,9 @@ fit + test) on the 1,000 ``cifar10_lossless`` test images at each ``--adc-bits``
   column (the preset of the session before the step lever); ``+ AdaRound from GPTQ``;
 * ``preset``: ``cimq_ptq.yaml`` as it is (uniform codes at twice the calibrated input step);
 * the input code sets and density levers: uniform codes, 5-bit codes with k = 2, the sparsity regulariser,
-  the input step x1.5 ... x3.
+  the input step x1.5 ... x3, and x2 / x2.5 with the steps frozen at calibration (``lr_step`` 0);
+* ``GPTQ rounding, calibration only`` (``--iters 0``): the preset with the weights rounded by GPTQ at calibration
+  and nothing reconstructed, to set against the preset at a few AdaRound steps of the same wall time.
 
 Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
 
@@ -21,6 +23,7 @@ Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
     python benchmarks/accuracy_levers.py --adc-bits 8 5 4 3 --iters 200 --sets preset
     python benchmarks/accuracy_levers.py --iters 0 50 100 200 400 1000 --sets preset   # accuracy against steps
     python benchmarks/accuracy_levers.py --model resnet32 --iters 200 --sets preset
+    python benchmarks/accuracy_levers.py --iters 0 --sets "GPTQ rounding, calibration only"   # then preset, few steps
     python benchmarks/accuracy_levers.py --smoke
 """
 
@@ -53,6 +56,12 @@ LEVER_SETS = {
     "uniform codes, input steps x2.5": dict(row="cimq", max_ones=0, step_scale=2.5),
     "uniform codes, input steps x3": dict(row="cimq", max_ones=0, step_scale=3.0),
     "k = 2, input steps x1.5": dict(row="cimq", max_ones=2, step_scale=1.5),
+    # the input steps frozen at calibration (no step learning: reconstruction cannot undo the step lever)
+    "uniform codes, input steps x2, frozen": dict(row="cimq", max_ones=0, step_scale=2.0, lr_step=0.0),
+    "uniform codes, input steps x2.5, frozen": dict(row="cimq", max_ones=0, step_scale=2.5, lr_step=0.0),
+    # GPTQ against AdaRound at equal wall time (part 3): the preset with GPTQ's rounding and no reconstruction
+    # (run with --iters 0), beside the preset at as many AdaRound steps as take the same time
+    "GPTQ rounding, calibration only": dict(row="cimq", weight_rounding="gptq"),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")

@@ -59,7 +59,9 @@ ROW_KEY_NAMES = {name: f"{name}15" for name in (
     "conventional", "arraywise", "bit_sparse", "qdrop", "qdrop_no_cim", "brecq")}
 ROW_KEY_NAMES.update({name: f"{name}15b" for name in ("psum_clipping", "cimq_uniform_codes")})
 # ("15c": the CIMQ presets' input codes: uniform codes with twice the calibrated step instead of k = 2)
-ROW_KEY_NAMES.update({name: f"{name}15c" for name in ("cimq", "cimq_quick", "cimq_qat", "cimq_edges_on_arrays")})
+ROW_KEY_NAMES.update({name: f"{name}15c" for name in ("cimq_quick", "cimq_qat")})
+# ("15d": the CPU preset's 400 reconstruction steps per unit instead of 200, where a setting leaves them unset)
+ROW_KEY_NAMES.update({name: f"{name}15d" for name in ("cimq", "cimq_edges_on_arrays")})
 ROW_LABELS = {
     "fp": "FP (no quantization)",
     "conventional": "conventional PTQ (layerwise min-max weights, min-max ADC range)",
@@ -106,6 +108,10 @@ class Setting:
         psum_granularity: ADC clip ranges of `PartialSumClipping` (``layer``, ``array``, ``column``).
         rounding_init: where AdaRound starts, `BlockReconstruction`'s ``rounding_init`` (``nearest`` or ``gptq``).
         step_scale: factor on the calibrated input steps, `BitSparseActivations`' ``step_scale``.
+        weight_rounding: ``gptq``: the `GPTQRounding` callback rounds the weights at calibration, and nothing is
+            reconstructed (``iters_per_block`` 0; only for configs that reconstruct).
+        lr_step: the reconstruction's learning rate of the input steps (0: the calibrated steps stay), after
+            ``lr_scale`` (only for configs that reconstruct).
     """
 
     model: str
@@ -123,12 +129,19 @@ class Setting:
     psum_granularity: Optional[str] = None
     rounding_init: Optional[str] = None
     step_scale: Optional[float] = None
+    weight_rounding: Optional[str] = None
+    lr_step: Optional[float] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
             raise ValueError(f"model {self.model!r} is unknown: expected one of {sorted(MODEL_CONFIGS)}")
         if self.row not in ROWS:
             raise ValueError(f"row {self.row!r} is unknown: expected one of {sorted(ROWS)}")
+        if self.weight_rounding not in (None, "gptq"):
+            raise ValueError(f"weight_rounding {self.weight_rounding!r} is unknown: expected None or 'gptq'")
+        if self.weight_rounding == "gptq" and self.iters not in (None, 0):
+            raise ValueError(f"weight_rounding 'gptq' rounds at calibration and reconstructs nothing: iters must be 0, "
+                             f"not {self.iters}")
 
     @property
     def quantized(self) -> bool:
@@ -186,7 +199,12 @@ def derived_config(setting: Setting) -> Optional[dict]:
         if callback not in callbacks:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
         callbacks[callback][argument] = value
-    changes = {name: getattr(setting, name) for name in ("iters", "rounding_init", "lr_scale")}
+    if setting.weight_rounding == "gptq":  # GPTQ at calibration, before PTQ's callback runs it; nothing reconstructed
+        ptq = next(i for i, entry in enumerate(config["trainer"]["callbacks"])
+                   if entry["class_path"].endswith("PostTrainingQuantization"))
+        config["trainer"]["callbacks"].insert(ptq, {"class_path": f"{CALLBACKS}GPTQRounding"})
+        config["model"]["objective"].setdefault("init_args", {})["iters_per_block"] = 0
+    changes = {name: getattr(setting, name) for name in ("iters", "rounding_init", "lr_scale", "lr_step")}
     if any(value is not None for value in changes.values()):
         from cimq_pl.objectives import BlockReconstruction
 
@@ -201,6 +219,8 @@ def derived_config(setting: Setting) -> Optional[dict]:
             init_args["rounding_init"] = setting.rounding_init
         if setting.lr_scale is not None:
             init_args.update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
+        if setting.lr_step is not None:
+            init_args["lr_step"] = setting.lr_step
     return config
 
 

@@ -161,3 +161,32 @@ def test_startup_timm_still_reaches_wandb_on_first_use():
     """timm's own `update_summary(log_wandb=True)` finds W&B: the stand-in imports it when first used."""
     code = "import cimq_pl, timm.utils.summary as s; import wandb; assert s.wandb.log is wandb.log"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_gptq_setting_rounds_at_calibration_and_reconstructs_nothing():
+    from runner import Setting, derived_config
+
+    config = derived_config(Setting("resnet20", "cimq", iters=0, weight_rounding="gptq"))
+    names = [entry["class_path"].rsplit(".", 1)[-1] for entry in config["trainer"]["callbacks"]]
+    assert names.index("GPTQRounding") == names.index("PostTrainingQuantization") - 1
+    assert config["model"]["objective"]["init_args"]["iters_per_block"] == 0
+    assert "weight_roundinggptq" in Setting("resnet20", "cimq", iters=0, weight_rounding="gptq").key
+    with pytest.raises(ValueError, match="iters must be 0, not 50"):
+        Setting("resnet20", "cimq", iters=50, weight_rounding="gptq")
+    with pytest.raises(ValueError, match="'adaround' is unknown"):
+        Setting("resnet20", "cimq", weight_rounding="adaround")
+    frozen = derived_config(Setting("resnet20", "cimq", iters=400, lr_scale=1.0, lr_step=0.0))
+    assert frozen["model"]["objective"]["init_args"]["lr_step"] == 0.0  # after lr_scale, which sets all three rates
+    assert frozen["model"]["objective"]["init_args"]["lr_clip"] == pytest.approx(1e-3)
+
+
+def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_sample(out):
+    import other_models
+
+    row = other_models.main([*_args(out), "--ptq"])[0]
+    assert row["calibration"] == "cifar10_lossless train (64 images)" and row["test_images"] == 64
+    assert row["iters"] == 2  # the smoke budget; the preset's own is the config's
+    assert 0.45 < row["fp_acc"] < 0.75  # the pretrained ResNet-56 on the first 64 sample images (60% on all 100)
+    assert row["ptq_acc"] > 0.2  # W4A4, ADC 4 after 2 steps per unit: far above chance (1%)
+    assert 0 < row["bit_density"] < 0.5 and row["hw_efficiency_vs_baseline"] > 1
+    assert (out / "cifar100_ptq.csv").is_file()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from cimq_pl.quant import iter_quantizers
 
-__all__ = ["Objective", "quantizer_parameters", "sparsity_penalty"]
+__all__ = ["Objective", "logs_this_step", "quantizer_parameters", "sparsity_penalty"]
 
 
 class Objective(abc.ABC):
@@ -71,6 +71,19 @@ def quantizer_parameters(model: nn.Module, include_frozen: bool = False) -> dict
             kind = {"rounding_logits": "rounding", "theta": "clip"}.get(name, "step")
             groups[kind].append(param)
     return groups
+
+
+def logs_this_step(module) -> bool:
+    """Whether Lightning sends this training step's on-step metrics to the loggers: every
+    ``trainer.log_every_n_steps`` steps and when the fit stops (True outside a fit).
+
+    A ``self.log`` call costs about 0.4 ms on the CPU (Lightning moves the value into its result collection),
+    about 1% of a PTQ step each; an on-step value logged on other steps reaches only the progress bar, and is
+    replaced before a logger sees it.
+    """
+    trainer = getattr(module, "_trainer", None)
+    connector = getattr(trainer, "_logger_connector", None)
+    return True if connector is None else bool(connector.should_update_logs)
 
 
 def sparsity_penalty(model: nn.Module) -> torch.Tensor | None:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.objectives.base import Objective, quantizer_parameters, sparsity_penalty
+from cimq_pl.objectives.base import Objective, logs_this_step, quantizer_parameters, sparsity_penalty
 from cimq_pl.quant import cim_layers, iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.quant.dropping import keep_mask, mix_kept
@@ -384,18 +384,21 @@ class BlockReconstruction(Objective):
         y = block(x)
         reconstruction = (y - y_fp).pow(2).sum(1).mean()
         loss = reconstruction
+        logged = {"ptq/rec_loss": reconstruction}
         schedule = self.rounding_schedule
         if schedule.active(step) and self.rounding_weight > 0:
             beta = schedule.beta(step)
             rounding = sum(quantizer.rounding_loss(beta) for *_, quantizer in iter_quantizers(block, ("weight",)))
             loss = loss + self.rounding_weight * rounding
-            module.log("ptq/rounding_loss", rounding, on_step=True, on_epoch=False)
+            logged["ptq/rounding_loss"] = rounding
         penalty = sparsity_penalty(block)
         if penalty is not None:
             loss = loss + penalty
-            module.log("ptq/sparsity_penalty", penalty, on_step=True, on_epoch=False)
+            logged["ptq/sparsity_penalty"] = penalty
         check_finite(loss, block, x, where=f"PTQ reconstruction of block {name!r} at step {step}", prefix=name)
-        module.log("ptq/rec_loss", reconstruction, on_step=True, on_epoch=False, prog_bar=True)
+        if logs_this_step(module):  # the steps the loggers see (trainer.log_every_n_steps); the bar follows them
+            for key, value in logged.items():
+                module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "ptq/rec_loss")
         self._unit_loss_sum = self._unit_loss_sum + reconstruction.detach()
         self._unit_loss_steps += 1
         if self.schedule.ends_unit(batch_idx):  # the unit's mean, logged once (a log call costs ~0.4 ms a step)

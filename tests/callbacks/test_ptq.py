@@ -45,13 +45,15 @@ class QuantizerSnapshots(Callback):
 
 
 class StepLosses(Callback):
-    """The ``ptq/rec_loss`` of every training step."""
+    """The ``ptq/rec_loss`` the trainer holds after every training step, and the step's returned loss."""
 
     def __init__(self):
-        self.losses = []
+        self.losses, self.returned = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(trainer.callback_metrics["ptq/rec_loss"]))
+        value = trainer.callback_metrics.get("ptq/rec_loss")
+        self.losses.append(None if value is None else float(value))
+        self.returned.append(float(outputs["loss"]))
 
 
 def _trainer(tmp_path, callbacks, trainer_class=CIMQTrainer, **kwargs):
@@ -71,7 +73,7 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
                         objective=BlockReconstruction(iters_per_block=3, batch_size=16))
     callbacks = [BitSparseActivations(max_ones=2, sparsity_weight=0.01), ArraywiseWeights(), PartialSumClipping(),
                  QuantDropping(0.5), ptq, snapshots, steps := StepLosses()]
-    trainer = _trainer(tmp_path, callbacks, limit_val_batches=1)
+    trainer = _trainer(tmp_path, callbacks, limit_val_batches=1, log_every_n_steps=1)
     trainer.fit(module, datamodule=_datamodule())
     assert trainer.current_epoch == 1 and trainer.global_step == 11 * 3  # one epoch: 11 units of 3 steps
     for key, before in snapshots.calibrated.items():
@@ -93,6 +95,26 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
     for unit, (name, _) in enumerate(module.objective.blocks):  # each unit's mean reconstruction loss
         assert float(logged[f"ptq/{name}/rec_loss"]) == pytest.approx(sum(steps.losses[3 * unit:3 * unit + 3]) / 3, rel=1e-6)
     assert Path(ptq.checkpoint_path).is_file()
+
+
+def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
+    """With ``log_every_n_steps=3`` the step's reconstruction loss is logged on steps 3, 6, ... (the ones the
+    loggers get) and holds there in between; the unit means still count every step."""
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
+                        objective=BlockReconstruction(iters_per_block=2, batch_size=8, rounding_weight=0.0))
+    steps = StepLosses()
+    trainer = _trainer(tmp_path, [ArraywiseWeights(), PostTrainingQuantization(), steps], limit_val_batches=0,
+                       log_every_n_steps=3)
+    trainer.fit(module, datamodule=_datamodule())
+    assert len(steps.returned) == 22  # 11 units x 2 steps; no regulariser: the returned loss is the reconstruction
+    shown = None
+    for batch_idx, (logged, returned) in enumerate(zip(steps.losses, steps.returned)):
+        if (batch_idx + 1) % 3 == 0:
+            shown = returned
+        assert logged == (None if shown is None else pytest.approx(shown, rel=1e-6)), batch_idx
+    for unit, (name, _) in enumerate(module.objective.blocks):
+        mean = sum(steps.returned[2 * unit:2 * unit + 2]) / 2
+        assert float(trainer.logged_metrics[f"ptq/{name}/rec_loss"]) == pytest.approx(mean, rel=1e-6), name
 
 
 def test_qat_trains_weights_and_quantizers_with_sparsity_penalty(tmp_path):
