@@ -87,14 +87,18 @@ def _converted(model, batches):
     return converted
 
 
+def _fp_test(args: list[str]):
+    """``test`` of ``configs/resnet_cifar100.yaml`` without the macro or its callbacks: (the CLI's objects, top-1)."""
+    built = cli(["--config", "configs/resnet_cifar100.yaml", "--model.cim", "null", "--trainer.callbacks", "null", *args])
+    built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
+    return built, float(built.trainer.callback_metrics["test/acc"])
+
+
 def cifar100(images: int, repeats: int) -> dict:
     """FP accuracy through the CLI on the sample, then cost and speed of the config's macro."""
-    built = cli(["--config", "configs/resnet_cifar100.yaml", "--model.cim", "null", "--trainer.callbacks", "null",
-                        "--data.init_args.root", str(CIFAR100_SAMPLE), "--data.init_args.num_workers", "0",
-                        "--trainer.logger.init_args.save_dir", "runs/benchmarks",
-                        "--trainer.enable_progress_bar", "false"])
-    built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
-    fp_acc = float(built.trainer.callback_metrics["test/acc"])
+    built, fp_acc = _fp_test(["--data.init_args.root", str(CIFAR100_SAMPLE), "--data.init_args.num_workers", "0",
+                              "--trainer.logger.init_args.save_dir", "runs/benchmarks",
+                              "--trainer.enable_progress_bar", "false"])
     model = built.model.model.eval()
     batches = [(x, y) for x, y in built.datamodule.test_dataloader()]
     sample = torch.cat([x for x, _ in batches])[:images]
@@ -132,9 +136,7 @@ def cifar100_ptq(work_dir, smoke: bool = False) -> dict:
     common = ["--data.init_args.root", str(archive), "--data.init_args.num_workers", "0",
               "--trainer.logger.init_args.save_dir", str(work_dir), "--trainer.enable_progress_bar", "false",
               "--trainer.limit_val_batches", "0"]
-    fp = cli(["--config", "configs/resnet_cifar100.yaml", "--model.cim", "null", "--trainer.callbacks", "null", *common])
-    fp.trainer.test(fp.model, datamodule=fp.datamodule, verbose=False)
-    fp_acc = float(fp.trainer.callback_metrics["test/acc"])
+    _, fp_acc = _fp_test(common)
     built = cli(["--config", "configs/resnet_cifar100.yaml", *common, *small,
                  "--trainer.callbacks+=cimq_pl.callbacks.HardwareReport"])  # density and cost beside the baseline
     start = time.perf_counter()

@@ -199,12 +199,8 @@ def derived_config(setting: Setting) -> Optional[dict]:
         if callback not in callbacks:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
         callbacks[callback][argument] = value
-    if setting.weight_rounding == "gptq":  # GPTQ at calibration, before PTQ's callback runs it; nothing reconstructed
-        ptq = next(i for i, entry in enumerate(config["trainer"]["callbacks"])
-                   if entry["class_path"].endswith("PostTrainingQuantization"))
-        config["trainer"]["callbacks"].insert(ptq, {"class_path": f"{CALLBACKS}GPTQRounding"})
-        config["model"]["objective"].setdefault("init_args", {})["iters_per_block"] = 0
-    changes = {name: getattr(setting, name) for name in ("iters", "rounding_init", "lr_scale", "lr_step")}
+    changes = {name: getattr(setting, name)
+               for name in ("iters", "rounding_init", "lr_scale", "lr_step", "weight_rounding")}
     if any(value is not None for value in changes.values()):
         from cimq_pl.objectives import BlockReconstruction
 
@@ -221,6 +217,11 @@ def derived_config(setting: Setting) -> Optional[dict]:
             init_args.update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
         if setting.lr_step is not None:
             init_args["lr_step"] = setting.lr_step
+        if setting.weight_rounding == "gptq":  # GPTQ at calibration (listed before PTQ's callback); nothing reconstructed
+            entries = config["trainer"]["callbacks"]
+            ptq = next(i for i, entry in enumerate(entries) if entry["class_path"].endswith("PostTrainingQuantization"))
+            entries.insert(ptq, {"class_path": f"{CALLBACKS}GPTQRounding"})
+            init_args["iters_per_block"] = 0
     return config
 
 

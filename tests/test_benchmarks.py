@@ -175,6 +175,8 @@ def test_gptq_setting_rounds_at_calibration_and_reconstructs_nothing():
         Setting("resnet20", "cimq", iters=50, weight_rounding="gptq")
     with pytest.raises(ValueError, match="'adaround' is unknown"):
         Setting("resnet20", "cimq", weight_rounding="adaround")
+    with pytest.raises(ValueError, match="weight_rounding needs model.objective BlockReconstruction"):
+        derived_config(Setting("resnet20", "cimq_qat", weight_rounding="gptq"))  # QAT: no reconstruction
     frozen = derived_config(Setting("resnet20", "cimq", iters=400, lr_scale=1.0, lr_step=0.0))
     assert frozen["model"]["objective"]["init_args"]["lr_step"] == 0.0  # after lr_scale, which sets all three rates
     assert frozen["model"]["objective"]["init_args"]["lr_clip"] == pytest.approx(1e-3)
