@@ -16,11 +16,13 @@ one epoch). Each fitted network is then tested (``test`` with `MonteCarloDevices
 
 The equivalent command of one cell: ``python -m cimq_pl test --config configs/resnet20_cifar10.yaml --config
 <the method's config> --ckpt_path <its checkpoint> --model.device.programming_sigma 0.05
---trainer.callbacks+=MonteCarloDevices --trainer.callbacks.samples 10``. Writes ``device_noise.csv`` (one row
-per method, condition and time; a stopped run resumes: rows already there are not measured again, fitted
-checkpoints are reused) and ``device_noise.png`` (three panels), and prints the tables and the issue's target.
+--trainer.callbacks+=MonteCarloDevices --trainer.callbacks.samples 10``. Writes ``device_noise-<preset>.csv``
+(``<preset>``: the CIMQ preset's row name and the steps per unit, e.g. ``cimq15d-iters400``, so that a changed
+preset is measured again; one row per method, condition and time; a stopped run resumes: rows already there are
+not measured again, the fitted checkpoints of the same preset are reused) and ``device_noise.png`` (three
+panels), and prints the tables and the issue's target.
 
-    python benchmarks/device_noise.py                          # 10 chips, 1,000 images, 100 steps/unit: ~2 h on 2 cores
+    python benchmarks/device_noise.py                          # 10 chips, 1,000 images, 400 steps/unit: ~2.5 h
     python benchmarks/device_noise.py --samples 5 --images 500 # about a quarter of the evaluation time
     python benchmarks/device_noise.py --qat                    # + noise-aware QAT (one epoch): ~+35 min
     python benchmarks/device_noise.py --conditions ideal,target # the issue's target condition only (rows add up)
@@ -39,7 +41,7 @@ from typing import Optional
 
 import yaml
 
-from runner import REPO, Setting, base_parser, cli, derived_config, markdown_table, prepare
+from runner import REPO, ROW_KEY_NAMES, Setting, base_parser, cli, derived_config, markdown_table, prepare
 
 YEAR = 365 * 86400
 TIMES = (1.0, 3600.0, 86400.0, float(YEAR))
@@ -52,6 +54,20 @@ METHODS = {  # name -> (runner row, label)
     "cimq_noise_aware": ("cimq", "noise-aware CIMQ PTQ (sigma 5%, 0.1% stuck-at)"),
     "cimq_qat_noise_aware": ("cimq_qat", "noise-aware CIMQ QAT from the noise-aware PTQ, 1 epoch"),
 }
+CALIBRATED = "+cal"  # a method's name with this and a count: its chips calibrated on that many images before testing
+
+
+def base_method(method: str) -> str:
+    """The fitted method of a row's method name (``cimq+cal256`` -> ``cimq``)."""
+    return method.split(CALIBRATED)[0]
+
+
+def method_label(method: str) -> str:
+    """How a method (or its chip-calibrated variant) is named in the tables and the plot."""
+    base, _, images = method.partition(CALIBRATED)
+    return METHODS[base][1] + (f" + chip calibration ({images} images)" if images else "")
+
+
 COLUMNS = ("key", "method", "condition", "sweep", "value", "time_s", "drift_compensation", "samples", "images",
            "acc_mean", "acc_std", "acc_min", "acc_max", "eval_seconds", "fit_seconds", "device")
 
@@ -135,8 +151,10 @@ def fit(built, method: str, checkpoint: Path) -> float:
     return seconds
 
 
-def evaluate(built, method: str, checkpoint: Path, todo: list[Condition], samples: int) -> list[dict]:
-    """Test ``checkpoint`` on every condition of ``todo`` with `MonteCarloDevices`; one row per condition and time.
+def evaluate(built, method: str, checkpoint: Path, todo: list[Condition], samples: int,
+             calibration_images: int = 0) -> list[dict]:
+    """Test ``checkpoint`` on every condition of ``todo`` with `MonteCarloDevices`; one row per condition and time
+    (``calibration_images``: every chip calibrated first, `MonteCarloDevices.calibration_images`).
 
     Each condition sets ``model.device`` (every field, as ``--model.device`` on the command line) and runs
     ``trainer.test`` from the checkpoint with a fresh `MonteCarloDevices` (one chip when chips cannot differ).
@@ -151,7 +169,8 @@ def evaluate(built, method: str, checkpoint: Path, todo: list[Condition], sample
         spec = DeviceSpec(**condition.device)
         module.device_spec = spec
         attach_device_(module.model, spec, mode="ideal")
-        monte_carlo = MonteCarloDevices(samples=samples if condition.random else 1, times=list(condition.times), seed=0)
+        monte_carlo = MonteCarloDevices(samples=samples if condition.random else 1, times=list(condition.times), seed=0,
+                                        calibration_images=calibration_images)
         trainer.callbacks = [*base, monte_carlo]
         start = time.perf_counter()
         trainer.test(module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False, weights_only=True)
@@ -190,7 +209,7 @@ def tables(rows: list[dict], methods: list[str]) -> str:
         return next((r for r in rows if r["method"] == method and r["condition"] == condition
                      and float(r["time_s"]) == time_s), None)
 
-    labels = {name: label for name, (_, label) in METHODS.items()}
+    labels = {name: method_label(name) for name in methods}
     out = []
     sweeps = (("programming sigma", "sigma", lambda v: f"{float(v):.0%}"),
               ("stuck-at cells", "stuck", lambda v: f"{float(v):.1%}"))
@@ -223,7 +242,7 @@ def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets at sigma 5% and 0.1% stuck-at cells, measured (empty when a number is missing)."""
     acc = {(r["method"], r["condition"]): float(r["acc_mean"]) for r in rows if float(r["time_s"]) == 0.0}
     out = []
-    for method in ("cimq_noise_aware", "cimq_qat_noise_aware"):
+    for method in sorted(m for m in {r["method"] for r in rows} if m != "cimq" and base_method(m) != "conventional"):
         needed = [("cimq", "ideal"), ("cimq", "target"), (method, "ideal"), (method, "target")]
         if not all(key in acc for key in needed):
             continue
@@ -247,6 +266,7 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> Path:
     panels = [figure.add_subplot(1, 3, i + 1) for i in range(3)]
     colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:green", "tab:red")))
     for method in methods:
+        color, label = colors[base_method(method)], method_label(method)
         mine = [r for r in rows if r["method"] == method]
         ideal = [r for r in mine if r["condition"] == "ideal"]
         for axes, sweep, scale in ((panels[0], "sigma", 100), (panels[1], "stuck", 100)):
@@ -255,14 +275,14 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> Path:
             if len(points) > 1:
                 axes.errorbar([x * scale for x, _ in points], [float(r["acc_mean"]) for _, r in points],
                               yerr=[float(r["acc_std"]) for _, r in points], marker="o", capsize=3,
-                              color=colors[method], label=METHODS[method][1])
+                              color=color, label=label, linestyle=":" if CALIBRATED in method else "-")
         for name, style in (("drift_compensated", "-"), ("drift", "--")):
             points = sorted([(float(r["time_s"]), r) for r in mine if r["condition"] == name], key=lambda p: p[0])
             if points:
                 panels[2].errorbar([x for x, _ in points], [float(r["acc_mean"]) for _, r in points],
                                    yerr=[float(r["acc_std"]) for _, r in points], marker="o", capsize=3,
-                                   linestyle=style, color=colors[method],
-                                   label=f"{METHODS[method][1]}{'' if style == '-' else ', uncompensated'}")
+                                   linestyle=style, color=color,
+                                   label=f"{label}{'' if style == '-' else ', uncompensated'}")
     titles = (("programming sigma (%)", "conductance variation"), ("stuck-at cells (%)", "stuck-at faults"),
               ("seconds after programming", f"drift, nu {NU['drift_nu_mean']} +- {NU['drift_nu_std']}"))
     for axes, (xlabel, title) in zip(panels, titles):
@@ -282,10 +302,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=10, help="chips per condition (default 10)")
     parser.add_argument("--images", type=int, default=1000,
                         help="first test images (default 1000: all of cifar10_lossless; rounded up to whole batches)")
-    parser.add_argument("--iters", type=int, default=100, help="PTQ steps per unit (suite preset: 100)")
+    parser.add_argument("--iters", type=int, default=400, help="PTQ steps per unit (400: the CPU preset's)")
     parser.add_argument("--qat", action="store_true", help="also noise-aware QAT (one epoch from the noise-aware PTQ)")
     parser.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate (default: cimq_qat.yaml's)")
     parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: cimq_qat.yaml's, 1)")
+    parser.add_argument("--calibrate-chips", type=int, default=0,
+                        help="also test every method with its chips calibrated on this many calibration images "
+                             "(MonteCarloDevices.calibration_images; rows '<method>+cal<N>'); 0: not")
     parser.add_argument("--conditions", default=None,
                         help="comma-separated condition names to measure (default: all): ideal, sigma0.02, sigma0.05, "
                              "sigma0.1, stuck0.001, stuck0.01, target, drift, drift_compensated; "
@@ -307,7 +330,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     methods = ["conventional", "cimq", "cimq_noise_aware"] + (["cimq_qat_noise_aware"] if args.qat else [])
     work = args.work_dir / ("device_noise_quick" if quick else "device_noise")
     work.mkdir(parents=True, exist_ok=True)
-    store = args.out_dir / "device_noise.csv"
+    preset = f"{ROW_KEY_NAMES['cimq']}-iters{iters}"  # rows and checkpoints of another preset are not reused
+    store = args.out_dir / f"device_noise-{preset}.csv"
     done = _read(store)
     from cimq_pl.cost.tables import write_csv_atomic
 
@@ -321,23 +345,29 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     qat = None
     if args.qat_lr is not None or args.qat_epochs is not None:  # another QAT recipe: its own checkpoint and CSV
         qat = {"lr": args.qat_lr if args.qat_lr is not None else 1e-3, "epochs": args.qat_epochs or 1}
-        store = args.out_dir / f"device_noise_qat-lr{qat['lr']:g}-epochs{qat['epochs']}.csv"
+        store = args.out_dir / f"device_noise-{preset}_qat-lr{qat['lr']:g}-epochs{qat['epochs']}.csv"
         done = {**{k: v for k, v in done.items() if not k.startswith("cimq_qat_noise_aware")}, **_read(store)}
     for method in methods:
         suffix = f"-lr{qat['lr']:g}-epochs{qat['epochs']}" if qat and method == "cimq_qat_noise_aware" else ""
-        checkpoint = work / f"{method}-iters{iters}{suffix}.ckpt"
-        config = method_config(method, iters, work / f"cimq_noise_aware-iters{iters}.ckpt", qat)
-        todo = [c for c in grid if not all(f"{method}-{c.name}-t{t:g}" in done and
-                                           int(done[f"{method}-{c.name}-t{t:g}"]["images"]) == images for t in c.times)]
-        if not todo:
+        checkpoint = work / f"{method}-{preset}{suffix}.ckpt"
+        config = method_config(method, iters, work / f"cimq_noise_aware-{preset}.ckpt", qat)
+        variants = {method: 0, **({f"{method}{CALIBRATED}{args.calibrate_chips}": args.calibrate_chips}
+                                  if args.calibrate_chips else {})}
+        todo = {name: [c for c in grid if not all(f"{name}-{c.name}-t{t:g}" in done and
+                                                  int(done[f"{name}-{c.name}-t{t:g}"]["images"]) == images
+                                                  for t in c.times)] for name in variants}
+        if not any(todo.values()):
             print(f"[bench] {method}: every condition already in {store}", flush=True)
             continue
         built = _build(method, config, work, extra + (qat_extra if method == "cimq_qat_noise_aware" else []))
         fit_seconds = fit(built, method, checkpoint)
-        for row in evaluate(built, method, checkpoint, todo, samples):
-            row["fit_seconds"] = fit_seconds
-            done[row["key"]] = row
-            write_csv_atomic(store, list(done.values()), COLUMNS)
+        for name, calibration_images in variants.items():
+            for row in evaluate(built, name, checkpoint, todo[name], samples, calibration_images):
+                row["fit_seconds"] = fit_seconds
+                done[row["key"]] = row
+                write_csv_atomic(store, list(done.values()), COLUMNS)
+    methods = [name for method in methods for name in
+               [method, *([f"{method}{CALIBRATED}{args.calibrate_chips}"] if args.calibrate_chips else [])]]
     rows = [row for row in done.values() if row["method"] in methods]
     print("\n" + tables(rows, methods))
     measured = targets(rows)

@@ -33,9 +33,10 @@ from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, ResultStore
                     derived_config, machine, markdown_table, measure, prepare)
 
 UNIFORM_ADC = (3, 4, 5, 6)
+SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
 METRIC_NAMES = ("fisher", "kl", "mse")
 BUDGETS = {"energy": ("energy_budget", "adc_bits=4"), "accuracy": ("loss_budget", "adc_bits=5"),
-           "saving": ("energy_budget", "0.8*adc_bits=5")}
+           "saving": ("energy_budget", "{saving:g}*adc_bits=5")}
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
           "saving": "searched at 80% of uniform ADC 5's energy"}
 COLUMNS = ("key", "point", "adc_bits", "iters", "search_images", *METRICS, "fit_seconds", "test_seconds",
@@ -44,24 +45,34 @@ QUICK_ARGS = ("--data.init_args.calibration_size", "64", "--data.init_args.eval_
               "--data.init_args.num_workers", "0", "--trainer.limit_test_batches", "2")
 
 
-def _metric_suffix(metric: str) -> str:
-    """Row keys and folders of a search with another metric than the default Fisher one carry its name."""
-    return "" if metric == "fisher" else f"-{metric}"
+def _metric_suffix(metric: str, candidates: tuple = UNIFORM_ADC, saving: float = SAVING, kind: str = "") -> str:
+    """Row keys and folders of a search with another metric than the default Fisher one, other candidates or
+    another saving budget carry them."""
+    suffix = "" if metric == "fisher" else f"-{metric}"
+    if tuple(candidates) != UNIFORM_ADC:
+        suffix += "-adc" + "".join(map(str, candidates))
+    if kind == "saving" and saving != SAVING:
+        suffix += f"-budget{saving:g}"
+    return suffix
 
 
-def searched_key(kind: str, iters: int, images: int, metric: str = "fisher") -> str:
+def searched_key(kind: str, iters: int, images: int, metric: str = "fisher", candidates: tuple = UNIFORM_ADC,
+                 saving: float = SAVING) -> str:
     """Row key of a searched assignment; it names the CIMQ preset's version (`runner.ROW_KEY_NAMES`), as the uniform
     rows' keys do, so that a changed preset measures again."""
-    return f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}{_metric_suffix(metric)}"
+    return (f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}"
+            f"{_metric_suffix(metric, candidates, saving, kind)}")
 
 
 def _uniform(adc: int, iters: int) -> Setting:
     return Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters)
 
 
-def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher") -> dict:
-    """One ``python -m cimq_pl search`` (in process) on the CIMQ config at budget ``kind``; returns the written
-    ``cim_overrides.yaml``, the wall time, the predicted energy and the assignment."""
+def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher",
+               candidates: tuple = UNIFORM_ADC, saving: float = SAVING) -> dict:
+    """One ``python -m cimq_pl search`` (in process) on the CIMQ config at budget ``kind``, every searched layer
+    choosing among the ADC resolutions ``candidates``; returns the written ``cim_overrides.yaml``, the wall time,
+    the predicted energy and the assignment."""
     import sys
 
     import wandb
@@ -73,10 +84,11 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(derived_config(setting), sort_keys=False))
     flag, value = BUDGETS[kind]
-    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric)}"
+    value = value.format(saving=saving)
+    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric, candidates, saving, kind)}"
     args = ["search", "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
             "--data.init_args.root", str(LOSSLESS), "--trainer.enable_progress_bar", "false",
-            "--candidates", "{adc_bits: [" + ", ".join(map(str, UNIFORM_ADC)) + "]}", f"--{flag}", value,
+            "--candidates", "{adc_bits: [" + ", ".join(map(str, candidates)) + "]}", f"--{flag}", value,
             "--images", str(images), "--metric", metric, "--verify", "false", "--output_dir", str(output), *extra]
     if "--data.init_args.calibration_size" not in extra:
         args += ["--data.init_args.calibration_size", str(max(images, 1024))]
@@ -114,31 +126,47 @@ def _float(row: Optional[dict], key: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
 
-def targets(rows: dict, iters: int, images: int, metric: str = "fisher") -> list[dict]:
-    """The issue's two targets against the measured rows (of the searches with ``metric``)."""
+def _searched_rows(rows: dict, kind: str, iters: int, images: int) -> list[dict]:
+    """Every measured search at budget ``kind`` on this preset and budget (any metric, candidates or saving)."""
+    prefix = searched_key(kind, iters, images)
+    return [row for key, row in rows.items() if key == prefix or key.startswith(prefix + "-")]
+
+
+def targets(rows: dict, iters: int, images: int) -> list[dict]:
+    """The issue's two targets against every measured search (one line each)."""
     uniform = {adc: rows.get(_uniform(adc, iters).key) for adc in UNIFORM_ADC}
-    energy = rows.get(searched_key("energy", iters, images, metric))
     lines = []
-    acc4, acc = _float(uniform[4], "test/acc"), _float(energy, "test/acc")
-    if acc4 is not None and acc is not None:
+    acc4, e4 = _float(uniform[4], "test/acc"), _float(uniform[4], "test/energy_per_image_uj")
+    for row in _searched_rows(rows, "energy", iters, images):
+        acc, e = _float(row, "test/acc"), _float(row, "test/energy_per_image_uj")
+        if None in (acc4, acc):
+            continue
         gain = 100 * (acc - acc4)
-        lines.append({"target": "at the energy per image of uniform ADC 4: >= 2 points more accuracy than it",
-                      "measured": f"{acc:.3f} at {_float(energy, 'test/energy_per_image_uj'):.4f} uJ vs uniform ADC 4 "
-                                  f"{acc4:.3f} at {_float(uniform[4], 'test/energy_per_image_uj'):.4f} uJ: "
+        lines.append({"target": f"at the energy per image of uniform ADC 4: >= 2 points more accuracy than it "
+                                f"({row['point']})",
+                      "measured": f"{acc:.3f} at {e:.4f} uJ vs uniform ADC 4 {acc4:.3f} at {e4:.4f} uJ: "
                                   f"{gain:+.1f} points",
                       "met": "yes" if gain >= 2 else "**no**"})
     acc5, e5 = _float(uniform[5], "test/acc"), _float(uniform[5], "test/energy_per_image_uj")
-    for kind in ("accuracy", "saving"):
-        row = rows.get(searched_key(kind, iters, images, metric))
+    for row in [*_searched_rows(rows, "accuracy", iters, images), *_searched_rows(rows, "saving", iters, images)]:
         acc, e = _float(row, "test/acc"), _float(row, "test/energy_per_image_uj")
         if None in (acc5, e5, acc, e):
             continue
         saving = 100 * (1 - e / e5)
-        lines.append({"target": f"at the accuracy of uniform ADC 5: >= 20% less energy ({LABELS[kind]})",
+        lines.append({"target": f"at the accuracy of uniform ADC 5: >= 20% less energy ({row['point']})",
                       "measured": f"{acc:.3f} at {e:.4f} uJ vs uniform ADC 5 {acc5:.3f} at {e5:.4f} uJ: "
                                   f"{saving:.1f}% less energy, {100 * (acc - acc5):+.1f} points",
                       "met": "yes" if saving >= 20 and acc >= acc5 else "**no**"})
     return lines
+
+
+def label(kind: str, metric: str = "fisher", candidates: tuple = UNIFORM_ADC, saving: float = SAVING) -> str:
+    """How a search is named in the tables: its budget, then what differs from the defaults."""
+    text = LABELS[kind] if kind != "saving" else f"searched at {100 * saving:g}% of uniform ADC 5's energy"
+    notes = [metric] if metric != "fisher" else []
+    if tuple(candidates) != UNIFORM_ADC:
+        notes.append("ADC " + "/".join(map(str, candidates)))
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def plot(rows: list[dict], path: Path) -> Path:
@@ -165,9 +193,11 @@ def plot(rows: list[dict], path: Path) -> Path:
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the same as --smoke: tiny data, 1 step per unit")
-    parser.add_argument("--iters", type=int, default=200,
-                        help="PTQ reconstruction steps per unit (200: the measured tables; the preset now takes 400; "
-                             "the suite's rows use 100)")
+    parser.add_argument("--iters", type=int, default=400,
+                        help="PTQ reconstruction steps per unit (400: the preset's; the suite's rows use 100)")
+    parser.add_argument("--uniform", default=",".join(map(str, UNIFORM_ADC)),
+                        help="uniform ADC resolutions measured beside the searches (default 3,4,5,6; the targets "
+                             "need 4 and 5)")
     parser.add_argument("--images", type=int, default=256, help="calibration images the search measures on")
     parser.add_argument("--fresh", action="store_true", help="measure the uniform rows again instead of reusing "
                                                              "the suite's (sweeps.csv, ablation.csv)")
@@ -175,8 +205,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="the search's sensitivity metric (search --metric); rows of other metrics are kept apart")
     parser.add_argument("--budgets", default="energy,accuracy,saving",
                         help="which searches: energy (at the energy of uniform ADC 4), accuracy (at the loss of "
-                             "uniform ADC 5), saving (at 80%% of uniform ADC 5's energy); default: all three")
+                             "uniform ADC 5), saving (at --saving of uniform ADC 5's energy); default: all three")
+    parser.add_argument("--candidates", default=",".join(map(str, UNIFORM_ADC)),
+                        help="ADC resolutions each searched layer may take (default 3,4,5,6)")
+    parser.add_argument("--saving", type=float, default=SAVING,
+                        help="the saving search's energy budget as a fraction of uniform ADC 5's predicted energy (0.8)")
     args = parser.parse_args(argv)
+    candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
     if not kinds or set(kinds) - set(BUDGETS):
         parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
@@ -185,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     extra = list(QUICK_ARGS) if args.smoke else []
     iters, images = (1, 32) if args.smoke else (args.iters, args.images)
     adc_points = (tuple(sorted({bits for kind, bits in (("energy", 4), ("accuracy", 5), ("saving", 5)) if kind in kinds}))
-                  if args.smoke else UNIFORM_ADC)
+                  if args.smoke else tuple(int(bits) for bits in args.uniform.split(",") if bits.strip()))
     path = args.out_dir / "layer_search.csv"
     rows = _stored(path)
     reuse = {} if (args.fresh or args.smoke) else {
@@ -195,8 +230,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         setting = _uniform(adc, iters)
         if setting.key in rows:
             continue
-        if setting.key in reuse:
-            found = reuse[setting.key]
+        reused = next((key for key in setting.equivalent_keys if key in reuse), None)
+        if reused is not None:
+            found = reuse[reused]
             print(f"[bench] uniform ADC {adc}: reused from the suite's CSV", flush=True)
         else:
             print(f"[bench] uniform ADC {adc}: CIMQ PTQ, {iters} steps per unit", flush=True)
@@ -205,30 +241,30 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                              "adc_bits": adc, "iters": iters, "config": found.get("config", "")}
         _write(path, rows)
     for kind in kinds:
-        key = searched_key(kind, iters, images, args.metric)
+        key = searched_key(kind, iters, images, args.metric, candidates, args.saving)
         if key in rows:
             continue
-        print(f"[bench] search: {LABELS[kind]} ({images} calibration images)", flush=True)
-        found = run_search(kind, iters, images, args.work_dir, extra, args.metric)
+        point = label(kind, args.metric, candidates, args.saving)
+        print(f"[bench] search: {point} ({images} calibration images)", flush=True)
+        found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving)
         print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
-        print(f"[bench] {LABELS[kind]}: CIMQ PTQ, {iters} steps per unit", flush=True)
+        print(f"[bench] {point}: CIMQ PTQ, {iters} steps per unit", flush=True)
         measured = measure(_uniform(4, iters), args.work_dir, extra_args=[*extra, "--config", str(found["overrides"])])
-        point = LABELS[kind] + ("" if args.metric == "fisher" else f" ({args.metric})")
         rows[key] = {**{k: measured.get(k, "") for k in COLUMNS}, "key": key, "point": point, "adc_bits": "per layer",
                      "iters": iters, "search_images": images, "search_seconds": found["seconds"],
                      "predicted_energy_uj": found["predicted_energy_uj"], "assignment": found["assignment"],
                      "config": str(found["overrides"])}
         _write(path, rows)
-    current = {_uniform(adc, iters).key for adc in adc_points} | {searched_key(kind, iters, images, metric)
-                                                                  for kind in BUDGETS for metric in METRIC_NAMES}
-    shown = [r for key, r in rows.items() if key in current]
+    uniform_keys = {_uniform(adc, iters).key for adc in adc_points}
+    shown = [r for key, r in rows.items() if key in uniform_keys] + [
+        row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images)]
     columns = ["point", "adc_bits", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
                "test/bit_density", "fit_seconds", "search_seconds"]
     headers = ["setting", "ADC bits", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s", "search s"]
     print(f"\n**ResNet-20 W4A4, 128x128, CIMQ PTQ ({iters} steps per unit)**: uniform ADC vs per-layer search "
           f"({images} calibration images); {machine()}\n")
     print(markdown_table(shown, columns, headers))
-    lines = targets(rows, iters, images, args.metric)
+    lines = targets(rows, iters, images)
     if lines:
         print("\n" + markdown_table(lines, ["target", "measured", "met"]))
     for row in shown:

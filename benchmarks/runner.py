@@ -62,6 +62,9 @@ ROW_KEY_NAMES.update({name: f"{name}15b" for name in ("psum_clipping", "cimq_uni
 ROW_KEY_NAMES.update({name: f"{name}15c" for name in ("cimq_quick", "cimq_qat")})
 # ("15d": the CPU preset's 400 reconstruction steps per unit instead of 200, where a setting leaves them unset)
 ROW_KEY_NAMES.update({name: f"{name}15d" for name in ("cimq", "cimq_edges_on_arrays")})
+# A row name that changed only a default of the steps per unit: a setting that sets ``iters`` itself runs the same
+# config under either name, so rows measured under the older one are reused for it.
+SAME_CONFIG_WHEN_ITERS_SET = {"cimq15d": "cimq15c", "cimq_edges_on_arrays15d": "cimq_edges_on_arrays15c"}
 ROW_LABELS = {
     "fp": "FP (no quantization)",
     "conventional": "conventional PTQ (layerwise min-max weights, min-max ADC range)",
@@ -157,6 +160,14 @@ class Setting:
                 parts.append(f"{item.name}{value}")
         return "-".join(parts)
 
+    @property
+    def equivalent_keys(self) -> tuple[str, ...]:
+        """`key` first, then the keys that earlier row names gave the same config (`SAME_CONFIG_WHEN_ITERS_SET`)."""
+        name = ROW_KEY_NAMES.get(self.row, self.row)
+        if self.iters is None or name not in SAME_CONFIG_WHEN_ITERS_SET:
+            return (self.key,)
+        return self.key, self.key.replace(f"-{name}-", f"-{SAME_CONFIG_WHEN_ITERS_SET[name]}-", 1)
+
     def columns(self) -> dict:
         """The setting as CSV cells (empty where unset)."""
         return {name: ("" if value is None else value) for name, value in asdict(self).items()}
@@ -241,10 +252,10 @@ def cli(args: list[str]):
         sys.argv = argv
 
 
-def _jpeg_datamodule(datamodule):
-    """The same datamodule (class and settings) on ``cifar10_jpeg``."""
+def datamodule_on(datamodule, root: Path):
+    """The same datamodule (class and settings) on the data of ``root`` (e.g. ``cifar10_jpeg``)."""
     return type(datamodule)(
-        root=str(JPEG), batch_size=datamodule.batch_size, eval_batch_size=datamodule.eval_batch_size,
+        root=str(root), batch_size=datamodule.batch_size, eval_batch_size=datamodule.eval_batch_size,
         num_workers=datamodule.num_workers, calibration_size=datamodule.calibration_size, seed=datamodule.seed,
         mean=datamodule.mean, std=datamodule.std, augment=datamodule.augment,
     )
@@ -293,7 +304,7 @@ def measure(setting: Setting, work_dir: Path, jpeg: bool = False, extra_args: Se
         row[name] = round(float(value), 4) if value is not None else ""
     if jpeg:
         trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, HardwareReport)]
-        trainer.test(module, datamodule=_jpeg_datamodule(datamodule), verbose=False)
+        trainer.test(module, datamodule=datamodule_on(datamodule, JPEG), verbose=False)
         row["jpeg/acc"] = round(float(trainer.callback_metrics["test/acc"]), 4)
     return row
 
@@ -316,7 +327,7 @@ class ResultStore:
 
     def get(self, setting: Setting, jpeg: bool = False) -> Optional[dict]:
         """A stored row for ``setting`` (with a JPEG accuracy when ``jpeg``), or None."""
-        row = self._reusable.get(setting.key)
+        row = next((self._reusable[key] for key in setting.equivalent_keys if key in self._reusable), None)
         if row is None or (jpeg and row.get("jpeg/acc", "") == ""):
             return None
         return row

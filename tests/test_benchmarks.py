@@ -192,3 +192,16 @@ def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_
     assert row["ptq_acc"] > 0.2  # W4A4, ADC 4 after 2 steps per unit: far above chance (1%)
     assert 0 < row["bit_density"] < 0.5 and row["hw_efficiency_vs_baseline"] > 1
     assert (out / "cifar100_ptq.csv").is_file()
+
+
+def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(out):
+    import low_adc_qat
+
+    args = ["--quick", "--adc-bits", "3", "--out-dir", str(out), "--work-dir", str(out / "work")]
+    row = low_adc_qat.main(args)[0]
+    assert (int(row["adc_bits"]), int(row["steps"]), row["train"]) == (3, 2, "lossless")
+    assert 0.2 < row["ptq/acc"] <= 1  # ADC 3 after calibration and 1 step per unit: far above chance (10%)
+    assert abs(row["qat/acc"] - row["ptq/acc"]) < 0.1  # two QAT steps at lr 1e-4 from that checkpoint
+    assert (out / "work" / "low_adc_qat_quick" / "ptq-adc3-iters1.ckpt").is_file()
+    again = low_adc_qat.main(args)[0]  # the CSV's row: nothing fitted again
+    assert float(again["qat/acc"]) == row["qat/acc"] and len(csv_rows(out / "low_adc_qat_quick.csv")) == 1

@@ -49,9 +49,17 @@ def test_device_noise_quick(out):
     assert int(noisy["samples"]) == 2 and 0.0 <= float(noisy["acc_min"]) <= float(noisy["acc_max"]) <= 1.0
     for method in ("conventional", "cimq"):  # a year of drift: the compensation is what keeps the network alive
         assert float(by[method, "drift_compensated"]["acc_mean"]) > float(by[method, "drift"]["acc_mean"])
-    record = torch.load(out / "work" / "device_noise_quick" / "cimq_noise_aware-iters1.ckpt", weights_only=True)["cimq"]
+    record = torch.load(out / "work" / "device_noise_quick" / "cimq_noise_aware-cimq15d-iters1.ckpt", weights_only=True)["cimq"]
     assert record["noise_aware"] is True and record["device"]["programming_sigma"] == 0.05
     assert list((out / "work").rglob("monte_carlo_test_summary.csv"))  # MonteCarloDevices' own files
-    assert (out / "device_noise.png").stat().st_size > 0 and len(csv_rows(out / "device_noise.csv")) == len(rows)
+    assert (out / "device_noise.png").stat().st_size > 0 and len(csv_rows(out / "device_noise-cimq15d-iters1.csv")) == len(rows)
     again = device_noise.main(["--quick", "--out-dir", str(out), "--work-dir", str(out / "work")])
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
+    # chips calibrated on 16 images: the fitted networks are reused, only the calibrated variants are tested
+    calibrated = {(r["method"], r["condition"]): r for r in device_noise.main(
+        ["--quick", "--calibrate-chips", "16", "--out-dir", str(out), "--work-dir", str(out / "work")])}
+    assert {method for method, _ in calibrated} == {"conventional", "cimq", "cimq_noise_aware", "conventional+cal16",
+                                                    "cimq+cal16", "cimq_noise_aware+cal16"}
+    for method in ("conventional", "cimq"):  # ideal cells: every correction is the identity, the same accuracy
+        assert float(calibrated[f"{method}+cal16", "ideal"]["acc_mean"]) == float(by[method, "ideal"]["acc_mean"])
+        assert int(calibrated[f"{method}+cal16", "target"]["samples"]) == 2

@@ -13,7 +13,8 @@ from cimq_pl.quant import calibrate_, cim_layers, iter_quantizers
 from cimq_pl.quant.reconstruction import eval_mode
 from cimq_pl.quant.techniques import GPTQRoundingConfig, applied_technique
 
-__all__ = ["CALIBRATED_CHECKPOINT", "calibrate_module_", "calibration_images", "load_quantizer_state_", "quantizer_state"]
+__all__ = ["CALIBRATED_CHECKPOINT", "calibrate_module_", "calibration_batches", "calibration_images",
+           "load_quantizer_state_", "quantizer_state"]
 
 #: Written into the run's checkpoint folder when a SIGTERM arrives during calibration: resume from it.
 CALIBRATED_CHECKPOINT = "calibrated.ckpt"
@@ -28,6 +29,23 @@ def load_quantizer_state_(model: torch.nn.Module, state: dict[str, dict]) -> Non
     """Load what :func:`quantizer_state` returned (from another process) into ``model``'s quantizers."""
     for name, role, quantizer in iter_quantizers(model):
         quantizer.load_state_dict(state[f"{name}.{role}"])
+
+
+def calibration_batches(datamodule, device: torch.device, limit: int | None = None) -> list[torch.Tensor]:
+    """The image batches of ``datamodule``'s calibration subset (train split, fixed order), the first ``limit``
+    images (all when None), on ``device``."""
+    if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
+        raise ConfigError("calibration needs a cimq_pl datamodule (data.class_path: cimq_pl.datamodules....)")
+    batches, seen = [], 0
+    for batch in datamodule.calibration_dataloader():
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if limit is not None:
+            images = images[: limit - seen]
+        batches.append(images.to(device))
+        seen += len(images)
+        if limit is not None and seen >= limit:
+            break
+    return batches
 
 
 def calibration_images(datamodule, device: torch.device) -> torch.Tensor:

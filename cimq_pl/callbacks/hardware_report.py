@@ -37,6 +37,7 @@ from cimq_pl.cost import (
     uncosted_layers,
     write_csv_atomic,
 )
+from cimq_pl.callbacks.calibration import calibration_batches
 from cimq_pl.errors import ConfigError
 from cimq_pl.metrics.hardware import HardwareCostMetric
 from cimq_pl.quant.convert import cim_layers, set_collect_stats
@@ -170,19 +171,6 @@ class HardwareReport(Callback):
             )
 
     # ------------------------------------------------------------------ start
-    def _calibration_batches(self, trainer: Trainer, device: torch.device) -> list:
-        limit = self.baseline_calibration_images
-        batches, seen = [], 0
-        for batch in trainer.datamodule.calibration_dataloader():
-            images = _images(batch)
-            if limit is not None:
-                images = images[: limit - seen]
-            batches.append(images.to(device))
-            seen += len(images)
-            if limit is not None and seen >= limit:
-                break
-        return batches
-
     def _baseline_for(self, network: torch.nn.Module, trainer: Trainer, device: torch.device) -> torch.nn.Module:
         """The calibrated baseline of ``network``, rebuilt only when its float weights changed (e.g. by QAT)."""
         key = _weights_key(network)
@@ -190,7 +178,7 @@ class HardwareReport(Callback):
             self._baseline = None
             # outside inference mode: the copy's parameters stay ordinary tensors; no_grad for calibration.
             with torch.inference_mode(False), torch.no_grad():
-                baseline = build_baseline(network, self._calibration_batches(trainer, device), self.baseline_adc_bits)
+                baseline = build_baseline(network, calibration_batches(trainer.datamodule, device, self.baseline_calibration_images), self.baseline_adc_bits)
             state = trainer.strategy.broadcast(baseline.state_dict(), src=0)  # bit-identical on every process
             baseline.load_state_dict(state)
             self._baseline = (key, baseline)

@@ -16,6 +16,12 @@ standard deviation (sample, ddof = 1) of the top-1 accuracy over the chips:
 
 Per-conversion noise (read and ADC noise) is seeded per (chip, time), so an evaluation is repeatable. Under
 DDP every process evaluates its shard of the test set and the counts are summed.
+
+With ``calibration_images`` N > 0 every chip is calibrated after programming, at each read time, before it is
+tested (`cimq_pl.quant.fit_chip_calibration`): a digital gain and offset per output channel of every CIM layer,
+fitted on the first N images of the calibration subset (train split) so that each channel's mean and standard
+deviation on the chip match the ideal network's. Every process fits on the same images and draws, so the
+corrections agree under DDP.
 """
 
 from __future__ import annotations
@@ -30,20 +36,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from cimq_pl.callbacks.calibration import calibration_batches
 from cimq_pl.callbacks.hardware_report import run_output_dir
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.cost.tables import write_csv_atomic
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant import DeviceSpec, device_mode
+from cimq_pl.quant import DeviceSpec, channel_affine, device_mode, fit_chip_calibration, output_statistics
 from cimq_pl.seeding import derive_seed
 
 __all__ = ["MonteCarloDevices", "time_label"]
 
 _UNITS = (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
 DEVICE_COLUMNS = tuple(name for name in DeviceSpec.__dataclass_fields__ if name not in ("seed", "read_time"))
-SAMPLE_COLUMNS = ("sample", "chip_seed", "time_s", "time", "acc", "correct", "images", *DEVICE_COLUMNS)
+SAMPLE_COLUMNS = ("sample", "chip_seed", "time_s", "time", "acc", "correct", "images", "calibration_images",
+                  *DEVICE_COLUMNS)
 SUMMARY_COLUMNS = ("time_s", "time", "samples", "acc_mean", "acc_std", "acc_min", "acc_max", "nominal_acc",
-                   "images", "first_seed", *DEVICE_COLUMNS)
+                   "images", "first_seed", "calibration_images", *DEVICE_COLUMNS)
 
 
 def time_label(seconds: float) -> str:
@@ -62,6 +70,8 @@ class MonteCarloDevices(Callback):
         times: seconds after programming to read each chip at (each >= 0); None = ``[model.device.read_time]``.
         seed: the first chip's seed; chip i has seed ``seed + i``. None = ``model.device.seed``.
         output_dir: folder of the CSV files; None = the W&B run's files folder, else the trainer's log dir.
+        calibration_images: calibrate every chip on this many calibration images (train split) before testing
+            it: a digital gain and offset per output channel of every CIM layer (`fit_chip_calibration`); 0 = off.
 
     Attributes:
         rows: after a test, one dict per (chip, time) (the CSV's rows).
@@ -73,7 +83,7 @@ class MonteCarloDevices(Callback):
     """
 
     def __init__(self, samples: int = 10, times: Optional[list[float]] = None, seed: Optional[int] = None,
-                 output_dir: Optional[str] = None):
+                 output_dir: Optional[str] = None, calibration_images: int = 0):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"MonteCarloDevices.samples={samples!r} is invalid: expected an integer >= 1")
         if times is not None:
@@ -89,7 +99,11 @@ class MonteCarloDevices(Callback):
             raise ConfigError(f"MonteCarloDevices.seed={seed!r} is invalid: expected an integer >= 0 or null")
         if output_dir is not None and (not isinstance(output_dir, str) or not output_dir):
             raise ConfigError(f"MonteCarloDevices.output_dir={output_dir!r} is invalid: expected a folder path or null")
+        if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 0:
+            raise ConfigError(f"MonteCarloDevices.calibration_images={calibration_images!r} is invalid: expected an "
+                              "integer >= 0 (0: chips are not calibrated)")
         self.samples, self.times, self.seed, self.output_dir = samples, times, seed, output_dir
+        self.calibration_images = calibration_images
         self.rows: list[dict] = []
         self.summary: list[dict] = []
         self.files: list[Path] = []
@@ -107,6 +121,16 @@ class MonteCarloDevices(Callback):
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         limit = trainer.num_test_batches[0] if trainer.num_test_batches else math.inf
         return loader, (len(loader) if math.isinf(limit) else int(limit))
+
+    @torch.no_grad()
+    def _calibration_target(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list, dict]:
+        """The chip-calibration images and the ideal network's per-channel output statistics on them (none when
+        ``calibration_images`` is 0)."""
+        if not self.calibration_images:
+            return [], {}
+        batches = calibration_batches(trainer.datamodule, pl_module.device, self.calibration_images)
+        with device_mode(pl_module.model, "ideal"):
+            return batches, output_statistics(pl_module.model, batches)
 
     @torch.no_grad()
     def _accuracy(self, trainer, pl_module, loader, batches: int, progress) -> tuple[int, int]:
@@ -138,6 +162,7 @@ class MonteCarloDevices(Callback):
             progress = tqdm(total=self.samples * len(times) * batches, desc=f"Monte Carlo: {self.samples} chips",
                             unit="batch", dynamic_ncols=True)
         device = pl_module.device
+        calibration, target = self._calibration_target(trainer, pl_module)
         self.rows = []
         try:
             for sample in range(self.samples):
@@ -146,9 +171,12 @@ class MonteCarloDevices(Callback):
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                             device_mode(pl_module.model, "chip", seed=chip, time=time):
                         torch.manual_seed(derive_seed(chip, round(time * 1000)))  # per-conversion noise
-                        correct, images = self._accuracy(trainer, pl_module, loader, batches, progress)
+                        corrections = fit_chip_calibration(pl_module.model, calibration, target) if calibration else {}
+                        with channel_affine(pl_module.model, corrections):
+                            correct, images = self._accuracy(trainer, pl_module, loader, batches, progress)
                     self.rows.append({"sample": sample, "chip_seed": chip, "time_s": time, "time": time_label(time),
                                       "acc": correct / max(images, 1), "correct": correct, "images": images,
+                                      "calibration_images": self.calibration_images,
                                       **{name: getattr(spec, name) for name in DEVICE_COLUMNS}})
         finally:
             if progress is not None:
@@ -163,6 +191,7 @@ class MonteCarloDevices(Callback):
                    "acc_min": min(accuracies), "acc_max": max(accuracies),
                    "nominal_acc": float(nominal) if nominal is not None else None,
                    "images": self.rows[0]["images"], "first_seed": first,
+                   "calibration_images": self.calibration_images,
                    **{name: getattr(spec, name) for name in DEVICE_COLUMNS}}
             self.summary.append(row)
             for stat in ("acc_mean", "acc_std"):

@@ -92,6 +92,8 @@ def test_callbacks_need_a_device(calibrated):
     (dict(times=[1, -3600]), "-3600 is not a time"),
     (dict(seed=-1), "seed=-1"),
     (dict(output_dir=""), "output_dir=''"),
+    (dict(calibration_images=-1), "calibration_images=-1"),
+    (dict(calibration_images=True), "calibration_images=True"),
 ])
 def test_monte_carlo_arguments_are_checked(kwargs, needle):
     with pytest.raises(ConfigError, match="expected|is not a time") as error:
