@@ -164,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     prepare(args)
     extra = list(QUICK_ARGS) if quick else []
     if quick:
-        args.iters, args.steps, args.train = 1, 2, "lossless"
+        args.iters, args.steps, args.train, args.simulation = 1, 2, "lossless", "eager"  # no compilation to wait for
     work = args.work_dir / ("low_adc_qat_quick" if quick else "low_adc_qat")
     work.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / ("low_adc_qat_quick.csv" if quick else "low_adc_qat.csv")

@@ -57,7 +57,8 @@ def test_device_noise_quick(out):
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
     # chips calibrated on 16 images: the fitted networks are reused, only the calibrated variants are tested
     calibrated = {(r["method"], r["condition"]): r for r in device_noise.main(
-        ["--quick", "--calibrate-chips", "16", "--out-dir", str(out), "--work-dir", str(out / "work")])}
+        ["--quick", "--calibrate-chips", "16", "--conditions", "ideal,target", "--out-dir", str(out), "--work-dir",
+         str(out / "work")])}
     assert {method for method, _ in calibrated} == {"conventional", "cimq", "cimq_noise_aware", "conventional+cal16",
                                                     "cimq+cal16", "cimq_noise_aware+cal16"}
     for method in ("conventional", "cimq"):  # ideal cells: every correction is the identity, the same accuracy
