@@ -50,9 +50,7 @@ def calibration_batches(datamodule, device: torch.device, limit: int | None = No
 
 def calibration_images(datamodule, device: torch.device) -> torch.Tensor:
     """All images of ``datamodule``'s calibration subset, in its fixed order, on ``device``."""
-    if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
-        raise ConfigError("calibration needs a cimq_pl datamodule (data.class_path: cimq_pl.datamodules....)")
-    return torch.cat([batch[0] for batch in datamodule.calibration_dataloader()]).to(device)
+    return torch.cat(calibration_batches(datamodule, device))
 
 
 @torch.no_grad()

@@ -178,7 +178,8 @@ class HardwareReport(Callback):
             self._baseline = None
             # outside inference mode: the copy's parameters stay ordinary tensors; no_grad for calibration.
             with torch.inference_mode(False), torch.no_grad():
-                baseline = build_baseline(network, calibration_batches(trainer.datamodule, device, self.baseline_calibration_images), self.baseline_adc_bits)
+                batches = calibration_batches(trainer.datamodule, device, self.baseline_calibration_images)
+                baseline = build_baseline(network, batches, self.baseline_adc_bits)
             state = trainer.strategy.broadcast(baseline.state_dict(), src=0)  # bit-identical on every process
             baseline.load_state_dict(state)
             self._baseline = (key, baseline)

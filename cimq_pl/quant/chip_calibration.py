@@ -133,10 +133,8 @@ def fit_chip_calibration(model: nn.Module, batches: Sequence[torch.Tensor],
             chip = output_statistics(model, batches, [name])[name]
         ideal = target[name]
         varies = chip.std > _STD_FLOOR
-        gain = torch.where(varies, ideal.std / torch.where(varies, chip.std, torch.ones_like(chip.std)),
-                           torch.ones_like(chip.std))
-        same = (chip.mean == ideal.mean) & (chip.std == ideal.std)  # exact identity where nothing moved
-        gain = torch.where(same, torch.ones_like(gain), gain)
-        offset = torch.where(same, torch.zeros_like(gain), ideal.mean - gain * chip.mean)
+        ones = torch.ones_like(chip.std)
+        gain = torch.where(varies, ideal.std / torch.where(varies, chip.std, ones), ones)  # x / x is exactly 1
+        offset = ideal.mean - gain * chip.mean
         corrections[name] = ChannelAffine(gain, offset)
     return corrections
