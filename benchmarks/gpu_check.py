@@ -43,6 +43,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--iters", type=int, default=50, help="PTQ steps per unit")
     parser.add_argument("--calibration-size", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=128, help="layer timing batch")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="test the PTQ on the first N test images (even; default: all 1,000)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -67,7 +69,8 @@ def main(argv=None) -> list[dict]:
     results = {}
     for label, acc in (("cpu", "cpu"), ("device", accelerator)):
         results[label] = gpu_ptq.run("cimq", 4, args.iters, args.data, args.weights, accelerator=acc,
-                                     calibration_size=args.calibration_size, num_workers=2)
+                                     calibration_size=args.calibration_size, num_workers=2,
+                                     test_images=args.test_images)
         print(results[label], flush=True)
     rows.append({"check": f"PTQ fit seconds (CIMQ, {args.iters} steps/unit)", "cpu": results["cpu"]["fit_seconds"],
                  "device": results["device"]["fit_seconds"],

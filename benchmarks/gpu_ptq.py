@@ -28,20 +28,25 @@ ROWS = {"cimq": 2, "cimq_uniform_codes": None}  # max_ones of the input code set
 
 
 def run(row: str, adc_bits: int, iters: int, data: str, weights: str, accelerator: str = "auto",
-        calibration_size: int = 1024, num_workers: int = 4, simulation: str = "eager", lr_scale: float = 1.0) -> dict:
+        calibration_size: int = 1024, num_workers: int = 4, simulation: str = "eager", lr_scale: float = 1.0,
+        test_images: int | None = None) -> dict:
     """Fit (PTQ) and test one row on ``accelerator``; returns accuracy, fit seconds and the device.
-    ``lr_scale`` multiplies the three reconstruction learning rates (AdaRound logits, input steps, ADC clips)."""
+    ``lr_scale`` multiplies the three reconstruction learning rates (AdaRound logits, input steps, ADC clips);
+    ``test_images`` (even, >= 2) tests on the first that many test images instead of all 1,000."""
+    if test_images is not None and (test_images < 2 or test_images % 2):
+        raise ValueError(f"test_images={test_images} is invalid: expected an even number >= 2 (two test batches)")
     seed_everything(0)
     lrs = BlockReconstruction.scaled_learning_rates(lr_scale)
     module = CIMQModule("cifar_resnet20", 10, weights, cim=CIMSpec(adc_bits=adc_bits), simulation=simulation,
                         objective=BlockReconstruction(iters_per_block=iters, batch_size=32, **lrs))
-    datamodule = CIFAR10DataModule(root=data, num_workers=num_workers, eval_batch_size=500,
+    datamodule = CIFAR10DataModule(root=data, num_workers=num_workers, eval_batch_size=(test_images or 1000) // 2,
                                    calibration_size=calibration_size)
     callbacks = [BitSparseActivations(max_ones=ROWS[row]), ArraywiseWeights(), PartialSumClipping(),
                  QuantDropping(0.5, ("block_input", "activations")),
                  PostTrainingQuantization()]
     trainer = CIMQTrainer(accelerator=accelerator, devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, limit_test_batches=2,
+                          callbacks=callbacks,
                           default_root_dir="/tmp/cimq-gpu-ptq")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

@@ -29,7 +29,7 @@ GATE_STEP = 3 * ITERS + 2  # global step 20: unit 4 (layer1.2), 2 of its 6 steps
 COMMON = [
     "--config", "configs/resnet20_cifar10.yaml", "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20),
     "--data.init_args.calibration_size", "32", "--data.init_args.eval_batch_size", "100",
-    "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "2",
+    "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "2",
     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
 ]
 

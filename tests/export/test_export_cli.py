@@ -22,7 +22,7 @@ FIRST_250 = ["--data.init_args.eval_batch_size", "125", "--trainer.limit_test_ba
 
 
 def test_cimq_ptq_export_reproduces_the_fake_quant_model_on_the_test_images(run_cli, tmp_path, capsys):
-    fit = run_cli("fit", *CIMQ, "--trainer.limit_val_batches", "1",
+    fit = run_cli("fit", *CIMQ, "--trainer.limit_val_batches", "0",
                   "--model.objective.init_args.iters_per_block", "2", "--model.objective.init_args.batch_size", "16")
     ckpt = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization)).checkpoint_path
     export_dir = tmp_path / "resnet20_cimq"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cimq_pl.quant import RangeObserver
-from cimq_pl.quant.observers import mse_clip
+from cimq_pl.quant.observers import _squared_error, mse_clip, quantize_with_alpha
 
 
 def test_minmax_and_percentile_per_group():
@@ -29,6 +29,16 @@ def test_mse_clip_ignores_outlier_and_is_vectorised_over_groups():
     assert alpha[0] < 10 and alpha[1] <= body[1].abs().max() + 1e-6
     error = lambda a, x: ((torch.clamp(torch.round(x / (a / 7)), -8, 7) * a / 7 - x) ** 2).sum()
     assert error(alpha[0], body[0]) < error(torch.tensor(40.0), body[0])
+
+
+@pytest.mark.parametrize("qmin,qmax,levels,project", [(-8, 7, 7, None), (0, 15, 15, None),
+                                                      (0, 15, 15, lambda c: torch.floor(c))])
+def test_in_place_squared_error_equals_the_plain_quantizer_bit_for_bit(qmin, qmax, levels, project):
+    """The MSE search's in-place error is the same float operations as `quantize_with_alpha`, in the same order."""
+    torch.manual_seed(0)
+    samples, alpha = torch.randn(64, 500) * 3, torch.rand(64, 1) * 4 + 0.05
+    plain = (quantize_with_alpha(samples, alpha, qmin, qmax, levels, project) - samples).pow(2).sum(1)
+    assert torch.equal(_squared_error(samples, alpha, qmin, qmax, levels, project), plain)
 
 
 def test_observer_misconfiguration_and_empty():

@@ -1,5 +1,5 @@
 """Smoke runs of the two longest benchmark scripts, the per-layer search and the device noise, kept apart from
-`test_benchmarks.py` so that the parallel test run (``pytest -n 2 --dist loadfile``) can put them on another worker.
+the suite's other smoke runs so that the parallel test run (``pytest -n 2 --dist loadfile``) can put them on another worker.
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ import device_noise  # noqa: E402
 import layer_search  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return tmp_path_factory.mktemp("bench")
 
 
 def test_layer_search_quick(out):

@@ -1,0 +1,78 @@
+"""Smoke runs of the benchmark scripts for other models, the export, the GPU check and low-ADC QAT (tiny data)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import CIFAR10, REPO, RESNET20, csv_rows
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import export_check  # noqa: E402
+import other_models  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_dry_run_on_cpu(out):
+    import gpu_check
+
+    rows = gpu_check.main(["--device", "cpu", "--data", str(CIFAR10), "--weights", str(RESNET20), "--iters", "1",
+                           "--calibration-size", "32", "--batch", "4", "--test-images", "100", "--out-dir", str(out)])
+    accuracy = next(r for r in rows if r["check"] == "PTQ test/acc")
+    assert accuracy["cpu"] == accuracy["device"]  # the same device twice: the PTQ is deterministic
+    assert all(r["ratio cpu/device"] != "" for r in rows if "fwd ms" in r["check"])
+
+
+def test_export_check_smoke(out, smoke_args):
+    row = export_check.main(smoke_args)
+    assert row["images"] == 100  # the 2 test batches of 50 the fake-quant model was tested on
+    assert row["same_predictions"] == 100
+    assert float(row["max_relative_logit_error"]) <= 1e-4
+    assert row["export_test_acc"] == row["fake_quant_acc"]
+    assert csv_rows(out / "export_check.csv")[0]["same_predictions"] == "100"
+
+
+def test_gptq_setting_rounds_at_calibration_and_reconstructs_nothing():
+    from runner import Setting, derived_config
+
+    config = derived_config(Setting("resnet20", "cimq", iters=0, weight_rounding="gptq"))
+    names = [entry["class_path"].rsplit(".", 1)[-1] for entry in config["trainer"]["callbacks"]]
+    assert names.index("GPTQRounding") == names.index("PostTrainingQuantization") - 1
+    assert config["model"]["objective"]["init_args"]["iters_per_block"] == 0
+    assert "weight_roundinggptq" in Setting("resnet20", "cimq", iters=0, weight_rounding="gptq").key
+    with pytest.raises(ValueError, match="iters must be 0, not 50"):
+        Setting("resnet20", "cimq", iters=50, weight_rounding="gptq")
+    with pytest.raises(ValueError, match="'adaround' is unknown"):
+        Setting("resnet20", "cimq", weight_rounding="adaround")
+    with pytest.raises(ValueError, match="weight_rounding needs model.objective BlockReconstruction"):
+        derived_config(Setting("resnet20", "cimq_qat", weight_rounding="gptq"))  # QAT: no reconstruction
+    frozen = derived_config(Setting("resnet20", "cimq", iters=400, lr_scale=1.0, lr_step=0.0))
+    assert frozen["model"]["objective"]["init_args"]["lr_step"] == 0.0  # after lr_scale, which sets all three rates
+    assert frozen["model"]["objective"]["init_args"]["lr_clip"] == pytest.approx(1e-3)
+
+
+def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_sample(out, smoke_args):
+
+    row = other_models.main([*smoke_args, "--ptq"])[0]
+    assert row["calibration"] == "cifar10_lossless train (64 images)" and row["test_images"] == 64
+    assert row["iters"] == 2  # the smoke budget; the preset's own is the config's
+    assert 0.45 < row["fp_acc"] < 0.75  # the pretrained ResNet-56 on the first 64 sample images (60% on all 100)
+    assert row["ptq_acc"] > 0.2  # W4A4, ADC 4 after 2 steps per unit: far above chance (1%)
+    assert 0 < row["bit_density"] < 0.5 and row["hw_efficiency_vs_baseline"] > 1
+    assert (out / "cifar100_ptq.csv").is_file()
+
+
+def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(out):
+    import low_adc_qat
+
+    args = ["--quick", "--adc-bits", "3", "--out-dir", str(out), "--work-dir", str(out / "work")]
+    row = low_adc_qat.main(args)[0]
+    assert (int(row["adc_bits"]), int(row["steps"]), row["train"]) == (3, 2, "lossless")
+    assert 0.2 < row["ptq/acc"] <= 1  # ADC 3 after calibration and 1 step per unit: far above chance (10%)
+    assert abs(row["qat/acc"] - row["ptq/acc"]) < 0.1  # two QAT steps at lr 1e-4 from that checkpoint
+    assert (out / "work" / "low_adc_qat_quick" / "ptq-adc3-iters1.ckpt").is_file()
+    again = low_adc_qat.main(args)[0]  # the CSV's row: nothing fitted again
+    assert float(again["qat/acc"]) == row["qat/acc"] and len(csv_rows(out / "low_adc_qat_quick.csv")) == 1
