@@ -13,7 +13,7 @@ from cimq_pl.quant import calibrate_, cim_layers, iter_quantizers
 from cimq_pl.quant.reconstruction import eval_mode
 from cimq_pl.quant.techniques import GPTQRoundingConfig, applied_technique
 
-__all__ = ["CALIBRATED_CHECKPOINT", "calibrate_module_", "calibration_batches", "calibration_images",
+__all__ = ["CALIBRATED_CHECKPOINT", "batch_images", "calibrate_module_", "calibration_batches", "calibration_images",
            "load_quantizer_state_", "quantizer_state"]
 
 #: Written into the run's checkpoint folder when a SIGTERM arrives during calibration: resume from it.
@@ -31,6 +31,11 @@ def load_quantizer_state_(model: torch.nn.Module, state: dict[str, dict]) -> Non
         quantizer.load_state_dict(state[f"{name}.{role}"])
 
 
+def batch_images(batch) -> torch.Tensor:
+    """The images of a dataloader batch (``(images, labels)`` or images alone)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def calibration_batches(datamodule, device: torch.device, limit: int | None = None) -> list[torch.Tensor]:
     """The image batches of ``datamodule``'s calibration subset (train split, fixed order), the first ``limit``
     images (all when None), on ``device``."""
@@ -38,7 +43,7 @@ def calibration_batches(datamodule, device: torch.device, limit: int | None = No
         raise ConfigError("calibration needs a cimq_pl datamodule (data.class_path: cimq_pl.datamodules....)")
     batches, seen = [], 0
     for batch in datamodule.calibration_dataloader():
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images = batch_images(batch)
         if limit is not None:
             images = images[: limit - seen]
         batches.append(images.to(device))

@@ -37,7 +37,7 @@ from cimq_pl.cost import (
     uncosted_layers,
     write_csv_atomic,
 )
-from cimq_pl.callbacks.calibration import calibration_batches
+from cimq_pl.callbacks.calibration import batch_images, calibration_batches
 from cimq_pl.errors import ConfigError
 from cimq_pl.metrics.hardware import HardwareCostMetric
 from cimq_pl.quant.convert import cim_layers, set_collect_stats
@@ -72,10 +72,6 @@ def _weights_key(network: torch.nn.Module) -> tuple:
             if tensor is not None:
                 key.append((name, tensor.data_ptr(), tensor._version, tuple(tensor.shape)))
     return tuple(key)
-
-
-def _images(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 class _Evaluation:
@@ -222,7 +218,7 @@ class HardwareReport(Callback):
             return
         run.metric.update(take_counts(run.layers, run.metric.counts.device))
         if run.baseline is not None and (self.baseline_batches is None or run.batches < self.baseline_batches):
-            images = _images(batch).to(run.metric.counts.device)
+            images = batch_images(batch).to(run.metric.counts.device)
             with torch.no_grad():
                 run.baseline(images)
             run.baseline_metric.update(take_counts(run.baseline_layers, run.metric.counts.device))
