@@ -12,8 +12,8 @@ For every CIM layer and every tile (array) of it:
 
 No fake-quant module is used; integer matrix products run in float32 on the integers and are rounded back to int64:
 exact, because every partial sum, in any order of summation, is bounded by rows x max digit x max |cell| < 2^24
-(checked at export), and float BLAS is 30x faster than PyTorch's int64 matmul on the CPU (CUDA has no integer
-matmul). Between layers the graph's digital operations run in float32.
+(checked at export), and float BLAS is far faster than PyTorch's int64 matmul, which has no BLAS kernel (CUDA
+has no integer matmul at all). Between layers the graph's digital operations run in float32.
 """
 
 from __future__ import annotations
