@@ -72,6 +72,11 @@ class DeviceSpec:
             G = G_target exp(sigma z - sigma^2 / 2) (same mean), z ~ N(0, 1).
         stuck_off_prob: probability that a cell is stuck at ``g_off`` whatever it is programmed to [0..1].
         stuck_on_prob: probability that a cell is stuck at ``g_on`` [0..1]; stuck_off_prob + stuck_on_prob <= 1.
+        stuck_compensation: program around the chip's stuck cells: the fault map is read after programming
+            (write-verify finds every cell that does not reach its level) and the partner of a pair cell stuck
+            at ``g_on`` is programmed to absorb it, so the pair still reads its digit d, or 0 when d has the
+            other sign: an error of 0 or |d| instead of L - d or L (L = 2^b_c - 1). Differential pairs only
+            (unsigned slices have no partner); a cell stuck at ``g_off`` needs nothing. Off by default.
         read_sigma: relative standard deviation of a cell's conductance at each read (each ADC conversion)
             [fraction]; the column's noise is then Gaussian with variance sum_i a_i^2 (read_sigma G_i)^2.
         drift_nu_mean: mean drift exponent nu [dimensionless]; G(t) = G(t0) ((t0 + t)/t0)^-nu.
@@ -98,6 +103,7 @@ class DeviceSpec:
     programming_distribution: ProgrammingDistribution = "normal"
     stuck_off_prob: float = 0.0
     stuck_on_prob: float = 0.0
+    stuck_compensation: bool = False
     read_sigma: float = 0.0
     drift_nu_mean: float = 0.0
     drift_nu_std: float = 0.0
@@ -115,7 +121,7 @@ class DeviceSpec:
             if item.name == "programming_distribution":
                 if value not in PROGRAMMING_DISTRIBUTIONS:
                     _refuse(item.name, value, f"one of {list(PROGRAMMING_DISTRIBUTIONS)}")
-            elif item.name == "drift_compensation":
+            elif item.name in ("drift_compensation", "stuck_compensation"):
                 if not isinstance(value, bool):
                     _refuse(item.name, value, "true or false")
             elif item.name == "seed":
@@ -157,14 +163,18 @@ class DeviceSpec:
         return ((self.t0 + time) / self.t0) ** (-nu)
 
     @property
+    def stuck(self) -> bool:
+        """Whether some cells are stuck at g_off or g_on."""
+        return self.stuck_off_prob > 0 or self.stuck_on_prob > 0
+
+    @property
     def drifts(self) -> bool:
         """Whether conductances drift (nu is not 0 everywhere)."""
         return self.drift_nu_mean > 0 or self.drift_nu_std > 0
 
     def cells_at(self, time: float) -> bool:
         """Whether the cells differ from ideal digits when read at ``time`` s."""
-        return (self.programming_sigma > 0 or self.stuck_off_prob > 0 or self.stuck_on_prob > 0
-                or (self.drifts and time > 0))
+        return self.programming_sigma > 0 or self.stuck or (self.drifts and time > 0)
 
     @property
     def read_noise(self) -> bool:
@@ -194,7 +204,8 @@ class DeviceSpec:
         if self.programming_sigma:
             parts.append(f"programming {self.programming_distribution} sigma {self.programming_sigma:g}")
         if self.stuck_off_prob or self.stuck_on_prob:
-            parts.append(f"stuck-at off/on {self.stuck_off_prob:g}/{self.stuck_on_prob:g}")
+            parts.append(f"stuck-at off/on {self.stuck_off_prob:g}/{self.stuck_on_prob:g}"
+                         + (" compensated" if self.stuck_compensation else ""))
         if self.read_sigma:
             parts.append(f"read sigma {self.read_sigma:g}")
         if self.drifts:

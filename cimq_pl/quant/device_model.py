@@ -137,10 +137,8 @@ class DeviceModel:
                 value = value * (1 + spec.programming_sigma * z).clamp_min(0)
             else:
                 value = value * torch.exp(spec.programming_sigma * z - spec.programming_sigma**2 / 2)
-        if spec.stuck_off_prob > 0 or spec.stuck_on_prob > 0:
-            u = self._draw(streams[1], shape, digits, uniform=True)
-            stuck_off = u < spec.stuck_off_prob
-            stuck_on = (u >= spec.stuck_off_prob) & (u < spec.stuck_off_prob + spec.stuck_on_prob)
+        if spec.stuck:
+            stuck_off, stuck_on = self._stuck(streams[1], shape, digits)
             value = torch.where(stuck_off, torch.full_like(value, g0), value)
             value = torch.where(stuck_on, torch.full_like(value, levels + g0), value)
         if spec.drifts and time > 0:
@@ -148,16 +146,39 @@ class DeviceModel:
             value = value * torch.exp(-math.log1p(time / spec.t0) * nu)
         return value
 
+    def _stuck(self, stream: str, shape: tuple, like: torch.Tensor) -> tuple:
+        """(stuck at g_off, stuck at g_on): the boolean fault maps of the cells drawn from ``stream``."""
+        u = self._draw(stream, shape, like, uniform=True)
+        off, on = self.spec.stuck_off_prob, self.spec.stuck_on_prob
+        return u < off, (u >= off) & (u < off + on)
+
+    def _pair_targets(self, slices: torch.Tensor, signed: torch.Tensor, levels: int) -> tuple:
+        """The digits the two cells of each pair are programmed to: max(d, 0) and max(-d, 0), or, with
+        ``stuck_compensation``, the partner of a cell stuck at g_on set to absorb it (G+ stuck on: G- holds
+        clamp(L - d, 0, L); G- stuck on: G+ holds clamp(d + L, 0, L)), so that the pair reads d, or 0 when d has
+        the stuck cell's sign against it. A cell stuck at g_off is left as is: its partner already holds all a
+        pair can still read."""
+        positive = torch.where(slices >= 0, slices, torch.zeros_like(slices))
+        negative = torch.where(slices < 0, -slices, torch.zeros_like(slices))
+        if not (self.spec.stuck_compensation and self.spec.stuck_on_prob > 0 and bool(signed.any())):
+            return positive, negative
+        shape = tuple(slices.shape)
+        plus_off, plus_on = self._stuck("stuck+", shape, slices)
+        minus_off, minus_on = self._stuck("stuck-", shape, slices)
+        plus_on, minus_on = plus_on & ~(minus_off | minus_on) & signed, minus_on & ~(plus_off | plus_on) & signed
+        negative = torch.where(plus_on, (levels - slices).clamp(0, levels), negative)
+        positive = torch.where(minus_on, (slices + levels).clamp(0, levels), positive)
+        return positive, negative
+
     def _effective(self, slices: torch.Tensor, signed: torch.Tensor, ref_cells: Optional[torch.Tensor],
                    time: float, levels: int, g0: float) -> tuple:
         """(d_eff of the weight cells, d_eff of the reference cells or None, G/dG of the read cells (plus, minus,
         reference) for the read noise)."""
         k_mean = self.spec.drift_factor(self.spec.drift_nu_mean, time) if self.spec.drifts else 1.0
-        positive = torch.where(slices >= 0, slices, torch.zeros_like(slices))
+        positive, negative = self._pair_targets(slices, signed, levels)
         plus = self._cell_levels(positive, ("program+", "stuck+", "nu+"), time, levels, g0)
         minus = None
         if bool(signed.any()):
-            negative = torch.where(slices < 0, -slices, torch.zeros_like(slices))
             minus = self._cell_levels(negative, ("program-", "stuck-", "nu-"), time, levels, g0)
             cells = plus - torch.where(signed, minus, torch.full_like(minus, g0 * k_mean))
         else:

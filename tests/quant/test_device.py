@@ -72,6 +72,17 @@ def test_stuck_at_faults_by_hand():
     assert _close(layer(ONES), [[0.0, 3.0]])
 
 
+@pytest.mark.parametrize("compensation, expected", [(False, [[15.0, 12.0, -15.0]]), (True, [[5.0, 0.0, 0.0]])])
+def test_stuck_on_pair_cells_and_their_compensation_by_hand(compensation, expected):
+    """4-bit weights 5, -3, 0, each a pair of 4-bit cells (L = 15). G+ of 5 and of -3 and G- of 0 are stuck on:
+    the pairs read 15 - 0, 15 - 3 and 0 - 15. With stuck_compensation the partner absorbs the stuck cell: G- of 5
+    holds 10 (reads 5), G- of -3 holds 15 (reads 0, the nearest a pair with G+ = 15 reaches), G+ of 0 holds 15."""
+    layer = _unit_linear(torch.tensor([[5.0], [-3.0], [0.0]]), weight_bits=4)
+    attach_device_(layer, DeviceSpec(stuck_on_prob=0.1, stuck_compensation=compensation))
+    _inject(layer, {"stuck+": [((0, 0), 0.05), ((0, 1), 0.05)], "stuck-": [((0, 2), 0.05)]})
+    assert _close(layer(torch.ones(1, 1, dtype=torch.float64)), expected)
+
+
 def test_programming_error_by_hand_and_zero_digits_conduct():
     """z = +1 on two cells of slice 0: a 1 digit reads (1 + g0) 1.1 - g0, a 0 digit (g_off) reads 0.1 g0, with
     g0 = g_off / dG = 1 / (150 - 1) for 1-bit cells of the default on/off ratio 150."""
@@ -274,6 +285,7 @@ BAD_SPECS = [
     (dict(drift_nu_mean=float("nan")), "drift_nu_mean=nan"),
     (dict(seed=-2), "seed=-2"),
     (dict(drift_compensation="yes"), "drift_compensation='yes'"),
+    (dict(stuck_compensation=1), "stuck_compensation=1"),
 ]
 
 
