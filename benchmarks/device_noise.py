@@ -24,9 +24,9 @@ preset is measured again; one row per method, condition and time; a stopped run 
 not measured again, the fitted checkpoints of the same preset are reused) and ``device_noise.png`` (three
 panels), and prints the tables and the issue's target.
 
-    python benchmarks/device_noise.py                          # 10 chips, 1,000 images, 400 steps/unit: ~2.5 h
+    python benchmarks/device_noise.py                          # 10 chips, 1,000 images, 400 steps/unit: ~2 h 15 min
     python benchmarks/device_noise.py --samples 5 --images 500 # about a quarter of the evaluation time
-    python benchmarks/device_noise.py --qat                    # + noise-aware QAT (3 epochs at 1e-4)
+    python benchmarks/device_noise.py --qat                    # + noise-aware QAT (3 epochs at 1e-4): ~3 h
     python benchmarks/device_noise.py --conditions ideal,target # the target condition only (rows add up)
     python benchmarks/device_noise.py --qat --qat-lr 1e-3 --qat-epochs 1   # another QAT recipe: its own CSV
     python benchmarks/device_noise.py --methods cimq,cimq_qat_noise_aware  # only these (QAT starts from the
