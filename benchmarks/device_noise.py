@@ -316,6 +316,15 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> Path:
     return save_figure(figure, path)
 
 
+def _names(parser, flag: str, value: str, known: list[str]) -> list[str]:
+    """The comma-separated names of ``flag``; an unknown name (or none) is a parser error listing the known ones."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        parser.error(f"{flag}={value!r}: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+    return names
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="~1-2 minute smoke run (same as --smoke)")
@@ -355,11 +364,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     qat_extra = ["--trainer.limit_train_batches", "2"] if quick else []  # QAT only: PTQ's epoch is units x steps
     methods = ["conventional", "cimq", "cimq_noise_aware"] + (["cimq_qat_noise_aware"] if args.qat else [])
     if args.methods:
-        methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-        unknown = sorted(set(methods) - set(METHODS))
-        if unknown or not methods:
-            parser.error(f"--methods={args.methods!r}: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"known: {', '.join(METHODS)}")
+        methods = _names(parser, "--methods", args.methods, list(METHODS))
     work = args.work_dir / ("device_noise_quick" if quick else "device_noise")
     work.mkdir(parents=True, exist_ok=True)
     preset = f"{ROW_KEY_NAMES['cimq']}-iters{iters}"  # rows and checkpoints of another preset are not reused
@@ -369,10 +374,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     grid = conditions(quick)
     if args.conditions:
-        wanted = [name.strip() for name in args.conditions.split(",") if name.strip()]
-        unknown = sorted(set(wanted) - {c.name for c in grid})
-        if unknown:
-            parser.error(f"--conditions: unknown {', '.join(unknown)}; known: {', '.join(c.name for c in grid)}")
+        wanted = _names(parser, "--conditions", args.conditions, [c.name for c in grid])
         grid = [c for c in grid if c.name in wanted]
     qat = {"lr": args.qat_lr, "epochs": args.qat_epochs}
     if qat != QAT_RECIPE:  # another QAT recipe: its own checkpoint and CSV

@@ -203,7 +203,7 @@ class DeviceSpec:
         parts = [f"G {self.g_off:.3g}..{self.g_on:.4g} uS (on/off {self.on_off_ratio:.3g})"]
         if self.programming_sigma:
             parts.append(f"programming {self.programming_distribution} sigma {self.programming_sigma:g}")
-        if self.stuck_off_prob or self.stuck_on_prob:
+        if self.stuck:
             parts.append(f"stuck-at off/on {self.stuck_off_prob:g}/{self.stuck_on_prob:g}"
                          + (" compensated" if self.stuck_compensation else ""))
         if self.read_sigma:
