@@ -28,7 +28,8 @@ FP_ACCURACY = 0.915  # ResNet-20 on the 1,000 cifar10_lossless test images (READ
 TARGET_DROP = {3: 1.5, 2: 5.0}  # points below FP the issue allows at each ADC resolution
 QAT_MINUTES = 30
 TRAIN_ROOTS = {"lossless": LOSSLESS, "jpeg": JPEG}
-COLUMNS = ("key", "adc_bits", "ptq_iters", "train", "lr", "steps", "batch", "simulation", "sparsity_weight", "ptq/acc", "qat/acc",
+COLUMNS = ("key", "adc_bits", "ptq_iters", "train", "objective", "lr", "quantizer_lr_scale", "steps", "batch", "simulation",
+           "sparsity_weight", "ptq/acc", "qat/acc",
            "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds")
 QUICK_ARGS = ["--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0",
               "--data.init_args.eval_batch_size", "50", "--trainer.limit_test_batches", "2"]
@@ -104,6 +105,12 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
     config = _config("cimq_qat", adc_bits, None)
     config["model"]["lr"] = args.lr
     config["model"]["simulation"] = args.simulation
+    if args.objective == "distill":
+        config["model"]["objective"] = {"class_path": "cimq_pl.objectives.DistillationObjective",
+                                        "init_args": {"temperature": args.temperature}}
+    if args.quantizer_lr_scale is not None:
+        objective = config["model"].setdefault("objective", {"class_path": "cimq_pl.objectives.TaskObjective"})
+        objective.setdefault("init_args", {})["quantizer_lr_scale"] = args.quantizer_lr_scale
     config["trainer"]["max_epochs"] = -1
     config["trainer"]["max_steps"] = args.steps
     for callback in config["trainer"]["callbacks"]:
@@ -111,8 +118,8 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
             callback.setdefault("init_args", {})["init_from"] = str(checkpoint)
         if callback["class_path"].endswith("BitSparseActivations") and args.sparsity_weight is not None:
             callback.setdefault("init_args", {})["sparsity_weight"] = args.sparsity_weight
-    print(f"[bench] ADC {adc_bits}: CIMQ QAT, {args.steps} steps of {args.batch} {args.train} train images "
-          f"at lr {args.lr:g}", flush=True)
+    print(f"[bench] ADC {adc_bits}: CIMQ QAT ({objective_name(args)}), {args.steps} steps of {args.batch} "
+          f"{args.train} train images at lr {args.lr:g}", flush=True)
     built = _run(config, f"qat-adc{adc_bits}", work_dir, TRAIN_ROOTS[args.train],
                  [*extra, "--data.init_args.batch_size", str(args.batch)])
     clock = _StepClock()
@@ -123,6 +130,11 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
     accuracy = _test_accuracy(built)
     print(f"[bench] ADC {adc_bits}: QAT {accuracy:.4f} in {seconds} s", flush=True)
     return seconds, accuracy, clock.seconds_per_step()
+
+
+def objective_name(args) -> str:
+    """The QAT loss as the table shows it: ``task`` (cross-entropy) or ``distill T=<temperature>``."""
+    return "task" if args.objective == "task" else f"distill T={args.temperature:g}"
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -138,7 +150,8 @@ def targets(rows: list[dict]) -> list[dict]:
         lines.append({"target": f"ADC {bits} within {TARGET_DROP[bits]:g} points of FP ({FP_ACCURACY}), QAT within "
                                 f"{QAT_MINUTES} min",
                       "measured": f"{float(row['qat/acc']):.3f} ({-drop:+.1f} points; PTQ {float(row['ptq/acc']):.3f}) "
-                                  f"in {minutes:.1f} min ({row['train']}, lr {row['lr']}, {row['steps']} steps)",
+                                  f"in {minutes:.1f} min ({row['train']}, {row.get('objective') or 'task'}, lr {row['lr']}, "
+                                  f"{row['steps']} steps)",
                       "met": "yes" if met else "**no**"})
     return lines
 
@@ -156,6 +169,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=128, help="QAT images per step (128)")
     parser.add_argument("--sparsity-weight", type=float, default=None,
                         help="lambda of the bit-sparsity regulariser (default: cimq_qat.yaml's, 0.01)")
+    parser.add_argument("--objective", choices=("task", "distill"), default="task",
+                        help="QAT loss: task (cross-entropy, cimq_qat.yaml's) or distill (KL to the float network's "
+                             "logits, DistillationObjective)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (1.0)")
+    parser.add_argument("--quantizer-lr-scale", type=float, default=None,
+                        help="learning-rate multiplier of the quantizer parameters (step sizes, ADC clips; default: "
+                             "the objective's, 1.0)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
     args = parser.parse_args(argv)
@@ -177,11 +197,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     shown = []
     for bits in args.adc_bits:
         key = f"adc{bits}-ptq{args.iters}-{args.train}-lr{args.lr:g}-steps{args.steps}-batch{args.batch}-{args.simulation}" + (
-            "" if args.sparsity_weight is None else f"-sparsity{args.sparsity_weight:g}")
+            "" if args.sparsity_weight is None else f"-sparsity{args.sparsity_weight:g}") + (
+            "" if args.objective == "task" else f"-distill{args.temperature:g}") + (
+            "" if args.quantizer_lr_scale is None else f"-qlr{args.quantizer_lr_scale:g}")
         if key not in rows:
             checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra)
             qat_seconds, qat_accuracy, step = qat(bits, checkpoint, args, work, extra)
-            rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "train": args.train, "lr": args.lr,
+            rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "train": args.train,
+                         "objective": objective_name(args), "lr": args.lr,
+                         "quantizer_lr_scale": "" if args.quantizer_lr_scale is None else args.quantizer_lr_scale,
                          "steps": args.steps, "batch": args.batch, "simulation": args.simulation,
                          "sparsity_weight": "" if args.sparsity_weight is None else args.sparsity_weight,
                          "ptq/acc": ptq_accuracy, "qat/acc": qat_accuracy,
@@ -191,9 +215,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         shown.append(rows[key])
     print(f"\n**CIMQ QAT from CIMQ PTQ, ResNet-20 W4A4 on 128x128 arrays** (tested on the 1,000 cifar10_lossless test "
           f"images); {machine()}\n")
-    print(markdown_table(shown, ["adc_bits", "train", "lr", "sparsity_weight", "steps", "batch", "ptq/acc", "qat/acc",
+    print(markdown_table(shown, ["adc_bits", "train", "objective", "lr", "quantizer_lr_scale", "sparsity_weight", "steps", "batch", "ptq/acc", "qat/acc",
                                  "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds"],
-                         ["ADC bits", "QAT train images", "lr", "sparsity lambda", "steps", "batch", "PTQ acc",
+                         ["ADC bits", "QAT train images", "QAT loss", "lr", "quantizer lr x", "sparsity lambda", "steps", "batch", "PTQ acc",
                           "QAT acc", "PTQ fit s", "QAT fit s", "s/step"]))
     lines = targets(shown)
     if lines and not quick:

@@ -407,7 +407,7 @@ def base_parser(description: str, models: bool = False):
 
 SMOKE_ARGS = (
     "--data.init_args.eval_batch_size", "50",
-    "--data.init_args.calibration_size", "64",
+    "--data.init_args.calibration_size", "32",
     "--data.init_args.num_workers", "0",
     "--trainer.limit_test_batches", "2",
     "--trainer.limit_val_batches", "0",  # the fit's validation would read the whole split

@@ -1,0 +1,40 @@
+"""The convolution-work benchmark: its sparse weight gradient equals the per-cycle one, and its smoke table."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import conv_work  # noqa: E402
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_codes_plus_sparse_correction_is_the_per_cycle_weight_gradient(stride):
+    """sum_j conv_wgrad(d_j, w_j g (not clipped_j)) == conv_wgrad(codes, g) - correction, in float64."""
+    torch.manual_seed(0)
+    cycles, n, c, k, size = 4, 3, 5, 6, 7
+    digits = (torch.rand(cycles, n, c, size, size) < 0.4).double()
+    weight = torch.randint(-7, 8, (k, c, 3, 3)).double()
+    out_size = (size - 1) // stride + 1
+    grad_u = torch.randn(n, k, out_size, out_size, dtype=torch.float64)
+    clipped = torch.rand(cycles, n, k, out_size, out_size) < 0.2
+    reference = sum(conv_work._wgrad(torch.where(clipped[j], 0.0, grad_u * w), digits[j], weight, stride, 1)
+                    for j, w in enumerate(conv_work.CYCLE_WEIGHTS))
+    got = conv_work.sparse_weight_gradient(digits, grad_u, clipped, weight, stride)
+    assert clipped.any() and torch.allclose(got, reference, rtol=0, atol=1e-10)
+
+
+def test_conv_work_smoke_prints_both_layouts(capsys):
+    rows = conv_work.main(["--smoke"])
+    assert [(r["shape"], r["layout"]) for r in rows] == [
+        ("14->16, g1, s1, 32x32", "channels_last"), ("14->16, g1, s1, 32x32", "nchw"),
+        ("2->16, g1, s1, 32x32", "channels_last"), ("2->16, g1, s1, 32x32", "nchw")]
+    assert all(r["forward_ms"] > 0 and r["wgrad_gflops"] > 0 for r in rows)
+    assert all("sparse_wgrad_ms" in r for r in rows if r["layout"] == "channels_last")
+    assert "torch.mm 256^2" in capsys.readouterr().out
