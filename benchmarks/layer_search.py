@@ -29,7 +29,7 @@ from typing import Optional
 
 import yaml
 
-from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, ResultStore, Setting, base_parser,
+from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, SMOKE_ARGS, ResultStore, Setting, base_parser,
                     derived_config, machine, markdown_table, measure, prepare)
 
 UNIFORM_ADC = (3, 4, 5, 6)
@@ -41,8 +41,7 @@ LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "sear
           "saving": "searched at 80% of uniform ADC 5's energy"}
 COLUMNS = ("key", "point", "adc_bits", "iters", "search_images", *METRICS, "fit_seconds", "test_seconds",
            "search_seconds", "predicted_energy_uj", "assignment", "config")
-QUICK_ARGS = ("--data.init_args.calibration_size", "64", "--data.init_args.eval_batch_size", "50",
-              "--data.init_args.num_workers", "0", "--trainer.limit_test_batches", "2")
+QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
 
 def _metric_suffix(metric: str, candidates: tuple = UNIFORM_ADC, saving: float = SAVING, kind: str = "") -> str:

@@ -1,8 +1,9 @@
 """Callback: quantization-aware training as an ordinary ``trainer.fit`` (SPEC 4.4, last sentence).
 
 The module's task objective (`~cimq_pl.objectives.TaskObjective`: cross-entropy plus the bit-sparsity
-regularizer, its ``quantizer_lr_scale``) trains the network weights together with the learned step sizes and ADC
-clips; this callback gives them their start: the FP weights calibrated at ``on_fit_start``, or a PTQ checkpoint
+regularizer, its ``quantizer_lr_scale``; or `~cimq_pl.objectives.DistillationObjective`, the same training towards
+the float network's logits) trains the network weights together with the learned step sizes and ADC clips; this
+callback gives them their start: the FP weights calibrated at ``on_fit_start``, or a PTQ checkpoint
 (``init_from``; its AdaRound decisions are baked into the weights).
 """
 
@@ -27,7 +28,8 @@ __all__ = ["QuantizationAwareTraining"]
 
 
 class QuantizationAwareTraining(Callback):
-    """Fine-tune the CIM model with the task loss (the module's `TaskObjective`, its default objective).
+    """Fine-tune the CIM model with the task loss (the module's `TaskObjective`, its default objective, or a subclass
+    such as `DistillationObjective`).
 
     Learning rate, momentum and weight decay are the module's (``model.lr`` ...); the schedule is a cosine
     over the whole fit; the quantizers' learning-rate multiplier is the objective's

@@ -143,7 +143,7 @@ def conventional_checkpoint(tmp_path_factory):
     try:
         wandb.finish()
         fit = CIMQCLI(args=["fit", *BASE, *CONVENTIONAL, "--data.init_args.calibration_size", "32",
-                            "--trainer.default_root_dir", str(folder)])
+                            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(folder)])
         path = next(cb.checkpoint_path for cb in fit.trainer.callbacks if hasattr(cb, "checkpoint_path"))
         test = CIMQCLI(args=["test", *BASE, *CONVENTIONAL, "--ckpt_path", str(path),
                              "--trainer.default_root_dir", str(folder)])

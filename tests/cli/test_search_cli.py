@@ -34,7 +34,7 @@ def test_search_writes_an_assignment_fit_uses_and_checkpoints_remember(tmp_path,
                                                                                  "fc": {"adc_bits": 3}}}}
 
     with_yaml = [*BASE, *CONVENTIONAL, "--config", str(overrides), *TINY, "--trainer.default_root_dir", str(tmp_path)]
-    fit = CIMQCLI(args=["fit", *with_yaml])
+    fit = CIMQCLI(args=["fit", *with_yaml, "--trainer.limit_val_batches", "0"])  # no validation pass over the split
     layers = dict(fit.model.model.named_modules())
     assert (layers["fc"].spec.adc_bits, layers["layer3.2.conv1"].spec.adc_bits) == (3, 4)
     path = next(cb.checkpoint_path for cb in fit.trainer.callbacks if hasattr(cb, "checkpoint_path"))
