@@ -15,7 +15,7 @@ is one image batch instead of four, and whose correction is a gather over the cl
 PyTorch operators; the compiled path uses the split only where the ADC is ideal and nothing clips, README).
 
     python benchmarks/conv_work.py                 # ~1 min on 2 cores
-    python benchmarks/conv_work.py --clip 0.015    # fraction of partial sums the ADC clips (measured: 1.1-1.8%)
+    python benchmarks/conv_work.py --clip 0.015    # fraction of partial sums the ADC clips (1.1-1.8% seen in a PTQ fit)
 """
 
 from __future__ import annotations
@@ -50,9 +50,20 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / _ms(lambda: a @ b, repeats) / 1e6
 
 
-def _wgrad(grad, digits, weight, stride: int, groups: int):
+def _conv_backward(grad, digits, weight, stride: int, groups: int, which: int):
+    """One gradient of a padding-1 convolution: ``which`` 0 = input, 1 = weight."""
     args = (None, [stride, stride], [1, 1], [1, 1], False, [0, 0], groups)
-    return torch.ops.aten.convolution_backward(grad, digits, weight, *args, [False, True, False])[1]
+    return torch.ops.aten.convolution_backward(grad, digits, weight, *args, [which == 0, which == 1, False])[which]
+
+
+def _wgrad(grad, digits, weight, stride: int, groups: int):
+    return _conv_backward(grad, digits, weight, stride, groups, 1)
+
+
+def cycle_codes(digits: torch.Tensor) -> torch.Tensor:
+    """The codes ``sum_j w_j d_j`` of per-cycle digits (n_cycles, N, C, H, W)."""
+    weights = torch.tensor(CYCLE_WEIGHTS[: digits.shape[0]], dtype=digits.dtype)
+    return (digits * weights.view(-1, 1, 1, 1, 1)).sum(0)
 
 
 def sparse_weight_gradient(digits, grad_u, clipped, weight, stride: int = 1):
@@ -68,8 +79,7 @@ def sparse_weight_gradient(digits, grad_u, clipped, weight, stride: int = 1):
     n_cycles, n, c, h, w = digits.shape
     k, h_out, w_out = grad_u.shape[1], grad_u.shape[2], grad_u.shape[3]
     cycle_w = torch.tensor(CYCLE_WEIGHTS[:n_cycles], dtype=digits.dtype)
-    codes = (digits * cycle_w.view(-1, 1, 1, 1, 1)).sum(0)
-    dense = _wgrad(grad_u, codes, weight, stride, 1)
+    dense = _wgrad(grad_u, cycle_codes(digits), weight, stride, 1)
     index = clipped.permute(0, 1, 3, 4, 2).reshape(-1).nonzero().squeeze(1)  # (cycle, image, y, x, column)
     column = index % k
     rest = index // k
@@ -101,11 +111,9 @@ def shape_rows(batch: int, repeats: int, clip: float, shapes=SHAPES) -> list[dic
             out = F.conv2d(digits, weight, None, stride, 1, 1, groups)
             grad = torch.randn_like(out).contiguous(memory_format=fmt)
             flops = 2 * out.numel() * (cin // groups) * 9  # one multiply-add per weight per output
-            args = (None, [stride, stride], [1, 1], [1, 1], False, [0, 0], groups)
             forward = _ms(lambda: F.conv2d(digits, weight, None, stride, 1, 1, groups), repeats)
             weight_grad = _ms(lambda: _wgrad(grad, digits, weight, stride, groups), repeats)
-            input_grad = _ms(lambda: torch.ops.aten.convolution_backward(
-                grad[:batch], digits[:batch], weight, *args, [True, False, False]), repeats)
+            input_grad = _ms(lambda: _conv_backward(grad[:batch], digits[:batch], weight, stride, groups, 0), repeats)
             row = {"shape": f"{cin}->{cout}, g{groups}, s{stride}, {size}x{size}", "layout": layout,
                    "forward_ms": round(forward, 2), "forward_gflops": round(flops / forward / 1e6, 1),
                    "wgrad_ms": round(weight_grad, 2), "wgrad_gflops": round(flops / weight_grad / 1e6, 1),
@@ -114,7 +122,7 @@ def shape_rows(batch: int, repeats: int, clip: float, shapes=SHAPES) -> list[dic
                 stacked = digits.view(len(CYCLE_WEIGHTS), batch, cin, size, size)
                 grad_u = torch.randn(batch, *out.shape[1:])
                 clipped = torch.rand(len(CYCLE_WEIGHTS), *grad_u.shape) < clip
-                codes = (stacked * torch.tensor(CYCLE_WEIGHTS).view(-1, 1, 1, 1, 1)).sum(0).contiguous(memory_format=fmt)
+                codes = cycle_codes(stacked).contiguous(memory_format=fmt)
                 row["codes_wgrad_ms"] = round(_ms(lambda: _wgrad(grad_u, codes, weight, stride, 1), repeats), 2)
                 row["sparse_wgrad_ms"] = round(_ms(lambda: sparse_weight_gradient(stacked, grad_u, clipped, weight,
                                                                                  stride), max(1, repeats // 4)), 2)

@@ -172,13 +172,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--objective", choices=("task", "distill"), default="task",
                         help="QAT loss: task (cross-entropy, cimq_qat.yaml's) or distill (KL to the float network's "
                              "logits, DistillationObjective)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (1.0)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="distillation temperature (1.0; with --objective distill only)")
     parser.add_argument("--quantizer-lr-scale", type=float, default=None,
                         help="learning-rate multiplier of the quantizer parameters (step sizes, ADC clips; default: "
                              "the objective's, 1.0)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
     args = parser.parse_args(argv)
+    if args.temperature is not None and args.objective != "distill":
+        parser.error(f"--temperature={args.temperature:g} needs --objective distill (the task loss has no temperature)")
+    if args.temperature is None:
+        args.temperature = 1.0
     quick = args.quick or args.smoke
     args.smoke = False
     prepare(args)
@@ -215,10 +220,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         shown.append(rows[key])
     print(f"\n**CIMQ QAT from CIMQ PTQ, ResNet-20 W4A4 on 128x128 arrays** (tested on the 1,000 cifar10_lossless test "
           f"images); {machine()}\n")
-    print(markdown_table(shown, ["adc_bits", "train", "objective", "lr", "quantizer_lr_scale", "sparsity_weight", "steps", "batch", "ptq/acc", "qat/acc",
-                                 "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds"],
-                         ["ADC bits", "QAT train images", "QAT loss", "lr", "quantizer lr x", "sparsity lambda", "steps", "batch", "PTQ acc",
-                          "QAT acc", "PTQ fit s", "QAT fit s", "s/step"]))
+    print(markdown_table(shown, ["adc_bits", "train", "objective", "lr", "quantizer_lr_scale", "sparsity_weight", "steps",
+                                 "batch", "ptq/acc", "qat/acc", "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds"],
+                         ["ADC bits", "QAT train images", "QAT loss", "lr", "quantizer lr x", "sparsity lambda", "steps",
+                          "batch", "PTQ acc", "QAT acc", "PTQ fit s", "QAT fit s", "s/step"]))
     lines = targets(shown)
     if lines and not quick:
         print("\n" + markdown_table(lines, ["target", "measured", "met"]))

@@ -3,7 +3,8 @@
 An objective owns one training recipe: its ``training_step(module, batch, batch_idx)`` returns the loss and
 its ``configure_optimizers(module)`` the optimizers; it may bring its own train loader. The module holds exactly
 one (``model.objective`` in YAML): :class:`TaskObjective` (cross-entropy: plain fine-tuning or QAT, the default),
-:class:`DistillationObjective` (QAT that follows the float network's logits) or :class:`BlockReconstruction` (PTQ, with the `PostTrainingQuantization` callback).
+:class:`DistillationObjective` (QAT that follows the float network's logits) or :class:`BlockReconstruction` (PTQ,
+with the `PostTrainingQuantization` callback).
 """
 
 from cimq_pl.objectives.base import Objective, quantizer_parameters, sparsity_penalty

@@ -69,6 +69,8 @@ def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(o
     import low_adc_qat
 
     args = ["--quick", "--adc-bits", "3", "--out-dir", str(out), "--work-dir", str(out / "work")]
+    with pytest.raises(SystemExit):  # a temperature without distillation is refused, not ignored
+        low_adc_qat.main([*args, "--temperature", "2"])
     row = low_adc_qat.main(args)[0]
     assert (int(row["adc_bits"]), int(row["steps"]), row["train"]) == (3, 2, "lossless")
     assert 0.2 < row["ptq/acc"] <= 1  # ADC 3 after calibration and 1 step per unit: far above chance (10%)
