@@ -44,10 +44,13 @@ COLUMNS = ("key", "point", "adc_bits", "iters", "search_images", *METRICS, "fit_
 QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
 
-def _metric_suffix(metric: str, candidates: tuple = UNIFORM_ADC, saving: float = SAVING, kind: str = "") -> str:
-    """Row keys and folders of a search with another metric than the default Fisher one, other candidates or
-    another saving budget carry them."""
+def _metric_suffix(metric: str, candidates: tuple = UNIFORM_ADC, saving: float = SAVING, kind: str = "",
+                   from_ptq: Optional[int] = None) -> str:
+    """Row keys and folders of a search with another metric than the default Fisher one, other candidates,
+    another saving budget or a start from a PTQ network carry them."""
     suffix = "" if metric == "fisher" else f"-{metric}"
+    if from_ptq is not None:
+        suffix += f"-from-adc{from_ptq}"
     if tuple(candidates) != UNIFORM_ADC:
         suffix += "-adc" + "".join(map(str, candidates))
     if kind == "saving" and saving != SAVING:
@@ -56,11 +59,11 @@ def _metric_suffix(metric: str, candidates: tuple = UNIFORM_ADC, saving: float =
 
 
 def searched_key(kind: str, iters: int, images: int, metric: str = "fisher", candidates: tuple = UNIFORM_ADC,
-                 saving: float = SAVING) -> str:
+                 saving: float = SAVING, from_ptq: Optional[int] = None) -> str:
     """Row key of a searched assignment; it names the CIMQ preset's version (`runner.ROW_KEY_NAMES`), as the uniform
     rows' keys do, so that a changed preset measures again."""
     return (f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}"
-            f"{_metric_suffix(metric, candidates, saving, kind)}")
+            f"{_metric_suffix(metric, candidates, saving, kind, from_ptq)}")
 
 
 def _uniform(adc: int, iters: int) -> Setting:
@@ -68,27 +71,31 @@ def _uniform(adc: int, iters: int) -> Setting:
 
 
 def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher",
-               candidates: tuple = UNIFORM_ADC, saving: float = SAVING) -> dict:
+               candidates: tuple = UNIFORM_ADC, saving: float = SAVING, init_from: Optional[Path] = None,
+               from_ptq: Optional[int] = None) -> dict:
     """One ``python -m cimq_pl search`` (in process) on the CIMQ config at budget ``kind``, every searched layer
-    choosing among the ADC resolutions ``candidates``; returns the written ``cim_overrides.yaml``, the wall time,
-    the predicted energy and the assignment."""
+    choosing among the ADC resolutions ``candidates``, from the PTQ checkpoint ``init_from`` of uniform ADC
+    ``from_ptq`` when given; returns the written ``cim_overrides.yaml``, the wall time, the predicted energy and
+    the assignment."""
     import sys
 
     import wandb
 
     from cimq_pl.cli import CIMQCLI
 
-    setting = _uniform(4, iters)
+    setting = _uniform(4 if from_ptq is None else from_ptq, iters)  # a checkpoint must match its config
     derived = work_dir / f"{setting.key}.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(derived_config(setting), sort_keys=False))
     flag, value = BUDGETS[kind]
     value = value.format(saving=saving)
-    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric, candidates, saving, kind)}"
+    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric, candidates, saving, kind, from_ptq)}"
     args = ["search", "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
             "--data.init_args.root", str(LOSSLESS), "--trainer.enable_progress_bar", "false",
             "--candidates", "{adc_bits: [" + ", ".join(map(str, candidates)) + "]}", f"--{flag}", value,
             "--images", str(images), "--metric", metric, "--verify", "false", "--output_dir", str(output), *extra]
+    if init_from is not None:
+        args += ["--init_from", str(init_from)]
     if "--data.init_args.calibration_size" not in extra:
         args += ["--data.init_args.calibration_size", str(max(images, 1024))]
     wandb.finish()
@@ -159,10 +166,13 @@ def targets(rows: dict, iters: int, images: int) -> list[dict]:
     return lines
 
 
-def label(kind: str, metric: str = "fisher", candidates: tuple = UNIFORM_ADC, saving: float = SAVING) -> str:
+def label(kind: str, metric: str = "fisher", candidates: tuple = UNIFORM_ADC, saving: float = SAVING,
+          from_ptq: Optional[int] = None) -> str:
     """How a search is named in the tables: its budget, then what differs from the defaults."""
     text = LABELS[kind] if kind != "saving" else f"searched at {100 * saving:g}% of uniform ADC 5's energy"
     notes = [metric] if metric != "fisher" else []
+    if from_ptq is not None:
+        notes.append(f"from the ADC-{from_ptq} PTQ network")
     if tuple(candidates) != UNIFORM_ADC:
         notes.append("ADC " + "/".join(map(str, candidates)))
     return text + (f" ({', '.join(notes)})" if notes else "")
@@ -209,6 +219,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="ADC resolutions each searched layer may take (default 3,4,5,6)")
     parser.add_argument("--saving", type=float, default=SAVING,
                         help="the saving search's energy budget as a fraction of uniform ADC 5's predicted energy (0.8)")
+    parser.add_argument("--from-ptq", type=int, default=None, metavar="ADC_BITS",
+                        help="search from the PTQ network of this uniform ADC resolution (search --init_from; its "
+                             "checkpoint is low_adc_qat.py's, fitted once and reused) instead of the calibrated one")
     args = parser.parse_args(argv)
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
@@ -240,12 +253,20 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                              "adc_bits": adc, "iters": iters, "config": found.get("config", "")}
         _write(path, rows)
     for kind in kinds:
-        key = searched_key(kind, iters, images, args.metric, candidates, args.saving)
+        key = searched_key(kind, iters, images, args.metric, candidates, args.saving, args.from_ptq)
         if key in rows:
             continue
-        point = label(kind, args.metric, candidates, args.saving)
+        point = label(kind, args.metric, candidates, args.saving, args.from_ptq)
+        init_from = None
+        if args.from_ptq is not None:
+            from low_adc_qat import ptq
+
+            checkpoints = args.work_dir / "low_adc_qat"
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            init_from = ptq(args.from_ptq, iters, checkpoints, extra)[0]
         print(f"[bench] search: {point} ({images} calibration images)", flush=True)
-        found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving)
+        found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving, init_from,
+                           args.from_ptq)
         print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
         print(f"[bench] {point}: CIMQ PTQ, {iters} steps per unit", flush=True)
         measured = measure(_uniform(4, iters), args.work_dir, extra_args=[*extra, "--config", str(found["overrides"])])

@@ -219,7 +219,8 @@ class CIMQTrainer(pl.Trainer):
 
         The run's config files say what is searched from: the model on its macro (``model.cim`` and its
         ``model.cim_overrides``), the data and the technique callbacks, applied as at ``setup`` (PTQ/QAT callbacks
-        are not run: the search is calibration only). On the first ``search.images`` images of the calibration
+        are not run: the search is calibration only, or
+        starts from the PTQ checkpoint ``search.init_from``). On the first ``search.images`` images of the calibration
         subset it measures, for every layer and candidate setting, the loss that setting of that layer alone adds
         (by default its Fisher-weighted output noise) and that layer's energy (`cimq_pl.search`), solves the
         budget exactly on the additive model's Pareto front, and (``search.verify``) calibrates and measures the chosen assignment
@@ -266,9 +267,15 @@ class CIMQTrainer(pl.Trainer):
         device = model.device
         batches = images.to(device).split(search.batch_size)
         test = first_images(datamodule.test_dataloader(), search.test_images, device) if search.test_images else None
+        reconstructed = None
+        if search.init_from is not None:  # the PTQ network's values, loaded by the bench after its calibration
+            from cimq_pl.callbacks.qat import reconstructed_state
+
+            reconstructed = reconstructed_state(model, search.init_from, "search.init_from")
+        start = f"from {search.init_from}" if search.init_from is not None else "calibration only"
         title = (f"[cimq] per-layer precision search of {describe_macro(model.hparams['name'], model.cim, model.cim_overrides)}, "
                  f"{', '.join(type(callback).__name__ for callback in techniques) or 'conventional quantizers'}, "
-                 f"calibration only ({len(images)} train images)")
+                 f"{start} ({len(images)} train images)")
         bar = {}
 
         def on_start(total: int) -> None:
@@ -285,7 +292,7 @@ class CIMQTrainer(pl.Trainer):
         try:
             result = search_precision(
                 model.model, batches, search, table, labels.to(device).split(search.batch_size), test,
-                model.cim_overrides, getattr(datamodule, "seed", 0), progress, on_start,
+                model.cim_overrides, getattr(datamodule, "seed", 0), progress, on_start, reconstructed,
             )
         finally:
             if "tqdm" in bar:

@@ -75,27 +75,41 @@ class QuantizationAwareTraining(Callback):
 
 
 @torch.no_grad()
-def load_ptq_checkpoint_(pl_module: LightningModule, path: str) -> None:
+def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT init_from") -> None:
     """Load a PTQ checkpoint into ``pl_module``, baking its hard AdaRound decisions into the weights
-    (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes.
+    (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes. ``who`` names the setting
+    in errors.
 
     Raises:
         ConfigError: the checkpoint cannot be read, was written for another macro or other per-layer overrides
             (``checkpoint["cimq"]``), or does not fit the module.
     """
-    checkpoint = read_checkpoint(path, "QAT init_from")
+    checkpoint = read_checkpoint(path, who)
     if isinstance(checkpoint.get(RECORD_KEY), dict):  # the macro and its per-layer overrides must be the run's
         model_config = {key: pl_module.hparams.get(key) for key in ("name", "num_classes", "cim", "cim_overrides")}
-        check_config_agrees(checkpoint, model_config, None, path, "QAT init_from")
+        check_config_agrees(checkpoint, model_config, None, path, who)
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):  # not a Lightning checkpoint: the network's own keys, as read_state_dict gives
-        state = {f"model.{key}": value for key, value in read_state_dict(path, "QAT init_from").items()}
+        state = {f"model.{key}": value for key, value in read_state_dict(path, who).items()}
     logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
     rest = {k: v for k, v in state.items() if k not in logits}
-    check_state_dict_fits(pl_module.state_dict(), rest, f"QAT init_from {path!r}", "the model",
+    check_state_dict_fits(pl_module.state_dict(), rest, f"{who} {path!r}", "the model",
                           " (it must be a PTQ checkpoint of the same model and model.cim)")
     pl_module.load_state_dict(rest, strict=True)
     for name, layer in cim_layers(pl_module.model):
         key = f"model.{name}.weight_quantizer.rounding_logits"
         if key in logits and layer.weight_quantizer is not None:
             layer.weight_quantizer.bake_rounding_(layer._weight4d(), logits[key])  # a view: linear layers too
+
+
+@torch.no_grad()
+def reconstructed_state(pl_module: LightningModule, path: str, who: str) -> dict:
+    """The network's (``pl_module.model``'s) state dict as the PTQ checkpoint ``path`` leaves it
+    (`load_ptq_checkpoint_`: AdaRound decisions baked into the weights); ``pl_module`` itself is left as it was."""
+    import copy
+
+    saved = copy.deepcopy(pl_module.state_dict())
+    load_ptq_checkpoint_(pl_module, path, who)
+    state = copy.deepcopy(pl_module.model.state_dict())
+    pl_module.load_state_dict(saved)
+    return state

@@ -158,11 +158,16 @@ class SearchBench:
         input_trials: also cache the inputs of calibration pass 1 (trials that change ``input_bits`` need them).
         seed: seeds every calibration (percentile observers subsample at random), so every setting is calibrated
             alike.
+        reconstructed: a state dict of ``model`` after PTQ (AdaRound decisions baked into the weights), loaded after
+            the calibration and the float pass: the configured network is then the reconstructed one, and a trial
+            keeps every learned quantizer its change does not concern, an ADC's learned clip range included (the
+            same alpha0 and theta at the new resolution); needs ``replay``.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], metric: str = "fisher",
                  table: Optional[EnergyTable] = None, labels: Optional[Sequence[torch.Tensor]] = None,
-                 replay: bool = True, input_trials: bool = True, seed: int = 0) -> None:
+                 replay: bool = True, input_trials: bool = True, seed: int = 0,
+                 reconstructed: Optional[dict] = None) -> None:
         if not cim_layers(model):
             raise ValueError("the model has no CIM layer: convert it with convert_to_cim first")
         if metric not in ("fisher", "kl", "mse"):
@@ -176,10 +181,16 @@ class SearchBench:
         self._cursor = _Cursor()
         self._calibration_inputs: dict = {}
         self._rng_states: dict = {}
+        if reconstructed is not None and not replay:
+            raise ValueError("a bench on a reconstructed network needs replay=True (its trials read the cached "
+                             "calibration inputs)")
+        self.keeps_learned = reconstructed is not None
         with eval_mode(model):
             self.calibrate(model, cache=((1, 2) if input_trials else (2,)) if replay else (), record=True)
             with self._quantizers_off(model):
                 self.teacher = self._logits(model)
+            if reconstructed is not None:  # the calibration's draws and inputs are recorded; now PTQ's values
+                model.load_state_dict(reconstructed)
             self.reference = self._reference_pass(replay, cache_outputs=metric != "fisher")  # fisher runs no network
         self.replay = replay and self._order is not None and bool(self._calibration_inputs)
         if not self.replay:
@@ -245,12 +256,19 @@ class SearchBench:
 
     def network_with(self, specs: dict) -> nn.Module:
         """A deep copy of the network with the layers of ``specs`` (name -> `CIMSpec`) rebuilt on their new spec,
-        calibrated as a whole on the bench's images (as PTQ's calibration would)."""
+        calibrated as a whole on the bench's images (as PTQ's calibration would); on a reconstructed network, each
+        rebuilt layer keeps what it learned, as in a trial, and nothing else is calibrated again."""
         network = copy.deepcopy(self.model)
         for name, spec in specs.items():
-            _set_submodule(network, name, rebuild_cim_layer(network.get_submodule(name), spec))
-        with eval_mode(network):
-            self.calibrate(network)
+            old = network.get_submodule(name)
+            new = rebuild_cim_layer(old, spec)
+            if self.keeps_learned:
+                with eval_mode(new):
+                    self._calibrate_layer(name, old, new)
+            _set_submodule(network, name, new)
+        if not self.keeps_learned:
+            with eval_mode(network):
+                self.calibrate(network)
         return network
 
     # ------------------------------------------------------------------ one layer changed
@@ -373,7 +391,8 @@ class SearchBench:
     @torch.no_grad()
     def _calibrate_layer(self, name: str, old: nn.Module, new: nn.Module) -> None:
         """Quantizers of ``new`` (in the network in place of ``old``): copied where its spec change does not concern
-        them, else calibrated as `calibrate_` calibrated the configured network (see the module docstring)."""
+        them, else calibrated as `calibrate_` calibrated the configured network (see the module docstring); on a
+        reconstructed network, an ADC whose input and weight codes stay the same keeps its learned range."""
         same_input = old.spec.input_bits == new.spec.input_bits
         same_weight = (old.spec.weight_bits, old.spec.effective_cell_bits, old.geometry) == \
                       (new.spec.weight_bits, new.spec.effective_cell_bits, new.geometry)
@@ -400,7 +419,10 @@ class SearchBench:
                 iq.finish_observing()
                 if pq is not None:
                     pq.enabled = adc_on
-            if pq is not None and pq.enabled:
+            # a learned ADC range stays where the partial sums keep their units (same input and weight codes)
+            keeps_clip = (self.keeps_learned and same_input and same_weight and pq is not None
+                          and old.psum_quantizer is not None and pq.adopt_calibration_(old.psum_quantizer))
+            if pq is not None and pq.enabled and not keeps_clip:
                 pq.start_observing()
                 self._calibration_pass(name, new, 2)
                 pq.finish_observing()

@@ -107,7 +107,12 @@ class SearchConfig:
             ``sensitivity.csv``, ``front.csv``, ``points.csv`` and ``search.png``.
         replay: cache every CIM layer's activations on the search images (memory: a few activations per layer
             and image, about 0.8 GB for ResNet-20 on 256 images) and replay them instead of recomputing: needed by
-            ``fisher``; with ``kl``/``mse`` the same numbers in about half the time.
+            ``fisher`` and ``init_from``; with ``kl``/``mse`` the same numbers in about half the time.
+        init_from: a PTQ (or QAT) checkpoint of this configuration to search from: every setting is measured on
+            the reconstructed network (its AdaRound decisions baked into the weights, its learned input steps and
+            ADC clips) instead of the calibrated one, so that what reconstruction repairs is seen. A trial of
+            another ADC resolution keeps the layer's learned clip range (alpha0 x exp(theta)) at the new resolution;
+            a quantizer whose bits change is calibrated as without it. None: calibration only.
     """
 
     candidates: dict[str, list[Optional[int]]] = field(default_factory=_default_candidates)
@@ -122,6 +127,7 @@ class SearchConfig:
     energy_table: Optional[str] = None
     output_dir: str = "search"
     replay: bool = True
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, dict) or not self.candidates:
@@ -152,6 +158,9 @@ class SearchConfig:
         if self.metric == "fisher" and not self.replay:
             raise ConfigError("search.metric='fisher' needs search.replay=true (it reads the cached activations); "
                               "use metric kl or mse without replay")
+        if self.init_from is not None and not self.replay:
+            raise ConfigError(f"search.init_from={self.init_from!r} needs search.replay=true (trials on the "
+                              "reconstructed network read the cached calibration inputs)")
         if self.energy_budget is not None and self.loss_budget is not None:
             raise ConfigError("search.energy_budget and search.loss_budget are both set: give one (the other is "
                               "what the search minimises)")

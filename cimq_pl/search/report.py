@@ -105,7 +105,8 @@ def plot_search(result: SearchResult, path, title: str = "") -> Path:
     axes.set_title("predicted (additive model)", fontsize=9)
     axes.legend(fontsize=6)
     right = figure.add_subplot(1, 2, 2)
-    value, label = _measured_axis(measured)
+    start = result.start
+    value, label = _measured_axis(measured, start)
     uniform = sorted((p for p in measured if p.kind == "uniform"), key=lambda p: p.measured.energy_uj)
     right.plot([p.measured.energy_uj for p in uniform], [value(p) for p in uniform], "--", color=_COLOURS["uniform"],
                linewidth=1, label="uniform settings")
@@ -117,18 +118,18 @@ def plot_search(result: SearchResult, path, title: str = "") -> Path:
             right.annotate(point.label, (point.measured.energy_uj, value(point)), textcoords="offset points",
                            xytext=(4, 4), fontsize=7)
     return finish_figure(figure, right, path, "energy per image (uJ)", label,
-                         "measured: whole networks, calibration only")
+                         f"measured: whole networks, {start}")
 
 
 _COLOURS = {"configured": "k", "uniform": "tab:blue", "searched": "tab:red"}
 _MARKERS = {"configured": "s", "uniform": "o", "searched": "*"}
 
 
-def _measured_axis(points) -> tuple:
+def _measured_axis(points, start: str) -> tuple:
     if all(p.measured.test_accuracy is not None for p in points):
-        return (lambda p: p.measured.test_accuracy), "top-1 accuracy, test images (calibration only)"
+        return (lambda p: p.measured.test_accuracy), f"top-1 accuracy, test images ({start})"
     if all(p.measured.accuracy is not None for p in points):
-        return (lambda p: p.measured.accuracy), "top-1 accuracy, search images (calibration only)"
+        return (lambda p: p.measured.accuracy), f"top-1 accuracy, search images ({start})"
     return (lambda p: p.measured.loss), "loss against the float network"
 
 
@@ -182,7 +183,7 @@ def format_summary(result: SearchResult, title: str = "") -> str:
     unit = "uJ/image" if kind == "energy" else "(objective)"
     lines.append(f"{kind} budget {budget:.6g} {unit} ({description}); objective: "
                  f"{_OBJECTIVE.get(table.metric, table.metric)}; {network}: {_METRIC[network]}; acc: top-1; both on "
-                 f"{table.images} calibration images, calibration only")
+                 f"{table.images} calibration images, {result.start}")
     chosen = table.assignment(result.chosen.choice)
     counts: dict = {}
     for setting in chosen.values():

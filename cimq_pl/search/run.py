@@ -57,6 +57,7 @@ class SearchResult:
             configured overrides of the other layers), the mapping ``cim_overrides.yaml`` holds.
         points: the configured network, the uniform settings and the searched assignment.
         seconds: wall time of the sensitivity trials and of the verification, s.
+        start: what every measurement started from: ``"calibration only"`` or ``"after PTQ"`` (``init_from``).
     """
 
     table: SensitivityTable
@@ -66,6 +67,7 @@ class SearchResult:
     overrides: dict
     points: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    start: str = "calibration only"
 
     @property
     def searched(self) -> MeasuredPoint:
@@ -97,7 +99,8 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
                      table: Optional[EnergyTable] = None, labels: Optional[Sequence[torch.Tensor]] = None,
                      test_batches: Optional[Sequence] = None, configured_overrides: Optional[dict] = None,
                      seed: int = 0, progress: Optional[Callable[[str], None]] = None,
-                     on_start: Optional[Callable[[int], None]] = None) -> SearchResult:
+                     on_start: Optional[Callable[[int], None]] = None,
+                     reconstructed: Optional[dict] = None) -> SearchResult:
     """Search per-layer settings of ``model`` under ``config``'s budget.
 
     Args:
@@ -111,6 +114,8 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
         seed: seeds every calibration.
         progress: called after every trial and verified point with a short description.
         on_start: called once with the number of progress steps to come.
+        reconstructed: ``model``'s state dict after PTQ (``search.init_from``): search from the reconstructed
+            network instead of the calibrated one (`SearchBench`'s argument).
 
     Raises:
         ConfigError: a bad ``search.layers`` pattern, or a budget no assignment meets.
@@ -118,7 +123,7 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
     import time
 
     input_trials = any(setting.get("input_bits", "unset") != "unset" for setting in config.settings())
-    bench = SearchBench(model, batches, config.metric, table, labels, config.replay, input_trials, seed)
+    bench = SearchBench(model, batches, config.metric, table, labels, config.replay, input_trials, seed, reconstructed)
     layers = searched_layers(model, config.layers)
     settings = config.settings()
     kind, value, fraction = config.budget()
@@ -160,5 +165,5 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
     return SearchResult(
         table=sensitivity, front=front, chosen=chosen, budget=(kind, budget, description),
         overrides=_chosen_overrides(model, sensitivity, chosen.choice, configured_overrides), points=points,
-        seconds=seconds,
+        seconds=seconds, start="calibration only" if reconstructed is None else "after PTQ",
     )

@@ -46,6 +46,16 @@ def test_search_writes_an_assignment_fit_uses_and_checkpoints_remember(tmp_path,
                              "gives None: pass the per-layer config the run used")
     test = CIMQCLI(args=["test", *with_yaml, "--ckpt_path", str(path)])
     assert 0 <= test.trainer.callback_metrics["test/acc"].item() <= 1
+
+    # searched again from the fitted network (search.init_from): measured on it, the same answer for this budget
+    again = tmp_path / "again"
+    CIMQCLI(args=["search", *with_yaml, *SEARCH, "--init_from", str(path), "--output_dir", str(again)])
+    assert f"from {path} (8 train images)" in capsys.readouterr().out
+    assert yaml.safe_load((again / "cim_overrides.yaml").read_text()) == yaml.safe_load(overrides.read_text())
+    code, err = _run_main(["search", *BASE, *CONVENTIONAL, *TINY, *SEARCH, "--init_from", str(path), "--output_dir",
+                           str(again)], capsys, monkeypatch)  # the checkpoint's per-layer config is not this run's
+    _assert_clear(code, err, f"search.init_from {str(path)!r} was written for model.cim_overrides['layer3.2.conv2']="
+                             "{'adc_bits': 3} but the config gives None")
     assert os.getcwd() == str(REPO)
 
 
@@ -53,6 +63,7 @@ def test_search_writes_an_assignment_fit_uses_and_checkpoints_remember(tmp_path,
     (["--layers", "[layer9.*]"], "error: search.layers: 'layer9.*' matches no layer; the layers are: conv1, layer1.0.conv1, "),
     (["--energy_budget", "adc_bits=9"], "error: search.energy_budget='adc_bits=9' is not a uniform setting"),
     (["--candidates", "{adc_bits: [3, 99]}"], "error: search.candidates.adc_bits: 99 is invalid"),
+    (["--init_from", "no/such/ptq.ckpt"], "error: search.init_from 'no/such/ptq.ckpt' not found"),
     (["--model.cim_overrides", "{fc: {adc_bits: 99}}"], "error: model.cim_overrides: layer 'fc': CIMSpec.adc_bits=99 is invalid"),
     (["--model.cim_overrides", "{fcc: {adc_bits: 3}}"], "error: model.cim_overrides: 'fcc' matches no layer (did you mean 'fc'?)"),
     (["--model.cim_overrides", "{fc: {adc_bit: 3}}"], "error: model.cim_overrides['fc']: unknown field 'adc_bit' (did you mean 'adc_bits'?)"),

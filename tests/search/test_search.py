@@ -187,3 +187,37 @@ def test_a_trial_of_the_configured_setting_gives_back_the_configured_network_wit
     assert lowered[0].loss == lowered[1].loss and lowered[0].energy_uj == lowered[1].energy_uj
     assert lowered[0].loss > benches[0].reference.loss
     assert {name: layer.spec.adc_bits for name, layer in cim_layers(model)} == {"a": 4, "b": 4, "fc": 6}  # restored
+
+
+def test_a_bench_on_a_reconstructed_network_measures_it_and_keeps_what_it_learned(known):
+    """``search.init_from``: the configured network is the PTQ one; an ADC trial keeps the learned clip range at the
+    new resolution, a trial that changes the partial sums' units calibrates its ADC again."""
+    import copy
+
+    from cimq_pl.search import logit_loss
+
+    model, images, _ = known
+    learned = copy.deepcopy(model)
+    SearchBench(learned, images.split(16))  # calibrated in place
+    with torch.no_grad():  # what reconstruction would have learned: a wider clip of a, a coarser input step of b
+        learned.a.psum_quantizer.theta.add_(0.3)
+        learned.b.input_quantizer.step.mul_(1.5)
+    bench = SearchBench(copy.deepcopy(model), images.split(16), metric="kl", reconstructed=learned.state_dict())
+    with torch.no_grad():
+        logits = torch.cat([learned(batch) for batch in images.split(16)])
+    assert bench.reference.loss == pytest.approx(logit_loss(bench.teacher, logits, "kl"), rel=1e-12, abs=0)
+    assert bench.reference.loss != SearchBench(copy.deepcopy(model), images.split(16), metric="kl").reference.loss
+    assert bench.try_layer("a", model.a.spec).loss == bench.reference.loss  # the configured setting gives it back
+    six = bench.network_with({"a": model.a.spec.replace(adc_bits=6)})
+    assert six.a.spec.adc_bits == 6 and torch.equal(six.a.psum_quantizer.alpha(), learned.a.psum_quantizer.alpha())
+    assert torch.equal(six.b.input_quantizer.step, learned.b.input_quantizer.step)  # not calibrated again
+    assert bench.try_layer("a", model.a.spec.replace(adc_bits=6)).loss < bench.reference.loss  # finer codes, same clip
+    wider = bench.network_with({"a": model.a.spec.replace(input_bits=6)})  # other partial-sum units: a new ADC range
+    assert not torch.equal(wider.a.psum_quantizer.alpha(), learned.a.psum_quantizer.alpha())
+    with pytest.raises(ValueError, match="needs replay=True"):
+        SearchBench(copy.deepcopy(model), images.split(16), metric="kl", replay=False, reconstructed=learned.state_dict())
+
+
+def test_search_init_from_needs_replay():
+    with pytest.raises(ConfigError, match=r"search\.init_from='ptq\.ckpt' needs search\.replay=true"):
+        SearchConfig(metric="kl", replay=False, init_from="ptq.ckpt")
