@@ -13,7 +13,8 @@ fit + test) on the 1,000 ``cifar10_lossless`` test images at each ``--adc-bits``
   column (the preset of the session before the step lever); ``+ AdaRound from GPTQ``;
 * ``preset``: ``cimq_ptq.yaml`` as it is (uniform codes at twice the calibrated input step);
 * the input code sets and density levers: uniform codes, 5-bit codes with k = 2, the sparsity regulariser,
-  the input step x1.5 ... x3, and x2 / x2.5 with the steps frozen at calibration (``lr_step`` 0);
+  the input step x1.5 ... x3, x2 / x2.5 with the steps frozen at calibration (``lr_step`` 0), and x2 with the
+  steps learning against the regulariser at lambda 0.3 and 1 (x30 and x100 of the QAT config's);
 * ``GPTQ rounding, calibration only`` (``--iters 0``): the preset with the weights rounded by GPTQ at calibration
   and nothing reconstructed, to set against the preset at a few AdaRound steps of the same wall time.
 
@@ -59,6 +60,11 @@ LEVER_SETS = {
     # the input steps frozen at calibration (no step learning: reconstruction cannot undo the step lever)
     "uniform codes, input steps x2, frozen": dict(row="cimq", max_ones=0, step_scale=2.0, lr_step=0.0),
     "uniform codes, input steps x2.5, frozen": dict(row="cimq", max_ones=0, step_scale=2.5, lr_step=0.0),
+    # the steps learn, but against the bit-sparsity regulariser: each layer trades its density for its error
+    "uniform codes, input steps x2 + sparsity regulariser x30": dict(row="cimq", max_ones=0, step_scale=2.0,
+                                                                    sparsity_weight=0.3),
+    "uniform codes, input steps x2 + sparsity regulariser x100": dict(row="cimq", max_ones=0, step_scale=2.0,
+                                                                     sparsity_weight=1.0),
     # GPTQ against AdaRound at equal wall time (part 3): the preset with GPTQ's rounding and no reconstruction
     # (run with --iters 0), beside the preset at as many AdaRound steps as take the same time
     "GPTQ rounding, calibration only": dict(row="cimq", weight_rounding="gptq"),

@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
+from cimq_pl.objectives import DistillationObjective
 from runner import (JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, datamodule_on, derived_config,
                     machine, markdown_table, prepare)
 
@@ -31,8 +33,40 @@ TRAIN_ROOTS = {"lossless": LOSSLESS, "jpeg": JPEG}
 COLUMNS = ("key", "adc_bits", "ptq_iters", "train", "objective", "lr", "quantizer_lr_scale", "steps", "batch", "simulation",
            "sparsity_weight", "ptq/acc", "qat/acc",
            "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds")
+OBJECTIVES = {"distill": "cimq_pl.objectives.DistillationObjective",
+              "distill-quantizers": "low_adc_qat.QuantizerOnlyDistillation"}
+KEY_NAMES = {"distill": "distill", "distill-quantizers": "distillq"}  # in the CSV's row keys
 QUICK_ARGS = ["--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0",
               "--data.init_args.eval_batch_size", "50", "--trainer.limit_test_batches", "2"]
+
+
+class QuantizerOnlyDistillation(DistillationObjective):
+    """QAT as one global reconstruction: `DistillationObjective`'s loss, but only the input step sizes and the ADC
+    clips learn, with Adam at the PTQ preset's rates (``cimq_ptq.yaml``: 4e-4 and 1e-2), cosine-decayed over the fit;
+    the weights, biases and weight steps stay as PTQ left them (their gradients are not computed).
+
+    Args:
+        temperature: as `DistillationObjective`.
+        lr_step: Adam's learning rate of the input steps.
+        lr_clip: Adam's learning rate of the ADC clips (theta).
+    """
+
+    def __init__(self, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2):
+        super().__init__(temperature=temperature)
+        self.lr_step, self.lr_clip = lr_step, lr_clip
+
+    def configure_optimizers(self, module):
+        from cimq_pl.objectives import quantizer_parameters
+        from cimq_pl.objectives.task import cosine_over_fit
+
+        learned = quantizer_parameters(module.model)
+        kept = {id(p) for p in learned["step"] + learned["clip"]}
+        for parameter in module.parameters():
+            if id(parameter) not in kept:
+                parameter.requires_grad_(False)
+        optimizer = torch.optim.Adam([{"params": learned["step"], "lr": self.lr_step},
+                                      {"params": learned["clip"], "lr": self.lr_clip}])
+        return cosine_over_fit(optimizer, module.trainer)
 
 
 def _config(row: str, adc_bits: int, iters: Optional[int]) -> dict:
@@ -105,8 +139,8 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
     config = _config("cimq_qat", adc_bits, None)
     config["model"]["lr"] = args.lr
     config["model"]["simulation"] = args.simulation
-    if args.objective == "distill":
-        config["model"]["objective"] = {"class_path": "cimq_pl.objectives.DistillationObjective",
+    if args.objective != "task":
+        config["model"]["objective"] = {"class_path": OBJECTIVES[args.objective],
                                         "init_args": {"temperature": args.temperature}}
     if args.quantizer_lr_scale is not None:
         objective = config["model"].setdefault("objective", {"class_path": "cimq_pl.objectives.TaskObjective"})
@@ -133,8 +167,10 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
 
 
 def objective_name(args) -> str:
-    """The QAT loss as the table shows it: ``task`` (cross-entropy) or ``distill T=<temperature>``."""
-    return "task" if args.objective == "task" else f"distill T={args.temperature:g}"
+    """The QAT loss as the table shows it: ``task`` (cross-entropy) or ``distill T=<temperature>`` (and what learns)."""
+    if args.objective == "task":
+        return "task"
+    return f"distill T={args.temperature:g}" + (", quantizers only" if args.objective == "distill-quantizers" else "")
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -169,19 +205,25 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=128, help="QAT images per step (128)")
     parser.add_argument("--sparsity-weight", type=float, default=None,
                         help="lambda of the bit-sparsity regulariser (default: cimq_qat.yaml's, 0.01)")
-    parser.add_argument("--objective", choices=("task", "distill"), default="task",
-                        help="QAT loss: task (cross-entropy, cimq_qat.yaml's) or distill (KL to the float network's "
-                             "logits, DistillationObjective)")
+    parser.add_argument("--objective", choices=("task", *OBJECTIVES), default="task",
+                        help="QAT loss: task (cross-entropy, cimq_qat.yaml's), distill (KL to the float network's "
+                             "logits, DistillationObjective) or distill-quantizers (the same loss, only the input steps "
+                             "and ADC clips learn, with Adam at the PTQ preset's rates: QuantizerOnlyDistillation; "
+                             "--lr is then unused)")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="distillation temperature (1.0; with --objective distill only)")
+                        help="distillation temperature (1.0; with the distill objectives only)")
     parser.add_argument("--quantizer-lr-scale", type=float, default=None,
                         help="learning-rate multiplier of the quantizer parameters (step sizes, ADC clips; default: "
                              "the objective's, 1.0)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
     args = parser.parse_args(argv)
-    if args.temperature is not None and args.objective != "distill":
-        parser.error(f"--temperature={args.temperature:g} needs --objective distill (the task loss has no temperature)")
+    if args.temperature is not None and args.objective == "task":
+        parser.error(f"--temperature={args.temperature:g} needs --objective distill or distill-quantizers (the task "
+                     "loss has no temperature)")
+    if args.quantizer_lr_scale is not None and args.objective == "distill-quantizers":
+        parser.error("--quantizer-lr-scale does not apply to --objective distill-quantizers (its quantizer parameters "
+                     "learn at the PTQ preset's rates)")
     if args.temperature is None:
         args.temperature = 1.0
     quick = args.quick or args.smoke
@@ -203,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for bits in args.adc_bits:
         key = f"adc{bits}-ptq{args.iters}-{args.train}-lr{args.lr:g}-steps{args.steps}-batch{args.batch}-{args.simulation}" + (
             "" if args.sparsity_weight is None else f"-sparsity{args.sparsity_weight:g}") + (
-            "" if args.objective == "task" else f"-distill{args.temperature:g}") + (
+            "" if args.objective == "task" else f"-{KEY_NAMES[args.objective]}{args.temperature:g}") + (
             "" if args.quantizer_lr_scale is None else f"-qlr{args.quantizer_lr_scale:g}")
         if key not in rows:
             checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra)

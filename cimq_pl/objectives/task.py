@@ -13,7 +13,7 @@ from cimq_pl.quant import iter_quantizers
 from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.seeding import derive_seed, seed_step
 
-__all__ = ["TaskObjective"]
+__all__ = ["TaskObjective", "cosine_over_fit"]
 
 
 class TaskObjective(Objective):
@@ -68,13 +68,17 @@ class TaskObjective(Objective):
         groups = [{"params": weights, "weight_decay": hp.weight_decay}]
         if quantizer:
             groups.append({"params": quantizer, "weight_decay": 0.0, "lr": hp.lr * self.quantizer_lr_scale})
-        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        trainer = module.trainer
+        return cosine_over_fit(torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum), module.trainer)
 
-        def cosine(step: int) -> float:
-            # The length of the fit is read at the first step, not here: asking Lightning for it now would build
-            # the train loader before a checkpoint is restored, and a resumed fit would replay the wrong batches.
-            return 1.0 if step == 0 else 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, trainer.estimated_stepping_batches))))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+def cosine_over_fit(optimizer: torch.optim.Optimizer, trainer) -> dict:
+    """Lightning's optimizer config of ``optimizer`` with its learning rates decayed by a cosine over the whole fit
+    (per step, to 0 at ``trainer.estimated_stepping_batches``)."""
+
+    def cosine(step: int) -> float:
+        # The length of the fit is read at the first step, not here: asking Lightning for it now would build
+        # the train loader before a checkpoint is restored, and a resumed fit would replay the wrong batches.
+        return 1.0 if step == 0 else 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, trainer.estimated_stepping_batches))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -68,13 +68,41 @@ def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_
 def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(out):
     import low_adc_qat
 
-    args = ["--quick", "--adc-bits", "3", "--out-dir", str(out), "--work-dir", str(out / "work")]
+    args = ["--quick", "--adc-bits", "3", "--out-dir", str(out), "--work-dir", str(out / "work"), "--objective",
+            "distill-quantizers"]
     with pytest.raises(SystemExit):  # a temperature without distillation is refused, not ignored
-        low_adc_qat.main([*args, "--temperature", "2"])
+        low_adc_qat.main([*args[:-2], "--temperature", "2"])
+    with pytest.raises(SystemExit):  # so is a quantizer rate the quantizer-only recipe would not use
+        low_adc_qat.main([*args, "--quantizer-lr-scale", "0.1"])
     row = low_adc_qat.main(args)[0]
     assert (int(row["adc_bits"]), int(row["steps"]), row["train"]) == (3, 2, "lossless")
+    assert row["objective"] == "distill T=1, quantizers only"
     assert 0.2 < row["ptq/acc"] <= 1  # ADC 3 after calibration and 1 step per unit: far above chance (10%)
-    assert abs(row["qat/acc"] - row["ptq/acc"]) < 0.1  # two QAT steps at lr 1e-4 from that checkpoint
+    assert abs(row["qat/acc"] - row["ptq/acc"]) < 0.1  # two QAT steps of the steps and clips from that checkpoint
     assert (out / "work" / "low_adc_qat_quick" / "ptq-adc3-iters1.ckpt").is_file()
     again = low_adc_qat.main(args)[0]  # the CSV's row: nothing fitted again
     assert float(again["qat/acc"]) == row["qat/acc"] and len(csv_rows(out / "low_adc_qat_quick.csv")) == 1
+
+
+def test_quantizer_only_distillation_trains_the_input_steps_and_adc_clips_alone():
+    """`low_adc_qat.QuantizerOnlyDistillation`: Adam over the input steps (4e-4) and ADC clips (1e-2); the weights,
+    biases and weight steps get no gradient."""
+    import types
+
+    import low_adc_qat
+    from torch import nn
+
+    from cimq_pl.quant import CIMSpec, QuantizerOptions, convert_to_cim, iter_quantizers
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
+    config = low_adc_qat.QuantizerOnlyDistillation().configure_optimizers(
+        types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None))
+    steps = [q.step for _, role, q in iter_quantizers(model) if role == "input"]
+    clips = [q.theta for _, role, q in iter_quantizers(model) if role == "psum"]
+    groups = config["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == [4e-4, 1e-2] and len(steps) == len(clips) == 2
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in steps]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in clips]
+    learning = {id(p) for p in model.parameters() if p.requires_grad}
+    assert learning == {id(p) for p in steps + clips}  # weights, biases and weight steps frozen
