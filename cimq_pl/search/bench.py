@@ -258,6 +258,9 @@ class SearchBench:
         """A deep copy of the network with the layers of ``specs`` (name -> `CIMSpec`) rebuilt on their new spec,
         calibrated as a whole on the bench's images (as PTQ's calibration would); on a reconstructed network, each
         rebuilt layer keeps what it learned, as in a trial, and nothing else is calibrated again."""
+        if self.keeps_learned and not self.replay:
+            raise ValueError("whole networks from a reconstructed one need the cached calibration inputs, and this "
+                             "network runs a CIM layer more or less than once per forward pass (no replay)")
         network = copy.deepcopy(self.model)
         for name, spec in specs.items():
             old = network.get_submodule(name)
