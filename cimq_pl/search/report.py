@@ -105,8 +105,7 @@ def plot_search(result: SearchResult, path, title: str = "") -> Path:
     axes.set_title("predicted (additive model)", fontsize=9)
     axes.legend(fontsize=6)
     right = figure.add_subplot(1, 2, 2)
-    start = result.start
-    value, label = _measured_axis(measured, start)
+    value, label = _measured_axis(measured, result.start)
     uniform = sorted((p for p in measured if p.kind == "uniform"), key=lambda p: p.measured.energy_uj)
     right.plot([p.measured.energy_uj for p in uniform], [value(p) for p in uniform], "--", color=_COLOURS["uniform"],
                linewidth=1, label="uniform settings")
@@ -118,7 +117,7 @@ def plot_search(result: SearchResult, path, title: str = "") -> Path:
             right.annotate(point.label, (point.measured.energy_uj, value(point)), textcoords="offset points",
                            xytext=(4, 4), fontsize=7)
     return finish_figure(figure, right, path, "energy per image (uJ)", label,
-                         f"measured: whole networks, {start}")
+                         f"measured: whole networks, {result.start}")
 
 
 _COLOURS = {"configured": "k", "uniform": "tab:blue", "searched": "tab:red"}
