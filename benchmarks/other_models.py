@@ -18,7 +18,7 @@
 Writes ``other_models.csv`` and ``other_models.png`` (energy per image beside the baseline's).
 
     python benchmarks/other_models.py            # ~3 min on 2 cores
-    python benchmarks/other_models.py --ptq      # the PTQ row only, ~12 min on 2 cores
+    python benchmarks/other_models.py --ptq      # the PTQ row only, ~14 min on 2 cores
     python benchmarks/other_models.py --smoke [--ptq]
 """
 

@@ -28,7 +28,8 @@ from cimq_pl.models import create_model
 from cimq_pl.models.pretrained import check_state_dict_fits
 from cimq_pl.objectives import Objective, TaskObjective
 from cimq_pl.provenance import RECORD_KEY, check_quantizer_options, quantizer_options, run_record
-from cimq_pl.quant import CIMSpec, DeviceSpec, attach_device_, convert_to_cim, device_mode, fold_batchnorm_, iter_quantizers
+from cimq_pl.quant import (CIMSpec, DeviceSpec, attach_device_, cim_layers, convert_to_cim, device_mode, fold_batchnorm_,
+                           iter_quantizers)
 from cimq_pl.quant.device_model import set_device_mode_
 from cimq_pl.quant.overrides import normalize_overrides
 from cimq_pl.quant.fused import SIMULATIONS, compiled_simulation_available, set_simulation
@@ -40,6 +41,18 @@ __all__ = ["AUTO_COMPILE_MIN_STEPS", "CIMQModule"]
 #: 2 CPU cores (README, "Simulation paths"): compiling ResNet-20 costs about 113 s (29 s from Inductor's disk
 #: cache) and saves about 0.12 s per reconstruction step, so it pays for itself after about 900 steps.
 AUTO_COMPILE_MIN_STEPS = 1000
+
+
+def _eager_only_note(model: torch.nn.Module) -> str:
+    """What a compiled fit runs eagerly all the same: the CIM layers that drop partial sums (QDrop on the ADC
+    inputs has no compiled kernel), or ""."""
+    layers = cim_layers(model)
+    dropping = [name for name, layer in layers if getattr(layer.psum_quantizer, "keep_prob", None) is not None]
+    if not dropping:
+        return ""
+    return (f"; but {len(dropping)} of {len(layers)} CIM layers drop partial sums (QuantDropping targets include "
+            "psums), which has no compiled kernel: they run eagerly (targets: [block_input, activations] compiles "
+            "them, as configs/quant/cimq_ptq.yaml)")
 
 
 class CIMQModule(pl.LightningModule):
@@ -268,7 +281,8 @@ class CIMQModule(pl.LightningModule):
             if self.device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS and compiled_simulation_available():
                 set_simulation(self.model, "compiled")
                 rank_zero_info(f"model.simulation=auto: {steps} training steps, CIM layers compiled "
-                               f"(>= {AUTO_COMPILE_MIN_STEPS}; compilation takes a minute or two)")
+                               f"(>= {AUTO_COMPILE_MIN_STEPS}; compilation takes a minute or two)"
+                               f"{_eager_only_note(self.model)}")
 
     def on_train_end(self) -> None:
         if self._auto_simulation:

@@ -41,3 +41,21 @@ def test_explicit_paths_and_a_bad_value():
     assert _paths(CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(), simulation="compiled")) == {"compiled"}
     with pytest.raises(ConfigError, match=r"model.simulation='jit' is invalid: expected one of \['eager', 'compiled', 'auto'\]"):
         CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(), simulation="jit")
+
+
+@pytest.mark.parametrize("targets, note", [(("block_input", "activations"), False), (("block_input", "activations", "psums"), True)])
+def test_auto_says_when_partial_sum_dropping_keeps_layers_eager(monkeypatch, caplog, targets, note):
+    """QDrop on the ADC inputs has no compiled kernel: a compiled fit says so instead of silently running eagerly."""
+    import logging
+
+    from cimq_pl.quant.techniques import QuantDroppingConfig, quantize_
+
+    monkeypatch.setattr(module_lib, "compiled_simulation_available", lambda: True)
+    module = CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(rows=64, cols=64), simulation="auto")
+    quantize_(module.model, QuantDroppingConfig(keep_prob=0.5, targets=targets))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=AUTO_COMPILE_MIN_STEPS)
+    with caplog.at_level(logging.INFO):
+        module.on_train_start()
+    message = " ".join(record.getMessage() for record in caplog.records if "model.simulation=auto" in record.getMessage())
+    assert "CIM layers compiled" in message
+    assert ("20 of 20 CIM layers drop partial sums" in message) == note

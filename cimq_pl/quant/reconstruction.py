@@ -6,6 +6,8 @@
   residual of a MobileNet, a lone stem conv or classifier). No per-model table.
 * :func:`capture_block_io` runs a model and returns what flows into and out of one unit, stopping the
   forward right after it.
+* :func:`chained_units` tells which units take the previous unit's output unchanged as their input, so that a
+  unit's input can be computed from the previous unit's alone instead of from the whole network before it.
 * :class:`RoundingSchedule` anneals AdaRound's beta (20 -> 2 after a 20% warm-up, as in AdaRound/BRECQ).
 """
 
@@ -22,6 +24,7 @@ __all__ = [
     "RoundingSchedule",
     "capture_block_input",
     "capture_block_io",
+    "chained_units",
     "eval_mode",
     "find_blocks",
     "float_mode",
@@ -107,6 +110,40 @@ def capture_block_io(
 def capture_block_input(model: nn.Module, block: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Run ``model(images)`` up to ``block`` and return the block's input; ``block`` itself does not run."""
     return _run_to_block(model, block, images, through_block=False)[0]
+
+
+@torch.no_grad()
+def chained_units(model: nn.Module, blocks: list[tuple[str, nn.Module]], images: torch.Tensor) -> list[bool]:
+    """For every unit of ``blocks``, whether its input is exactly the previous unit's output in ``model(images)``.
+
+    Entry ``k`` is True when unit ``k``'s first positional input equals (same shape, same values) what unit
+    ``k - 1`` returned, i.e. nothing runs between them (a residual stage's blocks); False for the first unit and
+    wherever something does (an activation or pooling between a stem and the first block, a classifier's pooling).
+    One forward of ``images`` in ``model``'s current mode; a structural property, so a few images suffice.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(store: dict, index: int, tensor) -> None:  # copies: a later in-place op (ReLU) must not change them
+        if index not in store and isinstance(tensor, torch.Tensor):
+            store[index] = tensor.detach().clone()
+
+    handles = []  # the hooks return None: a returned value would replace the block's input or output
+    for index, (_, block) in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda _m, args, i=index: keep(inputs, i, args[0])))
+        handles.append(block.register_forward_hook(lambda _m, _args, output, i=index: keep(outputs, i, output)))
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def chained(index: int) -> bool:
+        before, now = outputs.get(index - 1), inputs.get(index)
+        return index > 0 and before is not None and now is not None and before.shape == now.shape and torch.equal(
+            before, now)
+
+    return [chained(index) for index in range(len(blocks))]
 
 
 @dataclass(frozen=True)

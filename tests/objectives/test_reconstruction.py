@@ -52,3 +52,63 @@ def test_with_train_loader_delegates_everything_but_the_train_loader():
     assert wrapped.seed == 7 and wrapped.hparams is data.hparams
     wrapped.trainer = "trainer"
     assert data.trainer == "trainer"
+
+
+def _resnet20_preset(images: torch.Tensor):
+    """ResNet-20 (BN folded) on 128x128 arrays with the PTQ preset's quantizers, calibrated on ``images``."""
+    import timm
+
+    import cimq_pl  # noqa: F401  (registers the CIFAR ResNets)
+    from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, convert_to_cim
+    from cimq_pl.quant.fold import fold_batchnorm_
+    from cimq_pl.quant.techniques import (ArraywiseWeightConfig, BitSparseActivationConfig,
+                                          PartialSumClippingConfig, QuantDroppingConfig, quantize_)
+
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20").eval()
+    fold_batchnorm_(model)
+    convert_to_cim(model, CIMSpec(first_layer="int8", last_layer="int8"),
+                   options=QuantizerOptions(weight_rounding="adaround"))
+    for config in (BitSparseActivationConfig(max_ones=None, step_scale=2.0), ArraywiseWeightConfig(),
+                   PartialSumClippingConfig(), QuantDroppingConfig()):
+        quantize_(model, config)
+    calibrate_(model, [images])
+    return model
+
+
+def test_a_unit_fed_by_the_previous_one_is_cached_from_its_cache_bit_for_bit():
+    """Units of a residual stage take their inputs from the previous unit's cache (the finished unit run once)
+    instead of from the images through the network: the same (x_fp, y_fp, x_q) bit for bit, so a resumed fit,
+    which caches from the images, repeats an uninterrupted one; units after a stem activation or before a
+    pooling are cached from the images."""
+    from cimq_pl.quant import iter_quantizers
+    from cimq_pl.quant.layers import _CIMLayerBase
+    from cimq_pl.quant.reconstruction import chained_units, eval_mode, find_blocks
+
+    torch.manual_seed(3)
+    images = torch.rand(40, 3, 32, 32)
+    model = _resnet20_preset(images)
+    blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
+    assert [name for name, _ in blocks][:3] == ["conv1", "layer1.0", "layer1.1"] and blocks[-1][0] == "fc"
+    with eval_mode(model):
+        assert chained_units(model, blocks, images[:4]) == [False, False] + [True] * 8 + [False]
+
+    incremental, from_images = BlockReconstruction(iters_per_block=2), BlockReconstruction(iters_per_block=2)
+    incremental.attach(blocks)
+    from_images.attach(blocks)
+    for unit in range(4):  # conv1 (from the images), layer1.0 (after the stem's ReLU: from the images), 1.1, 1.2
+        for objective in (incremental, from_images):
+            objective.start_unit(unit)
+        incremental.cache_block_io(model, images, chunk=16)
+        from_images._previous = None  # as after a resume
+        from_images.cache_block_io(model, images, chunk=16)
+        for mine, reference in zip(incremental.cache, from_images.cache):
+            assert mine.shape == reference.shape and torch.equal(mine, reference)
+        _, block = blocks[unit]
+        for *_, quantizer in iter_quantizers(block, ("weight",)):  # "reconstruct" it: other rounding decisions
+            if quantizer.rounding_logits is not None:
+                quantizer.rounding_logits.data.normal_()
+        for objective in (incremental, from_images):
+            objective.finish_unit(unit)
+    assert incremental._chained == [False, False] + [True] * 8 + [False]
+    assert incremental._previous is not None and incremental._previous[0] == 3
