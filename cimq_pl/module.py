@@ -275,7 +275,17 @@ class CIMQModule(pl.LightningModule):
         return self.simulation == "auto" and self.is_cim and not self.is_export
 
     def on_train_start(self) -> None:
-        """``simulation: auto``: compile the CIM layers for a CPU fit long enough to repay the compilation."""
+        """Every quantizer in training mode (QDrop, soft AdaRound, the sparsity penalty); ``simulation: auto``:
+        compile the CIM layers for a CPU fit long enough to repay the compilation.
+
+        Lightning keeps the train/eval flags modules have when a fit starts, and the network is built in eval
+        mode (to fold BN): the quantizers the technique callbacks create are in training mode, but those the
+        conversion made (e.g. the ``int8`` edge layers' inputs) would stay in eval mode and never drop. Only the
+        quantizers are switched, so a BN that could not be folded keeps its running statistics. Validation
+        inside the fit runs in eval mode and restores these flags (Lightning's evaluation loop).
+        """
+        for *_, quantizer in iter_quantizers(self.model):
+            quantizer.train()
         if self._auto_simulation:
             steps = self.trainer.estimated_stepping_batches
             if self.device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS and compiled_simulation_available():

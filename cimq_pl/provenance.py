@@ -207,9 +207,18 @@ def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping
                                   f"the {name} init_args (or use the config the run was made with)")
 
 
+#: `QuantizerOptions` fields that change nothing outside training (QDrop's keep probabilities).
+TRAINING_ONLY_FIELDS = frozenset({"input_keep_prob", "psum_keep_prob"})
+
+
 def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict], where: str) -> None:
     """Refuse a checkpoint whose layers' `QuantizerOptions` differ from the model's (the last safety net:
-    the macro and technique checks at parse time normally catch the cause first)."""
+    the macro and technique checks at parse time normally catch the cause first).
+
+    QDrop's keep probabilities (`TRAINING_ONLY_FIELDS`) are not compared: they act in training mode only, a changed
+    `QuantDropping` is refused by the technique check, and a checkpoint written before ``QuantDropping.int8_layers``
+    records 0.5 for the ``int8`` edge layers, where dropping never happened (their quantizers stayed in eval mode).
+    """
     if not isinstance(record, Mapping) or "quantizer_options" not in record:
         return
     from cimq_pl.quant.options import RENAMED_FIELDS
@@ -222,7 +231,7 @@ def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict],
                 ("the checkpoint", "this run's model")
             raise ConfigError(f"{where}: {holder} has CIM layer {layer!r}, which {other} does not; use the model "
                               "config the run was made with")
-        for field in sorted(saved[layer]):
+        for field in sorted(saved[layer].keys() - TRAINING_ONLY_FIELDS):
             if saved[layer][field] != current[layer].get(field):
                 raise ConfigError(f"{where}: layer {layer!r} was quantized with {field}={saved[layer][field]!r} but "
                                   f"this run builds {current[layer].get(field)!r}; use the technique and PTQ/QAT "

@@ -21,7 +21,7 @@ from cimq_pl.datamodules import CIFAR10DataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
 from cimq_pl.objectives import BlockReconstruction
-from cimq_pl.quant import CIMSpec, cim_layers
+from cimq_pl.quant import CIMSpec, cim_layers, iter_quantizers
 from cimq_pl.trainer import CIMQTrainer
 from conftest import CIFAR10, RESNET20
 
@@ -115,6 +115,40 @@ def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
     for unit, (name, _) in enumerate(module.objective.blocks):
         mean = sum(steps.returned[2 * unit:2 * unit + 2]) / 2
         assert float(trainer.logged_metrics[f"ptq/{name}/rec_loss"]) == pytest.approx(mean, rel=1e-6), name
+
+
+class QuantizerModes(Callback):
+    """The quantizers in the wrong train/eval mode: eval in a training step, training in a validation step."""
+
+    def __init__(self):
+        self.eval_in_training, self.training_in_validation, self.edge_input_drops = set(), set(), []
+        self.validation_batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.eval_in_training |= {f"{n}.{r}" for n, r, q in iter_quantizers(pl_module.model) if not q.training}
+        self.edge_input_drops.append(pl_module.model.conv1.input_quantizer.dropping)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.validation_batches += 1
+        self.training_in_validation |= {f"{n}.{r}" for n, r, q in iter_quantizers(pl_module.model) if q.training}
+
+
+def test_every_quantizer_trains_in_a_fit_and_the_int8_edge_inputs_drop(tmp_path):
+    """The network is built in eval mode and Lightning keeps modes, so without the module's switch the quantizers
+    no technique rebuilt (here the ``int8`` edge layers' inputs, whose ``keep_prob`` `QuantDropping` sets in
+    place) stayed in eval mode and never dropped."""
+    modes = QuantizerModes()
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(first_layer="int8", last_layer="int8"),
+                        objective=BlockReconstruction(iters_per_block=2, batch_size=8))
+    callbacks = [ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5, int8_layers=True), PostTrainingQuantization(),
+                 modes]
+    trainer = _trainer(tmp_path, callbacks, limit_val_batches=1, val_check_interval=11, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64,
+                                                     eval_batch_size=16))  # validations at steps 11 and 22
+    assert module.model.conv1.input_quantizer.keep_prob == module.model.fc.input_quantizer.keep_prob == 0.5
+    assert len(modes.edge_input_drops) == 22 and all(modes.edge_input_drops)
+    assert modes.eval_in_training == set()
+    assert modes.validation_batches == 2 and modes.training_in_validation == set()  # and restored after the first
 
 
 def test_qat_trains_weights_and_quantizers_with_sparsity_penalty(tmp_path):

@@ -92,6 +92,17 @@ def test_bit_sparse_codes_leave_int8_edge_layers_uniform():
     assert all(layer.input_quantizer.max_ones == 2 for _, layer in layers if layer.mapping == "cim")
 
 
+@pytest.mark.parametrize("int8_layers", [False, True])
+def test_dropping_leaves_int8_edge_layers_alone_unless_asked(int8_layers):
+    module = CIMQModule("cifar_resnet20", 10, None, cim=CIMSpec(first_layer="int8", last_layer="int8"))
+    quantize_(module.model, QuantDroppingConfig(keep_prob=0.5, targets=("activations", "psums"), int8_layers=int8_layers))
+    layers = cim_layers(module.model)
+    edges = {name: layer.input_quantizer.keep_prob for name, layer in layers if layer.mapping == "int8"}
+    assert edges == {"conv1": 0.5 if int8_layers else None, "fc": 0.5 if int8_layers else None}
+    assert all(layer.input_quantizer.keep_prob == 0.5 and layer.psum_quantizer.keep_prob == 0.5
+               for _, layer in layers if layer.mapping == "cim")
+
+
 def test_psum_clipping_is_per_array_learnable_and_mse_initialised(images):
     baseline, clipped = _model(), _model(PartialSumClippingConfig("array", "mse", True))
     calibrate_(baseline, [images])

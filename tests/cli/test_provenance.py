@@ -130,6 +130,14 @@ def test_quantizer_options_that_differ_name_the_layer_and_field():
     check_quantizer_options(saved, dict(saved["quantizer_options"]), "ckpt")
 
 
+def test_keep_probabilities_act_in_training_only_and_are_not_compared():
+    """A checkpoint written before ``QuantDropping.int8_layers`` records keep_prob 0.5 on the int8 edge layers."""
+    saved = {"quantizer_options": {"conv1": {"input_bits": 8, "input_keep_prob": 0.5, "psum_keep_prob": 0.5}}}
+    check_quantizer_options(saved, {"conv1": {"input_bits": 8, "input_keep_prob": None, "psum_keep_prob": None}}, "ckpt")
+    with pytest.raises(ConfigError, match="'conv1' was quantized with input_bits=8 but this run builds 4"):
+        check_quantizer_options(saved, {"conv1": {"input_bits": 4, "input_keep_prob": 0.5}}, "ckpt")
+
+
 @pytest.fixture(scope="module")
 def conventional_checkpoint(tmp_path_factory):
     """A real conventional PTQ checkpoint (calibration on 32 images) and its test accuracy on 200 images."""
