@@ -279,8 +279,9 @@ class CIMQModule(pl.LightningModule):
         compile the CIM layers for a CPU fit long enough to repay the compilation.
 
         Lightning keeps the train/eval flags modules have when a fit starts, and the network is built in eval
-        mode (to fold BN): the quantizers the technique callbacks create are in training mode, but those the
-        conversion made (e.g. the ``int8`` edge layers' inputs) would stay in eval mode and never drop. Only the
+        mode (to fold BN): the quantizers the technique callbacks rebuild are in training mode, but those the
+        conversion made and a technique only re-set in place (`QuantDropping`'s keep probability) would stay in
+        eval mode and never drop. Only the
         quantizers are switched, so a BN that could not be folded keeps its running statistics. Validation
         inside the fit runs in eval mode and restores these flags (Lightning's evaluation loop).
         """
