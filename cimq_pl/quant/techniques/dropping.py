@@ -30,8 +30,8 @@ class QuantDroppingConfig:
         keep_prob: probability p that an element keeps its quantized value (QDrop default 0.5).
         targets: any of ``"block_input"``, ``"activations"``, ``"psums"``.
         int8_layers: also drop inside the 8-bit edge layers' quantizers (``CIMSpec.first_layer`` /
-            ``last_layer`` ``"int8"``). Off by default: with the CPU preset it cost about 1 point at ADC 8, 4 and
-            3 (README, "QDrop inside the 8-bit edge layers"), and off is what every PTQ number before it measured.
+            ``last_layer`` ``"int8"``). Off by default: off is what every PTQ number before the option measured,
+            and with the CPU preset no fit gained from it (README, "QDrop inside the 8-bit edge layers").
 
     Raises:
         ConfigError: keep_prob outside (0, 1] or an unknown target.
