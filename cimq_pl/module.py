@@ -45,9 +45,9 @@ AUTO_COMPILE_MIN_STEPS = 1000
 
 def _eager_only_note(model: torch.nn.Module) -> str:
     """What a compiled fit runs eagerly all the same: the CIM layers that drop partial sums (QDrop on the ADC
-    inputs has no compiled kernel), or ""."""
+    inputs has no compiled kernel; the quantizers' own ``dropping``, which the layers' path choice reads), or ""."""
     layers = cim_layers(model)
-    dropping = [name for name, layer in layers if getattr(layer.psum_quantizer, "keep_prob", None) is not None]
+    dropping = [name for name, layer in layers if getattr(layer.psum_quantizer, "dropping", False)]
     if not dropping:
         return ""
     return (f"; but {len(dropping)} of {len(layers)} CIM layers drop partial sums (QuantDropping targets include "
