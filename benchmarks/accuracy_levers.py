@@ -25,12 +25,14 @@ Prints a table, writes ``accuracy_levers.csv`` (a stopped run resumes from it).
     python benchmarks/accuracy_levers.py --iters 0 50 100 200 400 1000 --sets preset   # accuracy against steps
     python benchmarks/accuracy_levers.py --model resnet32 --iters 200 --sets preset
     python benchmarks/accuracy_levers.py --iters 0 --sets "GPTQ rounding, calibration only"   # then preset, few steps
+    python benchmarks/accuracy_levers.py --adc-bits 8 --iters 400 --sets preset --seeds 0 1 2   # the spread of fits
     python benchmarks/accuracy_levers.py --smoke
 """
 
 from __future__ import annotations
 
-from runner import ResultStore, Setting, base_parser, markdown_table, prepare, run_settings
+from runner import (CONFIG_SEED, ResultStore, Setting, base_parser, markdown_table, prepare, run_settings, seed_spread,
+                    seeded)
 
 #: the bit-sparse code set of the presets before this round: at most 2 ones per 4-bit code, the calibrated step
 _K2 = dict(max_ones=2, step_scale=1.0)
@@ -69,15 +71,16 @@ LEVER_SETS = {
     # (run with --iters 0), beside the preset at as many AdaRound steps as take the same time
     "GPTQ rounding, calibration only": dict(row="cimq", weight_rounding="gptq"),
 }
-COLUMNS = ("levers", "adc_bits", "iters", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
+COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")
-HEADERS = ("levers", "ADC bits", "steps/unit", "test acc", "bit density", "HW efficiency vs baseline", "fit s")
+HEADERS = ("levers", "ADC bits", "steps/unit", "seed", "test acc", "bit density", "HW efficiency vs baseline", "fit s")
 
 
-def grid(adc_bits, iters, sets, model: str = "resnet20") -> list[tuple[str, Setting]]:
-    """Every lever set at every ADC width and every number of steps per unit in ``iters``."""
-    return [(name, Setting(model, **{"weight_bits": 4, "input_bits": 4, **LEVER_SETS[name]}, adc_bits=adc,
-                           iters=steps)) for adc in adc_bits for steps in iters for name in sets]
+def grid(adc_bits, iters, sets, model: str = "resnet20", seeds=(CONFIG_SEED,)) -> list[tuple[str, Setting]]:
+    """Every lever set at every ADC width, every number of steps per unit in ``iters`` and every fit seed."""
+    return [(name, seeded(Setting(model, **{"weight_bits": 4, "input_bits": 4, **LEVER_SETS[name]}, adc_bits=adc,
+                                  iters=steps), seed))
+            for adc in adc_bits for steps in iters for name in sets for seed in seeds]
 
 
 def main(argv=None) -> list[dict]:
@@ -88,15 +91,23 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--sets", nargs="+", default=list(LEVER_SETS), choices=list(LEVER_SETS))
     parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet32"],
                         help="the CIFAR-10 network (the issue's targets are for ResNet-20; ResNet-32 at ADC 4 too)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[CONFIG_SEED],
+                        help=f"fit every setting once per seed (the data seed: calibration images and PTQ draws; "
+                             f"default {CONFIG_SEED}, the config's); with several, a second table gives each "
+                             "setting's mean, spread and range")
     args = parser.parse_args(argv)
     extra = prepare(args)
     iters = [2] if args.smoke else args.iters
-    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets, args.model)
+    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets, args.model, args.seeds)
     store = ResultStore(args.out_dir / "accuracy_levers.csv")
     measured = run_settings([(setting, False) for _, setting in cells], store, args.work_dir, extra)
     rows = [{**row, "levers": name if args.model == "resnet20" else f"{args.model}: {name}"}
             for (name, _), row in zip(cells, measured)]
     print("\n" + markdown_table(rows, COLUMNS, HEADERS))
+    if len(args.seeds) > 1:
+        group = ("levers", "adc_bits", "iters")
+        print("\n" + markdown_table(seed_spread(rows, group), (*group, "fits", "mean", "std", "range"),
+                                     ("levers", "ADC bits", "steps/unit", "fits", "mean test acc", "std", "range")))
     return rows
 
 

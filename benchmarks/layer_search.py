@@ -23,14 +23,16 @@
 from __future__ import annotations
 
 import csv
+import re
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from runner import (LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, SMOKE_ARGS, ResultStore, Setting, base_parser,
-                    derived_config, machine, markdown_table, measure, prepare)
+from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, SMOKE_ARGS, ResultStore, Setting,
+                    base_parser, derived_config, machine, markdown_table, measure, prepare, seeded)
 
 UNIFORM_ADC = (3, 4, 5, 6)
 SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
@@ -39,7 +41,7 @@ BUDGETS = {"energy": ("energy_budget", "adc_bits=4"), "accuracy": ("loss_budget"
            "saving": ("energy_budget", "{saving:g}*adc_bits=5")}
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
           "saving": "searched at 80% of uniform ADC 5's energy"}
-COLUMNS = ("key", "point", "adc_bits", "iters", "search_images", *METRICS, "fit_seconds", "test_seconds",
+COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "search_images", *METRICS, "fit_seconds", "test_seconds",
            "search_seconds", "predicted_energy_uj", "assignment", "config")
 QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
@@ -66,8 +68,18 @@ def searched_key(kind: str, iters: int, images: int, metric: str = "fisher", can
             f"{_metric_suffix(metric, candidates, saving, kind, from_ptq)}")
 
 
-def _uniform(adc: int, iters: int) -> Setting:
-    return Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters)
+def _uniform(adc: int, iters: int, seed: int = CONFIG_SEED) -> Setting:
+    return seeded(Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters), seed)
+
+
+def _seed_suffix(seed: int) -> str:
+    """What a fit with another seed than the config's adds to a row key (as `runner.Setting.key` does)."""
+    return "" if seed == CONFIG_SEED else f"-seed{seed}"
+
+
+def _point_key(key: str) -> str:
+    """A row key without its seed: the fits of one point (uniform setting or searched assignment) share it."""
+    return re.sub(r"-seed\d+$", "", key)
 
 
 def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher",
@@ -114,6 +126,18 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
             "assignment": " ".join(f"{name}:{fields.get('adc_bits')}" for name, fields in chosen.items())}
 
 
+def stored_overrides(assignment: str, path: Path) -> Path:
+    """The ``cim_overrides.yaml`` of a stored search's ``assignment`` (``name:bits`` pairs, the CSV's column), written
+    to ``path``: further fits of that search use its choice as measured, whatever a new search here would pick."""
+    chosen = {}
+    for pair in assignment.split():
+        name, _, bits = pair.rpartition(":")
+        chosen[name] = {"adc_bits": None if bits == "None" else int(bits)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"model": {"cim_overrides": chosen}}, sort_keys=False))
+    return path
+
+
 def _stored(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -133,36 +157,65 @@ def _float(row: Optional[dict], key: str) -> Optional[float]:
 
 
 def _searched_rows(rows: dict, kind: str, iters: int, images: int) -> list[dict]:
-    """Every measured search at budget ``kind`` on this preset and budget (any metric, candidates or saving)."""
+    """Every measured search at budget ``kind`` on this preset and budget (any metric, candidates, saving or seed)."""
     prefix = searched_key(kind, iters, images)
     return [row for key, row in rows.items() if key == prefix or key.startswith(prefix + "-")]
 
 
+def point_means(rows: dict) -> dict[str, dict]:
+    """The fits of each point (rows whose keys differ only in the seed) merged: mean accuracy and energy, their
+    number, the accuracy's range; keyed by `_point_key`, in the order the points were first measured."""
+    points: dict[str, list[dict]] = {}
+    for key, row in rows.items():
+        if _float(row, "test/acc") is not None:
+            points.setdefault(_point_key(key), []).append(row)
+    merged = {}
+    for key, fits in points.items():
+        accuracy = [_float(row, "test/acc") for row in fits]
+        energy = [_float(row, "test/energy_per_image_uj") for row in fits]
+        energy = [value for value in energy if value is not None]
+        merged[key] = {"point": fits[0]["point"], "adc_bits": fits[0]["adc_bits"], "fits": len(fits),
+                       "test/acc": statistics.fmean(accuracy),
+                       "test/energy_per_image_uj": statistics.fmean(energy) if energy else None,
+                       "range": f"{min(accuracy):.3f}-{max(accuracy):.3f}",
+                       "std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0}
+    return merged
+
+
+def _fits(point: dict) -> str:
+    return "" if point["fits"] == 1 else f" (mean of {point['fits']} fits, {point['range']})"
+
+
 def targets(rows: dict, iters: int, images: int) -> list[dict]:
-    """The issue's two targets against every measured search (one line each)."""
-    uniform = {adc: rows.get(_uniform(adc, iters).key) for adc in UNIFORM_ADC}
+    """The issue's two targets against every measured search (one line each), on the mean over each point's fits."""
+    means = point_means(rows)
+    uniform = {adc: means.get(_uniform(adc, iters).key) for adc in UNIFORM_ADC}
+    searched = {kind: [means[key] for key in dict.fromkeys(_point_key(row["key"])
+                                                          for row in _searched_rows(rows, kind, iters, images))
+                       if key in means] for kind in BUDGETS}
     lines = []
-    acc4, e4 = _float(uniform[4], "test/acc"), _float(uniform[4], "test/energy_per_image_uj")
-    for row in _searched_rows(rows, "energy", iters, images):
-        acc, e = _float(row, "test/acc"), _float(row, "test/energy_per_image_uj")
-        if None in (acc4, acc):
-            continue
-        gain = 100 * (acc - acc4)
-        lines.append({"target": f"at the energy per image of uniform ADC 4: >= 2 points more accuracy than it "
-                                f"({row['point']})",
-                      "measured": f"{acc:.3f} at {e:.4f} uJ vs uniform ADC 4 {acc4:.3f} at {e4:.4f} uJ: "
-                                  f"{gain:+.1f} points",
-                      "met": "yes" if gain >= 2 else "**no**"})
-    acc5, e5 = _float(uniform[5], "test/acc"), _float(uniform[5], "test/energy_per_image_uj")
-    for row in [*_searched_rows(rows, "accuracy", iters, images), *_searched_rows(rows, "saving", iters, images)]:
-        acc, e = _float(row, "test/acc"), _float(row, "test/energy_per_image_uj")
-        if None in (acc5, e5, acc, e):
-            continue
-        saving = 100 * (1 - e / e5)
-        lines.append({"target": f"at the accuracy of uniform ADC 5: >= 20% less energy ({row['point']})",
-                      "measured": f"{acc:.3f} at {e:.4f} uJ vs uniform ADC 5 {acc5:.3f} at {e5:.4f} uJ: "
-                                  f"{saving:.1f}% less energy, {100 * (acc - acc5):+.1f} points",
-                      "met": "yes" if saving >= 20 and acc >= acc5 else "**no**"})
+    if uniform[4] is not None:
+        acc4, e4 = uniform[4]["test/acc"], uniform[4]["test/energy_per_image_uj"]
+        for point in searched["energy"]:
+            acc, e = point["test/acc"], point["test/energy_per_image_uj"]
+            gain = 100 * (acc - acc4)
+            lines.append({"target": f"at the energy per image of uniform ADC 4: >= 2 points more accuracy than it "
+                                    f"({point['point']})",
+                          "measured": f"{acc:.3f}{_fits(point)} at {e:.4f} uJ vs uniform ADC 4 {acc4:.3f}"
+                                      f"{_fits(uniform[4])} at {e4:.4f} uJ: {gain:+.1f} points",
+                          "met": "yes" if gain >= 2 else "**no**"})
+    if uniform[5] is not None and uniform[5]["test/energy_per_image_uj"] is not None:
+        acc5, e5 = uniform[5]["test/acc"], uniform[5]["test/energy_per_image_uj"]
+        for point in [*searched["accuracy"], *searched["saving"]]:
+            acc, e = point["test/acc"], point["test/energy_per_image_uj"]
+            if e is None:
+                continue
+            saving = 100 * (1 - e / e5)
+            lines.append({"target": f"at the accuracy of uniform ADC 5: >= 20% less energy ({point['point']})",
+                          "measured": f"{acc:.3f}{_fits(point)} at {e:.4f} uJ vs uniform ADC 5 {acc5:.3f}"
+                                      f"{_fits(uniform[5])} at {e5:.4f} uJ: {saving:.1f}% less energy, "
+                                      f"{100 * (acc - acc5):+.1f} points",
+                          "met": "yes" if saving >= 20 and acc >= acc5 else "**no**"})
     return lines
 
 
@@ -179,21 +232,22 @@ def label(kind: str, metric: str = "fisher", candidates: tuple = UNIFORM_ADC, sa
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Accuracy against energy per image: uniform ADC points joined, searched assignments as stars."""
+    """Accuracy against energy per image: uniform ADC points joined, searched assignments as stars (the mean of a
+    point's fits where it was fitted with several seeds)."""
     from cimq_pl.cost.plots import finish_figure, new_figure
 
     figure = new_figure(6.5, 4.5)
     axes = figure.add_subplot(1, 1, 1)
-    uniform = sorted((_float(r, "test/energy_per_image_uj"), _float(r, "test/acc"), r["adc_bits"])
-                     for r in rows if r["point"] == "uniform" and _float(r, "test/acc") is not None)
+    points = point_means({row["key"]: row for row in rows}).values()  # a point fitted with several seeds: its mean
+    uniform = sorted((p["test/energy_per_image_uj"], p["test/acc"], p["adc_bits"]) for p in points
+                     if p["point"] == "uniform" and p["test/energy_per_image_uj"] is not None)
     if uniform:
         axes.plot([u[0] for u in uniform], [u[1] for u in uniform], "o-", color="tab:blue", label="uniform ADC")
         for energy, accuracy, bits in uniform:
             axes.annotate(f"ADC {bits}", (energy, accuracy), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    for row in rows:
-        if row["point"] != "uniform" and _float(row, "test/acc") is not None:
-            axes.plot(_float(row, "test/energy_per_image_uj"), _float(row, "test/acc"), "*", markersize=13,
-                      label=row["point"])
+    for point in points:
+        if point["point"] != "uniform" and point["test/energy_per_image_uj"] is not None:
+            axes.plot(point["test/energy_per_image_uj"], point["test/acc"], "*", markersize=13, label=point["point"])
     return finish_figure(figure, axes, path, "energy per image (uJ, NeuroSim 22 nm table)",
                          "top-1 accuracy after CIMQ PTQ (cifar10_lossless)",
                          "ResNet-20 W4A4, 128x128: per-layer ADC search vs uniform ADC")
@@ -222,6 +276,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--from-ptq", type=int, default=None, metavar="ADC_BITS",
                         help="search from the PTQ network of this uniform ADC resolution (search --init_from; its "
                              "checkpoint is low_adc_qat.py's, fitted once and reused) instead of the calibrated one")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[CONFIG_SEED],
+                        help=f"fit every point (uniform and searched) once per seed (the data seed: calibration images "
+                             f"and PTQ draws; default {CONFIG_SEED}, the config's); the targets are then checked on "
+                             "each point's mean")
     args = parser.parse_args(argv)
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
@@ -239,56 +297,78 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         **ResultStore(args.out_dir / "ablation.csv").rows, **ResultStore(args.out_dir / "sweeps.csv").rows,
         **ResultStore(args.out_dir / "accuracy_levers.csv").rows}
     for adc in adc_points:
-        setting = _uniform(adc, iters)
-        if setting.key in rows:
-            continue
-        reused = next((key for key in setting.equivalent_keys if key in reuse), None)
-        if reused is not None:
-            found = reuse[reused]
-            print(f"[bench] uniform ADC {adc}: reused from the suite's CSV", flush=True)
-        else:
-            print(f"[bench] uniform ADC {adc}: CIMQ PTQ, {iters} steps per unit", flush=True)
-            found = measure(setting, args.work_dir, extra_args=extra)
-        rows[setting.key] = {**{k: found.get(k, "") for k in COLUMNS}, "key": setting.key, "point": "uniform",
-                             "adc_bits": adc, "iters": iters, "config": found.get("config", "")}
-        _write(path, rows)
+        for seed in args.seeds:
+            setting = _uniform(adc, iters, seed)
+            if setting.key in rows:
+                continue
+            reused = next((key for key in setting.equivalent_keys if key in reuse), None)
+            if reused is not None:
+                found = reuse[reused]
+                print(f"[bench] uniform ADC {adc}, seed {seed}: reused from the suite's CSV", flush=True)
+            else:
+                print(f"[bench] uniform ADC {adc}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
+                found = measure(setting, args.work_dir, extra_args=extra)
+            rows[setting.key] = {**{k: found.get(k, "") for k in COLUMNS}, "key": setting.key, "point": "uniform",
+                                 "adc_bits": adc, "iters": iters, "seed": seed, "config": found.get("config", "")}
+            _write(path, rows)
     for kind in kinds:
         key = searched_key(kind, iters, images, args.metric, candidates, args.saving, args.from_ptq)
-        if key in rows:
+        if all(key + _seed_suffix(seed) in rows for seed in args.seeds):
             continue
         point = label(kind, args.metric, candidates, args.saving, args.from_ptq)
+        stored = next((row for other, row in rows.items() if _point_key(other) == key), None)  # a fit of this search
         init_from = None
-        if args.from_ptq is not None:
+        if args.from_ptq is not None and stored is None:
             from low_adc_qat import ptq
 
             checkpoints = args.work_dir / "low_adc_qat"
             checkpoints.mkdir(parents=True, exist_ok=True)
             init_from = ptq(args.from_ptq, iters, checkpoints, extra)[0]
-        print(f"[bench] search: {point} ({images} calibration images)", flush=True)
-        found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving, init_from,
-                           args.from_ptq)
-        print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
-        print(f"[bench] {point}: CIMQ PTQ, {iters} steps per unit", flush=True)
-        measured = measure(_uniform(4, iters), args.work_dir, extra_args=[*extra, "--config", str(found["overrides"])])
-        rows[key] = {**{k: measured.get(k, "") for k in COLUMNS}, "key": key, "point": point, "adc_bits": "per layer",
-                     "iters": iters, "search_images": images, "search_seconds": found["seconds"],
-                     "predicted_energy_uj": found["predicted_energy_uj"], "assignment": found["assignment"],
-                     "config": str(found["overrides"])}
-        _write(path, rows)
+        if stored is not None:  # more fits of a measured search: its stored assignment, not a new search
+            found = {"overrides": stored_overrides(stored["assignment"], args.work_dir / f"{key}.yaml"),
+                     "seconds": stored.get("search_seconds", ""), "assignment": stored["assignment"],
+                     "predicted_energy_uj": stored.get("predicted_energy_uj", "")}
+            print(f"[bench] {point}: the stored assignment ({found['assignment']})", flush=True)
+        else:
+            print(f"[bench] search: {point} ({images} calibration images)", flush=True)
+            found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving,
+                               init_from, args.from_ptq)
+            print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
+        for seed in args.seeds:
+            if key + _seed_suffix(seed) in rows:
+                continue
+            print(f"[bench] {point}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
+            measured = measure(_uniform(4, iters, seed), args.work_dir,
+                               extra_args=[*extra, "--config", str(found["overrides"])])
+            rows[key + _seed_suffix(seed)] = {
+                **{k: measured.get(k, "") for k in COLUMNS}, "key": key + _seed_suffix(seed), "point": point,
+                "adc_bits": "per layer", "iters": iters, "seed": seed, "search_images": images,
+                "search_seconds": found["seconds"], "predicted_energy_uj": found["predicted_energy_uj"],
+                "assignment": found["assignment"], "config": str(found["overrides"])}
+            _write(path, rows)
     uniform_keys = {_uniform(adc, iters).key for adc in adc_points}
-    shown = [r for key, r in rows.items() if key in uniform_keys] + [
+    shown = [r for key, r in rows.items() if _point_key(key) in uniform_keys] + [
         row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images)]
-    columns = ["point", "adc_bits", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
+    columns = ["point", "adc_bits", "seed", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
                "test/bit_density", "fit_seconds", "search_seconds"]
-    headers = ["setting", "ADC bits", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s", "search s"]
+    headers = ["setting", "ADC bits", "seed", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s",
+               "search s"]
     print(f"\n**ResNet-20 W4A4, 128x128, CIMQ PTQ ({iters} steps per unit)**: uniform ADC vs per-layer search "
           f"({images} calibration images); {machine()}\n")
     print(markdown_table(shown, columns, headers))
+    means = [point for key, point in point_means({row["key"]: row for row in shown}).items() if point["fits"] > 1]
+    if means:
+        print("\nPoints fitted more than once (every seed's fit of the same setting):\n")
+        print(markdown_table([{**point, "test/acc": f"{point['test/acc']:.4f}", "std": f"{point['std']:.4f}",
+                               "test/energy_per_image_uj": f"{point['test/energy_per_image_uj']:.4f}"}
+                              for point in means],
+                             ["point", "fits", "test/acc", "std", "range", "test/energy_per_image_uj"],
+                             ["setting", "fits", "mean test/acc", "std", "range", "mean uJ/image"]))
     lines = targets(rows, iters, images)
     if lines:
         print("\n" + markdown_table(lines, ["target", "measured", "met"]))
     for row in shown:
-        if row.get("assignment"):
+        if row.get("assignment") and _point_key(row["key"]) == row["key"]:
             print(f"\n{row['point']}: {row['assignment']}")
     picture = plot(shown, args.out_dir / "layer_search.png")
     print(f"\nwrote {path} and {picture}")

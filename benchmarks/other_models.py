@@ -197,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print(f"\nwrote {write_csv_atomic(args.out_dir / 'cifar100_ptq.csv', rows, PTQ_COLUMNS)}")
         return rows
     images, repeats = (8, 1) if args.smoke else (100, 3)
-    rows = [cifar100(images, repeats), imagenet_resnet18(2 if args.smoke else 8, repeats)]
+    rows = [cifar100(images, repeats), imagenet_resnet18(1 if args.smoke else 8, repeats)]
     print("\n" + tables(rows))
     csv_path = write_csv_atomic(args.out_dir / "other_models.csv", rows, COLUMNS)
     picture = plot(rows, args.out_dir / "other_models.png")

@@ -19,7 +19,7 @@ import csv
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -89,6 +89,7 @@ METRICS = (
     "test/hw_efficiency_vs_baseline",
 )
 CALLBACKS = "cimq_pl.callbacks."
+CONFIG_SEED = 0  # ``seed_everything`` and the datamodule's ``seed`` of every model config in `MODEL_CONFIGS`
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ class Setting:
             reconstructed (``iters_per_block`` 0; only for configs that reconstruct).
         lr_step: the reconstruction's learning rate of the input steps (0: the calibrated steps stay), after
             ``lr_scale`` (only for configs that reconstruct).
+        seed: the datamodule's ``seed`` (the calibration subset, and every PTQ step's draws: its batch, the QDrop
+            masks, both keyed by (seed, unit, step)) and ``seed_everything``: another fit of the same setting, to
+            put the spread between fits beside a gap. ``seed_everything`` alone changes nothing in a PTQ fit (two
+            fits at seed_everything 1 and 2 gave the one at 0 to the last digit). None (use `seeded`) is the
+            configs' `CONFIG_SEED`, so rows measured before seeds were a field keep their keys.
     """
 
     model: str
@@ -134,6 +140,7 @@ class Setting:
     step_scale: Optional[float] = None
     weight_rounding: Optional[str] = None
     lr_step: Optional[float] = None
+    seed: Optional[int] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
@@ -142,6 +149,9 @@ class Setting:
             raise ValueError(f"row {self.row!r} is unknown: expected one of {sorted(ROWS)}")
         if self.weight_rounding not in (None, "gptq"):
             raise ValueError(f"weight_rounding {self.weight_rounding!r} is unknown: expected None or 'gptq'")
+        if self.seed == CONFIG_SEED:
+            raise ValueError(f"seed {CONFIG_SEED} is the model config's own: leave it None (`seeded` does), so the "
+                             f"row keeps the key of the unseeded fits")
         if self.weight_rounding == "gptq" and self.iters not in (None, 0):
             raise ValueError(f"weight_rounding 'gptq' rounds at calibration and reconstructs nothing: iters must be 0, "
                              f"not {self.iters}")
@@ -171,6 +181,33 @@ class Setting:
     def columns(self) -> dict:
         """The setting as CSV cells (empty where unset)."""
         return {name: ("" if value is None else value) for name, value in asdict(self).items()}
+
+
+def seeded(setting: Setting, seed: int) -> Setting:
+    """``setting`` fitted with data seed and ``seed_everything`` ``seed`` (the configs' seed stays unset in the key)."""
+    return replace(setting, seed=None if seed == CONFIG_SEED else seed)
+
+
+def seed_spread(rows: Sequence[dict], group: Sequence[str], metric: str = "test/acc") -> list[dict]:
+    """Rows that differ only in ``seed``, merged: ``metric`` as mean, sample standard deviation, min-max and fits.
+
+    Args:
+        rows: measured rows (each with ``seed`` and ``metric``; rows without the metric are left out).
+        group: the columns that name a point (e.g. lever set, ADC bits, steps per unit); one output row each.
+    """
+    import statistics
+
+    merged: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row.get(metric) in ("", None):
+            continue
+        merged.setdefault(tuple(str(row.get(column, "")) for column in group), []).append(float(row[metric]))
+    out = []
+    for names, values in merged.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append({**dict(zip(group, names)), "fits": len(values), "mean": round(statistics.fmean(values), 4),
+                    "std": round(spread, 4), "range": f"{min(values):.3f}-{max(values):.3f}"})
+    return out
 
 
 SETTING_COLUMNS = tuple(item.name for item in fields(Setting))
@@ -286,6 +323,8 @@ def measure(setting: Setting, work_dir: Path, jpeg: bool = False, extra_args: Se
         config_path = str(derived)
     args += ["--data.init_args.root", str(LOSSLESS), "--trainer.logger.init_args.save_dir", str(work_dir),
              "--trainer.enable_progress_bar", "false", *extra_args]
+    if setting.seed is not None:
+        args += ["--data.init_args.seed", str(setting.seed), "--seed_everything", str(setting.seed)]
     built = cli(args)
     trainer, module, datamodule = built.trainer, built.model, built.datamodule
     trainer.callbacks.extend(callbacks)

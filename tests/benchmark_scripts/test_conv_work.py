@@ -1,4 +1,5 @@
-"""The convolution-work benchmark: its sparse weight gradient equals the per-cycle one, and its smoke table."""
+"""The convolution-work benchmark (its sparse weight gradient equals the per-cycle one, its smoke table) and the
+calibration-speed benchmark (its smoke table, the same clips both ways)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import calibration_speed  # noqa: E402
 import conv_work  # noqa: E402
 
 
@@ -38,3 +40,10 @@ def test_conv_work_smoke_prints_both_layouts(capsys):
     assert all(r["forward_ms"] > 0 and r["wgrad_gflops"] > 0 for r in rows)
     assert all("sparse_wgrad_ms" in r for r in rows if r["layout"] == "channels_last")
     assert "torch.mm 256^2" in capsys.readouterr().out
+
+
+def test_calibration_speed_smoke_times_both_searches_and_finds_the_same_clips(capsys):
+    (row,) = calibration_speed.main(["--smoke"])
+    assert row["model"] == "resnet20" and row["images"] == 4 and row["same_clips"] == "yes"
+    assert row["one_pass_s"] > 0 and row["blocked_s"] > 0 and row["speedup"] > 0
+    assert "| resnet20 | 4 |" in capsys.readouterr().out

@@ -41,6 +41,24 @@ def test_in_place_squared_error_equals_the_plain_quantizer_bit_for_bit(qmin, qma
     assert torch.equal(_squared_error(samples, alpha, qmin, qmax, levels, project), plain)
 
 
+@pytest.mark.parametrize("items,samples_per_item,n_groups", [(7, 300, 3), (333, 4096, 5), (40, 70_000, 40),
+                                                             (200, 96, 1)])
+@pytest.mark.parametrize("qmin,qmax,levels,project", [(-8, 7, 7, None), (0, 15, 15, lambda c: torch.floor(c))])
+def test_blocked_mse_search_equals_one_pass_per_candidate_bit_for_bit(items, samples_per_item, n_groups, qmin, qmax,
+                                                                      levels, project):
+    """Blocks of items (the default's, of 3 items, and of one item where an item's samples exceed a block; groups
+    spread over blocks) give the clips of one pass over all items per candidate."""
+    torch.manual_seed(items)
+    samples = torch.randn(items, samples_per_item) * torch.rand(items, 1) * 5
+    groups = torch.randint(0, n_groups, (items,))
+    groups[:n_groups] = torch.arange(n_groups)  # every group has an item
+    one_pass = mse_clip(samples, groups, n_groups, qmin, qmax, levels, project=project, block_elements=None)
+    for block_elements in (2**16, 3 * samples_per_item):
+        blocked = mse_clip(samples, groups, n_groups, qmin, qmax, levels, project=project,
+                           block_elements=block_elements)
+        assert torch.equal(blocked, one_pass), block_elements
+
+
 def test_observer_misconfiguration_and_empty():
     with pytest.raises(ValueError, match=r"method='kl' .*minmax"):
         RangeObserver("kl")

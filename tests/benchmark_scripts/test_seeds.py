@@ -1,0 +1,76 @@
+"""Several fits per point: seeded settings, their keys and arguments, and the means the targets are checked on."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import accuracy_levers  # noqa: E402
+import layer_search  # noqa: E402
+from runner import CONFIG_SEED, Setting, seed_spread, seeded  # noqa: E402
+
+
+def test_the_config_seed_keeps_the_key_and_other_seeds_extend_it():
+    base = Setting("resnet20", "cimq", adc_bits=8, iters=400)
+    assert seeded(base, CONFIG_SEED) == base and seeded(base, CONFIG_SEED).key == base.key
+    assert seeded(base, 2).key == base.key + "-seed2" and seeded(base, 2).seed == 2
+    with pytest.raises(ValueError, match=f"seed {CONFIG_SEED} is the model config's own"):
+        Setting("resnet20", "cimq", seed=CONFIG_SEED)
+    cells = accuracy_levers.grid([8], [400], ["preset"], seeds=[0, 1, 2])
+    assert [setting.seed for _, setting in cells] == [None, 1, 2]
+
+
+def test_seed_spread_merges_the_fits_of_one_setting():
+    rows = [{"levers": "preset", "adc_bits": bits, "test/acc": accuracy}
+            for bits, accuracy in ((8, 0.90), ("8", 0.92), (8, 0.91), (4, 0.5), (4, ""))]  # CSV cells are strings
+    merged = {row["adc_bits"]: row for row in seed_spread(rows, ("levers", "adc_bits"))}
+    assert merged["8"] == {"levers": "preset", "adc_bits": "8", "fits": 3, "mean": 0.91, "std": 0.01,
+                           "range": "0.900-0.920"}
+    assert merged["4"]["fits"] == 1 and merged["4"]["std"] == 0.0
+
+
+def test_layer_search_targets_are_checked_on_each_points_mean():
+    def row(key, point, accuracy, energy):
+        return key, {"key": key, "point": point, "adc_bits": "", "test/acc": accuracy,
+                     "test/energy_per_image_uj": energy}
+
+    uniform5 = layer_search._uniform(5, 400)
+    saving = layer_search.searched_key("saving", 400, 256)
+    rows = dict([row(uniform5.key, "uniform", "0.900", "1.0"), row(layer_search._uniform(5, 400, 1).key, "uniform",
+                                                                    "0.910", "1.0"),
+                 row(saving, "80%", "0.905", "0.78"), row(saving + "-seed1", "80%", "0.925", "0.80")])
+    (line,) = layer_search.targets(rows, 400, 256)
+    # means: uniform ADC 5 0.905 at 1.0 uJ, the search 0.915 at 0.79 uJ: 21% less energy, 1 point more accurate;
+    # either single fit of the search against the config seed's uniform fit alone would read differently
+    assert line["met"] == "yes", line
+    assert "0.915 (mean of 2 fits, 0.905-0.925) at 0.7900 uJ" in line["measured"]
+    assert "vs uniform ADC 5 0.905 (mean of 2 fits, 0.900-0.910) at 1.0000 uJ" in line["measured"]
+    assert "21.0% less energy, +1.0 points" in line["measured"]
+    rows[saving + "-seed2"] = row(saving + "-seed2", "80%", "0.870", "0.79")[1]  # the mean falls below ADC 5's
+    (line,) = layer_search.targets(rows, 400, 256)
+    assert line["met"] == "**no**" and "mean of 3 fits" in line["measured"]
+
+
+def test_a_seeded_fit_draws_other_calibration_images_and_ptq_steps(monkeypatch, tmp_path):
+    """`measure` hands the seed to the datamodule (which keys the calibration subset and every PTQ step's draws)
+    and to ``seed_everything``; the config's seed adds nothing."""
+    import runner
+
+    seen = []
+
+    def stop(args):
+        seen.append(args)
+        raise StopIteration
+
+    monkeypatch.setattr(runner, "cli", stop)
+    for seed in (CONFIG_SEED, 3):
+        with pytest.raises(StopIteration):
+            runner.measure(seeded(Setting("resnet20", "cimq", adc_bits=8, iters=400), seed), tmp_path)
+    plain, other = seen
+    assert "--data.init_args.seed" not in plain and "--seed_everything" not in plain
+    assert other[-4:] == ["--data.init_args.seed", "3", "--seed_everything", "3"]
