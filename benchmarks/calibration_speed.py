@@ -20,6 +20,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,9 +31,9 @@ from runner import machine, markdown_table  # noqa: E402
 
 # name -> (model name, classes, image size, calibration images)
 NETWORKS = {"resnet20": ("cifar_resnet20", 10, 32, 64), "resnet18": ("resnet18", 1000, 224, 2)}
-COLUMNS = ("model", "images", "one_pass_s", "blocked_s", "speedup", "same_clips")
-HEADERS = ("model", "calibration images", "one pass per candidate, s", "blocks of items, s", "speedup",
-           "same clips bit for bit")
+COLUMNS = ("model", "images", "one_pass_s", "block_elements", "blocked_s", "speedup", "same_clips")
+HEADERS = ("model", "calibration images", "one pass per candidate, s", "samples per block", "blocks of items, s",
+           "speedup", "same clips bit for bit")
 
 
 def _calibrated(model, images, block_elements):
@@ -53,7 +54,7 @@ def _calibrated(model, images, block_elements):
         observers.mse_clip = search
 
 
-def measure(name: str, images: int, repeats: int) -> dict:
+def measure(name: str, images: int, repeats: int, block_elements: Optional[int] = None) -> dict:
     import timm
 
     from cimq_pl.quant.observers import _MSE_BLOCK_ELEMENTS
@@ -62,7 +63,8 @@ def measure(name: str, images: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False, num_classes=classes).eval()
     batch = torch.randn(images, 3, size, size)
-    times = {None: [], _MSE_BLOCK_ELEMENTS: []}
+    block = block_elements or _MSE_BLOCK_ELEMENTS
+    times = {None: [], block: []}
     states = {}
     for _ in range(repeats):
         for block_elements in times:  # interleaved, so that a busy machine slows both alike
@@ -70,11 +72,12 @@ def measure(name: str, images: int, repeats: int) -> dict:
             times[block_elements].append(seconds)
             states[block_elements] = converted.state_dict()
     one_pass, blocked = states.values()
-    same = one_pass.keys() == blocked.keys() and all(torch.equal(one_pass[k], blocked[k]) for k in one_pass)
+    same = one_pass.keys() == blocked.keys() and all(
+        torch.equal(one_pass[k], blocked[k]) if torch.is_tensor(one_pass[k]) else one_pass[k] == blocked[k]
+        for k in one_pass)  # tensors bit for bit; extra states (quantizer settings) equal
     best = {key: min(values) for key, values in times.items()}
     return {"model": name, "images": images, "one_pass_s": round(best[None], 2),
-            "blocked_s": round(best[_MSE_BLOCK_ELEMENTS], 2),
-            "speedup": round(best[None] / best[_MSE_BLOCK_ELEMENTS], 2), "same_clips": "yes" if same else "**no**"}
+            "block_elements": block, "blocked_s": round(best[block], 2), "speedup": round(best[None] / best[block], 2), "same_clips": "yes" if same else "**no**"}
 
 
 def main(argv=None) -> list[dict]:
@@ -82,12 +85,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--repeats", type=int, default=3, help="calibrations each way (the best is shown)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--block-elements", type=int, nargs="+", default=[None],
+                        help="samples per block of the blocked search (default: mse_clip's own)")
     parser.add_argument("--smoke", action="store_true", help="ResNet-20 on 4 images, one repeat")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = [("resnet20", 4)] if args.smoke else [(name, NETWORKS[name][3]) for name in args.models]
-    rows = [measure(name, images, 1 if args.smoke else args.repeats) for name, images in plan]
+    rows = [measure(name, images, 1 if args.smoke else args.repeats, block)
+            for name, images in plan for block in args.block_elements]
     print(f"\n# Calibration with MSE observers: {machine()}\n")
     print(markdown_table(rows, COLUMNS, HEADERS))
     if any(row["same_clips"] != "yes" for row in rows):

@@ -359,7 +359,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     means = [point for key, point in point_means({row["key"]: row for row in shown}).items() if point["fits"] > 1]
     if means:
         print("\nPoints fitted more than once (every seed's fit of the same setting):\n")
-        print(markdown_table([{**point, "test/acc": f"{point['test/acc']:.4f}", "std": f"{point['std']:.4f}",
+        print(markdown_table([{**point, "point": (f"uniform ADC {point['adc_bits']}" if point["point"] == "uniform"
+                                                  else point["point"]),
+                               "test/acc": f"{point['test/acc']:.4f}", "std": f"{point['std']:.4f}",
                                "test/energy_per_image_uj": f"{point['test/energy_per_image_uj']:.4f}"}
                               for point in means],
                              ["point", "fits", "test/acc", "std", "range", "test/energy_per_image_uj"],

@@ -21,7 +21,7 @@ from torch import nn
 
 OBSERVER_METHODS = ("minmax", "percentile", "mse")
 _QUANTILE_MAX_ELEMENTS = 2**24 - 1
-_MSE_BLOCK_ELEMENTS = 2**16  # samples per block of the MSE search (256 KiB of float32: stays in a core's L2 cache)
+_MSE_BLOCK_ELEMENTS = 2**20  # samples per block of the MSE search (4 MiB of float32: stays in the L3 cache; measured)
 _EPS = 1e-8
 
 

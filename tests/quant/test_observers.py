@@ -46,7 +46,7 @@ def test_in_place_squared_error_equals_the_plain_quantizer_bit_for_bit(qmin, qma
 @pytest.mark.parametrize("qmin,qmax,levels,project", [(-8, 7, 7, None), (0, 15, 15, lambda c: torch.floor(c))])
 def test_blocked_mse_search_equals_one_pass_per_candidate_bit_for_bit(items, samples_per_item, n_groups, qmin, qmax,
                                                                       levels, project):
-    """Blocks of items (the default's, of 3 items, and of one item where an item's samples exceed a block; groups
+    """Blocks of items (of 2^16 samples, of 3 items, and of one item where an item's samples exceed a block; groups
     spread over blocks) give the clips of one pass over all items per candidate."""
     torch.manual_seed(items)
     samples = torch.randn(items, samples_per_item) * torch.rand(items, 1) * 5
