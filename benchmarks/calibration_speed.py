@@ -1,8 +1,8 @@
 """Calibration time of whole networks with the MSE clip search in blocks of items, against one pass per candidate.
 
 `cimq_pl.quant.observers.mse_clip` tries 80 clip candidates on every observer's samples (up to 4,096 per item:
-a weight's column, an ADC column). Once one pass per candidate over all items (``block_elements=None``), the
-search now tries every candidate on one cache-sized block of items before the next (the default): the same
+a weight's column, an ADC column). It used to make one pass per candidate over all items (``block_elements=None``);
+it now tries every candidate on one cache-sized block of items before the next (the default): the same
 operations on each item, so the same clips bit for bit, which this script checks on every network before it
 prints the times. For each network (ResNet-20 on CIFAR-sized inputs, timm ResNet-18 on 224x224 inputs; random
 weights and seeded random images: time does not depend on them), `calibrate_` on the CIMQ default quantizers
@@ -77,7 +77,8 @@ def measure(name: str, images: int, repeats: int, block_elements: Optional[int] 
         for k in one_pass)  # tensors bit for bit; extra states (quantizer settings) equal
     best = {key: min(values) for key, values in times.items()}
     return {"model": name, "images": images, "one_pass_s": round(best[None], 2),
-            "block_elements": block, "blocked_s": round(best[block], 2), "speedup": round(best[None] / best[block], 2), "same_clips": "yes" if same else "**no**"}
+            "block_elements": block, "blocked_s": round(best[block], 2), "speedup": round(best[None] / best[block], 2),
+            "same_clips": "yes" if same else "**no**"}
 
 
 def main(argv=None) -> list[dict]:

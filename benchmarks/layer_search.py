@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,7 +31,7 @@ from typing import Optional
 import yaml
 
 from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, SMOKE_ARGS, ResultStore, Setting,
-                    base_parser, derived_config, machine, markdown_table, measure, prepare, seeded)
+                    base_parser, derived_config, machine, markdown_table, measure, merge_fits, prepare, seeded)
 
 UNIFORM_ADC = (3, 4, 5, 6)
 SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
@@ -163,23 +162,13 @@ def _searched_rows(rows: dict, kind: str, iters: int, images: int) -> list[dict]
 
 
 def point_means(rows: dict) -> dict[str, dict]:
-    """The fits of each point (rows whose keys differ only in the seed) merged: mean accuracy and energy, their
-    number, the accuracy's range; keyed by `_point_key`, in the order the points were first measured."""
-    points: dict[str, list[dict]] = {}
-    for key, row in rows.items():
-        if _float(row, "test/acc") is not None:
-            points.setdefault(_point_key(key), []).append(row)
-    merged = {}
-    for key, fits in points.items():
-        accuracy = [_float(row, "test/acc") for row in fits]
-        energy = [_float(row, "test/energy_per_image_uj") for row in fits]
-        energy = [value for value in energy if value is not None]
-        merged[key] = {"point": fits[0]["point"], "adc_bits": fits[0]["adc_bits"], "fits": len(fits),
-                       "test/acc": statistics.fmean(accuracy),
-                       "test/energy_per_image_uj": statistics.fmean(energy) if energy else None,
-                       "range": f"{min(accuracy):.3f}-{max(accuracy):.3f}",
-                       "std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0}
-    return merged
+    """The fits of each point (rows whose keys differ only in the seed) merged (`runner.merge_fits`): mean accuracy
+    and energy, their number, the accuracy's range and spread, the point's label and ADC bits; keyed by
+    `_point_key`, in the order the points were first measured."""
+    merged = merge_fits(rows.values(), lambda row: _point_key(row["key"]), ("test/acc", "test/energy_per_image_uj"))
+    return {key: {"point": fits["first"]["point"], "adc_bits": fits["first"]["adc_bits"],
+                  **{name: value for name, value in fits.items() if name != "first"}}
+            for key, fits in merged.items()}
 
 
 def _fits(point: dict) -> str:

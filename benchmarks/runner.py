@@ -21,7 +21,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import yaml
 
@@ -188,26 +188,42 @@ def seeded(setting: Setting, seed: int) -> Setting:
     return replace(setting, seed=None if seed == CONFIG_SEED else seed)
 
 
-def seed_spread(rows: Sequence[dict], group: Sequence[str], metric: str = "test/acc") -> list[dict]:
-    """Rows that differ only in ``seed``, merged: ``metric`` as mean, sample standard deviation, min-max and fits.
-
-    Args:
-        rows: measured rows (each with ``seed`` and ``metric``; rows without the metric are left out).
-        group: the columns that name a point (e.g. lever set, ADC bits, steps per unit); one output row each.
-    """
+def merge_fits(rows: Iterable[dict], point: Callable[[dict], Hashable],
+               metrics: Sequence[str] = ("test/acc",)) -> dict[Hashable, dict]:
+    """The fits of each point merged (rows with equal ``point(row)``: one setting fitted with other seeds), in the
+    order the points first appear: ``fits``, the mean of each of ``metrics`` over the rows that have it (None where
+    none has), the first metric's sample standard deviation (0.0 for one fit) and ``range`` (min-max), and
+    ``first``, the point's first row. Rows without the first metric (empty cells of a CSV) are left out."""
     import statistics
 
-    merged: dict[tuple, list[float]] = {}
+    def number(row, metric):
+        value = row.get(metric)
+        return None if value in ("", None) else float(value)
+
+    points: dict[Hashable, list[dict]] = {}
     for row in rows:
-        if row.get(metric) in ("", None):
-            continue
-        merged.setdefault(tuple(str(row.get(column, "")) for column in group), []).append(float(row[metric]))
-    out = []
-    for names, values in merged.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        out.append({**dict(zip(group, names)), "fits": len(values), "mean": round(statistics.fmean(values), 4),
-                    "std": round(spread, 4), "range": f"{min(values):.3f}-{max(values):.3f}"})
-    return out
+        if number(row, metrics[0]) is not None:
+            points.setdefault(point(row), []).append(row)
+    merged = {}
+    for key, fits in points.items():
+        means = {}
+        for metric in metrics:
+            values = [value for value in (number(row, metric) for row in fits) if value is not None]
+            means[metric] = statistics.fmean(values) if values else None
+        first = [number(row, metrics[0]) for row in fits]
+        merged[key] = {"first": fits[0], "fits": len(fits), **means,
+                       "std": statistics.stdev(first) if len(first) > 1 else 0.0,
+                       "range": f"{min(first):.3f}-{max(first):.3f}"}
+    return merged
+
+
+def seed_spread(rows: Sequence[dict], group: Sequence[str], metric: str = "test/acc") -> list[dict]:
+    """Rows that differ only in ``seed``, merged (`merge_fits`) into table rows: the ``group`` columns that name a
+    point (e.g. lever set, ADC bits, steps per unit), then ``metric``'s mean, sample standard deviation and min-max
+    over the fits, and their number."""
+    merged = merge_fits(rows, lambda row: tuple(str(row.get(column, "")) for column in group), (metric,))
+    return [{**dict(zip(group, names)), "fits": fits["fits"], "mean": round(fits[metric], 4),
+             "std": round(fits["std"], 4), "range": fits["range"]} for names, fits in merged.items()]
 
 
 SETTING_COLUMNS = tuple(item.name for item in fields(Setting))

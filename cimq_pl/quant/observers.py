@@ -142,7 +142,7 @@ def mse_clip(
     # from cache instead of streaming all samples from memory once per candidate (each item's error is the same
     # row-wise operations either way, so the result is bit for bit that of one pass over all items per candidate)
     item_error = torch.empty(n_candidates, items, dtype=samples.dtype, device=samples.device)
-    block = items if block_elements is None else max(1, block_elements // max(1, samples.shape[1]))
+    block = max(1, items if block_elements is None else block_elements // max(1, samples.shape[1]))
     for start in range(0, items, block):
         rows, groups = samples[start:start + block], group_index[start:start + block]
         for candidate, alpha in enumerate(alphas):
