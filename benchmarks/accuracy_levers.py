@@ -70,6 +70,9 @@ LEVER_SETS = {
     # GPTQ against AdaRound at equal wall time (part 3): the preset with GPTQ's rounding and no reconstruction
     # (run with --iters 0), beside the preset at as many AdaRound steps as take the same time
     "GPTQ rounding, calibration only": dict(row="cimq", weight_rounding="gptq"),
+    # a digital offset per output channel after the ADC, learned by reconstruction (the ADC's systematic error)
+    "+ ADC offsets": dict(row="cimq", lr_offset=1e-3),
+    "+ ADC offsets, lr 1e-2": dict(row="cimq", lr_offset=1e-2),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")

@@ -274,6 +274,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
     if not kinds or set(kinds) - set(BUDGETS):
         parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
+    for kind in kinds:  # each budget names a uniform setting, which the search needs among its candidates
+        bits = int(BUDGETS[kind][1].rsplit("=", 1)[1])
+        if bits not in candidates:
+            parser.error(f"--budgets {kind} is set by uniform ADC {bits}, which --candidates={args.candidates!r} "
+                         f"leaves out: add {bits}")
     args.smoke = args.smoke or args.quick
     prepare(args)
     extra = list(QUICK_ARGS) if args.smoke else []

@@ -116,6 +116,8 @@ class Setting:
             reconstructed (``iters_per_block`` 0; only for configs that reconstruct).
         lr_step: the reconstruction's learning rate of the input steps (0: the calibrated steps stay), after
             ``lr_scale`` (only for configs that reconstruct).
+        lr_offset: the reconstruction's learning rate of the layers' output offsets after the ADC
+            (`BlockReconstruction`'s ``lr_offset``; only for configs that reconstruct).
         seed: the datamodule's ``seed`` (the calibration subset, and every PTQ step's draws: its batch, the QDrop
             masks, both keyed by (seed, unit, step)) and ``seed_everything``: another fit of the same setting, to
             put the spread between fits beside a gap. ``seed_everything`` alone changes nothing in a PTQ fit (two
@@ -140,6 +142,7 @@ class Setting:
     step_scale: Optional[float] = None
     weight_rounding: Optional[str] = None
     lr_step: Optional[float] = None
+    lr_offset: Optional[float] = None
     seed: Optional[int] = None
 
     def __post_init__(self):
@@ -264,7 +267,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
         callbacks[callback][argument] = value
     changes = {name: getattr(setting, name)
-               for name in ("iters", "rounding_init", "lr_scale", "lr_step", "weight_rounding")}
+               for name in ("iters", "rounding_init", "lr_scale", "lr_step", "lr_offset", "weight_rounding")}
     if any(value is not None for value in changes.values()):
         from cimq_pl.objectives import BlockReconstruction
 
@@ -279,8 +282,9 @@ def derived_config(setting: Setting) -> Optional[dict]:
             init_args["rounding_init"] = setting.rounding_init
         if setting.lr_scale is not None:
             init_args.update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
-        if setting.lr_step is not None:
-            init_args["lr_step"] = setting.lr_step
+        for name in ("lr_step", "lr_offset"):
+            if getattr(setting, name) is not None:
+                init_args[name] = getattr(setting, name)
         if setting.weight_rounding == "gptq":  # GPTQ at calibration (listed before PTQ's callback); nothing reconstructed
             entries = config["trainer"]["callbacks"]
             ptq = next(i for i, entry in enumerate(entries) if entry["class_path"].endswith("PostTrainingQuantization"))

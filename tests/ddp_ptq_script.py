@@ -22,7 +22,7 @@ from cimq_pl.callbacks.calibration import quantizer_state  # noqa: E402
 from cimq_pl.datamodules import CIFAR10DataModule  # noqa: E402
 from cimq_pl.module import CIMQModule  # noqa: E402
 from cimq_pl.objectives import BlockReconstruction  # noqa: E402
-from cimq_pl.quant import CIMSpec  # noqa: E402
+from cimq_pl.quant import CIMSpec, cim_layers  # noqa: E402
 from cimq_pl.trainer import CIMQTrainer  # noqa: E402
 
 
@@ -35,7 +35,10 @@ class DumpQuantizers(Callback):
     def _save(self, trainer, pl_module, tag: str) -> None:
         path = self.out / f"{tag}_devices{self.devices}_rank{trainer.global_rank}.pt"
         acc = trainer.callback_metrics.get("val/acc")
-        torch.save({"quantizers": quantizer_state(pl_module.model), "val_acc": None if acc is None else float(acc)}, path)
+        offsets = {name: layer.output_offset.detach().clone() for name, layer in cim_layers(pl_module.model)
+                   if layer.output_offset is not None}  # learned after the ADC (lr_offset)
+        torch.save({"quantizers": quantizer_state(pl_module.model), "offsets": {"output_offset": offsets},
+                    "val_acc": None if acc is None else float(acc)}, path)
 
     def on_fit_start(self, trainer, pl_module):
         self._save(trainer, pl_module, "calibrated")
@@ -53,7 +56,7 @@ def main(out: str, devices: int, iters: int) -> None:
     seed_everything(0)
     out_dir = Path(out)
     module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
-                        objective=BlockReconstruction(iters_per_block=iters, batch_size=16))
+                        objective=BlockReconstruction(iters_per_block=iters, batch_size=16, lr_offset=1e-3))
     data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
     callbacks = [BitSparseActivations(max_ones=2), ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5),
                  PostTrainingQuantization(), DumpQuantizers(out_dir, devices)]

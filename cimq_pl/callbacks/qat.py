@@ -77,7 +77,8 @@ class QuantizationAwareTraining(Callback):
 @torch.no_grad()
 def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT init_from") -> None:
     """Load a PTQ checkpoint into ``pl_module``, baking its hard AdaRound decisions into the weights
-    (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes. ``who`` names the setting
+    (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes; learned output offsets
+    (PTQ's ``lr_offset``) are added to the biases, which QAT then learns as any bias. ``who`` names the setting
     in errors.
 
     Raises:
@@ -92,7 +93,8 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT 
     if not isinstance(state, Mapping):  # not a Lightning checkpoint: the network's own keys, as read_state_dict gives
         state = {f"model.{key}": value for key, value in read_state_dict(path, who).items()}
     logits = {k: v for k, v in state.items() if k.endswith("weight_quantizer.rounding_logits")}
-    rest = {k: v for k, v in state.items() if k not in logits}
+    offsets = {k: v for k, v in state.items() if k.endswith(".output_offset")}
+    rest = {k: v for k, v in state.items() if k not in logits and k not in offsets}
     check_state_dict_fits(pl_module.state_dict(), rest, f"{who} {path!r}", "the model",
                           " (it must be a PTQ checkpoint of the same model and model.cim)")
     pl_module.load_state_dict(rest, strict=True)
@@ -100,6 +102,19 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT 
         key = f"model.{name}.weight_quantizer.rounding_logits"
         if key in logits and layer.weight_quantizer is not None:
             layer.weight_quantizer.bake_rounding_(layer._weight4d(), logits[key])  # a view: linear layers too
+        offset = offsets.get(f"model.{name}.output_offset")
+        if offset is not None:
+            bake_output_offset_(layer, offset, name)
+
+
+@torch.no_grad()
+def bake_output_offset_(layer, offset: torch.Tensor, name: str) -> None:
+    """Add a PTQ checkpoint's learned output ``offset`` to ``layer``'s bias (QAT's optimizer already holds the
+    biases, so a layer without one cannot take it: refused)."""
+    if layer.bias is None:
+        raise ConfigError(f"the PTQ checkpoint learned an output offset (BlockReconstruction.lr_offset) for layer "
+                          f"{name!r}, which has no bias for QAT to add it to: refit PTQ with lr_offset: 0")
+    layer.bias.add_(offset.to(layer.bias))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ calls, so the exported steps are bit-for-bit the ones the fake-quant simulation 
 * ``adc_setting`` / ``adc_thresholds`` / ``adc_code_min`` / ``adc_scale``: the ADC setting of every bitline,
   and per setting the integer comparator thresholds (in partial-sum units: code = code_min + number of
   thresholds <= p), the lowest code and the digital scale (clip alpha / levels) of one code step;
-* ``bias``.
+* ``bias``: the layer's bias, plus its learned output offset after the ADC where it has one (PTQ's ``lr_offset``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _padding(layer: nn.Module) -> list:
     return pair(padding)
 
 
-def _shape_fields(layer: nn.Module, linear: bool) -> dict:
+def _shape_fields(layer: nn.Module, linear: bool, bias: torch.Tensor | None) -> dict:
     kernel = list(layer.kernel_size) if not linear else [1, 1]
     return {
         "in_channels": layer.in_features if linear else layer.in_channels,
@@ -51,13 +51,13 @@ def _shape_fields(layer: nn.Module, linear: bool) -> dict:
         "padding": [0, 0] if linear else _padding(layer),
         "dilation": [1, 1] if linear else pair(layer.dilation),
         "groups": 1 if linear else layer.groups,
-        "bias": layer.bias is not None,
+        "bias": bias is not None,
     }
 
 
 def digital_layer_record(name: str, layer: nn.Module, op: str) -> tuple[dict, dict]:
     """Entry and tensors of a float layer left digital (``first_layer``/``last_layer`` ``"digital"``)."""
-    entry = {"op": op, **_shape_fields(layer, op == "linear"),
+    entry = {"op": op, **_shape_fields(layer, op == "linear", layer.bias),
              "weight_shape": list(layer.weight.shape)}
     tensors = {f"{name}.weight": layer.weight.detach().float()}
     if layer.bias is not None:
@@ -168,6 +168,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
     geo, spec = layer.geometry, layer.spec
     iq, wq, pq = layer.input_quantizer, layer.weight_quantizer, layer.psum_quantizer
     linear = isinstance(layer, CIMLinear)
+    bias = layer.output_bias(pq is not None and pq.enabled)  # the bias, plus the learned offset after the ADC
     signed = bool(iq.signed)
     layout = layer_layout(geo, signed)
 
@@ -189,7 +190,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
     entry = {
         "op": "cim_linear" if linear else "cim_conv2d",
         "spec": dataclasses.asdict(spec),
-        **_shape_fields(layer, linear),
+        **_shape_fields(layer, linear, bias),
         "input_shape": list(input_shape),
         "input": {"bits": iq.bits, "signed": signed, "max_ones": iq.max_ones if iq.sparse_codes else None,
                   "rounding": "nearest_code_ties_down" if iq.sparse_codes else "half_even"},
@@ -206,8 +207,8 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
     if pq is not None and pq.enabled:
         entry["adc"], adc_tensors = _adc_tensors(name, pq, geo, layout, bound)
         tensors.update(adc_tensors)
-    if layer.bias is not None:
-        tensors[f"{name}.bias"] = layer.bias.detach().float().cpu()
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.detach().float().cpu()
     return entry, tensors
 
 

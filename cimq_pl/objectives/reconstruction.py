@@ -19,8 +19,9 @@ the cache and:
    ``||y - y_fp||^2`` (summed over channels, mean over batch and positions, as BRECQ)
    ``+ rounding_weight x sum(1 - |2h(V) - 1|^beta)`` (after the warm-up) ``+ the bit-sparsity penalty``.
 
-Only the current unit's AdaRound logits, input step sizes and ADC clip parameters learn; weights, biases
-and weight step sizes stay fixed.
+Only the current unit's AdaRound logits, input step sizes and ADC clip parameters learn (and, with ``lr_offset``,
+a digital offset per output channel of each layer with an ADC, beside the bias); weights, biases and weight step
+sizes stay fixed.
 
 With ``rounding_init="gptq"`` the unit's weights are GPTQ-rounded when it starts (`init_unit_rounding`): the
 Hessian of each of its layers is collected by running the unit on the cached quantized inputs ``x_q`` (the
@@ -137,6 +138,10 @@ class BlockReconstruction(Objective):
         lr_rounding: Adam learning rate of the AdaRound logits.
         lr_step: Adam learning rate of the input step sizes (QDrop: 4e-5, cosine decay within each unit).
         lr_clip: Adam learning rate of the ADC clip parameters theta.
+        lr_offset: Adam learning rate of a digital offset per output channel of every layer with an ADC
+            (`add_output_offset_`, added with the bias while the ADC is on), learned to cancel the ADC's systematic
+            error; 0 (the default) adds none. Added at ``setup`` of every stage, since the offsets are part of the
+            model's checkpoint.
         rounding_init: where each unit's rounding starts: ``"nearest"`` (AdaRound's h(V) = frac(w / s)) or
             ``"gptq"`` (GPTQ from the unit's cached quantized inputs, computed when the unit starts; AdaRound then
             starts from GPTQ's codes, or, with ``adaround: false``, the codes are GPTQ's). Needs
@@ -166,6 +171,7 @@ class BlockReconstruction(Objective):
         lr_rounding: float = 1e-3,
         lr_step: float = 4e-5,
         lr_clip: float = 1e-3,
+        lr_offset: float = 0.0,
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_damp: float = DEFAULT_DAMP,
     ):
@@ -175,7 +181,8 @@ class BlockReconstruction(Objective):
         if not 0 <= warmup < 1:
             raise ConfigError(f"BlockReconstruction.warmup={warmup!r} is invalid: expected a fraction in [0, 1)")
         for name, value in (("rounding_weight", rounding_weight), ("lr_rounding", lr_rounding),
-                            ("lr_step", lr_step), ("lr_clip", lr_clip), ("beta_start", beta_start),
+                            ("lr_step", lr_step), ("lr_clip", lr_clip), ("lr_offset", lr_offset),
+                            ("beta_start", beta_start),
                             ("beta_end", beta_end)):
             if not value >= 0:
                 raise ConfigError(f"BlockReconstruction.{name}={value!r} is invalid: expected a number >= 0")
@@ -194,7 +201,7 @@ class BlockReconstruction(Objective):
         self.rounding_weight = rounding_weight
         self.warmup = warmup
         self.beta_start, self.beta_end = beta_start, beta_end
-        self.learning_rates = {"rounding": lr_rounding, "step": lr_step, "clip": lr_clip}
+        self.learning_rates = {"rounding": lr_rounding, "step": lr_step, "clip": lr_clip, "offset": lr_offset}
         self.rounding_init, self.gptq_damp = rounding_init, gptq_damp
         # the runtime state of a fit, built by `setup` / `attach`
         self.blocks: list[tuple[str, nn.Module]] = []
@@ -230,11 +237,14 @@ class BlockReconstruction(Objective):
         self._refuse_gptq_option(model)
         if self.reconstructs and self.adaround:
             reconfigure_(model, weight_rounding="adaround")
+        if self.reconstructs and self.learning_rates["offset"] > 0:
+            for _, layer in cim_layers(model):
+                layer.add_output_offset_()
         if stage != "fit":
             return
         trainer = module.trainer
         _require_ptq_callback(trainer.callbacks)
-        learnable = {id(p) for params in quantizer_parameters(model, include_frozen=True).values() for p in params}
+        learnable = {id(p) for params in self.learned_parameters(model).values() for p in params}
         for param in model.parameters():  # weights, biases and weight steps stay fixed
             param.requires_grad_(id(param) in learnable)
         dropping = applied_technique(model, QuantDroppingConfig)
@@ -310,9 +320,9 @@ class BlockReconstruction(Objective):
         """Make unit ``index`` the one that learns."""
         self.current, self.step_in_unit = index, 0
         self._unit_loss_sum, self._unit_loss_steps = 0.0, 0  # its steps' reconstruction losses (since a resume)
-        learning = {id(p) for ps in quantizer_parameters(self.blocks[index][1], include_frozen=True).values() for p in ps}
+        learning = {id(p) for ps in self.learned_parameters(self.blocks[index][1]).values() for p in ps}
         for _, module in self.blocks:
-            for params in quantizer_parameters(module, include_frozen=True).values():
+            for params in self.learned_parameters(module).values():
                 for param in params:
                     param.requires_grad_(id(param) in learning)
 
@@ -451,10 +461,18 @@ class BlockReconstruction(Objective):
                        on_epoch=True)
         return loss
 
+    def learned_parameters(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """What reconstruction learns in ``model`` (a network or a unit), by kind: `quantizer_parameters` (AdaRound
+        logits, input steps, ADC clips) and, with ``lr_offset`` > 0, the layers' output offsets."""
+        groups = quantizer_parameters(model, include_frozen=True)
+        if self.learning_rates["offset"] > 0:
+            groups["offset"] = [layer.output_offset for _, layer in cim_layers(model) if layer.output_offset is not None]
+        return groups
+
     def configure_optimizers(self, module):
         groups = [
             {"params": params, "lr": self.learning_rates[kind], "name": kind}
-            for kind, params in quantizer_parameters(module.model, include_frozen=True).items()
+            for kind, params in self.learned_parameters(module.model).items()
             if params
         ]
         optimizer = torch.optim.Adam(groups)

@@ -109,6 +109,7 @@ class _CIMLayerBase(nn.Module):
         self.device_model = None  # real-device non-idealities (device_model.py), attached by attach_device_
         self.mapping = "cim"  # "cim" (the macro's arrays) or "int8" (an 8-bit edge layer), set by convert_to_cim
         self.simulation: Optional[str] = None  # "eager", "compiled" or None (the process default), see fused.py
+        self.output_offset: Optional[nn.Parameter] = None  # learned digital offset after the ADC (add_output_offset_)
 
     def _array_convs(self) -> list:
         """Per part: (`fused.ConvParams` of its grouped convolution, extra input padding for F.pad or None)."""
@@ -199,6 +200,26 @@ class _CIMLayerBase(nn.Module):
                     new.init_rounding(self._weight4d())
             setattr(self, f"{role}_quantizer", new)
         self.options = options
+
+    def add_output_offset_(self) -> Optional[nn.Parameter]:
+        """Give the layer a digital offset per output channel (zeros, in the output's units), added with the bias
+        whenever its ADC is on: PTQ learns it to cancel the ADC's systematic error (its rounding and clipping do
+        not average to zero over the partial sums a column sees). The macro adds the bias digitally anyway, so the
+        offset costs nothing more. Kept as its own Parameter so the float network (ADC off) keeps its bias. None
+        (and nothing added) for a layer without an ADC quantizer; an existing offset is returned as it is."""
+        if self.psum_quantizer is None:
+            return None
+        if self.output_offset is None:
+            self.output_offset = nn.Parameter(torch.zeros(self.out_channels, dtype=self.weight.dtype,
+                                                          device=self.weight.device), requires_grad=False)
+        return self.output_offset
+
+    def output_bias(self, adc_active: bool) -> Optional[torch.Tensor]:
+        """The per-channel term added to the output: the bias, plus the learned `output_offset` while the ADC
+        is on (None when the layer has neither)."""
+        if self.output_offset is None or not adc_active:
+            return self.bias
+        return self.output_offset if self.bias is None else self.bias + self.output_offset
 
     # ------------------------------------------------------------------ public helpers
     def quantizers(self) -> dict:
@@ -422,8 +443,9 @@ class _CIMLayerBase(nn.Module):
             output = output * device_gain
         if input_step is not None:
             output = output * input_step
-        if self.bias is not None:
-            output = output + self.bias.view(1, -1, 1, 1)
+        bias = self.output_bias(adc_active)
+        if bias is not None:
+            output = output + bias.view(1, -1, 1, 1)
 
         if self.collect_stats:
             self.stats.add(**forward_counts(
@@ -519,16 +541,17 @@ class _CIMLayerBase(nn.Module):
             for store, value in zip((steps, qmins, qmaxs, coefs, ref_coefs),
                                     (step, qmin, qmax, coefficient, ref_coefficient)):
                 store.append(value)
+        bias = self.output_bias(adc_active)
         config = fused.PostConfig(
             cycle_weights=tuple(split.cycle_weights) if split is not None else (1,),
             part_blocks=tuple(len(part.row_blocks) for part in self.parts), groups=geo.groups,
             cout_g=geo.out_channels_per_group, n_slices=len(slice_weights), n_ref=n_ref, adc=adc_active,
-            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=self.bias is not None, pack=pack)
+            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=bias is not None, pack=pack)
         ref_index = self._col_block_of_column if n_ref else None
         ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
         convs = [conv for conv, _ in self._array_convs()]
         return fused.compiled_layer(config, split, quant, convs, ref_index, ref_onehot, part_inputs, weights, steps,
-                                    qmins, qmaxs, coefs, ref_coefs, keeps, input_step, self.bias, lut, channels_last)
+                                    qmins, qmaxs, coefs, ref_coefs, keeps, input_step, bias, lut, channels_last)
 
     def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
                n_cycles, n_images, columns):

@@ -74,3 +74,14 @@ def test_a_seeded_fit_draws_other_calibration_images_and_ptq_steps(monkeypatch, 
     plain, other = seen
     assert "--data.init_args.seed" not in plain and "--seed_everything" not in plain
     assert other[-4:] == ["--data.init_args.seed", "3", "--seed_everything", "3"]
+
+
+def test_layer_search_refuses_a_budget_whose_uniform_setting_is_not_a_candidate(capsys):
+    """The saving and accuracy budgets are set by uniform ADC 5, the energy budget by ADC 4: the search needs that
+    setting among its candidates, so the script says so before fitting anything (it used to fail mid-run)."""
+    with pytest.raises(SystemExit):
+        layer_search.main(["--budgets", "saving", "--candidates", "3,4"])
+    assert "--budgets saving is set by uniform ADC 5, which --candidates='3,4' leaves out: add 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        layer_search.main(["--budgets", "energy", "--candidates", "3,5"])
+    assert "--budgets energy is set by uniform ADC 4" in capsys.readouterr().err

@@ -58,6 +58,9 @@ def test_every_rank_holds_identical_quantizers_after_each_block(runs):
 def test_reconstruction_keeps_ranks_identical_and_accuracy_close_to_one_process(runs):
     rank0, rank1 = (_load(runs, "final", 2, r) for r in (0, 1))
     _assert_same(rank0["quantizers"], rank1["quantizers"])
+    _assert_same(rank0["offsets"], rank1["offsets"])  # the output offsets after the ADC (lr_offset) learn in step
+    offsets = rank0["offsets"]["output_offset"]
+    assert len(offsets) == 20 and all(offset.abs().max() > 0 for offset in offsets.values())
     one = _load(runs, "final", 1, 0)
     assert rank0["val_acc"] == rank1["val_acc"]
     assert abs(rank0["val_acc"] - one["val_acc"]) <= 0.05  # 200 images, different data order: within noise

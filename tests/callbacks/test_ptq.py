@@ -16,7 +16,7 @@ from cimq_pl.callbacks import (
     QuantDropping,
     QuantizationAwareTraining,
 )
-from cimq_pl.callbacks.calibration import quantizer_state
+from cimq_pl.callbacks.calibration import calibration_images, quantizer_state
 from cimq_pl.datamodules import CIFAR10DataModule
 from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
@@ -149,6 +149,44 @@ def test_every_quantizer_trains_in_a_fit_and_the_int8_edge_inputs_drop(tmp_path)
     assert len(modes.edge_input_drops) == 22 and all(modes.edge_input_drops)
     assert modes.eval_in_training == set()
     assert modes.validation_batches == 2 and modes.training_in_validation == set()  # and restored after the first
+
+
+def test_ptq_learns_output_offsets_after_the_adc_and_qat_takes_them_into_the_biases(tmp_path):
+    """``lr_offset``: every layer with an ADC learns its output offset (the ``int8`` edges, ideal ADC, get none); the
+    weights and biases, and so the float network, stay as they were; QAT's ``init_from`` adds the offsets to the
+    biases and computes what the PTQ network computes."""
+    import copy
+
+    from cimq_pl.callbacks.qat import load_ptq_checkpoint_
+    from cimq_pl.quant.techniques import reconfigure_
+
+    ptq = PostTrainingQuantization()
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(adc_bits=3, first_layer="int8", last_layer="int8"),
+                        objective=BlockReconstruction(iters_per_block=2, batch_size=8, lr_offset=1e-2))
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = _trainer(tmp_path, [ArraywiseWeights(), PartialSumClipping(), ptq], limit_val_batches=0)
+    trainer.fit(module, datamodule=_datamodule())
+    layers = dict(cim_layers(module.model))
+    assert layers["conv1"].output_offset is None and layers["fc"].output_offset is None
+    offsets = {name: layer.output_offset for name, layer in layers.items() if name not in ("conv1", "fc")}
+    assert len(offsets) == 18 and all(offset is not None and offset.abs().max() > 0 for offset in offsets.values())
+    for name, value in dict(module.model.named_parameters()).items():
+        if name in before:
+            if name.endswith(("weight", "bias")):
+                assert torch.equal(value, before[name]), name
+    state = torch.load(ptq.checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(state["model.layer2.0.conv1.output_offset"], offsets["layer2.0.conv1"])
+    qat = copy.deepcopy(module)  # the same network, as QAT builds it: no AdaRound logits, no offsets
+    reconfigure_(qat.model, weight_rounding="nearest")
+    for layer in dict(cim_layers(qat.model)).values():
+        layer.output_offset = None
+    load_ptq_checkpoint_(qat, ptq.checkpoint_path)
+    qat_layer = dict(cim_layers(qat.model))["layer2.0.conv1"]
+    assert torch.equal(qat_layer.bias, before["layer2.0.conv1.bias"] + offsets["layer2.0.conv1"])
+    images = calibration_images(trainer.datamodule, torch.device("cpu"))[:4]
+    module.eval(), qat.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qat(images), module(images), rtol=1e-5, atol=1e-5)
 
 
 def test_qat_trains_weights_and_quantizers_with_sparsity_penalty(tmp_path):

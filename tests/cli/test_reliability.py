@@ -40,7 +40,8 @@ def _config(path: Path, gate: bool, source: str = "configs/quant/cimq_ptq.yaml",
     ``gate_step``, or where ``gate_args`` say)."""
     config = yaml.safe_load((REPO / source).read_text())
     if "objective" in config["model"]:
-        config["model"]["objective"]["init_args"].update(iters_per_block=ITERS, batch_size=8)
+        # output offsets learned after the ADC too (lr_offset): they resume and repeat exactly as the rest
+        config["model"]["objective"]["init_args"].update(iters_per_block=ITERS, batch_size=8, lr_offset=1e-3)
     callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("HardwareReport")]
     for callback in callbacks:
         if callback["class_path"].endswith("ModelCheckpoint"):
@@ -146,6 +147,7 @@ def test_resumed_ptq_equals_uninterrupted_bit_for_bit(runs):
     assert reference.keys() == resumed.keys()
     quantizer_keys = [k for k in reference if "quantizer" in k]
     assert any(k.endswith("rounding_logits") for k in quantizer_keys) and any(k.endswith("theta") for k in quantizer_keys)
+    assert any(k.endswith("output_offset") and reference[k].abs().max() > 0 for k in reference)
     different = [k for k in reference if not _same(reference[k], resumed[k])]
     assert not different, different[:5]
 

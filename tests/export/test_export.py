@@ -387,3 +387,22 @@ def test_missing_files_are_refused_clearly(good_export, tmp_path):
     (tmp_path / "garbled" / "manifest.json").write_text("{not json")
     with pytest.raises(ExportError, match="manifest.json is not valid JSON"):
         read_export(tmp_path / "garbled")
+
+
+def test_a_learned_output_offset_is_exported_in_the_bias(tmp_path):
+    """PTQ's output offset (`add_output_offset_`, added after the ADC) travels as part of the exported bias, and the
+    integer executor reproduces the layer with it."""
+    spec = CIMSpec(rows=20, cols=7, weight_bits=4, input_bits=4, adc_bits=3)
+    model, images = _tiny_conv_model(spec, perturb=True)
+    layer = model[0]
+    with torch.no_grad():
+        layer.add_output_offset_().uniform_(-0.5, 0.5)
+    export = read_export(export_model(model, spec, tmp_path / "export", (5, 6, 6)))
+    assert torch.equal(export.tensors["0.bias"], (layer.bias + layer.output_offset).detach())
+    with torch.no_grad():
+        expected = model(images)
+        without = layer.output_offset.clone()
+        layer.output_offset.zero_()
+        assert not torch.allclose(model[0](images), expected)  # the offset matters to the output
+        layer.output_offset.copy_(without)
+    assert torch.allclose(IntegerExecutor(export)(images), expected, rtol=1e-6, atol=1e-6)

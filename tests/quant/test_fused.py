@@ -80,10 +80,16 @@ def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed, granu
 @settings(max_examples=40, deadline=None)
 @given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
        train=st.booleans(), rounding=st.sampled_from(["nearest", "adaround"]), max_ones=st.sampled_from([None, 1, 2]),
-       granularity=st.sampled_from(["array", "column"]))
-def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding, max_ones, granularity):
+       granularity=st.sampled_from(["array", "column"]), offset=st.booleans())
+def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding, max_ones, granularity,
+                                                   offset):
     layer, x = _initialised(case, spec, seed, torch.float64, signed, weight_rounding=rounding,
                             input_max_ones=max_ones, psum_granularity=granularity)
+    offset = offset and layer.add_output_offset_() is not None  # a learned offset after the ADC (gradient too)
+    if offset:
+        with torch.no_grad():
+            layer.output_offset.uniform_(-0.5, 0.5)
+        layer.output_offset.requires_grad_(True)
     layer.train(train)
     if train and layer.input_quantizer is not None:
         layer.input_quantizer.keep_prob = 0.5  # QDrop: non-integer digits in the first cycle
@@ -95,8 +101,13 @@ def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, tra
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+    if offset:
+        assert "output_offset" in grads
     if not train and max_ones is None:  # (the reference rounds inputs: no bit-sparse code sets)
-        torch.testing.assert_close(out, reference_conv(layer, x)["output"], rtol=1e-9, atol=1e-9)
+        reference = reference_conv(layer, x)["output"]
+        if offset:  # the reference knows the bias only: the offset is one more per-channel term after the ADC
+            reference = reference + layer.output_offset.detach().view(1, -1, 1, 1)
+        torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
@@ -285,3 +296,21 @@ def test_compiled_channels_last_output_takes_an_in_place_relu_with_the_eager_gra
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, eager_grad, rtol=1e-9, atol=1e-9)
+
+
+def test_the_output_offset_counts_only_while_the_adc_is_on():
+    """`add_output_offset_`: zeros change nothing; a value is added per output channel with the ADC on, never to the
+    float layer (quantizers off) nor to an ADC-less (ideal-ADC) layer, which gets none."""
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(6, 4, 3, padding=1), torch.rand(2, 6, 5, 5)
+    layer = CIMConv2d.from_conv(conv, CIMSpec(rows=16, cols=8, adc_bits=3), QuantizerOptions(**OPTIONS)).eval()
+    with torch.no_grad():
+        before = layer(x)
+        offset = layer.add_output_offset_()
+        assert layer.add_output_offset_() is offset and torch.equal(layer(x), before)
+        offset.copy_(torch.tensor([0.5, -0.25, 0.0, 1.0]))
+        torch.testing.assert_close(layer(x), before + offset.view(1, -1, 1, 1))
+        layer.set_quantizers_enabled(False)
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    ideal = CIMConv2d.from_conv(conv, CIMSpec(rows=16, cols=8, adc_bits=None))
+    assert ideal.add_output_offset_() is None and ideal.output_offset is None
