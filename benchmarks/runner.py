@@ -464,8 +464,8 @@ def base_parser(description: str, models: bool = False):
     return parser
 
 
-SMOKE_ARGS = (
-    "--data.init_args.eval_batch_size", "50",
+SMOKE_ARGS = (  # 32 calibration images, 2 test batches of 25 images (`limit_test_batches 1` would read "all")
+    "--data.init_args.eval_batch_size", "25",
     "--data.init_args.calibration_size", "32",
     "--data.init_args.num_workers", "0",
     "--trainer.limit_test_batches", "2",

@@ -57,7 +57,7 @@ def main(out: str, devices: int, iters: int) -> None:
     out_dir = Path(out)
     module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
                         objective=BlockReconstruction(iters_per_block=iters, batch_size=16, lr_offset=1e-3))
-    data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
+    data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=32, eval_batch_size=50)
     callbacks = [BitSparseActivations(max_ones=2), ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5),
                  PostTrainingQuantization(), DumpQuantizers(out_dir, devices)]
     trainer = CIMQTrainer(accelerator="cpu", devices=devices, strategy=PTQ_DDP_STRATEGY if devices > 1 else "auto",

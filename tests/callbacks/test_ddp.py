@@ -63,4 +63,5 @@ def test_reconstruction_keeps_ranks_identical_and_accuracy_close_to_one_process(
     assert len(offsets) == 20 and all(offset.abs().max() > 0 for offset in offsets.values())
     one = _load(runs, "final", 1, 0)
     assert rank0["val_acc"] == rank1["val_acc"]
-    assert abs(rank0["val_acc"] - one["val_acc"]) <= 0.05  # 200 images, different data order: within noise
+    print(f"val/acc on 100 images: 2 processes {rank0['val_acc']}, one process {one['val_acc']}")
+    assert abs(rank0["val_acc"] - one["val_acc"]) <= 0.05  # 100 images, different data order: within noise

@@ -25,8 +25,9 @@ from cimq_pl.quant import CIMSpec, cim_layers, iter_quantizers
 from cimq_pl.trainer import CIMQTrainer
 from conftest import CIFAR10, RESNET20
 
-FAST = ["--data.init_args.calibration_size", "64", "--data.init_args.eval_batch_size", "100",
-        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"]
+# 32 calibration images, 2 evaluation batches of 50 test images, no DataLoader worker processes: sized for CI
+FAST = ["--data.init_args.calibration_size", "32", "--data.init_args.eval_batch_size", "50",
+        "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"]
 
 
 class QuantizerSnapshots(Callback):
@@ -63,7 +64,7 @@ def _trainer(tmp_path, callbacks, trainer_class=CIMQTrainer, **kwargs):
 
 
 def _datamodule():
-    return CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=64, eval_batch_size=100)
+    return CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=32, eval_batch_size=50)
 
 
 def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
@@ -115,6 +116,25 @@ def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
     for unit, (name, _) in enumerate(module.objective.blocks):
         mean = sum(steps.returned[2 * unit:2 * unit + 2]) / 2
         assert float(trainer.logged_metrics[f"ptq/{name}/rec_loss"]) == pytest.approx(mean, rel=1e-6), name
+
+
+def test_unit_statistics_from_the_cached_unit_inputs_equal_a_forward_through_the_network(tmp_path):
+    """The clip rate and bit density PTQ logs after each unit come from the unit alone on its cached inputs; the
+    reference runs every unit before it on the same calibration images."""
+    ptq = PostTrainingQuantization()
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(adc_bits=3),
+                        objective=BlockReconstruction(iters_per_block=1, batch_size=8))
+    trainer = _trainer(tmp_path, [PartialSumClipping(), ptq], limit_val_batches=0)
+    trainer.fit(module, datamodule=_datamodule())
+    objective = module.objective
+    for index in (0, 4, 7, 10):  # the stem, a block of each stage (a stride-2 one among them), the classifier
+        objective.start_unit(index)
+        objective.cache_block_io(module.model, ptq._calibration_images)
+        name, block = objective.blocks[index]
+        cached = ptq._block_statistics(module, name, block, 8, objective.cache[2][:8])
+        through = ptq._block_statistics(module, name, block, 8)
+        assert cached == through and 0 < cached[f"ptq/{name}/bit_density"] < 1, (name, cached, through)
+        assert float(trainer.logged_metrics[f"ptq/{name}/bit_density"]) == pytest.approx(cached[f"ptq/{name}/bit_density"])
 
 
 class QuantizerModes(Callback):
@@ -214,7 +234,7 @@ def test_cli_cimq_ptq_then_test_with_its_checkpoint(run_cli, tmp_path):
     test = run_cli("test", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/cimq_ptq.yaml",
                    "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), *FAST,
                    "--ckpt_path", str(ptq.checkpoint_path))
-    # validation and test read the same 200 test images: the reloaded model must score exactly the same
+    # validation and test read the same 100 test images: the reloaded model must score exactly the same
     assert test.trainer.callback_metrics["test/acc"].item() == pytest.approx(val_acc, abs=1e-6)
     assert val_acc > 0.5  # W4A4 with a 4-bit ADC after a 2-step-per-block PTQ; FP is 0.915 on these images
 
@@ -247,7 +267,8 @@ def test_user_example_cifar100_config_runs_cimq_ptq(run_cli, tmp_path):
     np.savez(both, train_images=sample["images"], train_labels=sample["labels"],
              test_images=sample["images"], test_labels=sample["labels"], classes=sample["classes"])
     fit = run_cli("fit", "--config", "configs/resnet_cifar100.yaml", "--data.root", str(both),
-                  "--data.init_args.calibration_size", "32", "--data.init_args.eval_batch_size", "100",
+                  "--data.init_args.calibration_size", "32", "--data.init_args.eval_batch_size", "25",
+                  "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "2",
                   "--model.objective.init_args.iters_per_block", "1", "--model.objective.init_args.batch_size", "8")
     names = [type(cb).__name__ for cb in fit.trainer.callbacks]
     for expected in ("BitSparseActivations", "ArraywiseWeights", "PartialSumClipping", "QuantDropping", "PostTrainingQuantization"):

@@ -19,7 +19,7 @@ from cimq_pl.quant import CIMSpec
 
 BASE = ["--config", "configs/resnet20_cifar10.yaml", "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20),
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.init_args.num_workers", "0",
-        "--data.init_args.eval_batch_size", "100", "--trainer.limit_test_batches", "2"]
+        "--data.init_args.eval_batch_size", "50", "--trainer.limit_test_batches", "2"]
 CONVENTIONAL = ["--config", "configs/quant/conventional.yaml"]
 CIMQ = ["--config", "configs/quant/cimq_ptq.yaml"]
 ALL_BUT_PTQ_OF_CIMQ = "BitSparseActivations,ArraywiseWeights,PartialSumClipping,QuantDropping,HardwareReport"
@@ -140,7 +140,7 @@ def test_keep_probabilities_act_in_training_only_and_are_not_compared():
 
 @pytest.fixture(scope="module")
 def conventional_checkpoint(tmp_path_factory):
-    """A real conventional PTQ checkpoint (calibration on 32 images) and its test accuracy on 200 images."""
+    """A real conventional PTQ checkpoint (calibration on 32 images) and its test accuracy on 100 images."""
     import wandb
 
     from cimq_pl.cli import CIMQCLI

@@ -46,7 +46,8 @@ def test_plain_test_prints_no_noise(tmp_path):
 
 def test_short_ptq_fit_prints_no_noise(tmp_path):
     printed = _run(tmp_path, "fit", "--config", "configs/resnet20_cifar10.yaml", "--config",
-                   "configs/quant/conventional.yaml", "--data.init_args.calibration_size", "64")
+                   "configs/quant/conventional.yaml", "--data.init_args.calibration_size", "32",
+                   "--data.init_args.eval_batch_size", "50", "--trainer.limit_val_batches", "2")  # sized for CI
     assert [noise for noise in NOISE if noise in printed] == []
     assert "[cimq] quantized model written to" in printed
 

@@ -48,7 +48,7 @@ def test_a_resumed_fit_continues_the_same_run_in_the_same_folder(tmp_path):
     args = ["fit", "--config", "configs/resnet20_cifar10.yaml", "--config", "configs/quant/conventional.yaml",
             "--config", str(config), "--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20),
             "--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0",
-            "--data.init_args.eval_batch_size", "50", "--trainer.limit_val_batches", "1",
+            "--data.init_args.eval_batch_size", "25", "--trainer.limit_val_batches", "2",  # 50 images ("1" is all)
             "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
     code, _, err = _cli(args, gate=True)
