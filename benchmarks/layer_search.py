@@ -26,7 +26,7 @@ import csv
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import yaml
 
@@ -36,8 +36,23 @@ from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES
 UNIFORM_ADC = (3, 4, 5, 6)
 SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
 METRIC_NAMES = ("fisher", "kl", "mse")
-BUDGETS = {"energy": ("energy_budget", "adc_bits=4"), "accuracy": ("loss_budget", "adc_bits=5"),
-           "saving": ("energy_budget", "{saving:g}*adc_bits=5")}
+
+
+class Budget(NamedTuple):
+    """A search budget of the benchmark: the `search` option it sets and the uniform ADC resolution it is read from
+    (its predicted energy or loss; with ``scaled``, the ``--saving`` fraction of its energy)."""
+
+    flag: str
+    uniform_adc: int
+    scaled: bool = False
+
+    def value(self, saving: float) -> str:
+        """The option's value, e.g. ``adc_bits=4`` or ``0.8*adc_bits=5``."""
+        return f"{saving:g}*adc_bits={self.uniform_adc}" if self.scaled else f"adc_bits={self.uniform_adc}"
+
+
+BUDGETS = {"energy": Budget("energy_budget", 4), "accuracy": Budget("loss_budget", 5),
+           "saving": Budget("energy_budget", 5, scaled=True)}
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
           "saving": "searched at 80% of uniform ADC 5's energy"}
 COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "search_images", *METRICS, "fit_seconds", "test_seconds",
@@ -98,8 +113,7 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
     derived = work_dir / f"{setting.key}.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(derived_config(setting), sort_keys=False))
-    flag, value = BUDGETS[kind]
-    value = value.format(saving=saving)
+    flag, value = BUDGETS[kind].flag, BUDGETS[kind].value(saving)
     output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric, candidates, saving, kind, from_ptq)}"
     args = ["search", "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
             "--data.init_args.root", str(LOSSLESS), "--trainer.enable_progress_bar", "false",
@@ -275,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if not kinds or set(kinds) - set(BUDGETS):
         parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
     for kind in kinds:  # each budget names a uniform setting, which the search needs among its candidates
-        bits = int(BUDGETS[kind][1].rsplit("=", 1)[1])
+        bits = BUDGETS[kind].uniform_adc
         if bits not in candidates:
             parser.error(f"--budgets {kind} is set by uniform ADC {bits}, which --candidates={args.candidates!r} "
                          f"leaves out: add {bits}")
@@ -283,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     prepare(args)
     extra = list(QUICK_ARGS) if args.smoke else []
     iters, images = (1, 32) if args.smoke else (args.iters, args.images)
-    adc_points = (tuple(sorted({bits for kind, bits in (("energy", 4), ("accuracy", 5), ("saving", 5)) if kind in kinds}))
+    adc_points = (tuple(sorted({BUDGETS[kind].uniform_adc for kind in kinds}))
                   if args.smoke else tuple(int(bits) for bits in args.uniform.split(",") if bits.strip()))
     path = args.out_dir / "layer_search.csv"
     rows = _stored(path)

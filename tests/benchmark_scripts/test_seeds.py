@@ -85,3 +85,10 @@ def test_layer_search_refuses_a_budget_whose_uniform_setting_is_not_a_candidate(
     with pytest.raises(SystemExit):
         layer_search.main(["--budgets", "energy", "--candidates", "3,5"])
     assert "--budgets energy is set by uniform ADC 4" in capsys.readouterr().err
+
+
+def test_layer_search_budgets_give_the_search_options_they_name():
+    budgets = layer_search.BUDGETS
+    assert (budgets["energy"].flag, budgets["energy"].value(0.8)) == ("energy_budget", "adc_bits=4")
+    assert (budgets["accuracy"].flag, budgets["accuracy"].value(0.8)) == ("loss_budget", "adc_bits=5")
+    assert (budgets["saving"].flag, budgets["saving"].value(0.78)) == ("energy_budget", "0.78*adc_bits=5")

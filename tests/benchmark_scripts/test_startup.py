@@ -17,13 +17,6 @@ import startup  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _imported_by(statement: str, modules: tuple[str, ...]) -> list[str]:
-    """Which of ``modules`` a fresh interpreter has imported after ``statement`` (run from the repository root)."""
-    code = f"import json, sys; {statement}; print(json.dumps([m for m in {list(modules)!r} if m in sys.modules]))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    return json.loads(out.stdout)
-
-
 def test_startup_smoke_prints_a_table_of_ratios(capsys):
     rows = startup.main(["--repeats", "1"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
@@ -36,15 +29,17 @@ def test_startup_smoke_prints_a_table_of_ratios(capsys):
     assert table["import torch"][2] == 1.0 and table["import lightning.pytorch"][3] == 1.0  # each baseline is 1x itself
 
 
-def test_startup_import_leaves_wandb_export_and_plots_for_later():
+def test_startup_import_leaves_wandb_export_and_plots_for_later_and_timm_still_reaches_wandb():
     """`import cimq_pl` registers the models (timm) without W&B, the export package or matplotlib; the CLI module
-    does not import W&B or the export package either (Lightning imports matplotlib through torchmetrics)."""
+    does not import W&B or the export package either (Lightning imports matplotlib through torchmetrics); then
+    timm's own `update_summary(log_wandb=True)` finds W&B: the stand-in imports it when first used. One fresh
+    interpreter, in that order (a later import cannot undo what an earlier one pulled in; each start costs seconds)."""
     heavy = ("wandb", "matplotlib", "cimq_pl.export", "lightning")
-    assert _imported_by("import cimq_pl, timm; timm.create_model('cifar_resnet20')", heavy) == []  # cimq_pl.quant too
-    assert _imported_by("import cimq_pl.cli", ("wandb", "cimq_pl.export")) == []
-
-
-def test_startup_timm_still_reaches_wandb_on_first_use():
-    """timm's own `update_summary(log_wandb=True)` finds W&B: the stand-in imports it when first used."""
-    code = "import cimq_pl, timm.utils.summary as s; import wandb; assert s.wandb.log is wandb.log"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    code = ("import json, sys; modules = lambda names: [m for m in names if m in sys.modules]; "
+            "import cimq_pl, timm; timm.create_model('cifar_resnet20'); "  # cimq_pl.quant too
+            f"package = modules({heavy!r}); "
+            "import cimq_pl.cli; cli = modules(('wandb', 'cimq_pl.export')); "
+            "import timm.utils.summary as summary; import wandb; reaches = summary.wandb.log is wandb.log; "
+            "print(json.dumps([package, cli, reaches]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], [], True]

@@ -2,7 +2,7 @@
 
 One small CIMQ PTQ (ResNet-20, all four techniques, 32 calibration images, 4 steps of 8 images per unit) is
 run three ways: twice uninterrupted (determinism) and once stopped by SIGTERM in the middle of unit 4, then
-resumed with ``--ckpt_path last.ckpt``. A small QAT (2 epochs of 5 steps of 16 augmented images) is run
+resumed with ``--ckpt_path last.ckpt``. A small QAT (2 epochs of 5 steps of 8 augmented images) is run
 uninterrupted and stopped in the middle of its second epoch, then resumed. Each pair must be bit-identical.
 """
 
@@ -198,13 +198,13 @@ def test_resumed_and_uninterrupted_runs_test_the_same(runs):
     assert accuracies[0] > 0.5  # W4A4, 4-bit ADC, 4 steps per unit, on the first 100 test images
 
 
-QAT = ("--data.init_args.batch_size", "16", "--trainer.limit_train_batches", "5", "--trainer.max_epochs", "2")
+QAT = ("--data.init_args.batch_size", "8", "--trainer.limit_train_batches", "5", "--trainer.max_epochs", "2")
 QAT_GATE = 7  # epoch 1 (0-based), 2 of its 5 steps done
 
 
 @pytest.fixture(scope="module")
 def qat_runs(tmp_path_factory):
-    """QAT (2 epochs of 5 steps of 16 augmented images): uninterrupted, and stopped at step 7 then resumed."""
+    """QAT (2 epochs of 5 steps of 8 augmented images): uninterrupted, and stopped at step 7 then resumed."""
     root = tmp_path_factory.mktemp("reliability_qat")
     with _at_repo():
         plain = _config(root / "qat.yaml", gate=False, source="configs/quant/cimq_qat.yaml", every=1)
