@@ -8,7 +8,7 @@ PyTorch program) and ``import lightning.pytorch`` (the floor of any Lightning on
 
 Usage::
 
-    python benchmarks/startup.py [--repeats 5]
+    python benchmarks/startup.py [--repeats 5] [--commands 3 5]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("import torch", "import lightning.pytorch")
@@ -65,14 +66,16 @@ def machine() -> str:
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
-def measure(repeats: int) -> list[dict]:
-    """Median wall and CPU seconds per command, and the wall time as a multiple of each baseline."""
-    times = {label: [] for label, _ in COMMANDS}
+def measure(repeats: int, labels: Optional[list[str]] = None) -> list[dict]:
+    """Median wall and CPU seconds per command (those of ``labels`` and the baselines; default all), and the wall
+    time as a multiple of each baseline."""
+    commands = [(label, args) for label, args in COMMANDS if labels is None or label in labels or label in BASELINES]
+    times = {label: [] for label, _ in commands}
     for _ in range(repeats):
-        for label, args in COMMANDS:
+        for label, args in commands:
             times[label].append(run_once(args))
     rows = []
-    for label, _ in COMMANDS:
+    for label, _ in commands:
         rows.append({"command": label, "wall s": statistics.median(w for w, _ in times[label]),
                      "CPU s": statistics.median(c for _, c in times[label])})
     walls = {row["command"]: row["wall s"] for row in rows}
@@ -94,8 +97,15 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="runs per command (the median is shown)")
+    parser.add_argument("--commands", type=int, nargs="+", metavar="N", default=None,
+                        help=f"time only these commands (1-{len(COMMANDS)}, in the table's order) beside the two "
+                             "baselines (default: all)")
     args = parser.parse_args(argv)
-    rows = measure(args.repeats)
+    if args.commands is not None and not all(1 <= n <= len(COMMANDS) for n in args.commands):
+        parser.error(f"--commands {' '.join(map(str, args.commands))}: each must be 1-{len(COMMANDS)}: "
+                     + "; ".join(f"{n} = {label}" for n, (label, _) in enumerate(COMMANDS, 1)))
+    labels = None if args.commands is None else [COMMANDS[n - 1][0] for n in args.commands]
+    rows = measure(args.repeats, labels)
     print(f"# Start-up time, median of {args.repeats} fresh processes: {machine()}")
     print(table(rows), flush=True)
     return rows
