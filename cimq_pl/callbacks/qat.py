@@ -75,11 +75,13 @@ class QuantizationAwareTraining(Callback):
 
 
 @torch.no_grad()
-def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT init_from") -> None:
+def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT init_from",
+                         bake_offsets: bool = True) -> None:
     """Load a PTQ checkpoint into ``pl_module``, baking its hard AdaRound decisions into the weights
     (`WeightQuantizer.bake_rounding_`): round-to-nearest then reproduces the PTQ codes; learned output offsets
-    (PTQ's ``lr_offset``) are added to the biases, which QAT then learns as any bias. ``who`` names the setting
-    in errors.
+    (PTQ's ``lr_offset``) are added to the biases, which QAT then learns as any bias, or with ``bake_offsets``
+    False kept as the layers' own `output_offset` (added with the bias only while the ADC is on). ``who`` names
+    the setting in errors.
 
     Raises:
         ConfigError: the checkpoint cannot be read, was written for another macro or other per-layer overrides
@@ -103,8 +105,12 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT 
         if key in logits and layer.weight_quantizer is not None:
             layer.weight_quantizer.bake_rounding_(layer._weight4d(), logits[key])  # a view: linear layers too
         offset = offsets.get(f"model.{name}.output_offset")
-        if offset is not None:
+        if offset is not None and bake_offsets:
             bake_output_offset_(layer, offset, name)
+        elif offset is not None:
+            if layer.add_output_offset_() is None:
+                raise ConfigError(f"{who} {path!r} holds an output offset for layer {name!r}, which has no ADC here")
+            layer.output_offset.copy_(offset.to(layer.output_offset))
 
 
 @torch.no_grad()
@@ -120,11 +126,15 @@ def bake_output_offset_(layer, offset: torch.Tensor, name: str) -> None:
 @torch.no_grad()
 def reconstructed_state(pl_module: LightningModule, path: str, who: str) -> dict:
     """The network's (``pl_module.model``'s) state dict as the PTQ checkpoint ``path`` leaves it
-    (`load_ptq_checkpoint_`: AdaRound decisions baked into the weights); ``pl_module`` itself is left as it was."""
+    (`load_ptq_checkpoint_`: AdaRound decisions baked into the weights, learned output offsets kept as the layers'
+    ``output_offset`` entries); ``pl_module`` itself is left as it was."""
     import copy
 
     saved = copy.deepcopy(pl_module.state_dict())
-    load_ptq_checkpoint_(pl_module, path, who)
+    without_offset = [layer for _, layer in cim_layers(pl_module.model) if layer.output_offset is None]
+    load_ptq_checkpoint_(pl_module, path, who, bake_offsets=False)
     state = copy.deepcopy(pl_module.model.state_dict())
+    for layer in without_offset:
+        layer.output_offset = None
     pl_module.load_state_dict(saved)
     return state

@@ -139,7 +139,8 @@ def convert_to_cim(
 
 def rebuild_cim_layer(layer: nn.Module, spec: CIMSpec, options: Optional[QuantizerOptions] = None) -> nn.Module:
     """A new CIM layer of ``layer``'s type on its Parameters (shared) and shape, for another ``spec`` and
-    ``options`` (default: the layer's own), on its device and dtype, with fresh (uncalibrated) quantizers.
+    ``options`` (default: the layer's own), on its device and dtype, with fresh (uncalibrated) quantizers. A learned
+    `output_offset` (shared too) goes with it where the new spec has an ADC, which is where the offset applies.
 
     Raises:
         TypeError: ``layer`` is not a `CIMConv2d` or `CIMLinear`.
@@ -155,6 +156,8 @@ def rebuild_cim_layer(layer: nn.Module, spec: CIMSpec, options: Optional[Quantiz
         raise TypeError(f"cannot rebuild {type(layer).__name__}: expected CIMConv2d or CIMLinear")
     new.train(layer.training)
     new.mapping = layer.mapping
+    if layer.output_offset is not None and new.psum_quantizer is not None:
+        new.output_offset = layer.output_offset
     return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 

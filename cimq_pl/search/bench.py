@@ -161,7 +161,8 @@ class SearchBench:
         reconstructed: a state dict of ``model`` after PTQ (AdaRound decisions baked into the weights), loaded after
             the calibration and the float pass: the configured network is then the reconstructed one, and a trial
             keeps every learned quantizer its change does not concern, an ADC's learned clip range included (the
-            same alpha0 and theta at the new resolution); needs ``replay``.
+            same alpha0 and theta at the new resolution), and a learned output offset wherever it keeps an ADC (the
+            ideal-ADC reference has none: the offset applies only with the ADC); needs ``replay``.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], metric: str = "fisher",
@@ -190,6 +191,9 @@ class SearchBench:
             with self._quantizers_off(model):
                 self.teacher = self._logits(model)
             if reconstructed is not None:  # the calibration's draws and inputs are recorded; now PTQ's values
+                for key in reconstructed:  # learned output offsets after the ADC (PTQ's lr_offset)
+                    if key.endswith(".output_offset"):
+                        model.get_submodule(key[: -len(".output_offset")]).add_output_offset_()
                 model.load_state_dict(reconstructed)
             self.reference = self._reference_pass(replay, cache_outputs=metric != "fisher")  # fisher runs no network
         self.replay = replay and self._order is not None and bool(self._calibration_inputs)

@@ -169,3 +169,20 @@ def test_timm_model_fold_and_convert():
     assert report.converted_names[0] == "conv1.0" and report.converted_names[-1] == "fc"
     set_quantizers_enabled(model, False)
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rebuilt_layer_shares_its_output_offset_where_its_new_spec_has_an_adc():
+    """`rebuild_cim_layer` (techniques, the search's trials) carries a learned offset after the ADC along with the
+    weight and bias; an ideal-ADC spec has no ADC for the offset to follow, so the rebuilt layer has none."""
+    from cimq_pl.quant.convert import rebuild_cim_layer
+
+    model = small_net().eval()
+    convert_to_cim(model, CIMSpec(rows=32, cols=8, adc_bits=4))
+    layer = model[3]
+    offset = layer.add_output_offset_()
+    with torch.no_grad():
+        offset.fill_(0.25)
+    three_bits = rebuild_cim_layer(layer, layer.spec.replace(adc_bits=3))
+    assert three_bits.output_offset is offset and dict(three_bits.named_parameters())["output_offset"] is offset
+    assert rebuild_cim_layer(layer, layer.spec.replace(adc_bits=None)).output_offset is None
+    assert rebuild_cim_layer(model[0], model[0].spec).output_offset is None  # none learned: none added

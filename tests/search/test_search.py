@@ -199,9 +199,10 @@ def test_a_bench_on_a_reconstructed_network_measures_it_and_keeps_what_it_learne
     model, images, _ = known
     learned = copy.deepcopy(model)
     SearchBench(learned, images.split(16))  # calibrated in place
-    with torch.no_grad():  # what reconstruction would have learned: a wider clip of a, a coarser input step of b
-        learned.a.psum_quantizer.theta.add_(0.3)
+    with torch.no_grad():  # what reconstruction would have learned: a wider clip of a, a coarser input step of b,
+        learned.a.psum_quantizer.theta.add_(0.3)  # an output offset of b after its ADC (lr_offset)
         learned.b.input_quantizer.step.mul_(1.5)
+        learned.b.add_output_offset_().uniform_(-0.2, 0.2)
     bench = SearchBench(copy.deepcopy(model), images.split(16), metric="kl", reconstructed=learned.state_dict())
     with torch.no_grad():
         logits = torch.cat([learned(batch) for batch in images.split(16)])
@@ -214,6 +215,11 @@ def test_a_bench_on_a_reconstructed_network_measures_it_and_keeps_what_it_learne
     assert bench.try_layer("a", model.a.spec.replace(adc_bits=6)).loss < bench.reference.loss  # finer codes, same clip
     wider = bench.network_with({"a": model.a.spec.replace(input_bits=6)})  # other partial-sum units: a new ADC range
     assert not torch.equal(wider.a.psum_quantizer.alpha(), learned.a.psum_quantizer.alpha())
+    # the offset stays b's own: kept at another ADC resolution, absent on the ideal-ADC reference (not in the bias)
+    assert torch.equal(bench.network_with({"b": model.b.spec.replace(adc_bits=6)}).b.output_offset, learned.b.output_offset)
+    ideal = bench.network_with({"b": model.b.spec.replace(adc_bits=None)}).b
+    assert ideal.output_offset is None and torch.equal(ideal.bias, learned.b.bias)
+    assert bench.try_layer("b", model.b.spec).loss == bench.reference.loss
     with pytest.raises(ValueError, match="needs replay=True"):
         SearchBench(copy.deepcopy(model), images.split(16), metric="kl", replay=False, reconstructed=learned.state_dict())
 
