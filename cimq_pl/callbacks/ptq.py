@@ -35,7 +35,7 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.metrics import HardwareCostMetric
 from cimq_pl.objectives import BlockReconstruction
 from cimq_pl.quant import cim_layers, set_collect_stats
-from cimq_pl.quant.reconstruction import capture_block_io, eval_mode
+from cimq_pl.quant.reconstruction import eval_mode
 
 __all__ = ["MOVED_TO_OBJECTIVE", "PostTrainingQuantization"]
 
@@ -132,31 +132,12 @@ class PostTrainingQuantization(Callback):
         if not objective.schedule.ends_unit(batch_idx):
             return
         index = objective.schedule.unit(batch_idx)
-        # the quantized network's inputs to the unit, cached for its reconstruction (finish_unit may drop the cache)
-        unit_inputs = objective.cache[2][: objective.batch_size] if objective.cache is not None else None
+        # the quantized network's inputs to the unit (the cache every step reads; finish_unit may drop it)
+        unit_inputs = objective.cache[2][: objective.batch_size]
         objective.finish_unit(index)
         name, block = objective.blocks[index]
-        statistics = self._block_statistics(pl_module, name, block, objective.batch_size, unit_inputs)
+        statistics = block_statistics(name, block, unit_inputs)
         pl_module.log_dict(statistics, on_step=False, on_epoch=True, rank_zero_only=True)  # logged at the epoch's end
-
-    @torch.no_grad()
-    def _block_statistics(self, pl_module, name: str, block, batch_size: int,
-                          unit_inputs: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """Partial-sum clip rate and input bit density of the (hardened) unit on one batch of calibration images:
-        the unit alone on their cached inputs ``unit_inputs`` when given, else the network up to the unit (a forward
-        of every unit before it, which made these statistics cost O(units^2) forwards in a fit)."""
-        set_collect_stats(block, True)
-        if unit_inputs is not None:
-            with eval_mode(block):
-                block(unit_inputs)
-        else:
-            with eval_mode(pl_module.model):
-                capture_block_io(pl_module.model, block, self._calibration_images[:batch_size])  # stops after the unit
-        metric = HardwareCostMetric(describe_layers(block), sync_on_compute=False)  # this process's batch
-        metric.update(take_counts([layer for _, layer in cim_layers(block)]))
-        set_collect_stats(block, False)
-        total = metric.compute()
-        return {f"ptq/{name}/psum_clip_rate": total.psum_clip_rate, f"ptq/{name}/bit_density": total.bit_density}
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -170,6 +151,21 @@ class PostTrainingQuantization(Callback):
     def output_files(self) -> list[tuple[str, Path]]:
         """What this run wrote, for the CLI's closing lines."""
         return [("quantized model", self.checkpoint_path)] if self.checkpoint_path is not None else []
+
+
+@torch.no_grad()
+def block_statistics(name: str, block: torch.nn.Module, unit_inputs: torch.Tensor) -> dict[str, float]:
+    """Partial-sum clip rate and input bit density of the (hardened) unit ``block`` named ``name``, run alone in eval
+    mode on ``unit_inputs``, the quantized network's inputs to it (one batch of calibration images, from the PTQ
+    cache: no forward of the units before it)."""
+    set_collect_stats(block, True)
+    with eval_mode(block):
+        block(unit_inputs)
+    metric = HardwareCostMetric(describe_layers(block), sync_on_compute=False)  # this process's batch
+    metric.update(take_counts([layer for _, layer in cim_layers(block)]))
+    set_collect_stats(block, False)
+    total = metric.compute()
+    return {f"ptq/{name}/psum_clip_rate": total.psum_clip_rate, f"ptq/{name}/bit_density": total.bit_density}
 
 
 def require_reconstruction(objective: Any) -> None:

@@ -182,8 +182,7 @@ class BlockReconstruction(Objective):
             raise ConfigError(f"BlockReconstruction.warmup={warmup!r} is invalid: expected a fraction in [0, 1)")
         for name, value in (("rounding_weight", rounding_weight), ("lr_rounding", lr_rounding),
                             ("lr_step", lr_step), ("lr_clip", lr_clip), ("lr_offset", lr_offset),
-                            ("beta_start", beta_start),
-                            ("beta_end", beta_end)):
+                            ("beta_start", beta_start), ("beta_end", beta_end)):
             if not value >= 0:
                 raise ConfigError(f"BlockReconstruction.{name}={value!r} is invalid: expected a number >= 0")
         if rounding_init not in ROUNDING_INITS:

@@ -120,7 +120,10 @@ def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
 
 def test_unit_statistics_from_the_cached_unit_inputs_equal_a_forward_through_the_network(tmp_path):
     """The clip rate and bit density PTQ logs after each unit come from the unit alone on its cached inputs; the
-    reference runs every unit before it on the same calibration images."""
+    reference inputs come from a forward of every unit before it on the same calibration images."""
+    from cimq_pl.callbacks.ptq import block_statistics
+    from cimq_pl.quant.reconstruction import capture_block_input, eval_mode
+
     ptq = PostTrainingQuantization()
     module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(adc_bits=3),
                         objective=BlockReconstruction(iters_per_block=1, batch_size=8))
@@ -131,26 +134,12 @@ def test_unit_statistics_from_the_cached_unit_inputs_equal_a_forward_through_the
         objective.start_unit(index)
         objective.cache_block_io(module.model, ptq._calibration_images)
         name, block = objective.blocks[index]
-        cached = ptq._block_statistics(module, name, block, 8, objective.cache[2][:8])
-        through = ptq._block_statistics(module, name, block, 8)
-        assert cached == through and 0 < cached[f"ptq/{name}/bit_density"] < 1, (name, cached, through)
+        with torch.no_grad(), eval_mode(module.model):
+            through = capture_block_input(module.model, block, ptq._calibration_images[:8])
+        assert torch.equal(objective.cache[2][:8], through), name
+        cached = block_statistics(name, block, objective.cache[2][:8])
+        assert cached == block_statistics(name, block, through) and 0 < cached[f"ptq/{name}/bit_density"] < 1, name
         assert float(trainer.logged_metrics[f"ptq/{name}/bit_density"]) == pytest.approx(cached[f"ptq/{name}/bit_density"])
-
-
-class QuantizerModes(Callback):
-    """The quantizers in the wrong train/eval mode: eval in a training step, training in a validation step."""
-
-    def __init__(self):
-        self.eval_in_training, self.training_in_validation, self.edge_input_drops = set(), set(), []
-        self.validation_batches = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.eval_in_training |= {f"{n}.{r}" for n, r, q in iter_quantizers(pl_module.model) if not q.training}
-        self.edge_input_drops.append(pl_module.model.conv1.input_quantizer.dropping)
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.validation_batches += 1
-        self.training_in_validation |= {f"{n}.{r}" for n, r, q in iter_quantizers(pl_module.model) if q.training}
 
 
 def test_every_quantizer_trains_in_a_fit_and_the_int8_edge_inputs_drop(tmp_path):
@@ -191,9 +180,8 @@ def test_ptq_learns_output_offsets_after_the_adc_and_qat_takes_them_into_the_bia
     offsets = {name: layer.output_offset for name, layer in layers.items() if name not in ("conv1", "fc")}
     assert len(offsets) == 18 and all(offset is not None and offset.abs().max() > 0 for offset in offsets.values())
     for name, value in dict(module.model.named_parameters()).items():
-        if name in before:
-            if name.endswith(("weight", "bias")):
-                assert torch.equal(value, before[name]), name
+        if name in before and name.endswith(("weight", "bias")):
+            assert torch.equal(value, before[name]), name
     state = torch.load(ptq.checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(state["model.layer2.0.conv1.output_offset"], offsets["layer2.0.conv1"])
     qat = copy.deepcopy(module)  # the same network, as QAT builds it: no AdaRound logits, no offsets
