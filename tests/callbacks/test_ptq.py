@@ -142,6 +142,22 @@ def test_unit_statistics_from_the_cached_unit_inputs_equal_a_forward_through_the
         assert float(trainer.logged_metrics[f"ptq/{name}/bit_density"]) == pytest.approx(cached[f"ptq/{name}/bit_density"])
 
 
+class QuantizerModes(Callback):
+    """The quantizers in the wrong train/eval mode: eval in a training step, training in a validation step."""
+
+    def __init__(self):
+        self.eval_in_training, self.training_in_validation, self.edge_input_drops = set(), set(), []
+        self.validation_batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.eval_in_training |= {f"{n}.{r}" for n, r, q in iter_quantizers(pl_module.model) if not q.training}
+        self.edge_input_drops.append(pl_module.model.conv1.input_quantizer.dropping)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.validation_batches += 1
+        self.training_in_validation |= {f"{n}.{r}" for n, r, q in iter_quantizers(pl_module.model) if q.training}
+
+
 def test_every_quantizer_trains_in_a_fit_and_the_int8_edge_inputs_drop(tmp_path):
     """The network is built in eval mode and Lightning keeps modes, so without the module's switch the quantizers
     no technique rebuilt (here the ``int8`` edge layers' inputs, whose ``keep_prob`` `QuantDropping` sets in
