@@ -10,7 +10,7 @@ tested on ``cifar10_jpeg`` test (10,000 images). Prints one markdown table per m
     python benchmarks/ablation.py --smoke           # seconds: tiny data, 2 steps per unit
 
 Reconstruction rows (qdrop, cimq, qdrop_no_cim) use ``--iters`` steps of 32 images per unit (default 100,
-half the CPU preset of ``configs/quant/cimq_ptq.yaml``, so that the suite fits in 2 hours on 2 cores).
+a quarter of the 400 of the CPU preset ``configs/quant/cimq_ptq.yaml``, so that the suite fits in 2 hours on 2 cores).
 """
 
 from __future__ import annotations

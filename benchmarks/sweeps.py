@@ -1,13 +1,17 @@
-"""Sweeps of CIMQ on ResNet-20 (W4A4): ADC bits, array size, max one-bits k, keep probability p.
+"""Sweeps of CIMQ on ResNet-20 (W4A4): one argument of the full set changed at a time.
 
-Each point is `configs/quant/cimq_ptq.yaml` with one argument changed (the others at the CIMQ defaults:
-ADC 4, 128x128 arrays, k = 2, p = 0.5), measured by `runner.measure` (fit + test on ``cifar10_lossless``).
+Each point is `configs/quant/cimq_ptq.yaml` with one argument changed (the others at the preset's values:
+ADC 4, 128x128 arrays, uniform input codes at twice the calibrated step, keep probability p = 0.5, `int8`
+first conv and classifier, one weight scale per array column, one ADC range per column, QDrop's learning
+rates x10), measured by `runner.measure` (fit + test on ``cifar10_lossless``). Swept: ADC bits, array size,
+max one-bits k, p, and issue 15's pieces each taken out of the full set (edge layers on the arrays, one
+weight scale per array, one ADC range per array, QDrop's learning rates, the calibrated input step).
 Writes ``sweeps.csv`` and ``pareto.png``: accuracy against energy per image of every point, with the
 ablation's settings (``ablation.csv``, when present) and the Pareto front (no other point is both more
 accurate and cheaper). The ADC points are the ablation's CIMQ rows: they are reused from ``ablation.csv``
 when it holds them, measured otherwise.
 
-    python benchmarks/sweeps.py            # ~12 min on 2 cores after ablation.py (3 new points)
+    python benchmarks/sweeps.py            # ~35 min on 2 cores after ablation.py (8 new points)
     python benchmarks/sweeps.py --smoke    # tiny data, 2 steps per unit
 """
 
@@ -22,10 +26,20 @@ from runner import ResultStore, Setting, base_parser, markdown_table, prepare, r
 SWEEPS = {
     "adc_bits": (8, 5, 4, 3),  # the ablation's CIMQ rows
     "array": (64, 128),
-    "max_ones": (2, 0),  # 0 = uniform codes (no bit-sparsity constraint)
+    "max_ones": (0, 2),  # 0 = uniform codes (the presets' codes since issue 15), 2 = codes with at most 2 ones
     "keep_prob": (0.5, 1.0),  # 1.0 = no dropping
+    # issue 15's pieces, each taken out of the full set: the preset's value first, then the one before it
+    "edge_layers": ("int8", "cim"),  # first conv and classifier at 8 bits (ideal ADC), or on the 4-bit arrays
+    "weight_granularity": ("array_channel", "array"),
+    "psum_granularity": ("column", "array"),
+    "lr_scale": (10.0, 1.0),  # the three reconstruction learning rates, as a multiple of QDrop's
+    "step_scale": (2.0, 1.0),  # the input step, as a multiple of the calibrated one
 }
-BASE = {"adc_bits": 4, "array": 128, "max_ones": 2, "keep_prob": 0.5}
+# cimq_ptq.yaml's values: a point at one of them is the CIMQ row itself
+BASE = {"adc_bits": 4, "array": 128, "max_ones": 0, "keep_prob": 0.5, "edge_layers": "int8",
+        "weight_granularity": "array_channel", "psum_granularity": "column", "lr_scale": 10.0, "step_scale": 2.0}
+# sweeps whose values are other rows (technique configs) rather than a `Setting` field
+ROW_SWEEPS = {"edge_layers": {"int8": "cimq", "cim": "cimq_edges_on_arrays"}}
 
 
 def sweep_settings(iters: int, sweeps: dict = SWEEPS) -> list[tuple[str, object, Setting]]:
@@ -35,7 +49,12 @@ def sweep_settings(iters: int, sweeps: dict = SWEEPS) -> list[tuple[str, object,
     points = []
     for name, values in sweeps.items():
         for value in values:
-            setting = base if value == BASE[name] else replace(base, **{name: value})
+            if value == BASE[name]:
+                setting = base
+            elif name in ROW_SWEEPS:
+                setting = replace(base, row=ROW_SWEEPS[name][value])
+            else:
+                setting = replace(base, **{name: value})
             points.append((name, value, setting))
     return points
 
@@ -80,7 +99,7 @@ def tables(points: list[tuple[str, object, dict]]) -> str:
         columns = ["value", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
                    "test/bit_density", "fit_seconds"]
         headers = [name, "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s"]
-        out.append(f"**sweep of {name}** (others: ADC 4, 128x128, k=2, p=0.5)\n\n"
+        out.append(f"**sweep of {name}** (the others as in `cimq_ptq.yaml`)\n\n"
                    + markdown_table(lines, columns, headers))
     return "\n\n".join(out)
 
