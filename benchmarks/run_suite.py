@@ -58,8 +58,8 @@ def ablation_rows(out_dir: Path, iters: int = 100) -> tuple[list[dict], list[str
     import ablation
 
     grid = [setting for model in runner.MODEL_CONFIGS for setting, _ in ablation.suite_grid(model, iters)]
-    rows = {r["key"]: r for r in _read(out_dir / "ablation.csv")}
-    found = {s.key: next((rows[k] for k in s.equivalent_keys if k in rows), None) for s in grid}
+    store = runner.ResultStore(out_dir / "ablation.csv")
+    found = {setting.key: store.get(setting) for setting in grid}
     return [row for row in found.values() if row is not None], [key for key, row in found.items() if row is None]
 
 
