@@ -8,6 +8,8 @@
    uniform ADC 3/4/5/6 and of both searched assignments (the same config plus ``--config cim_overrides.yaml``).
    Uniform rows already in ``accuracy_levers.csv``/``sweeps.csv``/``ablation.csv`` for the same preset and budget
    are reused unless ``--fresh``.
+   ``--assignments`` adds assignments given by hand (globs of layers at other ADC resolutions, the rest at the
+   preset's ADC 4), fitted the same way: e.g. whole stages at ADC 3, to check a search against the obvious choices.
 3. A table with the issue's targets (at the energy of uniform ADC 4: >= 2 points more accuracy than it; at the
    accuracy of uniform ADC 5: >= 20% less energy; both the loss-budget and the 80%-energy searches are checked
    against it), ``layer_search.csv`` and ``layer_search.png`` (accuracy against
@@ -137,6 +139,29 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
         searched = next(row for row in csv.DictReader(stream) if row["kind"] == "searched")
     return {"overrides": overrides, "seconds": seconds, "predicted_energy_uj": round(float(searched["predicted_energy_uj"]), 4),
             "assignment": " ".join(f"{name}:{fields.get('adc_bits')}" for name, fields in chosen.items())}
+
+
+def given_assignment(text: str) -> str:
+    """An ``--assignments`` item (``glob=bits`` pairs separated by commas, e.g. ``layer1.*=3,layer3.*=3``) as the
+    CSV's ``name:bits`` pairs.
+
+    Raises:
+        ValueError: on a pair without ``=`` or bits that are not an integer (or ``None``).
+    """
+    pairs = []
+    for item in text.split(","):
+        name, sep, bits = item.strip().partition("=")
+        if not sep or not name or not (bits == "None" or bits.isdigit()):
+            raise ValueError(f"--assignments item {item.strip()!r} of {text!r} is invalid: expected glob=bits, e.g. "
+                             f"layer1.*=3 (bits an integer or None)")
+        pairs.append(f"{name}:{bits}")
+    return " ".join(pairs)
+
+
+def given_key(assignment: str, iters: int) -> str:
+    """Row key of an assignment given by hand (`given_assignment`'s pairs), on the preset's version as `searched_key`."""
+    slug = re.sub(r"[^A-Za-z0-9.:_-]", "", assignment.replace("*", "all").replace(" ", "_"))
+    return f"given-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-{slug}"
 
 
 def stored_overrides(assignment: str, path: Path) -> Path:
@@ -283,7 +308,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help=f"fit every point (uniform and searched) once per seed (the data seed: calibration images "
                              f"and PTQ draws; default {CONFIG_SEED}, the config's); the targets are then checked on "
                              "each point's mean")
+    parser.add_argument("--assignments", nargs="+", default=[], metavar="GLOB=BITS,...",
+                        help="also fit these per-layer ADC assignments given by hand (each: glob=bits pairs separated "
+                             "by commas, e.g. 'layer1.*=3,layer3.*=3'; the other layers at the preset's ADC 4), as "
+                             "points of the table and the plot beside the searched ones")
     args = parser.parse_args(argv)
+    try:
+        given = [given_assignment(text) for text in args.assignments]
+    except ValueError as error:
+        parser.error(str(error))
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
     if not kinds or set(kinds) - set(BUDGETS):
@@ -354,9 +387,24 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 "search_seconds": found["seconds"], "predicted_energy_uj": found["predicted_energy_uj"],
                 "assignment": found["assignment"], "config": str(found["overrides"])}
             _write(path, rows)
+    for assignment in given:
+        key = given_key(assignment, iters)
+        for seed in args.seeds:
+            if key + _seed_suffix(seed) in rows:
+                continue
+            print(f"[bench] given {assignment}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
+            overrides = stored_overrides(assignment, args.work_dir / f"{key}.yaml")
+            measured = measure(_uniform(4, iters, seed), args.work_dir, extra_args=[*extra, "--config", str(overrides)])
+            rows[key + _seed_suffix(seed)] = {
+                **{k: measured.get(k, "") for k in COLUMNS}, "key": key + _seed_suffix(seed),
+                "point": f"given: {assignment} (others ADC 4)", "adc_bits": "per layer", "iters": iters, "seed": seed,
+                "assignment": assignment, "config": str(overrides)}
+            _write(path, rows)
     uniform_keys = {_uniform(adc, iters).key for adc in adc_points}
+    given_keys = {given_key(assignment, iters) for assignment in given}
     shown = [r for key, r in rows.items() if _point_key(key) in uniform_keys] + [
-        row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images)]
+        row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images)] + [
+        row for key, row in rows.items() if _point_key(key) in given_keys]
     columns = ["point", "adc_bits", "seed", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
                "test/bit_density", "fit_seconds", "search_seconds"]
     headers = ["setting", "ADC bits", "seed", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s",

@@ -92,3 +92,12 @@ def test_layer_search_budgets_give_the_search_options_they_name():
     assert (budgets["energy"].flag, budgets["energy"].value(0.8)) == ("energy_budget", "adc_bits=4")
     assert (budgets["accuracy"].flag, budgets["accuracy"].value(0.8)) == ("loss_budget", "adc_bits=5")
     assert (budgets["saving"].flag, budgets["saving"].value(0.78)) == ("energy_budget", "0.78*adc_bits=5")
+
+
+def test_layer_search_reads_assignments_given_by_hand():
+    assert layer_search.given_assignment("layer1.*=3, layer3.*.conv2=None") == "layer1.*:3 layer3.*.conv2:None"
+    assert layer_search.given_key("layer1.*:3 layer3.*:3", 400) == (
+        f"given-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-layer1.all:3_layer3.all:3")
+    for bad in ("layer1.*", "layer1.*=three", "=3"):
+        with pytest.raises(ValueError, match="expected glob=bits"):
+            layer_search.given_assignment(bad)
