@@ -183,6 +183,23 @@ def _stored(path: Path) -> dict:
         return {row["key"]: row for row in csv.DictReader(stream)}
 
 
+def fit_assignment(rows: dict, path: Path, key: str, point: str, overrides: Path, assignment: str, iters: int,
+                   seeds: list[int], work_dir: Path, extra: list[str], **fields) -> None:
+    """Fit the CIMQ preset (ADC 4) with the per-layer ``overrides`` once per seed not yet in ``rows`` (row
+    ``key`` plus the seed's suffix, labelled ``point``, with ``fields`` such as the search's columns), writing the
+    CSV at ``path`` after each fit."""
+    for seed in seeds:
+        if key + _seed_suffix(seed) in rows:
+            continue
+        print(f"[bench] {point}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
+        measured = measure(_uniform(4, iters, seed), work_dir, extra_args=[*extra, "--config", str(overrides)])
+        rows[key + _seed_suffix(seed)] = {
+            **{k: measured.get(k, "") for k in COLUMNS}, "key": key + _seed_suffix(seed), "point": point,
+            "adc_bits": "per layer", "iters": iters, "seed": seed, **fields, "assignment": assignment,
+            "config": str(overrides)}
+        _write(path, rows)
+
+
 def _write(path: Path, rows: dict) -> None:
     from cimq_pl.cost.tables import write_csv_atomic
 
@@ -375,31 +392,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving,
                                init_from, args.from_ptq)
             print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
-        for seed in args.seeds:
-            if key + _seed_suffix(seed) in rows:
-                continue
-            print(f"[bench] {point}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
-            measured = measure(_uniform(4, iters, seed), args.work_dir,
-                               extra_args=[*extra, "--config", str(found["overrides"])])
-            rows[key + _seed_suffix(seed)] = {
-                **{k: measured.get(k, "") for k in COLUMNS}, "key": key + _seed_suffix(seed), "point": point,
-                "adc_bits": "per layer", "iters": iters, "seed": seed, "search_images": images,
-                "search_seconds": found["seconds"], "predicted_energy_uj": found["predicted_energy_uj"],
-                "assignment": found["assignment"], "config": str(found["overrides"])}
-            _write(path, rows)
+        fit_assignment(rows, path, key, point, found["overrides"], found["assignment"], iters, args.seeds,
+                       args.work_dir, extra, search_images=images, search_seconds=found["seconds"],
+                       predicted_energy_uj=found["predicted_energy_uj"])
     for assignment in given:
         key = given_key(assignment, iters)
-        for seed in args.seeds:
-            if key + _seed_suffix(seed) in rows:
-                continue
-            print(f"[bench] given {assignment}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
-            overrides = stored_overrides(assignment, args.work_dir / f"{key}.yaml")
-            measured = measure(_uniform(4, iters, seed), args.work_dir, extra_args=[*extra, "--config", str(overrides)])
-            rows[key + _seed_suffix(seed)] = {
-                **{k: measured.get(k, "") for k in COLUMNS}, "key": key + _seed_suffix(seed),
-                "point": f"given: {assignment} (others ADC 4)", "adc_bits": "per layer", "iters": iters, "seed": seed,
-                "assignment": assignment, "config": str(overrides)}
-            _write(path, rows)
+        fit_assignment(rows, path, key, f"given: {assignment} (others ADC 4)",
+                       stored_overrides(assignment, args.work_dir / f"{key}.yaml"), assignment, iters, args.seeds,
+                       args.work_dir, extra)
     uniform_keys = {_uniform(adc, iters).key for adc in adc_points}
     given_keys = {given_key(assignment, iters) for assignment in given}
     shown = [r for key, r in rows.items() if _point_key(key) in uniform_keys] + [
