@@ -10,6 +10,8 @@
    are reused unless ``--fresh``.
    ``--assignments`` adds assignments given by hand (globs of layers at other ADC resolutions, the rest at the
    preset's ADC 4), fitted the same way: e.g. whole stages at ADC 3, to check a search against the obvious choices.
+   ``--layers conv1,layer*`` lets the searches change the `int8` first conv's ideal ADC too (a uniform budget leaves
+   it as configured, as uniform ADC 5 does).
 3. A table with the issue's targets (at the energy of uniform ADC 4: >= 2 points more accuracy than it; at the
    accuracy of uniform ADC 5: >= 20% less energy; both the loss-budget and the 80%-energy searches are checked
    against it), ``layer_search.csv`` and ``layer_search.png`` (accuracy against
@@ -62,26 +64,53 @@ COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "search_images", *METRIC
 QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
 
-def _metric_suffix(metric: str, candidates: tuple = UNIFORM_ADC, saving: float = SAVING, kind: str = "",
-                   from_ptq: Optional[int] = None) -> str:
-    """Row keys and folders of a search with another metric than the default Fisher one, other candidates,
-    another saving budget or a start from a PTQ network carry them."""
-    suffix = "" if metric == "fisher" else f"-{metric}"
-    if from_ptq is not None:
-        suffix += f"-from-adc{from_ptq}"
-    if tuple(candidates) != UNIFORM_ADC:
-        suffix += "-adc" + "".join(map(str, candidates))
-    if kind == "saving" and saving != SAVING:
-        suffix += f"-budget{saving:g}"
-    return suffix
+class SearchOptions(NamedTuple):
+    """What a search of the benchmark changes from the defaults (each one carried by its row keys, folders and
+    label): the sensitivity metric, the ADC resolutions a layer may take, the saving budget's fraction, the uniform
+    PTQ network it starts from (None: the calibrated one) and the layers it searches (None: those in ``cim``
+    mode; e.g. ``("conv1", "layer*")`` to let the `int8` first conv's ideal ADC go down too)."""
+
+    metric: str = "fisher"
+    candidates: tuple = UNIFORM_ADC
+    saving: float = SAVING
+    from_ptq: Optional[int] = None
+    layers: Optional[tuple] = None
+
+    def suffix(self, kind: str = "") -> str:
+        """Row keys and folders of a search with other options than the defaults carry them."""
+        suffix = "" if self.metric == "fisher" else f"-{self.metric}"
+        if self.from_ptq is not None:
+            suffix += f"-from-adc{self.from_ptq}"
+        if tuple(self.candidates) != UNIFORM_ADC:
+            suffix += "-adc" + "".join(map(str, self.candidates))
+        if kind == "saving" and self.saving != SAVING:
+            suffix += f"-budget{self.saving:g}"
+        if self.layers is not None:
+            suffix += "-layers_" + "_".join(_glob_name(pattern) for pattern in self.layers)
+        return suffix
+
+    def label(self, kind: str) -> str:
+        """How a search is named in the tables: its budget, then what differs from the defaults."""
+        text = LABELS[kind] if kind != "saving" else f"searched at {100 * self.saving:g}% of uniform ADC 5's energy"
+        notes = [self.metric] if self.metric != "fisher" else []
+        if self.from_ptq is not None:
+            notes.append(f"from the ADC-{self.from_ptq} PTQ network")
+        if tuple(self.candidates) != UNIFORM_ADC:
+            notes.append("ADC " + "/".join(map(str, self.candidates)))
+        if self.layers is not None:
+            notes.append("layers " + ", ".join(self.layers))
+        return text + (f" ({', '.join(notes)})" if notes else "")
 
 
-def searched_key(kind: str, iters: int, images: int, metric: str = "fisher", candidates: tuple = UNIFORM_ADC,
-                 saving: float = SAVING, from_ptq: Optional[int] = None) -> str:
+def _glob_name(pattern: str) -> str:
+    """A layer glob as a file-name piece (``layer1.*`` -> ``layer1.all``)."""
+    return pattern.replace("*", "all").replace("?", "any")
+
+
+def searched_key(kind: str, iters: int, images: int, options: SearchOptions = SearchOptions()) -> str:
     """Row key of a searched assignment; it names the CIMQ preset's version (`runner.ROW_KEY_NAMES`), as the uniform
     rows' keys do, so that a changed preset measures again."""
-    return (f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}"
-            f"{_metric_suffix(metric, candidates, saving, kind, from_ptq)}")
+    return f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}{options.suffix(kind)}"
 
 
 def _uniform(adc: int, iters: int, seed: int = CONFIG_SEED) -> Setting:
@@ -98,29 +127,31 @@ def _point_key(key: str) -> str:
     return re.sub(r"-seed\d+$", "", key)
 
 
-def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str], metric: str = "fisher",
-               candidates: tuple = UNIFORM_ADC, saving: float = SAVING, init_from: Optional[Path] = None,
-               from_ptq: Optional[int] = None) -> dict:
+def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[str],
+               options: SearchOptions = SearchOptions(), init_from: Optional[Path] = None) -> dict:
     """One ``python -m cimq_pl search`` (in process) on the CIMQ config at budget ``kind``, every searched layer
-    choosing among the ADC resolutions ``candidates``, from the PTQ checkpoint ``init_from`` of uniform ADC
-    ``from_ptq`` when given; returns the written ``cim_overrides.yaml``, the wall time, the predicted energy and
-    the assignment."""
+    (``options.layers``) choosing among the ADC resolutions ``options.candidates``, from the PTQ checkpoint
+    ``init_from`` of uniform ADC ``options.from_ptq`` when given; returns the written ``cim_overrides.yaml``, the
+    wall time, the predicted energy and the assignment."""
     import sys
 
     import wandb
 
     from cimq_pl.cli import CIMQCLI
 
-    setting = _uniform(4 if from_ptq is None else from_ptq, iters)  # a checkpoint must match its config
+    setting = _uniform(4 if options.from_ptq is None else options.from_ptq, iters)  # a checkpoint must match its config
     derived = work_dir / f"{setting.key}.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(derived_config(setting), sort_keys=False))
-    flag, value = BUDGETS[kind].flag, BUDGETS[kind].value(saving)
-    output = work_dir / f"search-{kind}-images{images}{_metric_suffix(metric, candidates, saving, kind, from_ptq)}"
+    flag, value = BUDGETS[kind].flag, BUDGETS[kind].value(options.saving)
+    output = work_dir / f"search-{kind}-images{images}{options.suffix(kind)}"
     args = ["search", "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
             "--data.init_args.root", str(LOSSLESS), "--trainer.enable_progress_bar", "false",
-            "--candidates", "{adc_bits: [" + ", ".join(map(str, candidates)) + "]}", f"--{flag}", value,
-            "--images", str(images), "--metric", metric, "--verify", "false", "--output_dir", str(output), *extra]
+            "--candidates", "{adc_bits: [" + ", ".join(map(str, options.candidates)) + "]}", f"--{flag}", value,
+            "--images", str(images), "--metric", options.metric, "--verify", "false", "--output_dir", str(output),
+            *extra]
+    if options.layers is not None:  # a uniform budget leaves int8 edge layers as configured (search.layers)
+        args += ["--layers", "[" + ", ".join(repr(pattern) for pattern in options.layers) + "]"]
     if init_from is not None:
         args += ["--init_from", str(init_from)]
     if "--data.init_args.calibration_size" not in extra:
@@ -160,7 +191,7 @@ def given_assignment(text: str) -> str:
 
 def given_key(assignment: str, iters: int) -> str:
     """Row key of an assignment given by hand (`given_assignment`'s pairs), on the preset's version as `searched_key`."""
-    slug = re.sub(r"[^A-Za-z0-9.:_-]", "", assignment.replace("*", "all").replace(" ", "_"))
+    slug = re.sub(r"[^A-Za-z0-9.:_-]", "", _glob_name(assignment).replace(" ", "_"))
     return f"given-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-{slug}"
 
 
@@ -264,18 +295,6 @@ def targets(rows: dict, iters: int, images: int) -> list[dict]:
     return lines
 
 
-def label(kind: str, metric: str = "fisher", candidates: tuple = UNIFORM_ADC, saving: float = SAVING,
-          from_ptq: Optional[int] = None) -> str:
-    """How a search is named in the tables: its budget, then what differs from the defaults."""
-    text = LABELS[kind] if kind != "saving" else f"searched at {100 * saving:g}% of uniform ADC 5's energy"
-    notes = [metric] if metric != "fisher" else []
-    if from_ptq is not None:
-        notes.append(f"from the ADC-{from_ptq} PTQ network")
-    if tuple(candidates) != UNIFORM_ADC:
-        notes.append("ADC " + "/".join(map(str, candidates)))
-    return text + (f" ({', '.join(notes)})" if notes else "")
-
-
 def plot(rows: list[dict], path: Path) -> Path:
     """Accuracy against energy per image: uniform ADC points joined, searched assignments as stars (the mean of a
     point's fits where it was fitted with several seeds)."""
@@ -329,12 +348,20 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="also fit these per-layer ADC assignments given by hand (each: glob=bits pairs separated "
                              "by commas, e.g. 'layer1.*=3,layer3.*=3'; the other layers at the preset's ADC 4), as "
                              "points of the table and the plot beside the searched ones")
+    parser.add_argument("--layers", default=None, metavar="GLOB,...",
+                        help="the layers the searches change (search --layers; default: those mapped in cim mode), "
+                             "e.g. 'conv1,layer*' to let the int8 first conv's ideal ADC (charged as 8 bits) go down "
+                             "too; a uniform budget leaves it as configured, as uniform ADC 5 does")
     args = parser.parse_args(argv)
     try:
         given = [given_assignment(text) for text in args.assignments]
     except ValueError as error:
         parser.error(str(error))
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
+    layers = None if args.layers is None else tuple(p.strip() for p in args.layers.split(",") if p.strip())
+    if layers == ():
+        parser.error(f"--layers={args.layers!r}: expected layer names or globs separated by commas, e.g. 'conv1,layer*'")
+    options = SearchOptions(args.metric, candidates, args.saving, args.from_ptq, layers)
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
     if not kinds or set(kinds) - set(BUDGETS):
         parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
@@ -370,10 +397,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                                  "adc_bits": adc, "iters": iters, "seed": seed, "config": found.get("config", "")}
             _write(path, rows)
     for kind in kinds:
-        key = searched_key(kind, iters, images, args.metric, candidates, args.saving, args.from_ptq)
+        key = searched_key(kind, iters, images, options)
         if all(key + _seed_suffix(seed) in rows for seed in args.seeds):
             continue
-        point = label(kind, args.metric, candidates, args.saving, args.from_ptq)
+        point = options.label(kind)
         stored = next((row for other, row in rows.items() if _point_key(other) == key), None)  # a fit of this search
         init_from = None
         if args.from_ptq is not None and stored is None:
@@ -389,8 +416,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             print(f"[bench] {point}: the stored assignment ({found['assignment']})", flush=True)
         else:
             print(f"[bench] search: {point} ({images} calibration images)", flush=True)
-            found = run_search(kind, iters, images, args.work_dir, extra, args.metric, candidates, args.saving,
-                               init_from, args.from_ptq)
+            found = run_search(kind, iters, images, args.work_dir, extra, options, init_from)
             print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
         fit_assignment(rows, path, key, point, found["overrides"], found["assignment"], iters, args.seeds,
                        args.work_dir, extra, search_images=images, search_seconds=found["seconds"],

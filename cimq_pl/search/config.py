@@ -80,9 +80,13 @@ class SearchConfig:
             four). Fields among ``weight_bits``, ``cell_bits``, ``input_bits``, ``dac_bits``, ``adc_bits``
             (``null`` = float / ideal ADC).
         layers: module names or globs of the layers to search (None: every layer the macro maps in ``cim`` mode;
-            layers left ``int8``/``digital`` by ``first_layer``/``last_layer`` keep their mapping).
+            layers left ``int8``/``digital`` by ``first_layer``/``last_layer`` keep their mapping). An ``int8`` edge
+            layer named here (``[conv1, 'layer*']``: the first conv's ideal ADC, charged as 8 bits, may take a real
+            one) may also stay as configured, and uniform settings (budgets, verified points) leave it so, as
+            ``model.cim.adc_bits`` does; searched alone, a uniform setting is its own.
         energy_budget: the most energy the chosen assignment may spend, uJ per image, or a uniform setting of the
-            candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits), or a fraction of
+            candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits, edge layers as
+            configured), or a fraction of
             one (``"0.8*adc_bits=5"``: 20% less than uniform ADC 5). The search
             returns the assignment of least predicted loss within it. None (and no ``loss_budget``): the energy of
             the configured model (``model.cim`` and its overrides).

@@ -79,6 +79,8 @@ def pareto_front(table: SensitivityTable, max_points: int = 20000) -> list[Front
     for l in range(len(table.layers)):
         options = [(s, table.energy_uj[l][s], table.loss[l][s], table.latency_us[l][s])
                    for s in range(len(table.settings)) if table.valid(l, s)]
+        if table.is_edge(l) and table.current[l] is None:  # an edge layer may also stay as configured
+            options.append((None, 0.0, 0.0, 0.0))
         front = _prune([(e + de, loss + dl, lat + dt, choice + (s,))
                         for e, loss, lat, choice in front for s, de, dl, dt in options])
         if len(front) > max_points:
@@ -125,7 +127,8 @@ def budget_value(table: SensitivityTable, kind: str, value, fraction: float = 1.
         index = table.settings.index(value)
         choice = table.uniform(index)
         if choice is None:
-            bad = next(table.layers[l] for l in range(len(table.layers)) if not table.valid(l, index))
+            bad = next(table.layers[l] for l in range(len(table.layers))
+                       if not table.valid(l, index) and not table.is_edge(l))
             raise ConfigError(f"search.{kind}_budget: the uniform setting {value} is invalid for layer {bad!r}: "
                               f"{table.notes[table.layers.index(bad)][index]}")
         energy, loss, _ = table.predict(choice)

@@ -18,7 +18,11 @@ What a setting costs in loss is the layer's **quantization noise** on that setti
   searched layer, the noise of its setting minus the configured one's. Exact for the network as it is, but
   each trial runs the layers after the changed one, and below 8-bit activations the rounding flips a small change
   triggers downstream put a floor under every divergence (a layer on an 8-bit ADC measures about as noisy as on a
-  4-bit one), which blurs the ranking.
+  4-bit one), which blurs the ranking. The floor cancels in a setting's change (its noise minus the configured
+  one's) except where the layer is configured exact (an ``int8`` edge layer's ideal ADC in an ADC search): its
+  configured noise is 0, with no floor, so its trials are measured against the float network instead, the change
+  being the whole network's loss on the setting minus the configured network's (for the ResNet-20 first conv at a
+  7-bit ADC, from the ADC-4 PTQ network: a change of -0.02 where the noise against the ideal ADC measured 2.84).
 
 (Measuring each setting's loss against the float network directly, in a network whose other layers are already
 noisy, does not add up: each layer is credited with much of the whole network's error, and the sum over
@@ -65,6 +69,10 @@ class SensitivityTable:
         reference_latency_us: its latency per image, us.
         metric: ``fisher``, ``kl`` or ``mse``.
         images: images every number was measured on.
+        edge: per layer, whether it is mapped as an edge layer (``int8``) as configured: a uniform setting leaves
+            such a layer as configured (``model.cim.adc_bits`` does not reach it either), so that "uniform ADC 5"
+            means the same network with ``search.layers`` naming ``conv1`` as without; empty, or when every searched
+            layer is one: none.
     """
 
     layers: list
@@ -82,27 +90,36 @@ class SensitivityTable:
     metric: str
     images: int
     extra: dict = field(default_factory=dict)
+    edge: list = field(default_factory=list)
 
     def valid(self, layer: int, setting: int) -> bool:
         """Whether ``setting`` could be tried on ``layer``."""
         return math.isfinite(self.loss[layer][setting])
 
-    def predict(self, choice: Sequence[int]) -> tuple[float, float, float]:
-        """Predicted (energy uJ, loss, latency us) per image of the assignment ``choice`` (a setting index per layer)."""
-        energy = self.reference_energy_uj + sum(self.energy_uj[l][s] for l, s in enumerate(choice))
-        loss = self.reference_loss + sum(self.loss[l][s] for l, s in enumerate(choice))
-        latency = self.reference_latency_us + sum(self.latency_us[l][s] for l, s in enumerate(choice))
+    def predict(self, choice: Sequence[Optional[int]]) -> tuple[float, float, float]:
+        """Predicted (energy uJ, loss, latency us) per image of the assignment ``choice`` (a setting index per layer;
+        None: the layer as configured)."""
+        chosen = [(l, s) for l, s in enumerate(choice) if s is not None]
+        energy = self.reference_energy_uj + sum(self.energy_uj[l][s] for l, s in chosen)
+        loss = self.reference_loss + sum(self.loss[l][s] for l, s in chosen)
+        latency = self.reference_latency_us + sum(self.latency_us[l][s] for l, s in chosen)
         return energy, loss, latency
 
-    def uniform(self, setting: int) -> Optional[tuple]:
-        """The assignment putting every searched layer on ``setting`` (None when it is invalid for some layer)."""
-        if not all(self.valid(layer, setting) for layer in range(len(self.layers))):
-            return None
-        return tuple(setting for _ in self.layers)
+    def is_edge(self, layer: int) -> bool:
+        """Whether a uniform setting leaves ``layer`` as configured (an ``int8`` edge layer)."""
+        return bool(self.edge) and self.edge[layer]
 
-    def assignment(self, choice: Sequence[int]) -> dict:
-        """``{layer: setting dict}`` of ``choice``."""
-        return {name: dict(self.settings[s]) for name, s in zip(self.layers, choice)}
+    def uniform(self, setting: int) -> Optional[tuple]:
+        """The assignment putting every searched layer but the edge ones (`is_edge`, left as configured: None) on
+        ``setting`` (None when it is invalid for one of them)."""
+        layers = range(len(self.layers))
+        if not all(self.valid(layer, setting) for layer in layers if not self.is_edge(layer)):
+            return None
+        return tuple(None if self.is_edge(layer) else setting for layer in layers)
+
+    def assignment(self, choice: Sequence[Optional[int]]) -> dict:
+        """``{layer: setting dict}`` of ``choice`` (layers left as configured, None, are not in it)."""
+        return {name: dict(self.settings[s]) for name, s in zip(self.layers, choice) if s is not None}
 
     def rows(self) -> list[dict]:
         """One row per (layer, setting) with `SENSITIVITY_COLUMNS`."""
@@ -192,7 +209,10 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
             configured_noise, base_energy, base_latency = configured.loss, configured.energy_uj, configured.latency_us
         else:
             base_energy, base_latency = bench.layer_energy(name)
-            exact = bench.try_layer(name, exact_for(layer.spec, settings)).logits
+            exact_spec = exact_for(layer.spec, settings)
+            # a layer configured exact (the int8 first conv's ideal ADC) has no downstream floor of its own: its
+            # trials are measured against the float network, as the configured network's loss is
+            exact = bench.teacher if exact_spec == layer.spec else bench.try_layer(name, exact_spec).logits
             configured_noise = bench.layer_noise(exact)
         current = None
         rows = {key: [] for key in ("loss", "noise", "energy_uj", "latency_us", "seconds", "notes")}
@@ -217,6 +237,9 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
         if local:  # the objective is the searched layers' summed noise, the configured one's to start from
             table.reference_loss += configured_noise
         table.current.append(current)
+        table.edge.append(layer.spec == layer.spec.int8())
         for key, values in rows.items():
             getattr(table, key).append(values)
+    if all(table.edge):  # only edge layers searched: a uniform setting is theirs
+        table.edge = [False] * len(table.layers)
     return table

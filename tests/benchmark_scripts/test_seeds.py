@@ -94,6 +94,16 @@ def test_layer_search_budgets_give_the_search_options_they_name():
     assert (budgets["saving"].flag, budgets["saving"].value(0.78)) == ("energy_budget", "0.78*adc_bits=5")
 
 
+def test_layer_search_options_name_their_rows_and_points():
+    default = layer_search.SearchOptions()
+    assert layer_search.searched_key("saving", 400, 256) == f"searched-saving-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-images256"
+    assert default.suffix("saving") == "" and default.label("saving") == "searched at 80% of uniform ADC 5's energy"
+    options = layer_search.SearchOptions("mse", (3, 4, 5, 6, 7), 0.8, 4, ("conv1", "layer*"))
+    assert options.suffix("saving") == "-mse-from-adc4-adc34567-layers_conv1_layerall"
+    assert options.label("saving") == ("searched at 80% of uniform ADC 5's energy (mse, from the ADC-4 PTQ network, "
+                                       "ADC 3/4/5/6/7, layers conv1, layer*)")
+
+
 def test_layer_search_reads_assignments_given_by_hand():
     assert layer_search.given_assignment("layer1.*=3, layer3.*.conv2=None") == "layer1.*:3 layer3.*.conv2:None"
     assert layer_search.given_key("layer1.*:3 layer3.*:3", 400) == (

@@ -92,6 +92,26 @@ def test_the_front_and_budgets_are_exact_against_brute_force():
         select(front, "energy", 0.1)
 
 
+def test_an_edge_layer_keeps_its_configured_mapping_in_uniform_settings_and_may_keep_it_in_the_front():
+    """An ``int8`` edge layer (conv1) named in ``search.layers`` whose configured setting is no candidate: uniform
+    ADC 5 leaves it as configured, as ``model.cim.adc_bits`` does, and the front may keep it (None) or lower it."""
+    table = _random_table(4, 3, seed=5)
+    table.current[0], table.edge = None, [True, False, False, False]
+    assert table.uniform(2) is None  # invalid for l1 (NaN), as without edges
+    assert table.uniform(1) == (None, 1, 1, 1)
+    energy, loss, _ = table.predict((None, 1, 1, 1))
+    assert energy == pytest.approx(5.0 + sum(table.energy_uj[l][1] for l in (1, 2, 3)))
+    assert table.assignment((None, 1, 1, 1)) == {f"l{l}": {"adc_bits": 1} for l in (1, 2, 3)}
+    assert budget_value(table, "energy", {"adc_bits": 1}) == (pytest.approx(energy), (None, 1, 1, 1))
+    front = pareto_front(table)
+    choices = [c for c in itertools.product([None, 0, 1, 2], *[range(3)] * 3) if c[1] != 2]
+    predicted = {c: table.predict(c) for c in choices}
+    for budget in (3.0, 4.5, energy, 6.0):
+        best = min((c for c in choices if predicted[c][0] <= budget), key=lambda c: predicted[c][1])
+        assert select(front, "energy", budget).loss == pytest.approx(predicted[best][1])
+    assert select(front, "loss", loss).energy_uj <= energy + 1e-9  # the uniform setting's loss is always feasible
+
+
 MACRO = CIMSpec(weight_bits=8, input_bits=8)
 
 
@@ -227,3 +247,47 @@ def test_a_bench_on_a_reconstructed_network_measures_it_and_keeps_what_it_learne
 def test_search_init_from_needs_replay():
     with pytest.raises(ConfigError, match=r"search\.init_from='ptq\.ckpt' needs search\.replay=true"):
         SearchConfig(metric="kl", replay=False, init_from="ptq.ckpt")
+
+
+def test_a_search_naming_an_int8_edge_layer_leaves_it_out_of_the_uniform_settings():
+    """``a`` mapped ``int8`` (ideal ADC) and named in ``search.layers``: uniform ADC 4 is the network with ``b`` at 4
+    and ``a`` as configured; searched alone, a uniform setting is ``a``'s own."""
+    torch.manual_seed(0)
+    model = _KnownAnswer().eval()
+    overrides = {"a": {"mode": "int8"}, "fc": {"adc_bits": 6}}
+    convert_to_cim(model, MACRO, options=QuantizerOptions(), overrides=overrides)
+    images = torch.rand(32, 3, 8, 8).split(16)
+    config = SearchConfig(candidates={"adc_bits": [2, 4, 6]}, layers=["a", "b"], energy_budget="adc_bits=4",
+                          images=32, batch_size=16)
+    result = search_precision(model, images, config, configured_overrides=overrides)
+    assert result.table.edge == [True, False] and result.table.current == [None, 1]  # b: the macro's ADC 4
+    uniform4 = result.point("adc_bits=4")
+    assert uniform4.choice == (None, 1)
+    assert uniform4.predicted_energy_uj == pytest.approx(result.table.reference_energy_uj + result.table.energy_uj[1][1])
+    assert uniform4.measured.energy_uj == pytest.approx(uniform4.predicted_energy_uj, rel=2e-2)
+    assert result.searched.predicted_energy_uj <= uniform4.predicted_energy_uj * (1 + 1e-9)
+    assert result.table.energy_uj[0][2] < 0  # a's 6-bit ADC is cheaper than its ideal one, charged as 8 bits
+    alone = search_precision(model, images, SearchConfig(candidates={"adc_bits": [2, 4, 6]}, layers=["a"],
+                                                         energy_budget="adc_bits=4", images=32, batch_size=16),
+                             configured_overrides=overrides)
+    assert alone.table.edge == [False] and alone.point("adc_bits=4").choice == (1,)  # searched alone: its own
+
+
+def test_a_layer_configured_exact_is_measured_against_the_float_network():
+    """``a`` int8 (an ideal ADC: its own exact reference in an ADC search), whole-network metric: a setting's loss
+    change is the whole network's loss on it minus the configured network's, both against the float network (a
+    noise against the ideal ADC would carry the floor of the rounding flips downstream, which the configured
+    network's zero noise lacks)."""
+    from cimq_pl.search.sensitivity import measure_sensitivity
+
+    torch.manual_seed(0)
+    model = _KnownAnswer().eval()
+    convert_to_cim(model, MACRO, options=QuantizerOptions(), overrides={"a": {"mode": "int8"}, "fc": {"adc_bits": 6}})
+    bench = SearchBench(model, torch.rand(32, 3, 8, 8).split(16), "mse")
+    settings = [{"adc_bits": bits} for bits in (2, 4, 6)]
+    table = measure_sensitivity(bench, ["a"], settings)
+    assert table.current == [None] and table.reference_loss == bench.reference.loss
+    for index, setting in enumerate(settings):
+        trial = bench.try_layer("a", bench.model.get_submodule("a").spec.replace(**setting))
+        assert table.loss[0][index] == pytest.approx(trial.loss - bench.reference.loss, rel=1e-9, abs=1e-12)
+    assert table.loss[0][0] > table.loss[0][2]  # ADC 2 costs more than ADC 6
