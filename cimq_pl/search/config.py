@@ -86,8 +86,7 @@ class SearchConfig:
             ``model.cim.adc_bits`` does; searched alone, a uniform setting is its own.
         energy_budget: the most energy the chosen assignment may spend, uJ per image, or a uniform setting of the
             candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits, edge layers as
-            configured), or a fraction of
-            one (``"0.8*adc_bits=5"``: 20% less than uniform ADC 5). The search
+            configured), or a fraction of one (``"0.8*adc_bits=5"``: 20% less than uniform ADC 5). The search
             returns the assignment of least predicted loss within it. None (and no ``loss_budget``): the energy of
             the configured model (``model.cim`` and its overrides).
         loss_budget: instead of an energy budget, the most predicted loss (the ``metric``'s objective) the
