@@ -188,7 +188,9 @@ def format_summary(result: SearchResult, title: str = "") -> str:
     for setting in chosen.values():
         counts[setting_label(setting)] = counts.get(setting_label(setting), 0) + 1
     lines.append("searched assignment: " + ", ".join(f"{label} x{count}" for label, count in counts.items()))
-    lines.append("  " + "; ".join(f"{name} {setting_label(setting)}" for name, setting in chosen.items()))
+    kept = [name for name, s in zip(table.layers, result.chosen.choice) if s is None]  # edge layers left as they are
+    lines.append("  " + "; ".join([*(f"{name} {setting_label(setting)}" for name, setting in chosen.items()),
+                                   *(f"{name} as configured" for name in kept)]))
     lines.append(f"sensitivity: {sum(1 for row in table.seconds for s in row if s > 0)} trials in "
                  f"{result.seconds.get('sensitivity', 0):.1f} s; verification {result.seconds.get('verify', 0):.1f} s; "
                  f"front of {len(result.front)} assignments")

@@ -267,6 +267,8 @@ def test_a_search_naming_an_int8_edge_layer_leaves_it_out_of_the_uniform_setting
     assert uniform4.measured.energy_uj == pytest.approx(uniform4.predicted_energy_uj, rel=2e-2)
     assert result.searched.predicted_energy_uj <= uniform4.predicted_energy_uj * (1 + 1e-9)
     assert result.table.energy_uj[0][2] < 0  # a's 6-bit ADC is cheaper than its ideal one, charged as 8 bits
+    # at uniform ADC 4's energy the search keeps a as configured (its candidates all cost loss), and says so
+    assert result.chosen.choice == (None, 1) and "a as configured" in format_summary(result)
     alone = search_precision(model, images, SearchConfig(candidates={"adc_bits": [2, 4, 6]}, layers=["a"],
                                                          energy_budget="adc_bits=4", images=32, batch_size=16),
                              configured_overrides=overrides)
