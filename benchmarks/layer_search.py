@@ -360,7 +360,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
     layers = None if args.layers is None else tuple(p.strip() for p in args.layers.split(",") if p.strip())
     if layers == ():
-        parser.error(f"--layers={args.layers!r}: expected layer names or globs separated by commas, e.g. 'conv1,layer*'")
+        parser.error(f"--layers={args.layers!r}: expected layer names or globs separated by commas, "
+                     "e.g. 'conv1,layer*'")
     options = SearchOptions(args.metric, candidates, args.saving, args.from_ptq, layers)
     kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
     if not kinds or set(kinds) - set(BUDGETS):
@@ -403,12 +404,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         point = options.label(kind)
         stored = next((row for other, row in rows.items() if _point_key(other) == key), None)  # a fit of this search
         init_from = None
-        if args.from_ptq is not None and stored is None:
+        if options.from_ptq is not None and stored is None:
             from low_adc_qat import ptq
 
             checkpoints = args.work_dir / "low_adc_qat"
             checkpoints.mkdir(parents=True, exist_ok=True)
-            init_from = ptq(args.from_ptq, iters, checkpoints, extra)[0]
+            init_from = ptq(options.from_ptq, iters, checkpoints, extra)[0]
         if stored is not None:  # more fits of a measured search: its stored assignment, not a new search
             found = {"overrides": stored_overrides(stored["assignment"], args.work_dir / f"{key}.yaml"),
                      "seconds": stored.get("search_seconds", ""), "assignment": stored["assignment"],

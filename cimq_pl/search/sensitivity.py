@@ -157,6 +157,11 @@ def exact_for(spec, settings: Sequence[dict]):
     return spec.replace(**exact)
 
 
+def mapped_int8(layer) -> bool:
+    """Whether a CIM layer is mapped in ``int8`` mode (an edge layer): its spec is the one `CIMSpec.int8` gives."""
+    return layer.spec == layer.spec.int8()
+
+
 def searched_layers(model, patterns: Optional[Sequence[str]] = None) -> list[str]:
     """Names of the CIM layers of ``model`` a search changes: those ``patterns`` (names or globs) match, or by
     default every layer mapped in ``cim`` mode (layers an ``int8`` first/last-layer mode or override put on
@@ -168,7 +173,7 @@ def searched_layers(model, patterns: Optional[Sequence[str]] = None) -> list[str
     layers = cim_layers(model)
     names = [name for name, _ in layers]
     if patterns is None:
-        chosen = [name for name, layer in layers if layer.spec != layer.spec.int8()]  # int8 mode: the spec int8() gives
+        chosen = [name for name, layer in layers if not mapped_int8(layer)]
     else:
         try:
             chosen = list(layer_overrides(names, {pattern: {"adc_bits": None} for pattern in patterns}))
@@ -237,7 +242,7 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
         if local:  # the objective is the searched layers' summed noise, the configured one's to start from
             table.reference_loss += configured_noise
         table.current.append(current)
-        table.edge.append(layer.spec == layer.spec.int8())
+        table.edge.append(mapped_int8(layer))
         for key, values in rows.items():
             getattr(table, key).append(values)
     if all(table.edge):  # only edge layers searched: a uniform setting is theirs

@@ -263,7 +263,8 @@ def test_a_search_naming_an_int8_edge_layer_leaves_it_out_of_the_uniform_setting
     assert result.table.edge == [True, False] and result.table.current == [None, 1]  # b: the macro's ADC 4
     uniform4 = result.point("adc_bits=4")
     assert uniform4.choice == (None, 1)
-    assert uniform4.predicted_energy_uj == pytest.approx(result.table.reference_energy_uj + result.table.energy_uj[1][1])
+    assert uniform4.predicted_energy_uj == pytest.approx(result.table.reference_energy_uj
+                                                         + result.table.energy_uj[1][1])
     assert uniform4.measured.energy_uj == pytest.approx(uniform4.predicted_energy_uj, rel=2e-2)
     assert result.searched.predicted_energy_uj <= uniform4.predicted_energy_uj * (1 + 1e-9)
     assert result.table.energy_uj[0][2] < 0  # a's 6-bit ADC is cheaper than its ideal one, charged as 8 bits
