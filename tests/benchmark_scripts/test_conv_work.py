@@ -1,5 +1,6 @@
-"""The convolution-work benchmark (its sparse weight gradient equals the per-cycle one, its smoke table) and the
-calibration-speed benchmark (its smoke table, the same clips both ways)."""
+"""The convolution-work benchmark (its sparse weight gradient equals the per-cycle one, its smoke table), the
+calibration-speed benchmark (its smoke table, the same clips both ways) and the PTQ step profile (its Adam switch,
+a smoke fit with a profiled unit)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import calibration_speed  # noqa: E402
 import conv_work  # noqa: E402
+import ptq_step_profile  # noqa: E402
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -47,3 +49,17 @@ def test_calibration_speed_smoke_times_both_searches_and_finds_the_same_clips(ca
     assert row["model"] == "resnet20" and row["images"] == 4 and row["same_clips"] == "yes"
     assert row["one_pass_s"] > 0 and row["blocked_s"] > 0 and row["speedup"] > 0
     assert "| resnet20 | 4 |" in capsys.readouterr().out
+
+
+def test_ptq_step_profile_switches_adam_and_profiles_a_unit(tmp_path):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("foreach", "fused"):
+        with ptq_step_profile.adam_implementation(name):
+            assert torch.optim.Adam(params, lr=1e-3).defaults[name] is True
+    assert torch.optim.Adam(params, lr=1e-3).defaults["foreach"] is None  # restored after the block
+    result = ptq_step_profile.main(["--smoke", "--simulation", "eager", "--steps", "4", "--profile", "--unit", "1",
+                                    "--profile-steps", "2", "4", "--work-dir", str(tmp_path)])
+    assert result["timed steps"] == 11 * 2 and result["ms per step"] > 0  # 11 units, the first two steps untimed
+    ops = {row["op"]: row for row in result["profile"]}
+    assert any(op.startswith("aten::") for op in ops) and all(row["ms_per_step"] >= 0 for row in ops.values())
+    assert "aten::mkldnn_convolution" in ops or "aten::convolution" in ops or "aten::_convolution" in ops

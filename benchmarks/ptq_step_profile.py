@@ -1,0 +1,108 @@
+"""Where a PTQ reconstruction step goes: the preset's mean step time and a profile of one unit's steps.
+
+The CIMQ preset (``configs/quant/cimq_ptq.yaml``) is fitted through the CLI (`runner.measure`) with ``--steps``
+steps per unit; the step time is timed over every step but the first two of each unit (the block's input capture
+and, compiled, its compilation: `training_time.UnitStepTimer`). With ``--profile``, ``torch.profiler`` records
+steps ``--profile-steps`` (10 to 29) of unit ``--unit`` (unit 4 is ``layer1.2``) and the top operators by own CPU time are printed per step.
+``--adam foreach|fused`` builds the reconstruction's Adam with that implementation instead of PyTorch's default
+(the per-parameter loop on the CPU), to see what the optimizer's own loops cost.
+
+    python benchmarks/ptq_step_profile.py --profile                  # ~2 min on 2 cores
+    python benchmarks/ptq_step_profile.py --adam fused               # the same fit with a fused Adam
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from lightning.pytorch import Callback
+
+from runner import Setting, base_parser, markdown_table, measure, prepare
+from training_time import UnitStepTimer
+
+class UnitProfiler(Callback):
+    """``torch.profiler`` over steps ``first`` to ``last - 1`` of unit ``unit`` (of ``steps_per_unit`` steps each)."""
+
+    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30):
+        self.first, self.last = unit * steps_per_unit + first, unit * steps_per_unit + last
+        self.profile: Optional[torch.profiler.profile] = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.first:
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profile.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last - 1 and self.profile is not None:
+            self.profile.__exit__(None, None, None)
+
+    def rows(self, limit: int = 25) -> list[dict]:
+        """The top operators by own CPU time: ms per step, calls per step, share of the profiled time."""
+        if self.profile is None:
+            return []
+        steps = self.last - self.first
+        events = sorted(self.profile.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        return [{"op": e.key[:60], "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+                 "calls_per_step": round(e.count / steps, 1), "share": f"{100 * e.self_cpu_time_total / total:.1f}%"}
+                for e in events[:limit]]
+
+
+@contextlib.contextmanager
+def adam_implementation(name: str):
+    """Within the block, ``torch.optim.Adam`` builds its optimizers with ``foreach=True`` or ``fused=True``."""
+    if name == "default":
+        yield
+        return
+    original = torch.optim.Adam
+
+    class Adam(original):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **{name: True, **kwargs})
+
+    torch.optim.Adam = Adam
+    try:
+        yield
+    finally:
+        torch.optim.Adam = original
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="PTQ steps per unit (40)")
+    parser.add_argument("--simulation", choices=("eager", "compiled"), default="compiled",
+                        help="the CIM layers' path (compiled, the preset's `auto` on the CPU)")
+    parser.add_argument("--adam", choices=("default", "foreach", "fused"), default="default",
+                        help="the reconstruction's Adam implementation (default: PyTorch's choice)")
+    parser.add_argument("--profile", action="store_true", help="profile --profile-steps of --unit")
+    parser.add_argument("--unit", type=int, default=4, help="the profiled unit (4: layer1.2)")
+    parser.add_argument("--profile-steps", type=int, nargs=2, default=[10, 30], metavar=("FIRST", "END"),
+                        help="the profiled steps of the unit, FIRST to END - 1 (10 30)")
+    args = parser.parse_args(argv)
+    first, end = args.profile_steps
+    if args.profile and not 0 <= first < end <= args.steps:
+        parser.error(f"--profile-steps {first} {end}: expected 0 <= FIRST < END <= --steps ({args.steps})")
+    if args.steps < 3:
+        parser.error(f"--steps={args.steps}: the timer skips the first two steps of a unit, give at least 3")
+    extra = prepare(args)
+    timer = UnitStepTimer(args.steps)
+    profiler = UnitProfiler(args.unit, args.steps, first, end) if args.profile else None
+    with adam_implementation(args.adam):
+        measure(Setting("resnet20", "cimq", iters=args.steps), args.work_dir,
+                extra_args=[*extra, "--model.simulation", args.simulation],
+                callbacks=[timer, *([profiler] if profiler else [])], test=False)
+    summary = {"simulation": args.simulation, "adam": args.adam, "steps per unit": args.steps,
+               "timed steps": timer.steps, "ms per step": round(1000 / timer.steps_per_second, 2)}
+    print("\n" + markdown_table([summary], list(summary), list(summary)))
+    rows = profiler.rows() if profiler else []
+    if rows:
+        print(f"\nUnit {args.unit}, steps {first}-{end - 1} (torch.profiler, own CPU time):\n")
+        print(markdown_table(rows, ["op", "ms_per_step", "calls_per_step", "share"],
+                             ["operator", "ms per step", "calls per step", "share"]))
+    return {**summary, "profile": rows}
+
+
+if __name__ == "__main__":
+    main()
