@@ -10,6 +10,8 @@
    are reused unless ``--fresh``.
    ``--assignments`` adds assignments given by hand (globs of layers at other ADC resolutions, the rest at the
    preset's ADC 4), fitted the same way: e.g. whole stages at ADC 3, to check a search against the obvious choices.
+   ``--low-adc-steps 3=800`` gives the units that hold a layer at ADC 3 or less 800 reconstruction steps in the
+   assignment fits (``BlockReconstruction(unit_iters=...)``), the others the preset's.
    ``--layers conv1,layer*`` lets the searches change the `int8` first conv's ideal ADC too (a uniform budget leaves
    it as configured, as uniform ADC 5 does).
 3. A table with the issue's targets (at the energy of uniform ADC 4: >= 2 points more accuracy than it; at the
@@ -60,7 +62,7 @@ BUDGETS = {"energy": Budget("energy_budget", 4), "accuracy": Budget("loss_budget
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
           "saving": "searched at 80% of uniform ADC 5's energy"}
 COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "search_images", *METRICS, "fit_seconds", "test_seconds",
-           "search_seconds", "predicted_energy_uj", "assignment", "config")
+           "search_seconds", "predicted_energy_uj", "assignment", "unit_iters", "config")
 QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
 
@@ -207,6 +209,39 @@ def stored_overrides(assignment: str, path: Path) -> Path:
     return path
 
 
+class LowAdcSteps(NamedTuple):
+    """``--low-adc-steps BITS=STEPS``: the units that hold a layer at ADC ``bits`` or less reconstruct ``steps``
+    steps in the assignment fits."""
+
+    bits: int
+    steps: int
+
+    @classmethod
+    def parse(cls, text: str) -> "LowAdcSteps":
+        bits, sep, steps = text.partition("=")
+        if not (sep and bits.strip().isdigit() and steps.strip().isdigit() and int(steps) > 0):
+            raise ValueError(f"--low-adc-steps={text!r} is invalid: expected BITS=STEPS, e.g. 3=800")
+        return cls(int(bits), int(steps))
+
+    def suffix(self) -> str:
+        return f"-low{self.bits}x{self.steps}"
+
+    def label(self) -> str:
+        return f" (units with ADC <= {self.bits}: {self.steps} steps)"
+
+    def unit_iters(self, assignment: str) -> dict[str, int]:
+        """``unit_iters`` of the fit of ``assignment`` (``name:bits`` pairs): the unit of each layer or glob at
+        ``bits`` or less (ResNet names: ``layer1.0.conv2`` and ``layer1.*.conv2`` are in ``layer1.0`` and
+        ``layer1.*``; ``conv1`` and ``fc`` are units of their own)."""
+        units = {}
+        for pair in assignment.split():
+            name, _, bits = pair.rpartition(":")
+            if bits != "None" and int(bits) <= self.bits:
+                parts = name.split(".")
+                units[".".join(parts[:2]) if parts[0].startswith("layer") and len(parts) > 1 else name] = self.steps
+        return units
+
+
 def _stored(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -215,10 +250,17 @@ def _stored(path: Path) -> dict:
 
 
 def fit_assignment(rows: dict, path: Path, key: str, point: str, overrides: Path, assignment: str, iters: int,
-                   seeds: list[int], work_dir: Path, extra: list[str], **fields) -> None:
+                   seeds: list[int], work_dir: Path, extra: list[str], low_adc: Optional[LowAdcSteps] = None,
+                   **fields) -> None:
     """Fit the CIMQ preset (ADC 4) with the per-layer ``overrides`` once per seed not yet in ``rows`` (row
     ``key`` plus the seed's suffix, labelled ``point``, with ``fields`` such as the search's columns), writing the
-    CSV at ``path`` after each fit."""
+    CSV at ``path`` after each fit. With ``low_adc``, the units of its low-ADC layers get its steps."""
+    if low_adc is not None:
+        unit_iters = low_adc.unit_iters(assignment)
+        key, point = key + low_adc.suffix(), point + low_adc.label()
+        flow = yaml.safe_dump(unit_iters, default_flow_style=True).strip()
+        extra = [*extra, "--model.objective.init_args.unit_iters", flow]
+        fields = {**fields, "unit_iters": " ".join(f"{unit}:{steps}" for unit, steps in unit_iters.items())}
     for seed in seeds:
         if key + _seed_suffix(seed) in rows:
             continue
@@ -332,7 +374,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="the search's sensitivity metric (search --metric); rows of other metrics are kept apart")
     parser.add_argument("--budgets", default="energy,accuracy,saving",
                         help="which searches: energy (at the energy of uniform ADC 4), accuracy (at the loss of "
-                             "uniform ADC 5), saving (at --saving of uniform ADC 5's energy); default: all three")
+                             "uniform ADC 5), saving (at --saving of uniform ADC 5's energy); default: all three; none: only the "
+                             "uniform points and --assignments")
     parser.add_argument("--candidates", default=",".join(map(str, UNIFORM_ADC)),
                         help="ADC resolutions each searched layer may take (default 3,4,5,6)")
     parser.add_argument("--saving", type=float, default=SAVING,
@@ -352,9 +395,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="the layers the searches change (search --layers; default: those mapped in cim mode), "
                              "e.g. 'conv1,layer*' to let the int8 first conv's ideal ADC (charged as 8 bits) go down "
                              "too; a uniform budget leaves it as configured, as uniform ADC 5 does")
+    parser.add_argument("--low-adc-steps", default=None, metavar="BITS=STEPS",
+                        help="in the fits of searched and given assignments, the units that hold a layer at ADC BITS "
+                             "or less reconstruct STEPS steps (model.objective.init_args.unit_iters), the others "
+                             "--iters; e.g. 3=800 (rows and points get the suffix)")
     args = parser.parse_args(argv)
     try:
         given = [given_assignment(text) for text in args.assignments]
+        low_adc = None if args.low_adc_steps is None else LowAdcSteps.parse(args.low_adc_steps)
     except ValueError as error:
         parser.error(str(error))
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())
@@ -363,9 +411,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         parser.error(f"--layers={args.layers!r}: expected layer names or globs separated by commas, "
                      "e.g. 'conv1,layer*'")
     options = SearchOptions(args.metric, candidates, args.saving, args.from_ptq, layers)
-    kinds = [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
-    if not kinds or set(kinds) - set(BUDGETS):
-        parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}")
+    kinds = [] if args.budgets == "none" else [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
+    if (not kinds and args.budgets != "none") or set(kinds) - set(BUDGETS):
+        parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}, or "
+                     "none (only the uniform points and --assignments)")
     for kind in kinds:  # each budget names a uniform setting, which the search needs among its candidates
         bits = BUDGETS[kind].uniform_adc
         if bits not in candidates:
@@ -399,7 +448,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             _write(path, rows)
     for kind in kinds:
         key = searched_key(kind, iters, images, options)
-        if all(key + _seed_suffix(seed) in rows for seed in args.seeds):
+        fitted = key + (low_adc.suffix() if low_adc else "")
+        if all(fitted + _seed_suffix(seed) in rows for seed in args.seeds):
             continue
         point = options.label(kind)
         stored = next((row for other, row in rows.items() if _point_key(other) == key), None)  # a fit of this search
@@ -420,15 +470,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             found = run_search(kind, iters, images, args.work_dir, extra, options, init_from)
             print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
         fit_assignment(rows, path, key, point, found["overrides"], found["assignment"], iters, args.seeds,
-                       args.work_dir, extra, search_images=images, search_seconds=found["seconds"],
+                       args.work_dir, extra, low_adc, search_images=images, search_seconds=found["seconds"],
                        predicted_energy_uj=found["predicted_energy_uj"])
     for assignment in given:
         key = given_key(assignment, iters)
         fit_assignment(rows, path, key, f"given: {assignment} (others ADC 4)",
                        stored_overrides(assignment, args.work_dir / f"{key}.yaml"), assignment, iters, args.seeds,
-                       args.work_dir, extra)
+                       args.work_dir, extra, low_adc)
     uniform_keys = {_uniform(adc, iters).key for adc in adc_points}
-    given_keys = {given_key(assignment, iters) for assignment in given}
+    given_keys = {given_key(assignment, iters) + (low_adc.suffix() if low_adc else "") for assignment in given}
     shown = [r for key, r in rows.items() if _point_key(key) in uniform_keys] + [
         row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images)] + [
         row for key, row in rows.items() if _point_key(key) in given_keys]

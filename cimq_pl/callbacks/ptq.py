@@ -2,7 +2,7 @@
 `~cimq_pl.objectives.BlockReconstruction` objective (``model.objective``).
 
 PTQ as a recipe: the module's objective says what a training step optimises, which parameters learn, how
-long the fit is (one epoch of ``units x steps_per_unit`` batches) and brings its own train loader; this callback
+long the fit is (one epoch of every unit's steps) and brings its own train loader; this callback
 does what happens around the steps:
 
 * ``on_fit_start``: calibration of every quantizer (skipped when resuming from a checkpoint); with

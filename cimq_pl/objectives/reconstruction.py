@@ -1,9 +1,10 @@
 """Block-wise reconstruction (BRECQ) with random quantization dropping (QDrop): the PTQ objective.
 
 ``model.objective: {class_path: cimq_pl.objectives.BlockReconstruction, init_args: {iters_per_block: 200, ...}}``
-with the `PostTrainingQuantization` callback. The fit is **one epoch** of ``units x steps_per_unit`` training
-batches (`UnitSchedule`): batch ``b`` is step ``b % steps_per_unit`` of unit ``b // steps_per_unit``; the train
-loader is the objective's own (`UnitSteps`, batches of step numbers: the samples come from the cache below).
+with the `PostTrainingQuantization` callback. The fit is **one epoch** of ``iters_per_block`` training batches per
+unit (``unit_iters`` gives chosen units their own count), the units one after another (`UnitSchedule` maps
+Lightning's batch index to a unit and a step); the train loader is the objective's own (`UnitSteps`, batches of
+step numbers: the samples come from the cache below).
 
 When a unit starts, the calibration images are run once: with every quantizer off to cache the unit's
 full-precision input ``x_fp`` and output ``y_fp``, and with quantizers on (earlier units already reconstructed and
@@ -34,10 +35,14 @@ step)`` alone, so a fit resumed from a mid-unit checkpoint makes exactly the dra
 
 from __future__ import annotations
 
+import bisect
+import fnmatch
+import functools
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -70,32 +75,51 @@ ROUNDING_INITS = ("nearest", "gptq")
 
 @dataclass(frozen=True)
 class UnitSchedule:
-    """Where a training batch of the one reconstruction epoch falls: ``units`` units of ``steps_per_unit`` steps.
+    """Where a training batch of the one reconstruction epoch falls: unit ``u`` runs ``steps[u]`` steps, the units
+    one after another.
 
-    Batch ``b`` (Lightning's ``batch_idx``, also after a resume) is step ``b % steps_per_unit`` of unit
-    ``b // steps_per_unit``.
+    Batch ``b`` (Lightning's ``batch_idx``, also after a resume) is step ``b - start(u)`` of the unit ``u`` whose
+    batches ``start(u) .. start(u) + steps[u] - 1`` hold it.
     """
 
-    units: int
-    steps_per_unit: int
+    steps: tuple[int, ...]
+
+    @classmethod
+    def uniform(cls, units: int, steps_per_unit: int) -> "UnitSchedule":
+        """``units`` units of ``steps_per_unit`` steps each."""
+        return cls((steps_per_unit,) * units)
+
+    @property
+    def units(self) -> int:
+        return len(self.steps)
 
     @property
     def total(self) -> int:
         """Training batches of the epoch (per process)."""
-        return self.units * self.steps_per_unit
+        return sum(self.steps)
+
+    @functools.cached_property
+    def starts(self) -> tuple[int, ...]:
+        """The first batch index of each unit."""
+        return tuple(itertools.accumulate(self.steps, initial=0))[:-1]
 
     def unit(self, batch_idx: int) -> int:
-        return batch_idx // self.steps_per_unit
+        return bisect.bisect_right(self.starts, batch_idx) - 1
 
     def step(self, batch_idx: int) -> int:
         """The step within its unit (0-based)."""
-        return batch_idx % self.steps_per_unit
+        return batch_idx - self.starts[self.unit(batch_idx)]
 
     def starts_unit(self, batch_idx: int) -> bool:
         return self.step(batch_idx) == 0
 
     def ends_unit(self, batch_idx: int) -> bool:
-        return self.step(batch_idx) == self.steps_per_unit - 1
+        return self.step(batch_idx) == self.steps[self.unit(batch_idx)] - 1
+
+    def describe(self) -> str:
+        """``"11 units x 400 steps"``, or ``"11 units of 400-800 steps"`` where they differ."""
+        low, high = (min(self.steps), max(self.steps)) if self.steps else (0, 0)
+        return f"{self.units} units x {low} steps" if low == high else f"{self.units} units of {low}-{high} steps"
 
 
 class UnitSteps(Dataset):
@@ -147,6 +171,10 @@ class BlockReconstruction(Objective):
             starts from GPTQ's codes, or, with ``adaround: false``, the codes are GPTQ's). Needs
             ``iters_per_block > 0``; for calibration-only GPTQ use the `GPTQRounding` callback.
         gptq_damp: GPTQ's Hessian dampening (fraction of its mean diagonal), with ``rounding_init: gptq``.
+        unit_iters: steps of the units whose name matches a glob, instead of ``iters_per_block``
+            (``{"layer1.*": 800}``; unit names are the block names ``conv1``, ``layer1.0``, ..., ``fc``; the last
+            matching glob wins; each must match a unit). For units that need more reconstruction than the rest,
+            such as those with 3-bit ADCs in a per-layer assignment. Needs ``iters_per_block > 0``.
 
     Raises:
         ConfigError: on a bad value (named in the message with what is allowed).
@@ -174,10 +202,19 @@ class BlockReconstruction(Objective):
         lr_offset: float = 0.0,
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_damp: float = DEFAULT_DAMP,
+        unit_iters: Optional[Mapping[str, int]] = None,
     ):
         for name, value, low in (("iters_per_block", iters_per_block, 0), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"BlockReconstruction.{name}={value!r} is invalid: expected an integer >= {low}")
+        unit_iters = dict(unit_iters or {})
+        for pattern, value in unit_iters.items():
+            if not isinstance(pattern, str) or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"BlockReconstruction.unit_iters[{pattern!r}]={value!r} is invalid: expected a "
+                                  "unit name or glob mapped to an integer >= 1 (steps)")
+        if unit_iters and iters_per_block == 0:
+            raise ConfigError(f"BlockReconstruction.unit_iters={unit_iters} gives units their own steps, but "
+                              "iters_per_block=0 reconstructs none (calibration only): set iters_per_block > 0")
         if not 0 <= warmup < 1:
             raise ConfigError(f"BlockReconstruction.warmup={warmup!r} is invalid: expected a fraction in [0, 1)")
         for name, value in (("rounding_weight", rounding_weight), ("lr_rounding", lr_rounding),
@@ -195,6 +232,7 @@ class BlockReconstruction(Objective):
                               "iters_per_block=0 reconstructs none: for calibration-only GPTQ rounding add the "
                               "cimq_pl.callbacks.GPTQRounding callback instead")
         self.iters_per_block = iters_per_block
+        self.unit_iters = unit_iters
         self.batch_size = batch_size
         self.adaround = adaround
         self.rounding_weight = rounding_weight
@@ -204,7 +242,7 @@ class BlockReconstruction(Objective):
         self.rounding_init, self.gptq_damp = rounding_init, gptq_damp
         # the runtime state of a fit, built by `setup` / `attach`
         self.blocks: list[tuple[str, nn.Module]] = []
-        self.schedule = UnitSchedule(0, 1)
+        self.schedule = UnitSchedule(())
         self.block_input_keep_prob: float | None = None
         self.seed, self.rank, self.world_size = 0, 0, 1
         self.current = 0
@@ -273,23 +311,44 @@ class BlockReconstruction(Objective):
     def attach(self, blocks: list[tuple[str, nn.Module]], seed: int = 0, rank: int = 0, world_size: int = 1,
                block_input_keep_prob: float | None = None) -> None:
         """Start a fit over the units ``blocks`` (``(name, module)`` in execution order) in process ``rank`` of
-        ``world_size``, drawing from ``seed``; each process runs ``ceil(iters_per_block / world_size)`` steps per
-        unit."""
+        ``world_size``, drawing from ``seed``; each process runs ``ceil(steps / world_size)`` of a unit's steps
+        (``iters_per_block``, or its ``unit_iters``).
+
+        Raises:
+            ConfigError: a ``unit_iters`` glob that matches no unit (the message lists them).
+        """
         self.blocks = blocks
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.block_input_keep_prob = block_input_keep_prob
-        self.schedule = UnitSchedule(len(blocks), math.ceil(self.iters_per_block / world_size))
+        steps = self.steps_of_units([name for name, _ in blocks])
+        self.schedule = UnitSchedule(tuple(math.ceil(count / world_size) for count in steps))
         self.current, self.step_in_unit, self.cache = 0, 0, None
         self._previous, self._chained = None, None
 
+    def steps_of_units(self, names: list[str]) -> list[int]:
+        """The reconstruction steps of each unit of ``names``: ``iters_per_block`` or the last matching
+        ``unit_iters`` glob's."""
+        steps = {name: self.iters_per_block for name in names}
+        for pattern, count in self.unit_iters.items():
+            matched = [name for name in names if name == pattern or fnmatch.fnmatchcase(name, pattern)]
+            if not matched:
+                raise ConfigError(f"BlockReconstruction.unit_iters: {pattern!r} matches no reconstruction unit; the "
+                                  f"units are: {', '.join(names)}")
+            steps.update(dict.fromkeys(matched, count))
+        return [steps[name] for name in names]
+
     def describe(self) -> str:
         start = ", rounding from GPTQ" if self.rounding_init == "gptq" else ""
-        return (f"{self.schedule.units} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
-                f"images{start}: {', '.join(name for name, _ in self.blocks)}")
+        names = [name for name, _ in self.blocks]
+        own = [f"{name} {count}" for name, count in zip(names, self.steps_of_units(names))
+               if count != self.iters_per_block]
+        steps = f" ({', '.join(own)} steps of their own)" if own else ""
+        return (f"{len(names)} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
+                f"images{steps}{start}: {', '.join(names)}")
 
     def check_fit_length(self, max_epochs: int | None, max_steps: int) -> None:
-        """Refuse a trainer that would not run exactly the one epoch of ``units x steps_per_unit`` batches."""
-        total, length = self.schedule.total, f"{self.schedule.units} units x {self.schedule.steps_per_unit} steps"
+        """Refuse a trainer that would not run exactly the one epoch of the units' steps."""
+        total, length = self.schedule.total, self.schedule.describe()
         if max_steps not in (-1, None) and max_steps < total:
             raise ConfigError(f"block reconstruction is one epoch of {length} ({total} training steps) but "
                               f"trainer.max_steps={max_steps} stops it earlier: set trainer.max_steps -1")
@@ -301,8 +360,8 @@ class BlockReconstruction(Objective):
         """Refuse a fit whose train loader is not this objective's (or is cut by ``limit_train_batches``)."""
         if num_training_batches != self.schedule.total:
             raise ConfigError(
-                f"block reconstruction trains on its own loader of {self.schedule.units} units x "
-                f"{self.schedule.steps_per_unit} steps ({self.schedule.total} batches) but the fit has "
+                f"block reconstruction trains on its own loader of {self.schedule.describe()} "
+                f"({self.schedule.total} batches) but the fit has "
                 f"{num_training_batches}: fit with cimq_pl.trainer.CIMQTrainer (python -m cimq_pl fit does) or pass "
                 "datamodule=module.fit_datamodule(datamodule), and leave trainer.limit_train_batches at 1.0")
 
@@ -399,12 +458,17 @@ class BlockReconstruction(Objective):
 
     @property
     def rounding_schedule(self) -> RoundingSchedule:
-        return RoundingSchedule(max(1, self.schedule.steps_per_unit), self.warmup, self.beta_start, self.beta_end)
+        return RoundingSchedule(self.unit_steps, self.warmup, self.beta_start, self.beta_end)
+
+    @property
+    def unit_steps(self) -> int:
+        """The current unit's steps in this process (at least 1: with 0, calibration only, nothing steps)."""
+        steps = self.schedule.steps
+        return max(1, steps[self.current]) if self.current < len(steps) else 1
 
     def lr_factor(self) -> float:
         """Cosine decay within the current unit (1 at its first step, ~0 at its last)."""
-        steps = max(1, self.schedule.steps_per_unit)  # 0 steps: calibration only, the optimizer never steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / steps)))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / self.unit_steps)))
 
     # -- the objective ------------------------------------------------------------------------------------
     def block_io(self, model: nn.Module, images: torch.Tensor):

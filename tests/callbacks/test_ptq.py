@@ -98,6 +98,30 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
     assert Path(ptq.checkpoint_path).is_file()
 
 
+class UnitsOfSteps(Callback):
+    """The reconstruction unit the objective trained at every training step."""
+
+    def __init__(self):
+        self.units = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.units.append(pl_module.objective.current)
+
+
+def test_units_with_their_own_steps_run_them_in_the_fit(tmp_path):
+    """``unit_iters``: layer2's blocks 3 steps and the classifier 2, the other units 1; each unit is finished
+    (AdaRound hardened) when its own steps end."""
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
+                        objective=BlockReconstruction(iters_per_block=1, batch_size=8,
+                                                      unit_iters={"layer2.*": 3, "fc": 2}))
+    trainer = _trainer(tmp_path, [PostTrainingQuantization(), units := UnitsOfSteps()], limit_val_batches=1)
+    trainer.fit(module, datamodule=_datamodule())
+    counts = [units.units.count(unit) for unit in range(11)]
+    assert counts == [1, 1, 1, 1, 3, 3, 3, 1, 1, 1, 2] and units.units == sorted(units.units)
+    assert trainer.global_step == 18
+    assert all(layer.weight_quantizer.hard for _, layer in cim_layers(module.model))
+
+
 def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
     """With ``log_every_n_steps=3`` the step's reconstruction loss is logged on steps 3, 6, ... (the ones the
     loggers get) and holds there in between; the unit means still count every step."""

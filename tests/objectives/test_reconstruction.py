@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -10,7 +13,7 @@ from cimq_pl.objectives import BlockReconstruction, UnitSchedule, UnitSteps
 
 
 def test_units_start_and_end_at_their_batch_indices():
-    schedule = UnitSchedule(units=2, steps_per_unit=3)
+    schedule = UnitSchedule.uniform(units=2, steps_per_unit=3)
     batches = range(schedule.total)
     assert schedule.total == 6
     assert [schedule.unit(b) for b in batches] == [0, 0, 0, 1, 1, 1]
@@ -24,14 +27,53 @@ def test_every_process_gets_its_own_steps_of_every_unit():
     steps of each of 4 units, numbered as its own batch indices."""
     objective = BlockReconstruction(iters_per_block=5, batch_size=4)
     objective.attach([(f"unit{i}", torch.nn.Identity()) for i in range(4)], world_size=2)
-    assert objective.schedule == UnitSchedule(4, 3)
+    assert objective.schedule == UnitSchedule.uniform(4, 3)
     dataset = objective.train_dataloader().dataset
     assert isinstance(dataset, UnitSteps) and len(dataset) == 4 * 3 * 2
     for rank in (0, 1):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
         assert [int(batch) for batch in DataLoader(dataset, sampler=sampler)] == list(range(12))
     objective.attach(objective.blocks)  # one process: all 5 steps
-    assert objective.schedule == UnitSchedule(4, 5) and len(objective.train_dataloader()) == 20
+    assert objective.schedule == UnitSchedule.uniform(4, 5) and len(objective.train_dataloader()) == 20
+
+
+def test_units_of_their_own_step_counts():
+    """Units of 2, 4 and 1 steps: batch indices map to (unit, step) as a loop over the units would number them."""
+    schedule = UnitSchedule((2, 4, 1))
+    expected = [(unit, step) for unit, count in enumerate(schedule.steps) for step in range(count)]
+    assert schedule.total == 7 and schedule.describe() == "3 units of 1-4 steps"
+    assert [(schedule.unit(b), schedule.step(b)) for b in range(7)] == expected
+    assert [b for b in range(7) if schedule.starts_unit(b)] == [0, 2, 6]
+    assert [b for b in range(7) if schedule.ends_unit(b)] == [1, 5, 6]
+    assert UnitSchedule.uniform(11, 400).describe() == "11 units x 400 steps"
+
+
+def test_unit_iters_give_matching_units_their_steps_per_process():
+    """The last matching glob wins; under DDP each process runs ceil(steps / 2); the cosine and the rounding
+    schedule of a unit span its own steps."""
+    names = ["conv1", "layer1.0", "layer1.1", "layer2.0", "fc"]
+    objective = BlockReconstruction(iters_per_block=5, unit_iters={"layer*": 9, "layer1.1": 3})
+    objective.attach([(name, torch.nn.Identity()) for name in names], world_size=2)
+    assert objective.schedule.steps == (3, 5, 2, 5, 3)
+    assert "layer1.0 9, layer1.1 3, layer2.0 9 steps of their own" in objective.describe()
+    objective.current, objective.step_in_unit = 1, 5  # the last step of layer1.0's 5
+    assert objective.unit_steps == 5 and objective.rounding_schedule.steps == 5
+    assert objective.lr_factor() == 0.0
+
+
+@pytest.mark.parametrize("unit_iters, message", [
+    ({"layer9.*": 800}, "'layer9.*' matches no reconstruction unit; the units are: conv1, layer1.0, fc"),
+    ({"layer1.0": 0}, "unit_iters['layer1.0']=0 is invalid: expected a unit name or glob mapped to an integer >= 1"),
+    ({"layer1.0": 2.5}, "unit_iters['layer1.0']=2.5 is invalid"),
+])
+def test_unit_iters_refuse_bad_globs_and_counts(unit_iters, message):
+    from cimq_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        objective = BlockReconstruction(iters_per_block=4, unit_iters=unit_iters)
+        objective.attach([(name, torch.nn.Identity()) for name in ("conv1", "layer1.0", "fc")])
+    with pytest.raises(ConfigError, match="iters_per_block=0 reconstructs none"):
+        BlockReconstruction(iters_per_block=0, unit_iters={"layer1.0": 4})
 
 
 def test_with_train_loader_delegates_everything_but_the_train_loader():
