@@ -215,19 +215,33 @@ class LowAdcSteps(NamedTuple):
 
     bits: int
     steps: int
+    lr_step: Optional[float] = None  # their input steps' learning rate (None: the preset's)
 
     @classmethod
-    def parse(cls, text: str) -> "LowAdcSteps":
+    def parse(cls, text: str, lr_step: Optional[float] = None) -> "LowAdcSteps":
         bits, sep, steps = text.partition("=")
         if not (sep and bits.strip().isdigit() and steps.strip().isdigit() and int(steps) > 0):
             raise ValueError(f"--low-adc-steps={text!r} is invalid: expected BITS=STEPS, e.g. 3=800")
-        return cls(int(bits), int(steps))
+        if lr_step is not None and not lr_step >= 0:
+            raise ValueError(f"--low-adc-lr-step={lr_step!r} is invalid: expected a learning rate >= 0")
+        return cls(int(bits), int(steps), lr_step)
 
     def suffix(self) -> str:
-        return f"-low{self.bits}x{self.steps}"
+        return f"-low{self.bits}x{self.steps}" + ("" if self.lr_step is None else f"-lrstep{self.lr_step:g}")
 
     def label(self) -> str:
-        return f" (units with ADC <= {self.bits}: {self.steps} steps)"
+        rate = "" if self.lr_step is None else f", lr_step {self.lr_step:g}"
+        return f" (units with ADC <= {self.bits}: {self.steps} steps{rate})"
+
+    def cli_args(self, assignment: str) -> list[str]:
+        """The fit's options: ``unit_iters`` (and ``unit_learning_rates``) of the units of ``assignment``."""
+        units = self.unit_iters(assignment)
+        args = ["--model.objective.init_args.unit_iters", yaml.safe_dump(units, default_flow_style=True).strip()]
+        if self.lr_step is not None:
+            rates = {unit: {"lr_step": self.lr_step} for unit in units}
+            args += ["--model.objective.init_args.unit_learning_rates",
+                     yaml.safe_dump(rates, default_flow_style=True).strip()]
+        return args
 
     def unit_iters(self, assignment: str) -> dict[str, int]:
         """``unit_iters`` of the fit of ``assignment`` (``name:bits`` pairs): the unit of each layer or glob at
@@ -258,8 +272,7 @@ def fit_assignment(rows: dict, path: Path, key: str, point: str, overrides: Path
     if low_adc is not None:
         unit_iters = low_adc.unit_iters(assignment)
         key, point = key + low_adc.suffix(), point + low_adc.label()
-        flow = yaml.safe_dump(unit_iters, default_flow_style=True).strip()
-        extra = [*extra, "--model.objective.init_args.unit_iters", flow]
+        extra = [*extra, *low_adc.cli_args(assignment)]
         fields = {**fields, "unit_iters": " ".join(f"{unit}:{steps}" for unit, steps in unit_iters.items())}
     for seed in seeds:
         if key + _seed_suffix(seed) in rows:
@@ -399,10 +412,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="in the fits of searched and given assignments, the units that hold a layer at ADC BITS "
                              "or less reconstruct STEPS steps (model.objective.init_args.unit_iters), the others "
                              "--iters; e.g. 3=800 (rows and points get the suffix)")
+    parser.add_argument("--low-adc-lr-step", type=float, default=None, metavar="RATE",
+                        help="with --low-adc-steps: those units' input-step learning rate (unit_learning_rates), e.g. "
+                             "half the preset's 4e-4 for twice its steps, so their input steps move as far (none)")
     args = parser.parse_args(argv)
     try:
         given = [given_assignment(text) for text in args.assignments]
-        low_adc = None if args.low_adc_steps is None else LowAdcSteps.parse(args.low_adc_steps)
+        if args.low_adc_lr_step is not None and args.low_adc_steps is None:
+            raise ValueError("--low-adc-lr-step sets the rate of the units --low-adc-steps names: give both")
+        low_adc = (None if args.low_adc_steps is None
+                   else LowAdcSteps.parse(args.low_adc_steps, args.low_adc_lr_step))
     except ValueError as error:
         parser.error(str(error))
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())

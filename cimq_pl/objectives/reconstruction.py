@@ -175,6 +175,10 @@ class BlockReconstruction(Objective):
             (``{"layer1.*": 800}``; unit names are the block names ``conv1``, ``layer1.0``, ..., ``fc``; the last
             matching glob wins; each must match a unit). For units that need more reconstruction than the rest,
             such as those with 3-bit ADCs in a per-layer assignment. Needs ``iters_per_block > 0``.
+        unit_learning_rates: learning rates of their own for the units a glob names, by argument name
+            (``{"layer1.*": {"lr_step": 2e-5}}``: ``lr_rounding``, ``lr_step``, ``lr_clip``, ``lr_offset``; later
+            globs win field by field), e.g. a unit given twice the steps with half the input-step rate, so its
+            input steps move as far as in the preset (its bit density holds). Each glob must match a unit.
 
     Raises:
         ConfigError: on a bad value (named in the message with what is allowed).
@@ -203,6 +207,7 @@ class BlockReconstruction(Objective):
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_damp: float = DEFAULT_DAMP,
         unit_iters: Optional[Mapping[str, int]] = None,
+        unit_learning_rates: Optional[Mapping[str, Mapping[str, float]]] = None,
     ):
         for name, value, low in (("iters_per_block", iters_per_block, 0), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -215,6 +220,18 @@ class BlockReconstruction(Objective):
         if unit_iters and iters_per_block == 0:
             raise ConfigError(f"BlockReconstruction.unit_iters={unit_iters} gives units their own steps, but "
                               "iters_per_block=0 reconstructs none (calibration only): set iters_per_block > 0")
+        unit_learning_rates = {pattern: dict(rates) for pattern, rates in (unit_learning_rates or {}).items()}
+        for pattern, rates in unit_learning_rates.items():
+            for name, value in rates.items():
+                base = {"lr_rounding": lr_rounding, "lr_step": lr_step, "lr_clip": lr_clip,
+                        "lr_offset": lr_offset}.get(name)
+                if base is None or not (isinstance(value, (int, float)) and value >= 0):
+                    raise ConfigError(f"BlockReconstruction.unit_learning_rates[{pattern!r}][{name!r}]={value!r} is "
+                                      "invalid: expected lr_rounding, lr_step, lr_clip or lr_offset mapped to a "
+                                      "number >= 0")
+                if base == 0:
+                    raise ConfigError(f"BlockReconstruction.unit_learning_rates[{pattern!r}][{name!r}]: {name} is 0, "
+                                      f"so that kind learns in no unit: set {name} > 0 to give units their own")
         if not 0 <= warmup < 1:
             raise ConfigError(f"BlockReconstruction.warmup={warmup!r} is invalid: expected a fraction in [0, 1)")
         for name, value in (("rounding_weight", rounding_weight), ("lr_rounding", lr_rounding),
@@ -233,6 +250,8 @@ class BlockReconstruction(Objective):
                               "cimq_pl.callbacks.GPTQRounding callback instead")
         self.iters_per_block = iters_per_block
         self.unit_iters = unit_iters
+        self.unit_learning_rates = unit_learning_rates
+        self._unit_rates: list[dict[str, float]] = []  # each unit's own rates by kind, set by `attach`
         self.batch_size = batch_size
         self.adaround = adaround
         self.rounding_weight = rounding_weight
@@ -320,22 +339,20 @@ class BlockReconstruction(Objective):
         self.blocks = blocks
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.block_input_keep_prob = block_input_keep_prob
-        steps = self.steps_of_units([name for name, _ in blocks])
+        names = [name for name, _ in blocks]
+        steps = self.steps_of_units(names)
         self.schedule = UnitSchedule(tuple(math.ceil(count / world_size) for count in steps))
+        self._unit_rates = [{name.removeprefix("lr_"): rate for name, rate in fields.items()}
+                            for fields in _per_unit(names, self.unit_learning_rates, "unit_learning_rates")]
         self.current, self.step_in_unit, self.cache = 0, 0, None
         self._previous, self._chained = None, None
 
     def steps_of_units(self, names: list[str]) -> list[int]:
         """The reconstruction steps of each unit of ``names``: ``iters_per_block`` or the last matching
         ``unit_iters`` glob's."""
-        steps = {name: self.iters_per_block for name in names}
-        for pattern, count in self.unit_iters.items():
-            matched = [name for name in names if name == pattern or fnmatch.fnmatchcase(name, pattern)]
-            if not matched:
-                raise ConfigError(f"BlockReconstruction.unit_iters: {pattern!r} matches no reconstruction unit; the "
-                                  f"units are: {', '.join(names)}")
-            steps.update(dict.fromkeys(matched, count))
-        return [steps[name] for name in names]
+        per_unit = _per_unit(names, {pattern: {"steps": count} for pattern, count in self.unit_iters.items()},
+                             "unit_iters")
+        return [fields.get("steps", self.iters_per_block) for fields in per_unit]
 
     def describe(self) -> str:
         start = ", rounding from GPTQ" if self.rounding_init == "gptq" else ""
@@ -343,6 +360,9 @@ class BlockReconstruction(Objective):
         own = [f"{name} {count}" for name, count in zip(names, self.steps_of_units(names))
                if count != self.iters_per_block]
         steps = f" ({', '.join(own)} steps of their own)" if own else ""
+        rates = [f"{name} {', '.join(f'lr_{kind} {rate:g}' for kind, rate in own_rates.items())}"
+                 for name, own_rates in zip(names, self._unit_rates) if own_rates]
+        steps += f" (learning rates of their own: {'; '.join(rates)})" if rates else ""
         return (f"{len(names)} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
                 f"images{steps}{start}: {', '.join(names)}")
 
@@ -466,9 +486,12 @@ class BlockReconstruction(Objective):
         steps = self.schedule.steps
         return max(1, steps[self.current]) if self.current < len(steps) else 1
 
-    def lr_factor(self) -> float:
-        """Cosine decay within the current unit (1 at its first step, ~0 at its last)."""
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / self.unit_steps)))
+    def lr_factor(self, kind: Optional[str] = None) -> float:
+        """Cosine decay within the current unit (1 at its first step, ~0 at its last), times the unit's own rate of
+        ``kind`` (``rounding``, ``step``, ``clip``, ``offset``) over the objective's, where it has one."""
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / self.unit_steps)))
+        own = self._unit_rates[self.current] if self.current < len(self._unit_rates) else {}
+        return cosine * own[kind] / self.learning_rates[kind] if kind in own else cosine
 
     # -- the objective ------------------------------------------------------------------------------------
     def block_io(self, model: nn.Module, images: torch.Tensor):
@@ -539,8 +562,31 @@ class BlockReconstruction(Objective):
             if params
         ]
         optimizer = torch.optim.Adam(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: self.lr_factor())
+        factors = [functools.partial(_kind_factor, self, group["name"]) for group in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _kind_factor(objective: BlockReconstruction, kind: str, _step: int) -> float:
+    """`LambdaLR`'s factor of the parameter group ``kind`` (a module-level function: the scheduler's state saves)."""
+    return objective.lr_factor(kind)
+
+
+def _per_unit(names: list[str], fields_by_glob: Mapping[str, Mapping], option: str) -> list[dict]:
+    """The fields of each unit of ``names`` from globs of unit names (later globs win field by field).
+
+    Raises:
+        ConfigError: a glob that matches no unit (the message lists them).
+    """
+    fields = {name: {} for name in names}
+    for pattern, values in fields_by_glob.items():
+        matched = [name for name in names if name == pattern or fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ConfigError(f"BlockReconstruction.{option}: {pattern!r} matches no reconstruction unit; the units "
+                              f"are: {', '.join(names)}")
+        for name in matched:
+            fields[name].update(values)
+    return [fields[name] for name in names]
 
 
 def _require_ptq_callback(callbacks) -> None:

@@ -117,10 +117,15 @@ def test_layer_search_reads_assignments_given_by_hand():
 def test_layer_search_gives_the_units_of_low_adc_layers_their_steps():
     """``--low-adc-steps 3=800``: the unit of every layer or glob at ADC 3 or less, ResNet names."""
     low = layer_search.LowAdcSteps.parse("3=800")
-    assert low == (3, 800) and low.suffix() == "-low3x800"
+    assert low == (3, 800, None) and low.suffix() == "-low3x800"
     assert low.unit_iters("layer1.*:3 layer2.*:4 layer3.1.conv2:2 conv1:5 layer3.2.conv1:None") == {
         "layer1.*": 800, "layer3.1": 800}
     assert low.unit_iters("conv1:3 layer2.*.conv2:3") == {"conv1": 800, "layer2.*": 800}
     for bad in ("3", "3=0", "x=800"):
         with pytest.raises(ValueError, match="expected BITS=STEPS"):
             layer_search.LowAdcSteps.parse(bad)
+    halved = layer_search.LowAdcSteps.parse("3=800", 2e-4)
+    assert halved.suffix() == "-low3x800-lrstep0.0002"
+    assert halved.cli_args("layer1.*:3 layer2.*:4") == [
+        "--model.objective.init_args.unit_iters", "{layer1.*: 800}",
+        "--model.objective.init_args.unit_learning_rates", "{layer1.*: {lr_step: 0.0002}}"]

@@ -99,10 +99,14 @@ def test_ptq_learns_only_the_current_block_quantizers(tmp_path):
 
 
 class UnitsOfSteps(Callback):
-    """The reconstruction unit the objective trained at every training step."""
+    """The reconstruction unit the objective trained at every training step, and the input steps' learning rate."""
 
     def __init__(self):
-        self.units = []
+        self.units, self.step_rates = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        group = next(g for g in trainer.optimizers[0].param_groups if g["name"] == "step")
+        self.step_rates.append(group["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.units.append(pl_module.objective.current)
@@ -110,16 +114,20 @@ class UnitsOfSteps(Callback):
 
 def test_units_with_their_own_steps_run_them_in_the_fit(tmp_path):
     """``unit_iters``: layer2's blocks 3 steps and the classifier 2, the other units 1; each unit is finished
-    (AdaRound hardened) when its own steps end."""
+    (AdaRound hardened) when its own steps end. ``unit_learning_rates``: layer2's input steps learn at 1e-5 instead
+    of 4e-5 (the rate of a unit's step 1 is its full rate: the scheduler steps after each step)."""
     module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
-                        objective=BlockReconstruction(iters_per_block=1, batch_size=8,
-                                                      unit_iters={"layer2.*": 3, "fc": 2}))
+                        objective=BlockReconstruction(iters_per_block=1, batch_size=8, lr_step=4e-5,
+                                                      unit_iters={"layer2.*": 3, "fc": 2},
+                                                      unit_learning_rates={"layer2.*": {"lr_step": 1e-5}}))
     trainer = _trainer(tmp_path, [PostTrainingQuantization(), units := UnitsOfSteps()], limit_val_batches=1)
     trainer.fit(module, datamodule=_datamodule())
     counts = [units.units.count(unit) for unit in range(11)]
     assert counts == [1, 1, 1, 1, 3, 3, 3, 1, 1, 1, 2] and units.units == sorted(units.units)
     assert trainer.global_step == 18
     assert all(layer.weight_quantizer.hard for _, layer in cim_layers(module.model))
+    assert units.step_rates[5] == units.step_rates[8] == pytest.approx(1e-5)  # step 1 of layer2.0 and layer2.1
+    assert units.step_rates[17] == pytest.approx(4e-5)  # step 1 of fc
 
 
 def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):

@@ -61,6 +61,50 @@ def test_unit_iters_give_matching_units_their_steps_per_process():
     assert objective.lr_factor() == 0.0
 
 
+def test_unit_learning_rates_scale_their_kinds_in_their_units_only():
+    """``lr_step`` halved in layer1's units: the step group's factor there is cosine x 0.5, the other groups' and
+    the other units' the cosine; the optimizer's rates follow through the scheduler."""
+    objective = BlockReconstruction(iters_per_block=4, lr_step=4e-5, unit_iters={"layer1.*": 8},
+                                    unit_learning_rates={"layer1.*": {"lr_step": 2e-5, "lr_clip": 1e-3}})
+    objective.attach([(name, torch.nn.Identity()) for name in ("conv1", "layer1.0", "fc")])
+    assert "learning rates of their own: layer1.0 lr_step 2e-05, lr_clip 0.001" in objective.describe()
+    objective.current, objective.step_in_unit = 1, 0
+    assert objective.lr_factor("step") == 0.5 and objective.lr_factor("clip") == 1.0
+    assert objective.lr_factor("rounding") == 1.0
+    objective.step_in_unit = 4  # half of layer1.0's 8 steps
+    assert objective.lr_factor("step") == pytest.approx(0.25)
+    objective.current, objective.step_in_unit = 2, 0
+    assert objective.lr_factor("step") == 1.0
+    params = {kind: torch.nn.Parameter(torch.zeros(1)) for kind in ("rounding", "step", "clip")}
+    optimizer = torch.optim.Adam([{"params": [p], "lr": objective.learning_rates[k], "name": k}
+                                  for k, p in params.items()])
+    import functools
+    from cimq_pl.objectives.reconstruction import _kind_factor
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [functools.partial(_kind_factor, objective, g["name"]) for g in optimizer.param_groups])
+    objective.current, objective.step_in_unit = 1, 0
+    optimizer.step()  # no gradients: changes nothing
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 2e-5, 1e-3])
+    assert scheduler.state_dict()["lr_lambdas"] == [{}, {}, {}]  # nothing of the objective in a checkpoint
+
+
+@pytest.mark.parametrize("rates, message", [
+    ({"layer1.*": {"lr_steps": 1e-5}}, "unit_learning_rates['layer1.*']['lr_steps']=1e-05 is invalid: expected "
+                                       "lr_rounding, lr_step, lr_clip or lr_offset"),
+    ({"layer1.*": {"lr_step": -1.0}}, "unit_learning_rates['layer1.*']['lr_step']=-1.0 is invalid"),
+    ({"layer1.*": {"lr_offset": 1e-3}}, "lr_offset is 0, so that kind learns in no unit"),
+])
+def test_unit_learning_rates_refuse_unknown_kinds_and_bad_rates(rates, message):
+    from cimq_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        BlockReconstruction(iters_per_block=4, unit_learning_rates=rates)
+    objective = BlockReconstruction(iters_per_block=4, unit_learning_rates={"layer9": {"lr_step": 1e-5}})
+    with pytest.raises(ConfigError, match="unit_learning_rates: 'layer9' matches no reconstruction unit"):
+        objective.attach([(name, torch.nn.Identity()) for name in ("conv1", "fc")])
+
+
 @pytest.mark.parametrize("unit_iters, message", [
     ({"layer9.*": 800}, "'layer9.*' matches no reconstruction unit; the units are: conv1, layer1.0, fc"),
     ({"layer1.0": 0}, "unit_iters['layer1.0']=0 is invalid: expected a unit name or glob mapped to an integer >= 1"),
