@@ -36,7 +36,6 @@ step)`` alone, so a fit resumed from a mid-unit checkpoint makes exactly the dra
 from __future__ import annotations
 
 import bisect
-import fnmatch
 import functools
 import inspect
 import itertools
@@ -55,6 +54,7 @@ from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.quant.dropping import keep_mask, mix_kept
 from cimq_pl.quant.gptq import DEFAULT_DAMP, GPTQReport, gptq_
 from cimq_pl.quant.layers import _CIMLayerBase
+from cimq_pl.quant.overrides import fields_by_glob
 from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
 from cimq_pl.seeding import derive_seed, seed_step
 from cimq_pl.quant.reconstruction import (
@@ -221,10 +221,10 @@ class BlockReconstruction(Objective):
             raise ConfigError(f"BlockReconstruction.unit_iters={unit_iters} gives units their own steps, but "
                               "iters_per_block=0 reconstructs none (calibration only): set iters_per_block > 0")
         unit_learning_rates = {pattern: dict(rates) for pattern, rates in (unit_learning_rates or {}).items()}
+        bases = {"lr_rounding": lr_rounding, "lr_step": lr_step, "lr_clip": lr_clip, "lr_offset": lr_offset}
         for pattern, rates in unit_learning_rates.items():
             for name, value in rates.items():
-                base = {"lr_rounding": lr_rounding, "lr_step": lr_step, "lr_clip": lr_clip,
-                        "lr_offset": lr_offset}.get(name)
+                base = bases.get(name)
                 if base is None or not (isinstance(value, (int, float)) and value >= 0):
                     raise ConfigError(f"BlockReconstruction.unit_learning_rates[{pattern!r}][{name!r}]={value!r} is "
                                       "invalid: expected lr_rounding, lr_step, lr_clip or lr_offset mapped to a "
@@ -572,21 +572,11 @@ def _kind_factor(objective: BlockReconstruction, kind: str, _step: int) -> float
     return objective.lr_factor(kind)
 
 
-def _per_unit(names: list[str], fields_by_glob: Mapping[str, Mapping], option: str) -> list[dict]:
-    """The fields of each unit of ``names`` from globs of unit names (later globs win field by field).
-
-    Raises:
-        ConfigError: a glob that matches no unit (the message lists them).
-    """
-    fields = {name: {} for name in names}
-    for pattern, values in fields_by_glob.items():
-        matched = [name for name in names if name == pattern or fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ConfigError(f"BlockReconstruction.{option}: {pattern!r} matches no reconstruction unit; the units "
-                              f"are: {', '.join(names)}")
-        for name in matched:
-            fields[name].update(values)
-    return [fields[name] for name in names]
+def _per_unit(names: list[str], fields_by_pattern: Mapping[str, Mapping], option: str) -> list[dict]:
+    """The fields of each unit of ``names`` from globs of unit names (`fields_by_glob`: later globs win field by
+    field; a glob that matches no unit is a `ConfigError` listing them)."""
+    found = fields_by_glob(names, fields_by_pattern, f"BlockReconstruction.{option}", "reconstruction unit", "units")
+    return [found.get(name, {}) for name in names]
 
 
 def _require_ptq_callback(callbacks) -> None:

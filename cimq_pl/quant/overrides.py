@@ -27,8 +27,8 @@ from typing import Any, Mapping, Optional, Sequence
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant.spec import EDGE_LAYER_MODES, CIMSpec
 
-__all__ = ["OVERRIDE_FIELDS", "OVERRIDE_BIT_FIELDS", "LayerPlan", "check_overrides", "layer_overrides",
-           "normalize_overrides", "plan_layers"]
+__all__ = ["OVERRIDE_FIELDS", "OVERRIDE_BIT_FIELDS", "LayerPlan", "check_overrides", "fields_by_glob",
+           "layer_overrides", "normalize_overrides", "plan_layers"]
 
 #: Bit-width fields of `CIMSpec` an override may set per layer.
 OVERRIDE_BIT_FIELDS = ("weight_bits", "cell_bits", "input_bits", "dac_bits", "adc_bits")
@@ -91,14 +91,25 @@ def layer_overrides(names: Sequence[str], overrides: Optional[Mapping[str, Any]]
         ConfigError: a malformed mapping (`normalize_overrides`), or a pattern that matches none of ``names``
             (the message lists them).
     """
-    overrides = normalize_overrides(overrides)
+    return fields_by_glob(names, normalize_overrides(overrides), WHERE)
+
+
+def fields_by_glob(names: Sequence[str], fields_by_pattern: Mapping[str, Mapping], where: str,
+                   item: str = "layer", items: str = "layers") -> dict[str, dict]:
+    """The fields of each of ``names`` that some pattern (a name or `fnmatch` glob) of ``fields_by_pattern``
+    matches, merged in mapping order (later entries win field by field); names no pattern matches are absent.
+
+    Raises:
+        ConfigError: a pattern that matches none of ``names`` (``where`` names the option; the message lists the
+            ``items``).
+    """
     merged: dict[str, dict] = {}
-    for pattern, fields in overrides.items():
+    for pattern, fields in fields_by_pattern.items():
         matched = [name for name in names if name == pattern or fnmatch.fnmatchcase(name, pattern)]
         if not matched:
             close = difflib.get_close_matches(pattern, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{WHERE}: {pattern!r} matches no layer{hint}; the layers are: {', '.join(names)}")
+            raise ConfigError(f"{where}: {pattern!r} matches no {item}{hint}; the {items} are: {', '.join(names)}")
         for name in matched:
             merged.setdefault(name, {}).update(fields)
     return {name: merged[name] for name in names if name in merged}

@@ -106,7 +106,8 @@ def test_unit_learning_rates_refuse_unknown_kinds_and_bad_rates(rates, message):
 
 
 @pytest.mark.parametrize("unit_iters, message", [
-    ({"layer9.*": 800}, "'layer9.*' matches no reconstruction unit; the units are: conv1, layer1.0, fc"),
+    ({"layer9.*": 800}, "'layer9.*' matches no reconstruction unit (did you mean 'layer1.0'?); the units are: "
+                       "conv1, layer1.0, fc"),
     ({"layer1.0": 0}, "unit_iters['layer1.0']=0 is invalid: expected a unit name or glob mapped to an integer >= 1"),
     ({"layer1.0": 2.5}, "unit_iters['layer1.0']=2.5 is invalid"),
 ])
