@@ -265,7 +265,6 @@ class BlockReconstruction(Objective):
         self.block_input_keep_prob: float | None = None
         self.seed, self.rank, self.world_size = 0, 0, 1
         self.current = 0
-        self.step_in_unit = 0
         self.cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._previous: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # last unit's cache
         self._chained: list[bool] | None = None  # `chained_units` of this fit, found when first needed
@@ -344,7 +343,7 @@ class BlockReconstruction(Objective):
         self.schedule = UnitSchedule(tuple(math.ceil(count / world_size) for count in steps))
         self._unit_rates = [{name.removeprefix("lr_"): rate for name, rate in fields.items()}
                             for fields in _per_unit(names, self.unit_learning_rates, "unit_learning_rates")]
-        self.current, self.step_in_unit, self.cache = 0, 0, None
+        self.current, self.cache = 0, None
         self._previous, self._chained = None, None
 
     def steps_of_units(self, names: list[str]) -> list[int]:
@@ -396,7 +395,7 @@ class BlockReconstruction(Objective):
 
     def start_unit(self, index: int) -> None:
         """Make unit ``index`` the one that learns."""
-        self.current, self.step_in_unit = index, 0
+        self.current = index
         self._unit_loss_sum, self._unit_loss_steps = 0.0, 0  # its steps' reconstruction losses (since a resume)
         learning = {id(p) for ps in self.learned_parameters(self.blocks[index][1]).values() for p in ps}
         for _, module in self.blocks:
@@ -486,11 +485,18 @@ class BlockReconstruction(Objective):
         steps = self.schedule.steps
         return max(1, steps[self.current]) if self.current < len(steps) else 1
 
-    def lr_factor(self, kind: Optional[str] = None) -> float:
-        """Cosine decay within the current unit (1 at its first step, ~0 at its last), times the unit's own rate of
-        ``kind`` (``rounding``, ``step``, ``clip``, ``offset``) over the objective's, where it has one."""
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_in_unit / self.unit_steps)))
-        own = self._unit_rates[self.current] if self.current < len(self._unit_rates) else {}
+    def lr_factor(self, batch_idx: int, kind: Optional[str] = None) -> float:
+        """The learning-rate factor of batch ``batch_idx`` of the fit: cosine decay within its unit (1 at the unit's
+        first step, ~0 at its last), times that unit's own rate of ``kind`` (``rounding``, ``step``, ``clip``,
+        ``offset``) over the objective's, where it has one. A function of the batch index alone, as `LambdaLR`
+        asks: the scheduler sets the rate of batch ``b + 1`` after batch ``b``, before any state of it exists."""
+        batch_idx = min(batch_idx, self.schedule.total - 1)
+        if batch_idx < 0:  # nothing to step (calibration only)
+            return 1.0
+        unit = self.schedule.unit(batch_idx)
+        steps = max(1, self.schedule.steps[unit])
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, self.schedule.step(batch_idx) / steps)))
+        own = self._unit_rates[unit] if unit < len(self._unit_rates) else {}
         return cosine * own[kind] / self.learning_rates[kind] if kind in own else cosine
 
     # -- the objective ------------------------------------------------------------------------------------
@@ -513,7 +519,6 @@ class BlockReconstruction(Objective):
             raise ConfigError(f"BlockReconstruction step {batch_idx} of unit {self.schedule.unit(batch_idx)} has no "
                               "cached block input: add cimq_pl.callbacks.PostTrainingQuantization to trainer.callbacks")
         step = self.schedule.step(batch_idx)
-        self.step_in_unit = step
         seed = self.step_seed(step)
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randint(len(self.cache[0]), (self.batch_size,), generator=generator)
@@ -567,9 +572,10 @@ class BlockReconstruction(Objective):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _kind_factor(objective: BlockReconstruction, kind: str, _step: int) -> float:
-    """`LambdaLR`'s factor of the parameter group ``kind`` (a module-level function: the scheduler's state saves)."""
-    return objective.lr_factor(kind)
+def _kind_factor(objective: BlockReconstruction, kind: str, batch_idx: int) -> float:
+    """`LambdaLR`'s factor of the parameter group ``kind`` at the scheduler's step count, the index of the batch it
+    sets the rate for (a module-level function: the scheduler's state saves)."""
+    return objective.lr_factor(batch_idx, kind)
 
 
 def _per_unit(names: list[str], fields_by_pattern: Mapping[str, Mapping], option: str) -> list[dict]:

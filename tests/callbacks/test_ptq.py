@@ -115,7 +115,7 @@ class UnitsOfSteps(Callback):
 def test_units_with_their_own_steps_run_them_in_the_fit(tmp_path):
     """``unit_iters``: layer2's blocks 3 steps and the classifier 2, the other units 1; each unit is finished
     (AdaRound hardened) when its own steps end. ``unit_learning_rates``: layer2's input steps learn at 1e-5 instead
-    of 4e-5 (the rate of a unit's step 1 is its full rate: the scheduler steps after each step)."""
+    of 4e-5; every unit's first step runs at its full rate and step s of n at the cosine factor (1 + cos(pi s / n)) / 2."""
     module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(),
                         objective=BlockReconstruction(iters_per_block=1, batch_size=8, lr_step=4e-5,
                                                       unit_iters={"layer2.*": 3, "fc": 2},
@@ -126,8 +126,8 @@ def test_units_with_their_own_steps_run_them_in_the_fit(tmp_path):
     assert counts == [1, 1, 1, 1, 3, 3, 3, 1, 1, 1, 2] and units.units == sorted(units.units)
     assert trainer.global_step == 18
     assert all(layer.weight_quantizer.hard for _, layer in cim_layers(module.model))
-    assert units.step_rates[5] == units.step_rates[8] == pytest.approx(1e-5)  # step 1 of layer2.0 and layer2.1
-    assert units.step_rates[17] == pytest.approx(4e-5)  # step 1 of fc
+    layer2 = [1e-5, 0.75e-5, 0.25e-5]  # 3 steps: factors 1, 0.75, 0.25
+    assert units.step_rates == pytest.approx([4e-5] * 4 + layer2 * 3 + [4e-5] * 3 + [4e-5, 2e-5])
 
 
 def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):

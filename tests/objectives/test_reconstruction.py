@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 
 import pytest
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cimq_pl.datamodules.with_train_loader import WithTrainLoader
 from cimq_pl.objectives import BlockReconstruction, UnitSchedule, UnitSteps
+from cimq_pl.objectives.reconstruction import _kind_factor
 
 
 def test_units_start_and_end_at_their_batch_indices():
@@ -56,9 +59,27 @@ def test_unit_iters_give_matching_units_their_steps_per_process():
     objective.attach([(name, torch.nn.Identity()) for name in names], world_size=2)
     assert objective.schedule.steps == (3, 5, 2, 5, 3)
     assert "layer1.0 9, layer1.1 3, layer2.0 9 steps of their own" in objective.describe()
-    objective.current, objective.step_in_unit = 1, 5  # the last step of layer1.0's 5
+    objective.current = 1
     assert objective.unit_steps == 5 and objective.rounding_schedule.steps == 5
-    assert objective.lr_factor() == 0.0
+    assert objective.lr_factor(3 + 5 - 1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 5)))  # layer1.0's last
+    assert objective.lr_factor(3 + 5) == 1.0  # layer1.1's first
+
+
+def test_every_batch_runs_at_its_own_units_cosine_rate():
+    """The scheduler sets batch b + 1's rate after batch b: the first batch of every unit runs at the full rate
+    (not at the previous unit's last, ~0) and step s of a unit at cosine(s / steps)."""
+    objective = BlockReconstruction(iters_per_block=3, lr_rounding=1.0, unit_iters={"b": 2})
+    objective.attach([(name, torch.nn.Identity()) for name in ("a", "b")])
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([{"params": [param], "lr": 1.0, "name": "rounding"}])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_kind_factor, objective, "rounding"))
+    seen = []
+    for _ in range(objective.schedule.total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    cosine = lambda s, n: 0.5 * (1 + math.cos(math.pi * s / n))  # noqa: E731
+    assert seen == pytest.approx([1.0, cosine(1, 3), cosine(2, 3), 1.0, cosine(1, 2)])
 
 
 def test_unit_learning_rates_scale_their_kinds_in_their_units_only():
@@ -68,24 +89,19 @@ def test_unit_learning_rates_scale_their_kinds_in_their_units_only():
                                     unit_learning_rates={"layer1.*": {"lr_step": 2e-5, "lr_clip": 1e-3}})
     objective.attach([(name, torch.nn.Identity()) for name in ("conv1", "layer1.0", "fc")])
     assert "learning rates of their own: layer1.0 lr_step 2e-05, lr_clip 0.001" in objective.describe()
-    objective.current, objective.step_in_unit = 1, 0
-    assert objective.lr_factor("step") == 0.5 and objective.lr_factor("clip") == 1.0
-    assert objective.lr_factor("rounding") == 1.0
-    objective.step_in_unit = 4  # half of layer1.0's 8 steps
-    assert objective.lr_factor("step") == pytest.approx(0.25)
-    objective.current, objective.step_in_unit = 2, 0
-    assert objective.lr_factor("step") == 1.0
+    assert objective.lr_factor(4, "step") == 0.5 and objective.lr_factor(4, "clip") == 1.0  # layer1.0's first
+    assert objective.lr_factor(4, "rounding") == 1.0
+    assert objective.lr_factor(4 + 4, "step") == pytest.approx(0.25)  # half of layer1.0's 8 steps
+    assert objective.lr_factor(4 + 8, "step") == 1.0  # fc's first
     params = {kind: torch.nn.Parameter(torch.zeros(1)) for kind in ("rounding", "step", "clip")}
     optimizer = torch.optim.Adam([{"params": [p], "lr": objective.learning_rates[k], "name": k}
                                   for k, p in params.items()])
-    import functools
-    from cimq_pl.objectives.reconstruction import _kind_factor
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [functools.partial(_kind_factor, objective, g["name"]) for g in optimizer.param_groups])
-    objective.current, objective.step_in_unit = 1, 0
-    optimizer.step()  # no gradients: changes nothing
-    scheduler.step()
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 2e-5, 1e-3])
+    for _ in range(4):  # conv1's 4 steps (no gradients: the parameters do not change)
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 2e-5, 1e-3])  # layer1.0's first
     assert scheduler.state_dict()["lr_lambdas"] == [{}, {}, {}]  # nothing of the objective in a checkpoint
 
 
