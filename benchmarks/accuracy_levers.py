@@ -73,6 +73,9 @@ LEVER_SETS = {
     # a digital offset per output channel after the ADC, learned by reconstruction (the ADC's systematic error)
     "+ ADC offsets": dict(row="cimq", lr_offset=1e-3),
     "+ ADC offsets, lr 1e-2": dict(row="cimq", lr_offset=1e-2),
+    # QDrop's keep probability (the sweep at ADC 4 and 100 steps: p = 1, no dropping, 1.2 points above p = 0.5)
+    "QDrop keep 0.75": dict(row="cimq", keep_prob=0.75),
+    "QDrop off (keep 1)": dict(row="cimq", keep_prob=1.0),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "fit_seconds")

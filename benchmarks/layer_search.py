@@ -211,37 +211,45 @@ def stored_overrides(assignment: str, path: Path) -> Path:
 
 class LowAdcSteps(NamedTuple):
     """``--low-adc-steps BITS=STEPS``: the units that hold a layer at ADC ``bits`` or less reconstruct ``steps``
-    steps in the assignment fits."""
+    steps in the assignment fits (with ``--low-adc-lr-step`` / ``--low-adc-keep``: at that input-step rate / QDrop
+    keep probability)."""
 
     bits: int
     steps: int
     lr_step: Optional[float] = None  # their input steps' learning rate (None: the preset's)
+    keep_prob: Optional[float] = None  # their QDrop keep probability (None: the preset's)
 
     @classmethod
-    def parse(cls, text: str, lr_step: Optional[float] = None) -> "LowAdcSteps":
+    def parse(cls, text: str, lr_step: Optional[float] = None, keep_prob: Optional[float] = None) -> "LowAdcSteps":
         bits, sep, steps = text.partition("=")
         if not (sep and bits.strip().isdigit() and steps.strip().isdigit() and int(steps) > 0):
             raise ValueError(f"--low-adc-steps={text!r} is invalid: expected BITS=STEPS, e.g. 3=800")
         if lr_step is not None and not lr_step >= 0:
             raise ValueError(f"--low-adc-lr-step={lr_step!r} is invalid: expected a learning rate >= 0")
-        return cls(int(bits), int(steps), lr_step)
+        if keep_prob is not None and not 0 < keep_prob <= 1:
+            raise ValueError(f"--low-adc-keep={keep_prob!r} is invalid: expected a probability in (0, 1]")
+        return cls(int(bits), int(steps), lr_step, keep_prob)
 
     def suffix(self) -> str:
-        return f"-low{self.bits}x{self.steps}" + ("" if self.lr_step is None else f"-lrstep{self.lr_step:g}")
+        return (f"-low{self.bits}x{self.steps}" + ("" if self.lr_step is None else f"-lrstep{self.lr_step:g}")
+                + ("" if self.keep_prob is None else f"-keep{self.keep_prob:g}"))
 
     def label(self) -> str:
         rate = "" if self.lr_step is None else f", lr_step {self.lr_step:g}"
-        return f" (units with ADC <= {self.bits}: {self.steps} steps{rate})"
+        keep = "" if self.keep_prob is None else f", QDrop keep {self.keep_prob:g}"
+        return f" (units with ADC <= {self.bits}: {self.steps} steps{rate}{keep})"
 
     def cli_args(self, assignment: str) -> list[str]:
-        """The fit's options: ``unit_iters`` (and ``unit_learning_rates``) of the units of ``assignment``."""
+        """The fit's options: ``unit_iters`` (``unit_learning_rates``, ``unit_keep_prob``) of the units of
+        ``assignment``."""
         units = self.unit_iters(assignment)
-        args = ["--model.objective.init_args.unit_iters", yaml.safe_dump(units, default_flow_style=True).strip()]
+        per_unit = {"unit_iters": units}
         if self.lr_step is not None:
-            rates = {unit: {"lr_step": self.lr_step} for unit in units}
-            args += ["--model.objective.init_args.unit_learning_rates",
-                     yaml.safe_dump(rates, default_flow_style=True).strip()]
-        return args
+            per_unit["unit_learning_rates"] = {unit: {"lr_step": self.lr_step} for unit in units}
+        if self.keep_prob is not None:
+            per_unit["unit_keep_prob"] = {unit: self.keep_prob for unit in units}
+        flow = {option: yaml.safe_dump(value, default_flow_style=True).strip() for option, value in per_unit.items()}
+        return [arg for option, value in flow.items() for arg in (f"--model.objective.init_args.{option}", value)]
 
     def unit_iters(self, assignment: str) -> dict[str, int]:
         """``unit_iters`` of the fit of ``assignment`` (``name:bits`` pairs): the unit of each layer or glob at
@@ -415,13 +423,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--low-adc-lr-step", type=float, default=None, metavar="RATE",
                         help="with --low-adc-steps: those units' input-step learning rate (unit_learning_rates), e.g. "
                              "half the preset's 4e-4 for twice its steps, so their input steps move as far (none)")
+    parser.add_argument("--low-adc-keep", type=float, default=None, metavar="P",
+                        help="with --low-adc-steps: those units' QDrop keep probability (unit_keep_prob), e.g. 0.75 "
+                             "against the preset's 0.5 (none)")
     args = parser.parse_args(argv)
     try:
         given = [given_assignment(text) for text in args.assignments]
-        if args.low_adc_lr_step is not None and args.low_adc_steps is None:
-            raise ValueError("--low-adc-lr-step sets the rate of the units --low-adc-steps names: give both")
+        for name, value in (("--low-adc-lr-step", args.low_adc_lr_step), ("--low-adc-keep", args.low_adc_keep)):
+            if value is not None and args.low_adc_steps is None:
+                raise ValueError(f"{name} sets a value of the units --low-adc-steps names: give both (e.g. "
+                                 "--low-adc-steps 3=400, the preset's steps)")
         low_adc = (None if args.low_adc_steps is None
-                   else LowAdcSteps.parse(args.low_adc_steps, args.low_adc_lr_step))
+                   else LowAdcSteps.parse(args.low_adc_steps, args.low_adc_lr_step, args.low_adc_keep))
     except ValueError as error:
         parser.error(str(error))
     candidates = tuple(int(bits) for bits in args.candidates.split(",") if bits.strip())

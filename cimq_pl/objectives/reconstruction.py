@@ -36,6 +36,7 @@ step)`` alone, so a fit resumed from a mid-unit checkpoint makes exactly the dra
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -179,6 +180,11 @@ class BlockReconstruction(Objective):
             (``{"layer1.*": {"lr_step": 2e-5}}``: ``lr_rounding``, ``lr_step``, ``lr_clip``, ``lr_offset``; later
             globs win field by field), e.g. a unit given twice the steps with half the input-step rate, so its
             input steps move as far as in the preset (its bit density holds). Each glob must match a unit.
+        unit_keep_prob: QDrop keep probability of the units a glob names instead of `QuantDropping`'s
+            (``{"layer1.*": 0.75}``; the last matching glob wins), for the unit input and the quantizers inside
+            the unit that drop (`QuantDropping`'s targets; it adds no target), set while the unit learns and put
+            back when it finishes; e.g. the units with 3-bit ADCs of a per-layer assignment. Needs `QuantDropping`;
+            each glob must match a unit.
 
     Raises:
         ConfigError: on a bad value (named in the message with what is allowed).
@@ -208,6 +214,7 @@ class BlockReconstruction(Objective):
         gptq_damp: float = DEFAULT_DAMP,
         unit_iters: Optional[Mapping[str, int]] = None,
         unit_learning_rates: Optional[Mapping[str, Mapping[str, float]]] = None,
+        unit_keep_prob: Optional[Mapping[str, float]] = None,
     ):
         for name, value, low in (("iters_per_block", iters_per_block, 0), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -232,6 +239,11 @@ class BlockReconstruction(Objective):
                 if base == 0:
                     raise ConfigError(f"BlockReconstruction.unit_learning_rates[{pattern!r}][{name!r}]: {name} is 0, "
                                       f"so that kind learns in no unit: set {name} > 0 to give units their own")
+        unit_keep_prob = dict(unit_keep_prob or {})
+        for pattern, value in unit_keep_prob.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"BlockReconstruction.unit_keep_prob[{pattern!r}]={value!r} is invalid: expected a "
+                                  "unit name or glob mapped to a probability in (0, 1]")
         if not 0 <= warmup < 1:
             raise ConfigError(f"BlockReconstruction.warmup={warmup!r} is invalid: expected a fraction in [0, 1)")
         for name, value in (("rounding_weight", rounding_weight), ("lr_rounding", lr_rounding),
@@ -252,6 +264,9 @@ class BlockReconstruction(Objective):
         self.unit_iters = unit_iters
         self.unit_learning_rates = unit_learning_rates
         self._unit_rates: list[dict[str, float]] = []  # each unit's own rates by kind, set by `attach`
+        self.unit_keep_prob = unit_keep_prob
+        self._unit_keep: list[Optional[float]] = []  # each unit's own keep probability or None, set by `attach`
+        self._kept_options: list[tuple[nn.Module, object]] = []  # (layer, its options) a unit's keep replaced
         self.batch_size = batch_size
         self.adaround = adaround
         self.rounding_weight = rounding_weight
@@ -303,6 +318,10 @@ class BlockReconstruction(Objective):
         for param in model.parameters():  # weights, biases and weight steps stay fixed
             param.requires_grad_(id(param) in learnable)
         dropping = applied_technique(model, QuantDroppingConfig)
+        if self.unit_keep_prob and dropping is None:
+            raise ConfigError(f"BlockReconstruction.unit_keep_prob={self.unit_keep_prob} sets QDrop keep probabilities, "
+                              "but no QuantDropping was applied (nothing drops): add cimq_pl.callbacks.QuantDropping "
+                              "to trainer.callbacks, or remove unit_keep_prob")
         self.attach(
             find_blocks(model, lambda m: isinstance(m, _CIMLayerBase)),
             seed=getattr(trainer.datamodule, "seed", 0),
@@ -343,6 +362,8 @@ class BlockReconstruction(Objective):
         self.schedule = UnitSchedule(tuple(math.ceil(count / world_size) for count in steps))
         self._unit_rates = [{name.removeprefix("lr_"): rate for name, rate in fields.items()}
                             for fields in _per_unit(names, self.unit_learning_rates, "unit_learning_rates")]
+        keeps = {pattern: {"keep": p} for pattern, p in self.unit_keep_prob.items()}
+        self._unit_keep = [fields.get("keep") for fields in _per_unit(names, keeps, "unit_keep_prob")]
         self.current, self.cache = 0, None
         self._previous, self._chained = None, None
 
@@ -362,6 +383,8 @@ class BlockReconstruction(Objective):
         rates = [f"{name} {', '.join(f'lr_{kind} {rate:g}' for kind, rate in own_rates.items())}"
                  for name, own_rates in zip(names, self._unit_rates) if own_rates]
         steps += f" (learning rates of their own: {'; '.join(rates)})" if rates else ""
+        keeps = [f"{name} {keep:g}" for name, keep in zip(names, self._unit_keep) if keep is not None]
+        steps += f" (QDrop keep probabilities of their own: {', '.join(keeps)})" if keeps else ""
         return (f"{len(names)} reconstruction units x {self.iters_per_block} steps of {self.batch_size} "
                 f"images{steps}{start}: {', '.join(names)}")
 
@@ -394,8 +417,9 @@ class BlockReconstruction(Objective):
         return self.blocks[self.current]
 
     def start_unit(self, index: int) -> None:
-        """Make unit ``index`` the one that learns."""
+        """Make unit ``index`` the one that learns (with its own QDrop keep probability, where it has one)."""
         self.current = index
+        self._set_unit_keep(index)
         self._unit_loss_sum, self._unit_loss_steps = 0.0, 0  # its steps' reconstruction losses (since a resume)
         learning = {id(p) for ps in self.learned_parameters(self.blocks[index][1]).values() for p in ps}
         for _, module in self.blocks:
@@ -474,6 +498,35 @@ class BlockReconstruction(Objective):
         self.cache = None
         for *_, quantizer in iter_quantizers(self.blocks[index][1], ("weight",)):
             quantizer.harden_()
+        self._restore_keep()
+
+    def _set_unit_keep(self, index: int) -> None:
+        """Give the dropping quantizers of unit ``index`` its ``unit_keep_prob`` (their options saved to restore)."""
+        self._restore_keep()
+        keep = self._unit_keep[index] if index < len(self._unit_keep) else None
+        if keep is None:
+            return
+        for _, layer in cim_layers(self.blocks[index][1]):
+            changes = {field: keep for field in ("input_keep_prob", "psum_keep_prob")
+                       if getattr(layer.options, field) is not None}
+            if changes:
+                self._kept_options.append((layer, layer.options))
+                layer.set_options(dataclasses.replace(layer.options, **changes))
+
+    def _restore_keep(self) -> None:
+        """Put back the keep probabilities `_set_unit_keep` replaced."""
+        for layer, options in self._kept_options:
+            layer.set_options(options)
+        self._kept_options = []
+
+    @property
+    def unit_block_input_keep_prob(self) -> float | None:
+        """The current unit's QDrop keep probability of its input: its own, where `QuantDropping` drops the unit
+        input, else `QuantDropping`'s (None: not dropped)."""
+        if self.block_input_keep_prob is None:
+            return None
+        own = self._unit_keep[self.current] if self.current < len(self._unit_keep) else None
+        return self.block_input_keep_prob if own is None else own
 
     @property
     def rounding_schedule(self) -> RoundingSchedule:
@@ -525,8 +578,9 @@ class BlockReconstruction(Objective):
         seed_step(seed, self.cache[0].device)  # QDrop masks of this step (unit input and inside the quantizers)
         x_fp, y_fp, x_q = (tensor[indices.to(tensor.device)] for tensor in self.cache)
         x = x_q
-        if self.block_input_keep_prob is not None:
-            x = mix_kept(keep_mask(x_q, self.block_input_keep_prob), x_q, x_fp)
+        keep = self.unit_block_input_keep_prob
+        if keep is not None:
+            x = mix_kept(keep_mask(x_q, keep), x_q, x_fp)
         y = block(x)
         reconstruction = (y - y_fp).pow(2).sum(1).mean()
         loss = reconstruction

@@ -117,7 +117,7 @@ def test_layer_search_reads_assignments_given_by_hand():
 def test_layer_search_gives_the_units_of_low_adc_layers_their_steps():
     """``--low-adc-steps 3=800``: the unit of every layer or glob at ADC 3 or less, ResNet names."""
     low = layer_search.LowAdcSteps.parse("3=800")
-    assert low == (3, 800, None) and low.suffix() == "-low3x800"
+    assert low == (3, 800, None, None) and low.suffix() == "-low3x800"
     assert low.unit_iters("layer1.*:3 layer2.*:4 layer3.1.conv2:2 conv1:5 layer3.2.conv1:None") == {
         "layer1.*": 800, "layer3.1": 800}
     assert low.unit_iters("conv1:3 layer2.*.conv2:3") == {"conv1": 800, "layer2.*": 800}
@@ -129,3 +129,10 @@ def test_layer_search_gives_the_units_of_low_adc_layers_their_steps():
     assert halved.cli_args("layer1.*:3 layer2.*:4") == [
         "--model.objective.init_args.unit_iters", "{layer1.*: 800}",
         "--model.objective.init_args.unit_learning_rates", "{layer1.*: {lr_step: 0.0002}}"]
+    kept = layer_search.LowAdcSteps.parse("3=400", keep_prob=0.75)
+    assert kept.suffix() == "-low3x400-keep0.75" and "QDrop keep 0.75" in kept.label()
+    assert kept.cli_args("layer1.*:3 layer2.*:4") == [
+        "--model.objective.init_args.unit_iters", "{layer1.*: 400}",
+        "--model.objective.init_args.unit_keep_prob", "{layer1.*: 0.75}"]
+    with pytest.raises(ValueError, match=r"--low-adc-keep=1.5 is invalid: expected a probability in \(0, 1\]"):
+        layer_search.LowAdcSteps.parse("3=400", keep_prob=1.5)

@@ -130,6 +130,37 @@ def test_units_with_their_own_steps_run_them_in_the_fit(tmp_path):
     assert units.step_rates == pytest.approx([4e-5] * 4 + layer2 * 3 + [4e-5] * 3 + [4e-5, 2e-5])
 
 
+class UnitKeeps(Callback):
+    """At every training step: the QDrop keep probability of the unit input and of the current unit's first layer."""
+
+    def __init__(self):
+        self.inputs, self.layers = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        objective = pl_module.objective
+        self.inputs.append(objective.unit_block_input_keep_prob)
+        first = next(layer for _, layer in cim_layers(objective.block[1]))
+        self.layers.append(first.input_quantizer.keep_prob)
+
+
+def test_units_with_their_own_keep_probability_drop_with_it_in_the_fit(tmp_path):
+    """``unit_keep_prob``: layer2's units drop their input and their layers' inputs with p = 0.75 while they learn,
+    every other unit with QuantDropping's 0.5; afterwards every layer is back at 0.5. Without QuantDropping the fit
+    is refused."""
+    objective = BlockReconstruction(iters_per_block=1, batch_size=8, unit_keep_prob={"layer2.*": 0.75})
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(), objective=objective)
+    trainer = _trainer(tmp_path, [QuantDropping(), PostTrainingQuantization(), keeps := UnitKeeps()],
+                       limit_val_batches=0)
+    trainer.fit(module, datamodule=_datamodule())
+    assert keeps.inputs == [0.5] * 4 + [0.75] * 3 + [0.5] * 4
+    assert keeps.layers == [0.5] * 4 + [0.75] * 3 + [0.5] * 4  # CIMSpec(): the edge layers on the arrays too
+    assert {layer.options.input_keep_prob for _, layer in cim_layers(module.model)} == {0.5}
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(), objective=BlockReconstruction(
+        iters_per_block=1, unit_keep_prob={"layer2.*": 0.75}))
+    with pytest.raises(ConfigError, match="unit_keep_prob=.* but no QuantDropping was applied"):
+        _trainer(tmp_path, [PostTrainingQuantization()]).fit(module, datamodule=_datamodule())
+
+
 def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
     """With ``log_every_n_steps=3`` the step's reconstruction loss is logged on steps 3, 6, ... (the ones the
     loggers get) and holds there in between; the unit means still count every step."""

@@ -215,3 +215,54 @@ def test_a_unit_fed_by_the_previous_one_is_cached_from_its_cache_bit_for_bit():
             objective.finish_unit(unit)
     assert incremental._chained == [False, False] + [True] * 8 + [False]
     assert incremental._previous is not None and incremental._previous[0] == 3
+
+
+def test_unit_keep_prob_holds_while_its_unit_learns():
+    """``unit_keep_prob``: layer1's units drop with p = 0.75 (their input and the dropping quantizers inside them)
+    while they learn and get QuantDropping's 0.5 back when they finish; other units keep 0.5; the int8 edge
+    layers, which do not drop, are left alone."""
+    from cimq_pl.quant import cim_layers
+    from cimq_pl.quant.layers import _CIMLayerBase
+    from cimq_pl.quant.reconstruction import find_blocks
+
+    model = _resnet20_preset(torch.rand(8, 3, 32, 32))
+    blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
+    objective = BlockReconstruction(iters_per_block=2, unit_keep_prob={"layer1.*": 0.75, "conv1": 0.9})
+    objective.attach(blocks, block_input_keep_prob=0.5)
+    assert "QDrop keep probabilities of their own: conv1 0.9, layer1.0 0.75, layer1.1 0.75" in objective.describe()
+
+    def input_keeps(unit: int) -> list:
+        return [layer.input_quantizer.keep_prob for _, layer in cim_layers(blocks[unit][1])]
+
+    objective.start_unit(0)  # conv1: an int8 edge layer, nothing drops inside it; its input does
+    assert input_keeps(0) == [None] and objective.unit_block_input_keep_prob == 0.9
+    objective.finish_unit(0)
+    objective.start_unit(2)  # layer1.1
+    assert input_keeps(2) == [0.75, 0.75] and input_keeps(1) == input_keeps(4) == [0.5, 0.5]
+    assert all(layer.options.input_keep_prob == 0.75 for _, layer in cim_layers(blocks[2][1]))
+    assert objective.unit_block_input_keep_prob == 0.75
+    objective.finish_unit(2)
+    assert input_keeps(2) == [0.5, 0.5]
+    objective.start_unit(4)  # layer2.0: QuantDropping's
+    assert input_keeps(4) == [0.5, 0.5] and objective.unit_block_input_keep_prob == 0.5
+    objective.start_unit(3)  # a unit started without the last one finished (a resume) puts the last one's back
+    objective.start_unit(1)
+    assert input_keeps(3) == [0.5, 0.5] and input_keeps(1) == [0.75, 0.75]
+    objective.attach(blocks, block_input_keep_prob=None)  # the unit input not a QDrop target: not dropped
+    objective.start_unit(1)
+    assert objective.unit_block_input_keep_prob is None
+
+
+@pytest.mark.parametrize("keeps, message", [
+    ({"layer1.*": 0.0}, "unit_keep_prob['layer1.*']=0.0 is invalid: expected a unit name or glob mapped to a "
+                        "probability in (0, 1]"),
+    ({"layer1.*": 1.5}, "unit_keep_prob['layer1.*']=1.5 is invalid"),
+])
+def test_unit_keep_prob_refuses_bad_probabilities_and_globs(keeps, message):
+    from cimq_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        BlockReconstruction(iters_per_block=4, unit_keep_prob=keeps)
+    objective = BlockReconstruction(iters_per_block=4, unit_keep_prob={"layer9": 0.75})
+    with pytest.raises(ConfigError, match=re.escape("unit_keep_prob: 'layer9' matches no reconstruction unit")):
+        objective.attach([(name, torch.nn.Identity()) for name in ("conv1", "fc")])
