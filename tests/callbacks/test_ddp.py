@@ -64,4 +64,6 @@ def test_reconstruction_keeps_ranks_identical_and_accuracy_close_to_one_process(
     one = _load(runs, "final", 1, 0)
     assert rank0["val_acc"] == rank1["val_acc"]
     print(f"val/acc on 100 images: 2 processes {rank0['val_acc']}, one process {one['val_acc']}")
-    assert abs(rank0["val_acc"] - one["val_acc"]) <= 0.05  # 100 images, different data order: within noise
+    # 100 images, different data order: within noise, 0.05 apart at most (plus float32 rounding: the accuracies are
+    # float32, so 0.72 - 0.67 is 0.0500000119)
+    assert abs(rank0["val_acc"] - one["val_acc"]) <= 0.05 + 1e-6
