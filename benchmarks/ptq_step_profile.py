@@ -4,10 +4,13 @@ The CIMQ preset (``configs/quant/cimq_ptq.yaml``) is fitted through the CLI (`ru
 steps per unit; the step time is timed over every step but the first two of each unit (the block's input capture
 and, compiled, its compilation: `training_time.UnitStepTimer`). With ``--profile``, ``torch.profiler`` records
 steps ``--profile-steps`` (10 to 29) of unit ``--unit`` (unit 4 is ``layer1.2``) and the top operators by own CPU time are printed per step.
+``--copies`` also records input shapes and Python stacks and prints the step's ``aten::copy_`` calls by shape
+and by the nearest ``cimq_pl`` caller (which layout copies a step makes, and where).
 ``--adam foreach|fused`` builds the reconstruction's Adam with that implementation instead of PyTorch's default
 (the per-parameter loop on the CPU), to see what the optimizer's own loops cost.
 
     python benchmarks/ptq_step_profile.py --profile                  # ~2 min on 2 cores
+    python benchmarks/ptq_step_profile.py --profile --copies         # and where the copies come from
     python benchmarks/ptq_step_profile.py --adam fused               # the same fit with a fused Adam
 """
 
@@ -25,13 +28,15 @@ from training_time import UnitStepTimer
 class UnitProfiler(Callback):
     """``torch.profiler`` over steps ``first`` to ``last - 1`` of unit ``unit`` (of ``steps_per_unit`` steps each)."""
 
-    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30):
+    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30, copies: bool = False):
         self.first, self.last = unit * steps_per_unit + first, unit * steps_per_unit + last
+        self.copies = copies  # record shapes and Python stacks for `copy_rows`
         self.profile: Optional[torch.profiler.profile] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.first:
-            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                  record_shapes=self.copies, with_stack=self.copies)
             self.profile.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -48,6 +53,38 @@ class UnitProfiler(Callback):
         return [{"op": e.key[:60], "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
                  "calls_per_step": round(e.count / steps, 1), "share": f"{100 * e.self_cpu_time_total / total:.1f}%"}
                 for e in events[:limit]]
+
+    def copy_rows(self) -> tuple[list[dict], list[dict]]:
+        """The ``aten::copy_`` calls of a step (with ``copies``): by input shape, and by their nearest ``cimq_pl``
+        caller (`_caller`), ms and calls per step, largest first."""
+        if self.profile is None or not self.copies:
+            return [], []
+        steps = self.last - self.first
+        by_shape = [{"shape": str(e.input_shapes[0]) if e.input_shapes else "", "ms_per_step":
+                     round(e.self_cpu_time_total / 1000 / steps, 3), "calls_per_step": round(e.count / steps, 1)}
+                    for e in self.profile.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
+        callers: dict[str, list[float]] = {}
+        for event in self.profile.events():
+            if event.name == "aten::copy_":
+                total = callers.setdefault(_caller(event), [0.0, 0])
+                total[0] += event.self_cpu_time_total
+                total[1] += 1
+        by_caller = [{"caller": caller, "ms_per_step": round(us / 1000 / steps, 3),
+                      "calls_per_step": round(n / steps, 1)} for caller, (us, n) in callers.items()]
+        return (sorted(by_shape, key=lambda row: -row["ms_per_step"]),
+                sorted(by_caller, key=lambda row: -row["ms_per_step"]))
+
+
+def _caller(event) -> str:
+    """The nearest ``cimq_pl`` Python frame among ``event``'s parents (``with_stack`` records them as events), as
+    ``quant/fused.py(474): <listcomp>``; else the nearest frame outside ``cimq_pl``, else ``"(no Python frame)"``."""
+    frames, parent = [], event.cpu_parent
+    while parent is not None:
+        if ".py(" in parent.name:
+            frames.append(parent.name)
+        parent = parent.cpu_parent
+    ours = [frame for frame in frames if "cimq_pl/" in frame]  # absolute or relative to the repo
+    return ours[0].split("cimq_pl/", 1)[-1] if ours else (frames[0] if frames else "(no Python frame)")
 
 
 @contextlib.contextmanager
@@ -77,6 +114,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--adam", choices=("default", "foreach", "fused"), default="default",
                         help="the reconstruction's Adam implementation (default: PyTorch's choice)")
     parser.add_argument("--profile", action="store_true", help="profile --profile-steps of --unit")
+    parser.add_argument("--copies", action="store_true",
+                        help="with --profile: the step's copies by shape and by caller (records stacks: slower steps)")
     parser.add_argument("--unit", type=int, default=4, help="the profiled unit (4: layer1.2)")
     parser.add_argument("--profile-steps", type=int, nargs=2, default=[10, 30], metavar=("FIRST", "END"),
                         help="the profiled steps of the unit, FIRST to END - 1 (10 30)")
@@ -88,7 +127,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parser.error(f"--steps={args.steps}: the timer skips the first two steps of a unit, give at least 3")
     extra = prepare(args)
     timer = UnitStepTimer(args.steps)
-    profiler = UnitProfiler(args.unit, args.steps, first, end) if args.profile else None
+    if args.copies and not args.profile:
+        parser.error("--copies lists what --profile records: give both")
+    profiler = UnitProfiler(args.unit, args.steps, first, end, args.copies) if args.profile else None
     with adam_implementation(args.adam):
         measure(Setting("resnet20", "cimq", iters=args.steps), args.work_dir,
                 extra_args=[*extra, "--model.simulation", args.simulation],
@@ -101,7 +142,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"\nUnit {args.unit}, steps {first}-{end - 1} (torch.profiler, own CPU time):\n")
         print(markdown_table(rows, ["op", "ms_per_step", "calls_per_step", "share"],
                              ["operator", "ms per step", "calls per step", "share"]))
-    return {**summary, "profile": rows}
+    by_shape, by_caller = profiler.copy_rows() if profiler else ([], [])
+    if by_shape:
+        print(f"\nUnit {args.unit}, aten::copy_ by input shape:\n")
+        print(markdown_table(by_shape[:15], ["shape", "ms_per_step", "calls_per_step"],
+                             ["shape", "ms per step", "calls per step"]))
+        print(f"\nUnit {args.unit}, aten::copy_ by caller (nearest cimq_pl frame):\n")
+        print(markdown_table(by_caller[:15], ["caller", "ms_per_step", "calls_per_step"],
+                             ["caller", "ms per step", "calls per step"]))
+    return {**summary, "profile": rows, "copies_by_shape": by_shape, "copies_by_caller": by_caller}
 
 
 if __name__ == "__main__":

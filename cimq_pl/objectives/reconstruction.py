@@ -503,7 +503,7 @@ class BlockReconstruction(Objective):
     def _set_unit_keep(self, index: int) -> None:
         """Give the dropping quantizers of unit ``index`` its ``unit_keep_prob`` (their options saved to restore)."""
         self._restore_keep()
-        keep = self._unit_keep[index] if index < len(self._unit_keep) else None
+        keep = self._own_keep(index)
         if keep is None:
             return
         for _, layer in cim_layers(self.blocks[index][1]):
@@ -525,8 +525,12 @@ class BlockReconstruction(Objective):
         input, else `QuantDropping`'s (None: not dropped)."""
         if self.block_input_keep_prob is None:
             return None
-        own = self._unit_keep[self.current] if self.current < len(self._unit_keep) else None
+        own = self._own_keep(self.current)
         return self.block_input_keep_prob if own is None else own
+
+    def _own_keep(self, index: int) -> Optional[float]:
+        """Unit ``index``'s ``unit_keep_prob``, None where it has none (or before `attach`)."""
+        return self._unit_keep[index] if index < len(self._unit_keep) else None
 
     @property
     def rounding_schedule(self) -> RoundingSchedule:

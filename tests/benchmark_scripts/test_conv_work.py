@@ -57,9 +57,16 @@ def test_ptq_step_profile_switches_adam_and_profiles_a_unit(tmp_path):
         with ptq_step_profile.adam_implementation(name):
             assert torch.optim.Adam(params, lr=1e-3).defaults[name] is True
     assert torch.optim.Adam(params, lr=1e-3).defaults["foreach"] is None  # restored after the block
-    result = ptq_step_profile.main(["--smoke", "--simulation", "eager", "--steps", "4", "--profile", "--unit", "1",
-                                    "--profile-steps", "2", "4", "--work-dir", str(tmp_path)])
+    result = ptq_step_profile.main(["--smoke", "--simulation", "eager", "--steps", "4", "--profile", "--copies",
+                                    "--unit", "1", "--profile-steps", "2", "4", "--work-dir", str(tmp_path)])
     assert result["timed steps"] == 11 * 2 and result["ms per step"] > 0  # 11 units, the first two steps untimed
     ops = {row["op"]: row for row in result["profile"]}
     assert any(op.startswith("aten::") for op in ops) and all(row["ms_per_step"] >= 0 for row in ops.values())
     assert "aten::mkldnn_convolution" in ops or "aten::convolution" in ops or "aten::_convolution" in ops
+    # --copies: the step's copies by shape and by caller, each table accounting for every copy the profile counted
+    copies = [row for row in result["profile"] if row["op"] == "aten::copy_"]
+    for table in (result["copies_by_shape"], result["copies_by_caller"]):
+        assert table and all(row["ms_per_step"] >= 0 for row in table)
+        if copies:
+            assert sum(row["calls_per_step"] for row in table) == pytest.approx(copies[0]["calls_per_step"], abs=0.5)
+    assert any("quant/" in row["caller"] for row in result["copies_by_caller"])
