@@ -273,6 +273,13 @@ def _post_forward(psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input
     return out
 
 
+def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
+    """Sum of an NHWC tensor over N, H and W, per channel: per image first, then over the images. One reduction
+    over all pixels keeps the channels as the only parallel dimension, which Inductor's CPU code runs on one thread
+    for a few channels (one vector); per image, it runs over images x channels."""
+    return t.sum((1, 2)).sum(0)
+
+
 def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, ref_onehot, input_step,
                    cfg: PostConfig, need_psums: bool, need_combined: bool):
     """Gradients of `_post_forward` (straight-through round, zero gradient where the ADC clips) for the NHWC
@@ -286,7 +293,7 @@ def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_i
     g, cout_g = cfg.groups, cfg.cout_g
     n_cycles = len(cfg.cycle_weights)
     grad = grad_out
-    grad_bias = grad.sum((0, 1, 2)) if cfg.bias else None
+    grad_bias = _sum_pixels(grad) if cfg.bias else None
     scaled_grad = grad * input_step if cfg.input_scale else grad
     grad5 = scaled_grad.reshape(n, h, w, g, 1, cout_g)
     results = ([], [], [], [], [])
@@ -305,10 +312,10 @@ def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_i
             grad_u = grad5.expand(n, h, w, g, n_blocks, cout_g)
         else:
             grad_u = grad5 * coefs[p]
-            grad_coef = (grad5 * columns).sum((0, 1, 2))
+            grad_coef = _sum_pixels(grad5 * columns)
             grad_u = grad_u.reshape(n, h, w, g, n_blocks, cfg.n_slices * cout_g)
             if cfg.n_ref:
-                grad_ref_coef = (grad5 * gathered).sum((0, 1, 2))
+                grad_ref_coef = _sum_pixels(grad5 * gathered)
                 grad_ref = torch.matmul(grad5 * ref_coefs[p], ref_onehot)  # sum over each column block
                 grad_u = torch.cat([grad_u, grad_ref], -1)
         grad_u = grad_u.reshape(n, h, w, -1)
@@ -320,7 +327,7 @@ def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_i
                                           for j, wj in enumerate(cfg.cycle_weights)])
             local = _cycle_sum_nhwc([codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)],
                                     cfg.cycle_weights)
-            grad_step = (grad_u * local).sum((0, 1, 2))
+            grad_step = _sum_pixels(grad_u * local)
             combined = None
             if need_combined:
                 combined = grad_u * (_sequential_sum([inside[j].to(grad_u.dtype) for j in range(n_cycles)])
