@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cimq_pl import preemption
-from cimq_pl.allocator import keep_freed_memory
+from cimq_pl.cpu_runtime import hide_absent_gpus, keep_freed_memory
 from cimq_pl.checkpointing import resume_checkpoint
 from cimq_pl.cli_errors import explain_parse_error
 from cimq_pl.datamodules import ImageClassificationDataModule
@@ -80,7 +80,8 @@ class CIMQCLI(LightningCLI):
         # ... and an abbreviated flag (`--trainer.max_epoch`) is an unknown key, not silently another one
         no_exit = {"exit_on_error": False, "allow_abbrev": False}
         kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in self.subcommands()}})
-        keep_freed_memory()  # glibc keeps freed tensor memory: no fresh pages every step (cimq_pl/allocator.py)
+        keep_freed_memory()  # glibc keeps freed tensor memory: no fresh pages every step (cimq_pl/cpu_runtime.py)
+        hide_absent_gpus()  # no NVML probe at every optimizer step where no GPU is usable
         super().__init__(CIMQModule, ImageClassificationDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:

@@ -106,3 +106,22 @@ def test_quantizer_only_distillation_trains_the_input_steps_and_adc_clips_alone(
     assert [id(p) for p in groups[1]["params"]] == [id(p) for p in clips]
     learning = {id(p) for p in model.parameters() if p.requires_grad}
     assert learning == {id(p) for p in steps + clips}  # weights, biases and weight steps frozen
+
+
+def test_step_rate_pair_smoke(out, smoke_args):
+    """Both sides fit in processes of their own (the baseline from a worktree of the commit, its preset's input
+    codes set as asked), the ratio is the one of the medians; a setting the baseline preset lacks is refused."""
+    import step_rate_pair
+
+    args = [*smoke_args, "--baseline", "HEAD", "--rounds", "1", "--ptq-steps", "3", "--simulation", "eager",
+            "--baseline-set", "BitSparseActivations.max_ones=2"]
+    result = step_rate_pair.main(args)
+    assert [(run["side"], run["simulation"]) for run in result["runs"]] == [("baseline", "eager"),
+                                                                           ("this checkout", "eager")]
+    seconds = [run["seconds_per_step"] for run in result["runs"]]
+    assert all(0 < s < 10 for s in seconds)
+    assert result["ratio of medians"] == round(seconds[0] / seconds[1], 2)
+    config = (out / "work" / "round0-baseline" / "work" / "config.yaml").read_text()  # what the baseline fit ran
+    assert "max_ones: 2" in config and "max_ones: null" not in config
+    with pytest.raises(SystemExit, match="has no callback 'NoSuchCallback'"):
+        step_rate_pair.main([*args, "--baseline-set", "NoSuchCallback.x=1"])

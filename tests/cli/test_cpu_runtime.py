@@ -1,6 +1,6 @@
-"""`cimq_pl.allocator`: the CLI's glibc settings are in effect (a large tensor comes from the heap, not from mmap)
-and are left alone where the user opted out or chose an allocator. Each case runs in a fresh process: the
-settings are process-wide."""
+"""`cimq_pl.cpu_runtime`: the CLI's glibc settings are in effect (a large tensor comes from the heap, not from mmap)
+and are left alone where the user opted out or chose an allocator; absent GPUs are hidden only where none is
+usable and the user has not chosen. Each case runs in a fresh process: the settings are process-wide."""
 
 import os
 import platform
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform
 PROBE = """
 import ctypes, sys
 import torch
-from cimq_pl.allocator import keep_freed_memory
+from cimq_pl.cpu_runtime import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -55,3 +55,26 @@ def test_tuned_process_serves_large_tensors_from_the_heap():
 def test_user_choices_are_left_alone(env):
     applied, mmapped = _probe("tune", **env)
     assert applied == 0 and mmapped >= 64 * 2**20
+
+
+GPU_PROBE = """
+import os
+import torch
+from cimq_pl.cpu_runtime import hide_absent_gpus
+usable = torch.cuda.is_available()
+print(int(hide_absent_gpus()), int(usable), repr(os.environ.get("CUDA_VISIBLE_DEVICES")), int(torch.cuda.is_available()))
+"""
+
+
+@pytest.mark.parametrize("visible", [None, "0"])
+def test_absent_gpus_are_hidden_only_where_none_is_usable_and_the_user_did_not_choose(visible):
+    environment = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
+    if visible is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = visible
+    out = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, env=environment,
+                         check=True).stdout.split()
+    hidden, usable, value, usable_after = int(out[0]), int(out[1]), out[2], int(out[3])
+    if visible is not None or usable:  # the user's choice, or a usable GPU: untouched
+        assert hidden == 0 and value == (repr(visible) if visible is not None else "None") and usable_after == usable
+    else:
+        assert hidden == 1 and value == "''" and usable_after == 0
