@@ -458,7 +458,7 @@ class BlockReconstruction(Objective):
     def _block_io_from_previous(self, previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor], chunk: int):
         """``(x_fp, y_fp, x_q)`` of the current unit from the previous unit's cache: ``x_fp`` is its ``y_fp``, ``x_q``
         the previous unit (finished: hard rounding) run on its ``x_q``, ``y_fp`` this unit run on ``x_fp`` as floats."""
-        _, y_fp_previous, x_q_previous = (tensor.contiguous() for tensor in previous)  # NCHW, as from the images
+        _, y_fp_previous, x_q_previous = previous
         _, previous_block = self.blocks[self.current - 1]
         _, block = self.block
         with eval_mode(previous_block):
@@ -580,7 +580,7 @@ class BlockReconstruction(Objective):
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randint(len(self.cache[0]), (self.batch_size,), generator=generator)
         seed_step(seed, self.cache[0].device)  # QDrop masks of this step (unit input and inside the quantizers)
-        x_fp, y_fp, x_q = (tensor[indices.to(tensor.device)] for tensor in self._step_cache(block))
+        x_fp, y_fp, x_q = (tensor[indices.to(tensor.device)] for tensor in self.cache)
         x = x_q
         keep = self.unit_block_input_keep_prob
         if keep is not None:
@@ -609,18 +609,6 @@ class BlockReconstruction(Objective):
             module.log(f"ptq/{name}/rec_loss", self._unit_loss_sum / self._unit_loss_steps, on_step=False,
                        on_epoch=True)
         return loss
-
-    def _step_cache(self, block: nn.Module) -> tuple:
-        """The cache the steps gather from: channels-last where the unit's CIM layers run compiled (their kernels
-        read and write channels-last; an NCHW batch costs layout copies of every layer's input, output and output
-        gradient each step), converted once per unit. The values are the same, and so is every layer's result."""
-        if any(layer.simulation_path() == "compiled" for _, layer in cim_layers(block)):
-            layout = torch.channels_last
-            images = [tensor.dim() == 4 for tensor in self.cache]  # (a classifier unit reads and writes vectors)
-            if not all(tensor.is_contiguous(memory_format=layout) for tensor, image in zip(self.cache, images) if image):
-                self.cache = tuple(tensor.contiguous(memory_format=layout) if image else tensor
-                                   for tensor, image in zip(self.cache, images))
-        return self.cache
 
     def learned_parameters(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         """What reconstruction learns in ``model`` (a network or a unit), by kind: `quantizer_parameters` (AdaRound

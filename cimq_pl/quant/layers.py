@@ -346,7 +346,7 @@ class _CIMLayerBase(nn.Module):
         adc_plain = pq is None or not pq.enabled or (pq.initialized and not pq.observe and not pq.dropping)
         device = active_device(self) if weight_active else None  # a real chip's cells and ADCs, or None
         compiled = (not trace and not self.collect_stats and adc_plain and device is None
-                    and self.simulation_path() == "compiled"
+                    and self._simulation() == "compiled"
                     and fused.compiled_simulation_available())
 
         keep = quant = lut = None
@@ -498,7 +498,7 @@ class _CIMLayerBase(nn.Module):
             out = out + (reference * ref_coefficient.view(1, g, n_blocks, cout_g, 1, 1)).sum(2)
         return out
 
-    def simulation_path(self) -> str:
+    def _simulation(self) -> str:
         """This layer's simulation path: its ``simulation`` attribute, else the process default (fused.py)."""
         return getattr(self, "simulation", None) or fused.default_simulation()
 

@@ -161,48 +161,6 @@ def test_units_with_their_own_keep_probability_drop_with_it_in_the_fit(tmp_path)
         _trainer(tmp_path, [PostTrainingQuantization()]).fit(module, datamodule=_datamodule())
 
 
-class StepCacheLayouts(Callback):
-    """Whether the unit input the objective gathers from is channels-last, at every training step."""
-
-    def __init__(self):
-        self.channels_last = []
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        cache = pl_module.objective.cache
-        self.channels_last.append(cache[0].dim() == 4 and cache[0].is_contiguous(memory_format=torch.channels_last))
-
-
-def _compiled_ptq(tmp_path, monkeypatch, nchw: bool) -> tuple[dict, list]:
-    """A 2-step-per-unit PTQ fit with the CIM layers on the compiled path (its kernels run uncompiled); with ``nchw``
-    the steps gather from the cache as it was captured (NCHW). Returns (quantizer state, cache layouts)."""
-    from cimq_pl.quant import fused
-
-    monkeypatch.setattr(fused, "COMPILE_KERNELS", False)
-    if nchw:
-        monkeypatch.setattr(BlockReconstruction, "_step_cache", lambda self, block: self.cache)
-    torch.manual_seed(0)
-    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(), simulation="compiled",
-                        objective=BlockReconstruction(iters_per_block=2, batch_size=8))
-    callbacks = [ArraywiseWeights(), PartialSumClipping(), QuantDropping(0.5), PostTrainingQuantization(),
-                 layouts := StepCacheLayouts()]
-    _trainer(tmp_path / ("nchw" if nchw else "cl"), callbacks, limit_val_batches=0).fit(module, datamodule=_datamodule())
-    return QuantizerSnapshots._tensors(module), layouts.channels_last
-
-
-def test_compiled_units_step_on_a_channels_last_cache_with_the_same_results(tmp_path, monkeypatch):
-    """On the compiled path the steps gather their batches from a channels-last cache (the kernels' layout: no
-    layout copies of each layer's input, output and output gradient), converted once per unit; the fit learns
-    exactly what it learns from the NCHW cache."""
-    state, layouts = _compiled_ptq(tmp_path, monkeypatch, nchw=False)
-    assert layouts == [True] * 20 + [False] * 2  # 10 units of images, then the classifier's vectors
-    reference, layouts = _compiled_ptq(tmp_path, monkeypatch, nchw=True)
-    assert not any(layouts)
-    assert state.keys() == reference.keys()
-    for key, tensors in state.items():
-        for name, tensor in tensors.items():
-            assert torch.equal(tensor, reference[key][name]), f"{key}.{name}"
-
-
 def test_ptq_step_metrics_are_logged_on_the_loggers_steps_only(tmp_path):
     """With ``log_every_n_steps=3`` the step's reconstruction loss is logged on steps 3, 6, ... (the ones the
     loggers get) and holds there in between; the unit means still count every step."""

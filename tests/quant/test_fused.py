@@ -200,10 +200,10 @@ def test_a_real_device_runs_the_eager_path_on_the_compiled_setting():
 def test_simulation_switch():
     layer = CIMConv2d.from_conv(nn.Conv2d(3, 4, 3), CIMSpec())
     model = nn.Sequential(layer, nn.ReLU())
-    assert layer.simulation_path() == fused.default_simulation() == "eager"
-    assert fused.set_simulation(model, "compiled") == 1 and layer.simulation_path() == "compiled"
+    assert layer._simulation() == fused.default_simulation() == "eager"
+    assert fused.set_simulation(model, "compiled") == 1 and layer._simulation() == "compiled"
     fused.set_simulation(model, None)
-    assert layer.simulation_path() == "eager"
+    assert layer._simulation() == "eager"
     with pytest.raises(ConfigError, match="simulation='jit' is invalid"):
         fused.set_simulation(model, "jit")
     with pytest.raises(ConfigError):
