@@ -7,7 +7,8 @@ commit before issue 14) into a worktree under ``--work-dir``, sets the baseline 
 since to today's (``--baseline-set``, default the input codes: ``BitSparseActivations.max_ones=null``), and runs
 ``benchmarks/training_time.py --ptq-steps N`` of each side in its own process (the baseline on its eager path,
 this checkout on ``--simulation``, default compiled), alternating which goes first, for ``--rounds`` rounds. It
-prints every run and the ratio of the medians (and the range of the per-round ratios).
+prints every run and the ratio of the medians (and the range of the per-round ratios), and writes the runs to
+``step_rate_pair.csv`` in ``--out-dir``.
 
 Each side runs as its code runs: this checkout's CLI makes its own process settings (`cimq_pl.cpu_runtime`:
 glibc keeps freed memory, absent GPUs hidden), the baseline's did not. ``--same-allocator`` gives both processes
@@ -30,6 +31,7 @@ from typing import Optional
 
 import yaml
 
+from cimq_pl.cost.tables import write_csv_atomic
 from runner import REPO, base_parser, machine, markdown_table, prepare
 
 PRESET = Path("configs/quant/cimq_ptq.yaml")
@@ -117,6 +119,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "ratio of medians": round(statistics.median(per_side["baseline"])
                                          / statistics.median(per_side["this checkout"]), 2),
                "per-round ratios": f"{min(ratios):.2f}-{max(ratios):.2f}", "same allocator": args.same_allocator}
+    write_csv_atomic(args.out_dir / "step_rate_pair.csv", [{**run, "baseline": args.baseline,
+                                                             "same_allocator": args.same_allocator} for run in runs],
+                     ["round", "side", "simulation", "seconds_per_step", "baseline", "same_allocator"])
     print(f"\n{machine()}; {args.ptq_steps} steps per unit, {args.rounds} rounds\n")
     print(markdown_table(runs, ["round", "side", "simulation", "seconds_per_step"],
                          ["round", "code", "simulation", "s per step"]))

@@ -121,6 +121,7 @@ def test_step_rate_pair_smoke(out, smoke_args):
     seconds = [run["seconds_per_step"] for run in result["runs"]]
     assert all(0 < s < 10 for s in seconds)
     assert result["ratio of medians"] == round(seconds[0] / seconds[1], 2)
+    assert [float(row["seconds_per_step"]) for row in csv_rows(out / "step_rate_pair.csv")] == seconds
     config = (out / "work" / "round0-baseline" / "work" / "config.yaml").read_text()  # what the baseline fit ran
     assert "max_ones: 2" in config and "max_ones: null" not in config
     with pytest.raises(SystemExit, match="has no callback 'NoSuchCallback'"):
