@@ -78,14 +78,17 @@ LEVER_SETS = {
     "QDrop off (keep 1)": dict(row="cimq", keep_prob=1.0),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
-           "fit_seconds")
-HEADERS = ("levers", "ADC bits", "steps/unit", "seed", "test acc", "bit density", "HW efficiency vs baseline", "fit s")
+           "test/energy_per_image_uj", "fit_seconds")
+HEADERS = ("levers", "ADC bits", "steps/unit", "seed", "test acc", "bit density", "HW efficiency vs baseline",
+           "energy uJ/image", "fit s")
 
 
-def grid(adc_bits, iters, sets, model: str = "resnet20", seeds=(CONFIG_SEED,)) -> list[tuple[str, Setting]]:
-    """Every lever set at every ADC width, every number of steps per unit in ``iters`` and every fit seed."""
-    return [(name, seeded(Setting(model, **{"weight_bits": 4, "input_bits": 4, **LEVER_SETS[name]}, adc_bits=adc,
-                                  iters=steps), seed))
+def grid(adc_bits, iters, sets, model: str = "resnet20", seeds=(CONFIG_SEED,),
+         input_bits: int = 4) -> list[tuple[str, Setting]]:
+    """Every lever set at every ADC width, every number of steps per unit in ``iters`` and every fit seed, with
+    ``input_bits``-bit inputs on every CIM layer."""
+    return [(name, seeded(Setting(model, **{"weight_bits": 4, "input_bits": input_bits, **LEVER_SETS[name]},
+                                  adc_bits=adc, iters=steps), seed))
             for adc in adc_bits for steps in iters for name in sets for seed in seeds]
 
 
@@ -101,13 +104,17 @@ def main(argv=None) -> list[dict]:
                         help=f"fit every setting once per seed (the data seed: calibration images and PTQ draws; "
                              f"default {CONFIG_SEED}, the config's); with several, a second table gives each "
                              "setting's mean, spread and range")
+    parser.add_argument("--input-bits", type=int, default=4,
+                        help="input bits of every CIM layer (4, the issue's W4A4; 3: one bit-serial cycle fewer)")
     args = parser.parse_args(argv)
     extra = prepare(args)
     iters = [2] if args.smoke else args.iters
-    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets, args.model, args.seeds)
+    cells = grid(args.adc_bits, iters, args.sets[:2] if args.smoke else args.sets, args.model, args.seeds,
+                 args.input_bits)
     store = ResultStore(args.out_dir / "accuracy_levers.csv")
     measured = run_settings([(setting, False) for _, setting in cells], store, args.work_dir, extra)
-    rows = [{**row, "levers": name if args.model == "resnet20" else f"{args.model}: {name}"}
+    label = (lambda name: name) if args.input_bits == 4 else (lambda name: f"{name}, A{args.input_bits}")
+    rows = [{**row, "levers": label(name) if args.model == "resnet20" else f"{args.model}: {label(name)}"}
             for (name, _), row in zip(cells, measured)]
     print("\n" + markdown_table(rows, COLUMNS, HEADERS))
     if len(args.seeds) > 1:

@@ -23,6 +23,8 @@ def test_the_config_seed_keeps_the_key_and_other_seeds_extend_it():
         Setting("resnet20", "cimq", seed=CONFIG_SEED)
     cells = accuracy_levers.grid([8], [400], ["preset"], seeds=[0, 1, 2])
     assert [setting.seed for _, setting in cells] == [None, 1, 2]
+    (_, three_bit), = accuracy_levers.grid([5], [400], ["preset"], input_bits=3)  # one input cycle fewer
+    assert three_bit.input_bits == 3 and three_bit.key != accuracy_levers.grid([5], [400], ["preset"])[0][1].key
 
 
 def test_seed_spread_merges_the_fits_of_one_setting():
