@@ -113,8 +113,8 @@ def main(argv=None) -> list[dict]:
                  args.input_bits)
     store = ResultStore(args.out_dir / "accuracy_levers.csv")
     measured = run_settings([(setting, False) for _, setting in cells], store, args.work_dir, extra)
-    label = (lambda name: name) if args.input_bits == 4 else (lambda name: f"{name}, A{args.input_bits}")
-    rows = [{**row, "levers": label(name) if args.model == "resnet20" else f"{args.model}: {label(name)}"}
+    inputs = "" if args.input_bits == 4 else f", A{args.input_bits}"
+    rows = [{**row, "levers": f"{name}{inputs}" if args.model == "resnet20" else f"{args.model}: {name}{inputs}"}
             for (name, _), row in zip(cells, measured)]
     print("\n" + markdown_table(rows, COLUMNS, HEADERS))
     if len(args.seeds) > 1:

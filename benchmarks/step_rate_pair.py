@@ -32,10 +32,10 @@ from typing import Optional
 import yaml
 
 from cimq_pl.cost.tables import write_csv_atomic
+from cimq_pl.cpu_runtime import MALLOC_ENVIRONMENT
 from runner import REPO, base_parser, machine, markdown_table, prepare
 
 PRESET = Path("configs/quant/cimq_ptq.yaml")
-ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 
 def baseline_checkout(rev: str, work_dir: Path, settings: list[str]) -> Path:
@@ -99,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     sides = {"baseline": (baseline_checkout(args.baseline, work_dir, args.baseline_set), "eager"),
              "this checkout": (REPO, args.simulation)}
-    env = ALLOCATOR if args.same_allocator else {}
+    env = MALLOC_ENVIRONMENT if args.same_allocator else {}
     runs = []
     try:
         for round_ in range(args.rounds):

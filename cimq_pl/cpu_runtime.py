@@ -26,12 +26,14 @@ import os
 import platform
 import sys
 
-__all__ = ["hide_absent_gpus", "keep_freed_memory"]
+__all__ = ["MALLOC_ENVIRONMENT", "hide_absent_gpus", "keep_freed_memory", "set_malloc_options"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest value mallopt takes (an int): freed memory stays below 2 GiB
-_USER_CHOICES = ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+#: The same setting as environment variables, read by glibc when a process starts (subprocesses, other tools)
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+_USER_CHOICES = ("LD_PRELOAD", *MALLOC_ENVIRONMENT)
 _applied: bool | None = None
 
 
@@ -52,6 +54,16 @@ def _apply() -> bool:
         return False
     if any(name in os.environ for name in _USER_CHOICES) or platform.libc_ver()[0] != "glibc":
         return False
+    return set_malloc_options()
+
+
+def set_malloc_options() -> bool:
+    """Set glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to its largest value in this process, whatever the
+    environment says (`keep_freed_memory` checks the user's choices first).
+
+    Returns:
+        Whether glibc took both (False off glibc).
+    """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

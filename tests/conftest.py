@@ -12,19 +12,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def _keep_freed_buffers() -> None:
-    """glibc's allocator setting of the README's speed section, in this process and the ones tests start: keep
-    freed buffers instead of handing those above 32 MiB (a layer's partial sums) back to the system and faulting
-    them in again on the next batch (about 15% of a short CLI fit's time here). Nothing changes but speed."""
-    import ctypes
+    """glibc's allocator setting of the README's speed section (`cimq_pl.cpu_runtime`), in this process and the ones
+    tests start: keep freed buffers instead of handing those above 32 MiB (a layer's partial sums) back to the system
+    and faulting them in again on the next batch (about 15% of a short CLI fit's time here). Nothing changes but
+    speed."""
+    from cimq_pl.cpu_runtime import MALLOC_ENVIRONMENT, set_malloc_options
 
-    os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # read by glibc when a subprocess starts
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "100000000000")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to set
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (bytes; an int)
+    for name, value in MALLOC_ENVIRONMENT.items():  # read by glibc when a subprocess starts
+        os.environ.setdefault(name, value)
+    set_malloc_options()
 
 
 _keep_freed_buffers()
