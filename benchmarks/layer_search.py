@@ -77,6 +77,7 @@ class SearchOptions(NamedTuple):
     saving: float = SAVING
     from_ptq: Optional[int] = None
     layers: Optional[tuple] = None
+    layer_candidates: Optional[str] = None  # search --layer_candidates, a YAML mapping, e.g. "{conv1: {input_bits: [7, 8]}}"
 
     def suffix(self, kind: str = "") -> str:
         """Row keys and folders of a search with other options than the defaults carry them."""
@@ -89,6 +90,8 @@ class SearchOptions(NamedTuple):
             suffix += f"-budget{self.saving:g}"
         if self.layers is not None:
             suffix += "-layers_" + "_".join(_glob_name(pattern) for pattern in self.layers)
+        if self.layer_candidates is not None:
+            suffix += "-own_" + re.sub(r"[^A-Za-z0-9.]+", "_", _glob_name(self.layer_candidates)).strip("_")
         return suffix
 
     def label(self, kind: str) -> str:
@@ -101,6 +104,8 @@ class SearchOptions(NamedTuple):
             notes.append("ADC " + "/".join(map(str, self.candidates)))
         if self.layers is not None:
             notes.append("layers " + ", ".join(self.layers))
+        if self.layer_candidates is not None:
+            notes.append(f"own candidates {self.layer_candidates}")
         return text + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -154,6 +159,8 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
             *extra]
     if options.layers is not None:  # a uniform budget leaves int8 edge layers as configured (search.layers)
         args += ["--layers", "[" + ", ".join(repr(pattern) for pattern in options.layers) + "]"]
+    if options.layer_candidates is not None:
+        args += ["--layer_candidates", options.layer_candidates]
     if init_from is not None:
         args += ["--init_from", str(init_from)]
     if "--data.init_args.calibration_size" not in extra:
@@ -171,29 +178,56 @@ def run_search(kind: str, iters: int, images: int, work_dir: Path, extra: list[s
     with open(output / "points.csv", newline="") as stream:
         searched = next(row for row in csv.DictReader(stream) if row["kind"] == "searched")
     return {"overrides": overrides, "seconds": seconds, "predicted_energy_uj": round(float(searched["predicted_energy_uj"]), 4),
-            "assignment": " ".join(f"{name}:{fields.get('adc_bits')}" for name, fields in chosen.items())}
+            "assignment": " ".join(f"{name}:{layer_bits(fields)}" for name, fields in chosen.items())}
+
+
+def layer_fields(bits: str) -> dict:
+    """The override fields of one layer's ``bits`` in an assignment: ``ADC`` (``3``; ``None``: an ideal ADC) or
+    ``ADC/INPUT`` (``7/7``: a 7-bit ADC fed 7-bit input codes, one bit-serial cycle fewer than 8).
+
+    Raises:
+        ValueError: when either part is not an integer (the ADC part may be ``None``).
+    """
+    adc, sep, inputs = bits.partition("/")
+    if not (adc == "None" or adc.isdigit()) or (sep and not inputs.isdigit()):
+        raise ValueError(f"layer bits {bits!r} are invalid: expected ADC or ADC/INPUT bits, e.g. 3 or 7/7 (ADC an "
+                         f"integer or None, INPUT an integer)")
+    fields = {"adc_bits": None if adc == "None" else int(adc)}
+    if sep:
+        fields["input_bits"] = int(inputs)
+    return fields
+
+
+def layer_bits(fields: dict) -> str:
+    """A layer's override fields as an assignment's bits (`layer_fields` reads them back): ``3``, ``None``, ``7/7``."""
+    adc = str(fields.get("adc_bits"))
+    return f"{adc}/{fields['input_bits']}" if "input_bits" in fields else adc
 
 
 def given_assignment(text: str) -> str:
-    """An ``--assignments`` item (``glob=bits`` pairs separated by commas, e.g. ``layer1.*=3,layer3.*=3``) as the
-    CSV's ``name:bits`` pairs.
+    """An ``--assignments`` item (``glob=bits`` pairs separated by commas, e.g. ``layer1.*=3,layer3.*=3``; bits
+    as `layer_fields` reads them, e.g. ``conv1=7/7``) as the CSV's ``name:bits`` pairs.
 
     Raises:
-        ValueError: on a pair without ``=`` or bits that are not an integer (or ``None``).
+        ValueError: on a pair without ``=`` or bits `layer_fields` refuses.
     """
     pairs = []
     for item in text.split(","):
         name, sep, bits = item.strip().partition("=")
-        if not sep or not name or not (bits == "None" or bits.isdigit()):
+        try:
+            if not sep or not name:
+                raise ValueError("no glob=bits")
+            layer_fields(bits)
+        except ValueError:
             raise ValueError(f"--assignments item {item.strip()!r} of {text!r} is invalid: expected glob=bits, e.g. "
-                             f"layer1.*=3 (bits an integer or None)")
+                             f"layer1.*=3 (bits an integer or None), or glob=ADC/INPUT bits, e.g. conv1=7/7") from None
         pairs.append(f"{name}:{bits}")
     return " ".join(pairs)
 
 
 def given_key(assignment: str, iters: int) -> str:
     """Row key of an assignment given by hand (`given_assignment`'s pairs), on the preset's version as `searched_key`."""
-    slug = re.sub(r"[^A-Za-z0-9.:_-]", "", _glob_name(assignment).replace(" ", "_"))
+    slug = re.sub(r"[^A-Za-z0-9.:_-]", "", _glob_name(assignment).replace(" ", "_").replace("/", "-in"))
     return f"given-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-{slug}"
 
 
@@ -203,7 +237,7 @@ def stored_overrides(assignment: str, path: Path) -> Path:
     chosen = {}
     for pair in assignment.split():
         name, _, bits = pair.rpartition(":")
-        chosen[name] = {"adc_bits": None if bits == "None" else int(bits)}
+        chosen[name] = layer_fields(bits)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"model": {"cim_overrides": chosen}}, sort_keys=False))
     return path
@@ -258,7 +292,8 @@ class LowAdcSteps(NamedTuple):
         units = {}
         for pair in assignment.split():
             name, _, bits = pair.rpartition(":")
-            if bits != "None" and int(bits) <= self.bits:
+            adc_bits = layer_fields(bits)["adc_bits"]
+            if adc_bits is not None and adc_bits <= self.bits:
                 parts = name.split(".")
                 units[".".join(parts[:2]) if parts[0].startswith("layer") and len(parts) > 1 else name] = self.steps
         return units
@@ -410,12 +445,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                              "each point's mean")
     parser.add_argument("--assignments", nargs="+", default=[], metavar="GLOB=BITS,...",
                         help="also fit these per-layer ADC assignments given by hand (each: glob=bits pairs separated "
-                             "by commas, e.g. 'layer1.*=3,layer3.*=3'; the other layers at the preset's ADC 4), as "
+                             "by commas, e.g. 'layer1.*=3,layer3.*=3'; ADC/INPUT bits give a layer's input codes too, e.g. "
+                             "'conv1=7/7'; the other layers at the preset's ADC 4), as "
                              "points of the table and the plot beside the searched ones")
     parser.add_argument("--layers", default=None, metavar="GLOB,...",
                         help="the layers the searches change (search --layers; default: those mapped in cim mode), "
                              "e.g. 'conv1,layer*' to let the int8 first conv's ideal ADC (charged as 8 bits) go down "
                              "too; a uniform budget leaves it as configured, as uniform ADC 5 does")
+    parser.add_argument("--layer-candidates", default=None, metavar="YAML",
+                        help="candidates of their own for some searched layers (search --layer_candidates), e.g. "
+                             "'{conv1: {input_bits: [6, 7, 8], adc_bits: [5, 6, 7, null]}}' with --layers 'conv1,layer*': "
+                             "the first conv's input bits searched beside the others' ADC")
     parser.add_argument("--low-adc-steps", default=None, metavar="BITS=STEPS",
                         help="in the fits of searched and given assignments, the units that hold a layer at ADC BITS "
                              "or less reconstruct STEPS steps (model.objective.init_args.unit_iters), the others "
@@ -442,7 +482,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if layers == ():
         parser.error(f"--layers={args.layers!r}: expected layer names or globs separated by commas, "
                      "e.g. 'conv1,layer*'")
-    options = SearchOptions(args.metric, candidates, args.saving, args.from_ptq, layers)
+    options = SearchOptions(args.metric, candidates, args.saving, args.from_ptq, layers, args.layer_candidates)
     kinds = [] if args.budgets == "none" else [kind.strip() for kind in args.budgets.split(",") if kind.strip()]
     if (not kinds and args.budgets != "none") or set(kinds) - set(BUDGETS):
         parser.error(f"--budgets={args.budgets!r}: expected a comma-separated subset of {', '.join(BUDGETS)}, or "

@@ -279,7 +279,10 @@ class CIMQTrainer(pl.Trainer):
         bar = {}
 
         def on_start(total: int) -> None:
-            if self.progress_bar_callback is not None:
+            if "tqdm" in bar:  # the number of verified points, known after the trials
+                bar["tqdm"].total = total
+                bar["tqdm"].refresh()
+            elif self.progress_bar_callback is not None:
                 from tqdm.auto import tqdm
 
                 bar["tqdm"] = tqdm(total=total, desc="search", dynamic_ncols=True, leave=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.overrides import OVERRIDE_BIT_FIELDS
+from cimq_pl.quant.overrides import OVERRIDE_BIT_FIELDS, fields_by_glob
 from cimq_pl.quant.spec import MAX_BITS, MIN_BITS
 
 __all__ = ["METRICS", "SearchConfig", "parse_setting", "setting_label"]
@@ -22,6 +22,38 @@ METRICS = ("fisher", "kl", "mse")
 
 def _default_candidates() -> dict:
     return {"adc_bits": [3, 4, 5, 6]}
+
+
+def combinations(candidates: dict) -> list[dict]:
+    """The settings of a candidates mapping: ``{"adc_bits": [3, 4], "input_bits": [4, 8]}`` -> four dicts, in order."""
+    names = list(candidates)
+    return [dict(zip(names, values)) for values in itertools.product(*candidates.values())]
+
+
+def _checked_candidates(candidates, where: str) -> dict:
+    """``candidates`` (a mapping of `OVERRIDE_BIT_FIELDS` to lists of distinct bit-widths or null) as plain lists.
+
+    Raises:
+        ConfigError: a value that is not such a mapping, an unknown field or bits out of range (``where`` names the
+            option).
+    """
+    if not isinstance(candidates, dict) or not candidates:
+        raise ConfigError(f"{where}={candidates!r} is invalid: expected a mapping of fields to lists of values, e.g. "
+                          "{adc_bits: [3, 4, 5, 6]}")
+    checked = {}
+    for name, values in candidates.items():
+        if name not in OVERRIDE_BIT_FIELDS:
+            raise ConfigError(f"{where}: unknown field {name!r}; allowed: {', '.join(OVERRIDE_BIT_FIELDS)}")
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        for value in values:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not MIN_BITS <= value <= MAX_BITS):
+                raise ConfigError(f"{where}.{name}: {value!r} is invalid: expected integers in [{MIN_BITS}, {MAX_BITS}] "
+                                  "or null")
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"{where}.{name}={values!r} is invalid: expected distinct values, at least one")
+        checked[name] = values
+    return checked
 
 
 def setting_label(setting: dict) -> str:
@@ -84,6 +116,12 @@ class SearchConfig:
             layer named here (``[conv1, 'layer*']``: the first conv's ideal ADC, charged as 8 bits, may take a real
             one) may also stay as configured, and uniform settings (budgets, verified points) leave it so, as
             ``model.cim.adc_bits`` does; searched alone, a uniform setting is its own.
+        layer_candidates: candidates of their own for some searched layers: layer names or globs (of
+            ``layers``; a later pattern wins) mapped to candidates as above, e.g. ``{conv1: {input_bits: [6, 7, 8],
+            adc_bits: [6, 7, null]}}`` (the first conv's 8-bit inputs and ideal ADC searched without giving every
+            other layer those candidates). Such a layer takes one of its own settings or stays as configured, and
+            uniform settings of ``candidates`` (budgets, verified points) leave it as configured, as they do an
+            ``int8`` edge layer. None: every searched layer takes ``candidates``.
         energy_budget: the most energy the chosen assignment may spend, uJ per image, or a uniform setting of the
             candidates (``"adc_bits=4"``: the predicted energy of every searched layer at 4 bits, edge layers as
             configured), or a fraction of one (``"0.8*adc_bits=5"``: 20% less than uniform ADC 5). The search
@@ -120,6 +158,7 @@ class SearchConfig:
 
     candidates: dict[str, list[Optional[int]]] = field(default_factory=_default_candidates)
     layers: Optional[list[str]] = None
+    layer_candidates: Optional[dict[str, dict[str, list[Optional[int]]]]] = None
     energy_budget: Union[float, str, None] = None
     loss_budget: Union[float, str, None] = None
     metric: Literal["fisher", "kl", "mse"] = "fisher"
@@ -133,23 +172,14 @@ class SearchConfig:
     init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.candidates, dict) or not self.candidates:
-            raise ConfigError(f"search.candidates={self.candidates!r} is invalid: expected a mapping of fields to "
-                              "lists of values, e.g. {adc_bits: [3, 4, 5, 6]}")
-        candidates = {}
-        for name, values in self.candidates.items():
-            if name not in OVERRIDE_BIT_FIELDS:
-                raise ConfigError(f"search.candidates: unknown field {name!r}; allowed: {', '.join(OVERRIDE_BIT_FIELDS)}")
-            values = list(values) if isinstance(values, (list, tuple)) else [values]
-            for value in values:
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                          or not MIN_BITS <= value <= MAX_BITS):
-                    raise ConfigError(f"search.candidates.{name}: {value!r} is invalid: expected integers in "
-                                      f"[{MIN_BITS}, {MAX_BITS}] or null")
-            if not values or len(set(values)) != len(values):
-                raise ConfigError(f"search.candidates.{name}={values!r} is invalid: expected distinct values, at least one")
-            candidates[name] = values
-        self.candidates = candidates
+        self.candidates = _checked_candidates(self.candidates, "search.candidates")
+        if self.layer_candidates is not None:
+            if not isinstance(self.layer_candidates, dict) or not self.layer_candidates:
+                raise ConfigError(f"search.layer_candidates={self.layer_candidates!r} is invalid: expected a mapping of "
+                                  "layer names or globs to candidates, e.g. {conv1: {input_bits: [6, 7, 8]}}, or null")
+            self.layer_candidates = {
+                pattern: _checked_candidates(candidates, f"search.layer_candidates[{pattern!r}]")
+                for pattern, candidates in self.layer_candidates.items()}
         for name in ("images", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -184,8 +214,19 @@ class SearchConfig:
 
     def settings(self) -> list[dict]:
         """Every candidate setting: the combinations of the ``candidates`` lists, in order."""
-        names = list(self.candidates)
-        return [dict(zip(names, values)) for values in itertools.product(*self.candidates.values())]
+        return combinations(self.candidates)
+
+    def own_settings(self, layers: Sequence[str]) -> dict[str, list[dict]]:
+        """The candidate settings of each of ``layers`` (searched layer names) that ``layer_candidates`` gives
+        candidates of its own (the last pattern matching it); the other layers take ``candidates``.
+
+        Raises:
+            ConfigError: a ``layer_candidates`` pattern matching none of ``layers`` (the message lists them).
+        """
+        own = fields_by_glob(layers, {pattern: {"candidates": candidates} for pattern, candidates
+                                      in (self.layer_candidates or {}).items()}, "search.layer_candidates",
+                             items="searched layers")
+        return {name: combinations(fields["candidates"]) for name, fields in own.items()}
 
     def budget(self) -> tuple:
         """``(kind, value, fraction)``: kind ``"energy"`` or ``"loss"``; value a number, a setting dict, or None (the

@@ -113,7 +113,8 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
         configured_overrides: the model's ``model.cim_overrides`` (kept in the written overrides).
         seed: seeds every calibration.
         progress: called after every trial and verified point with a short description.
-        on_start: called once with the number of progress steps to come.
+        on_start: called with the number of progress steps in all: first before the trials, then (``verify``)
+            again once the verified points are known.
         reconstructed: ``model``'s state dict after PTQ (``search.init_from``): search from the reconstructed
             network instead of the calibrated one (`SearchBench`'s argument).
 
@@ -122,16 +123,17 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
     """
     import time
 
-    input_trials = any(setting.get("input_bits", "unset") != "unset" for setting in config.settings())
-    bench = SearchBench(model, batches, config.metric, table, labels, config.replay, input_trials, seed, reconstructed)
     layers = searched_layers(model, config.layers)
-    settings = config.settings()
+    common, own = config.settings(), config.own_settings(layers)
+    input_trials = any("input_bits" in setting for setting in [*common, *(s for o in own.values() for s in o)])
+    bench = SearchBench(model, batches, config.metric, table, labels, config.replay, input_trials, seed, reconstructed)
     kind, value, fraction = config.budget()
-    uniform_settings = list(range(len(settings))) if config.verify else []
-    if on_start is not None:
-        on_start(len(layers) * len(settings) + len(uniform_settings) + (1 if config.verify else 0))
+    trials = sum(len(own.get(name, common)) for name in layers)
+    if on_start is not None:  # called again with the verified points' number once they are known
+        on_start(trials + (len(common) + 1 if config.verify else 0))
     start = time.perf_counter()
-    sensitivity = measure_sensitivity(bench, layers, settings, progress)
+    sensitivity = measure_sensitivity(bench, layers, common, progress, own)
+    settings = sensitivity.settings
     seconds = {"sensitivity": time.perf_counter() - start}
     front = pareto_front(sensitivity)
     budget, _ = budget_value(sensitivity, kind, value, fraction)
@@ -149,6 +151,8 @@ def search_precision(model: nn.Module, batches: Sequence[torch.Tensor], config: 
     points.append(MeasuredPoint("searched", "searched", chosen.choice, chosen.energy_uj, chosen.loss, chosen.latency_us))
     start = time.perf_counter()
     if config.verify:
+        if on_start is not None:
+            on_start(trials + len(points) - 1)
         if test_batches:
             reference_test = bench.measure(model, test_batches).test_accuracy
             points[0].measured = NetworkPoint(reference.loss, reference.cost, reference.accuracy, reference_test)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant.layers import cim_layers
@@ -71,8 +71,9 @@ class SensitivityTable:
         images: images every number was measured on.
         edge: per layer, whether it is mapped as an edge layer (``int8``) as configured: a uniform setting leaves
             such a layer as configured (``model.cim.adc_bits`` does not reach it either), so that "uniform ADC 5"
-            means the same network with ``search.layers`` naming ``conv1`` as without; empty, or when every searched
-            layer is one: none.
+            means the same network with ``search.layers`` naming ``conv1`` as without; a layer with candidates of
+            its own (``search.layer_candidates``) is kept likewise; empty, or when every searched layer is one: none.
+        candidates: per layer, the indices of ``settings`` it may take (its own candidates); empty: every one.
     """
 
     layers: list
@@ -91,6 +92,7 @@ class SensitivityTable:
     images: int
     extra: dict = field(default_factory=dict)
     edge: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)
 
     def valid(self, layer: int, setting: int) -> bool:
         """Whether ``setting`` could be tried on ``layer``."""
@@ -126,6 +128,8 @@ class SensitivityTable:
         rows = []
         for l, name in enumerate(self.layers):
             for s, setting in enumerate(self.settings):
+                if self.candidates and s not in self.candidates[l]:
+                    continue
                 valid = self.valid(l, s)
                 rows.append({
                     "layer": name, "setting": setting_label(setting), "current": s == self.current[l],
@@ -185,44 +189,55 @@ def searched_layers(model, patterns: Optional[Sequence[str]] = None) -> list[str
 
 
 def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Sequence[dict],
-                        progress: Optional[Callable[[str], None]] = None) -> SensitivityTable:
-    """Try every setting on every layer of ``layers`` alone (`SearchBench.try_layer`).
+                        progress: Optional[Callable[[str], None]] = None,
+                        own_settings: Optional[Mapping[str, Sequence[dict]]] = None) -> SensitivityTable:
+    """Try every candidate setting on every layer of ``layers`` alone (`SearchBench.try_layer`).
 
     Args:
         bench: the calibrated network on the search images.
         layers: names of the layers to search.
-        settings: candidate settings (dicts of `CIMSpec` bit fields).
+        settings: candidate settings (dicts of `CIMSpec` bit fields) of every layer without its own.
         progress: called with a short description after every trial (a progress bar's update).
+        own_settings: layers with candidate settings of their own (``search.layer_candidates``), tried on those
+            only and kept as configured by the uniform settings, as an ``int8`` edge layer is. The table's
+            settings are ``settings`` followed by the others these add.
 
     Returns:
         The `SensitivityTable`.
     """
+    own_settings = dict(own_settings or {})
+    columns = [dict(setting) for setting in settings]
+    columns += [dict(setting) for own in own_settings.values() for setting in own if setting not in columns]
     reference = bench.reference
     local = bench.metric == "fisher"
     table = SensitivityTable(
-        layers=list(layers), settings=[dict(s) for s in settings], current=[], loss=[], noise=[], energy_uj=[],
+        layers=list(layers), settings=columns, current=[], loss=[], noise=[], energy_uj=[],
         latency_us=[],
         seconds=[], notes=[], reference_loss=0.0 if local else reference.loss, reference_energy_uj=reference.energy_uj,
         reference_latency_us=reference.latency_us, metric=bench.metric, images=bench.images,
     )
     local = bench.metric == "fisher"
-    for name in layers:
+    own = [list(own_settings.get(name, settings)) for name in layers]
+    table.candidates = [{columns.index(setting) for setting in chosen} for chosen in own] if own_settings else []
+    for name, candidates in zip(layers, own):
         layer = bench.model.get_submodule(name)
         if local:
-            reference = bench.layer_outputs(name, exact_for(layer.spec, settings))
+            reference = bench.layer_outputs(name, exact_for(layer.spec, candidates))
             configured = bench.fisher_trial(name, reference=reference)
             configured_noise, base_energy, base_latency = configured.loss, configured.energy_uj, configured.latency_us
         else:
             base_energy, base_latency = bench.layer_energy(name)
-            exact_spec = exact_for(layer.spec, settings)
+            exact_spec = exact_for(layer.spec, candidates)
             # a layer configured exact (the int8 first conv's ideal ADC) has no downstream floor of its own: its
             # trials are measured against the float network, as the configured network's loss is
             exact = bench.teacher if exact_spec == layer.spec else bench.try_layer(name, exact_spec).logits
             configured_noise = bench.layer_noise(exact)
         current = None
         rows = {key: [] for key in ("loss", "noise", "energy_uj", "latency_us", "seconds", "notes")}
-        for index, setting in enumerate(settings):
-            if all(getattr(layer.spec, field) == value for field, value in setting.items()):
+        for index, setting in enumerate(columns):
+            if setting not in candidates:
+                values = (math.nan, math.nan, math.nan, math.nan, 0.0, "not among this layer's candidates")
+            elif all(getattr(layer.spec, field) == value for field, value in setting.items()):
                 current = index
                 values = (0.0, configured_noise, 0.0, 0.0, 0.0, "")
             else:
@@ -237,12 +252,12 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
                               trial.latency_us - base_latency, trial.seconds, "")
             for key, value in zip(rows, values):
                 rows[key].append(value)
-            if progress is not None:
+            if progress is not None and setting in candidates:
                 progress(f"{name} {setting_label(setting)}")
         if local:  # the objective is the searched layers' summed noise, the configured one's to start from
             table.reference_loss += configured_noise
         table.current.append(current)
-        table.edge.append(mapped_int8(layer))
+        table.edge.append(mapped_int8(layer) or name in own_settings)
         for key, values in rows.items():
             getattr(table, key).append(values)
     if all(table.edge):  # only edge layers searched: a uniform setting is theirs

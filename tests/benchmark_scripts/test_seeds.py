@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -111,9 +112,28 @@ def test_layer_search_reads_assignments_given_by_hand():
     assert layer_search.given_assignment("layer1.*=3, layer3.*.conv2=None") == "layer1.*:3 layer3.*.conv2:None"
     assert layer_search.given_key("layer1.*:3 layer3.*:3", 400) == (
         f"given-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-layer1.all:3_layer3.all:3")
-    for bad in ("layer1.*", "layer1.*=three", "=3"):
+    for bad in ("layer1.*", "layer1.*=three", "=3", "conv1=7/", "conv1=7/None", "conv1=/7"):
         with pytest.raises(ValueError, match="expected glob=bits"):
             layer_search.given_assignment(bad)
+
+
+def test_layer_search_assignments_give_input_bits_too(tmp_path):
+    """``conv1=7/7``: ADC and input bits of a layer, in the written overrides and the row key; the low-ADC units
+    read the ADC part."""
+    assignment = layer_search.given_assignment("conv1=7/7,layer1.*=3")
+    assert assignment == "conv1:7/7 layer1.*:3"
+    assert layer_search.given_key(assignment, 400).endswith("-iters400-conv1:7-in7_layer1.all:3")
+    written = layer_search.stored_overrides(assignment, tmp_path / "overrides.yaml")
+    assert yaml.safe_load(written.read_text()) == {"model": {"cim_overrides": {
+        "conv1": {"adc_bits": 7, "input_bits": 7}, "layer1.*": {"adc_bits": 3}}}}
+    assert layer_search.LowAdcSteps.parse("3=800").unit_iters("conv1:None/6 layer1.*:3 conv1:3/7") == {
+        "layer1.*": 800, "conv1": 800}
+    for fields in ({"adc_bits": 7, "input_bits": 7}, {"adc_bits": None, "input_bits": 6}, {"adc_bits": 3}):
+        assert layer_search.layer_fields(layer_search.layer_bits(fields)) == fields  # a searched layer, as a CSV pair
+    options = layer_search.SearchOptions("mse", (3, 4, 5), 0.8, 4, ("conv1", "layer*"),
+                                         "{conv1: {input_bits: [7, 8], adc_bits: [6, null]}}")
+    assert options.suffix("saving").endswith("-layers_conv1_layerall-own_conv1_input_bits_7_8_adc_bits_6_null")
+    assert options.label("saving").endswith("own candidates {conv1: {input_bits: [7, 8], adc_bits: [6, null]}})")
 
 
 def test_layer_search_gives_the_units_of_low_adc_layers_their_steps():

@@ -39,6 +39,11 @@ from cimq_pl.search.sensitivity import SensitivityTable
     ({"metric": "ce"}, r"search\.metric='ce' is invalid: expected one of \['fisher', 'kl', 'mse'\]"),
     ({"replay": False}, r"search\.metric='fisher' needs search\.replay=true"),
     ({"layers": []}, r"search\.layers=\[\] is invalid"),
+    ({"layer_candidates": {}}, r"search\.layer_candidates=\{\} is invalid: expected a mapping of layer names or globs"),
+    ({"layer_candidates": {"conv1": {"input_bit": [7]}}}, r"search\.layer_candidates\['conv1'\]: unknown field "
+                                                          r"'input_bit'; allowed: weight_bits"),
+    ({"layer_candidates": {"conv1": {"input_bits": [7, 0]}}}, r"search\.layer_candidates\['conv1'\]\.input_bits: 0 is "
+                                                              r"invalid: expected integers in \[1, 16\]"),
 ])
 def test_bad_search_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -294,3 +299,47 @@ def test_a_layer_configured_exact_is_measured_against_the_float_network():
         trial = bench.try_layer("a", bench.model.get_submodule("a").spec.replace(**setting))
         assert table.loss[0][index] == pytest.approx(trial.loss - bench.reference.loss, rel=1e-9, abs=1e-12)
     assert table.loss[0][0] > table.loss[0][2]  # ADC 2 costs more than ADC 6
+
+
+def test_layers_with_candidates_of_their_own_take_only_those_and_stay_out_of_the_uniform_settings():
+    """``search.layer_candidates``: ``a`` searched over input bits and ADC bits of its own, ``b`` over the common
+    ADC candidates. Each layer is tried on its own settings only; uniform ADC 4 is ``b`` at 4 with ``a`` as
+    configured; the front equals brute force over each layer's own settings (or ``a`` as configured); the chosen
+    assignment is what is written; a pattern matching no searched layer is one line."""
+    torch.manual_seed(0)
+    model = _KnownAnswer().eval()
+    convert_to_cim(model, MACRO, options=QuantizerOptions(), overrides={"fc": {"adc_bits": 6}})
+    images = torch.rand(32, 3, 8, 8).split(16)
+    own = {"input_bits": [4, 8], "adc_bits": [6, None]}
+    config = SearchConfig(candidates={"adc_bits": [2, 4, 6]}, layers=["a", "b"], layer_candidates={"a": own},
+                          energy_budget="adc_bits=4", images=32, batch_size=16, metric="mse")
+    assert config.own_settings(["a", "b"]) == {"a": [
+        {"input_bits": 4, "adc_bits": 6}, {"input_bits": 4, "adc_bits": None}, {"input_bits": 8, "adc_bits": 6},
+        {"input_bits": 8, "adc_bits": None}]}
+    ticks = []
+    result = search_precision(model, images, config, configured_overrides={"fc": {"adc_bits": 6}},
+                              progress=ticks.append, on_start=lambda total: ticks.append(total))
+    table = result.table
+    assert table.settings == [{"adc_bits": 2}, {"adc_bits": 4}, {"adc_bits": 6}, *config.own_settings(["a"])["a"]]
+    assert table.candidates == [{3, 4, 5, 6}, {0, 1, 2}] and table.edge == [True, False]
+    assert [table.valid(0, s) for s in range(7)] == [False] * 3 + [True] * 4
+    assert [table.valid(1, s) for s in range(7)] == [True] * 3 + [False] * 4
+    assert table.current == [None, 1]  # a: the macro's 8-bit inputs at ADC 4 are none of its own settings
+    # the progress bar: 4 + 3 trials, then 4 verified points (uniform ADC 2/4/6 and the searched assignment)
+    assert [tick for tick in ticks if isinstance(tick, int)] == [4 + 3 + 4, 4 + 3 + 4]
+    assert len([tick for tick in ticks if isinstance(tick, str)]) == 4 + 3 + 4
+    assert [row["setting"] for row in table.rows() if row["layer"] == "a"] == [
+        "input_bits=4,adc_bits=6", "input_bits=4,adc_bits=null", "input_bits=8,adc_bits=6", "input_bits=8,adc_bits=null"]
+    assert result.point("adc_bits=4").choice == (None, 1)  # b at 4, a as configured
+    assert [point.label for point in result.points if point.kind == "uniform"] == ["adc_bits=2", "adc_bits=4",
+                                                                                   "adc_bits=6"]
+    choices = [(a, b) for a in (None, 3, 4, 5, 6) for b in (0, 1, 2)]
+    predicted = {c: table.predict(c) for c in choices}
+    budget = predicted[(None, 1)][0]
+    best = min((c for c in choices if predicted[c][0] <= budget * (1 + 1e-9)), key=lambda c: predicted[c][1])
+    assert result.chosen.loss == pytest.approx(predicted[best][1])
+    assert {name: dict(fields) for name, fields in result.overrides.items() if name != "fc"} == table.assignment(
+        result.chosen.choice)
+    with pytest.raises(ConfigError, match=r"search\.layer_candidates: 'conv1' matches no layer; the searched layers "
+                                          r"are: a, b"):
+        SearchConfig(layer_candidates={"conv1": own}).own_settings(["a", "b"])
