@@ -216,7 +216,6 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
         seconds=[], notes=[], reference_loss=0.0 if local else reference.loss, reference_energy_uj=reference.energy_uj,
         reference_latency_us=reference.latency_us, metric=bench.metric, images=bench.images,
     )
-    local = bench.metric == "fisher"
     own = [list(own_settings.get(name, settings)) for name in layers]
     table.candidates = [{columns.index(setting) for setting in chosen} for chosen in own] if own_settings else []
     for name, candidates in zip(layers, own):
@@ -235,7 +234,8 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
         current = None
         rows = {key: [] for key in ("loss", "noise", "energy_uj", "latency_us", "seconds", "notes")}
         for index, setting in enumerate(columns):
-            if setting not in candidates:
+            tried = setting in candidates
+            if not tried:
                 values = (math.nan, math.nan, math.nan, math.nan, 0.0, "not among this layer's candidates")
             elif all(getattr(layer.spec, field) == value for field, value in setting.items()):
                 current = index
@@ -252,7 +252,7 @@ def measure_sensitivity(bench: SearchBench, layers: Sequence[str], settings: Seq
                               trial.latency_us - base_latency, trial.seconds, "")
             for key, value in zip(rows, values):
                 rows[key].append(value)
-            if progress is not None and setting in candidates:
+            if progress is not None and tried:
                 progress(f"{name} {setting_label(setting)}")
         if local:  # the objective is the searched layers' summed noise, the configured one's to start from
             table.reference_loss += configured_noise
