@@ -118,6 +118,8 @@ class Setting:
             ``lr_scale`` (only for configs that reconstruct).
         lr_offset: the reconstruction's learning rate of the layers' output offsets after the ADC
             (`BlockReconstruction`'s ``lr_offset``; only for configs that reconstruct).
+        calibration_size: train images in the calibration subset (``data.calibration_size``; the model config's
+            1,024 when None): what calibration observes and what reconstruction draws its batches from.
         seed: the datamodule's ``seed`` (the calibration subset, and every PTQ step's draws: its batch, the QDrop
             masks, both keyed by (seed, unit, step)) and ``seed_everything``: another fit of the same setting, to
             put the spread between fits beside a gap. ``seed_everything`` alone changes nothing in a PTQ fit (two
@@ -143,6 +145,7 @@ class Setting:
     weight_rounding: Optional[str] = None
     lr_step: Optional[float] = None
     lr_offset: Optional[float] = None
+    calibration_size: Optional[int] = None
     seed: Optional[int] = None
 
     def __post_init__(self):
@@ -342,7 +345,10 @@ def measure(setting: Setting, work_dir: Path, jpeg: bool = False, extra_args: Se
         args += ["--config", str(derived)]
         config_path = str(derived)
     args += ["--data.init_args.root", str(LOSSLESS), "--trainer.logger.init_args.save_dir", str(work_dir),
-             "--trainer.enable_progress_bar", "false", *extra_args]
+             "--trainer.enable_progress_bar", "false"]
+    if setting.calibration_size is not None:
+        args += ["--data.init_args.calibration_size", str(setting.calibration_size)]
+    args += list(extra_args)  # after the setting's own data arguments: the smoke runs' shrink wins
     if setting.seed is not None:
         args += ["--data.init_args.seed", str(setting.seed), "--seed_everything", str(setting.seed)]
     built = cli(args)

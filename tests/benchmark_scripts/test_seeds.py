@@ -158,3 +158,29 @@ def test_layer_search_gives_the_units_of_low_adc_layers_their_steps():
         "--model.objective.init_args.unit_keep_prob", "{layer1.*: 0.75}"]
     with pytest.raises(ValueError, match=r"--low-adc-keep=1.5 is invalid: expected a probability in \(0, 1\]"):
         layer_search.LowAdcSteps.parse("3=400", keep_prob=1.5)
+
+
+def test_a_setting_with_its_own_calibration_size_hands_it_to_the_datamodule(monkeypatch, tmp_path):
+    """`Setting.calibration_size` reaches the CLI as ``data.calibration_size`` and names the row; the smoke runs'
+    shrink (``extra_args``, after it) still wins; unset, the model config's 1,024 stays."""
+    import runner
+
+    seen = []
+
+    def stop(args):
+        seen.append(args)
+        raise StopIteration
+
+    monkeypatch.setattr(runner, "cli", stop)
+    four_k = Setting("resnet20", "cimq", adc_bits=3, iters=800, calibration_size=4000)
+    for setting, extra in ((four_k, ()), (four_k, ("--data.init_args.calibration_size", "32")),
+                           (Setting("resnet20", "cimq", adc_bits=3, iters=800), ())):
+        with pytest.raises(StopIteration):
+            runner.measure(setting, tmp_path, extra_args=extra)
+    own, shrunk, plain = seen
+    assert four_k.key.endswith("-iters800-calibration_size4000")
+    assert own[own.index("--data.init_args.calibration_size") + 1] == "4000"
+    assert shrunk[len(shrunk) - 1 - shrunk[::-1].index("--data.init_args.calibration_size") + 1] == "32"
+    assert "--data.init_args.calibration_size" not in plain
+    assert dict(accuracy_levers.grid([3], [800], ["calibration on 4,000 images"]))[
+        "calibration on 4,000 images"].calibration_size == 4000
