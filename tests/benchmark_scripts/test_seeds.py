@@ -59,9 +59,10 @@ def test_layer_search_targets_are_checked_on_each_points_mean():
     assert line["met"] == "**no**" and "mean of 3 fits" in line["measured"]
 
 
-def test_a_seeded_fit_draws_other_calibration_images_and_ptq_steps(monkeypatch, tmp_path):
-    """`measure` hands the seed to the datamodule (which keys the calibration subset and every PTQ step's draws)
-    and to ``seed_everything``; the config's seed adds nothing."""
+@pytest.fixture
+def cli_args(monkeypatch, tmp_path):
+    """``cli_args(setting, extra_args=())``: the CLI arguments `runner.measure` builds for ``setting`` (the CLI is
+    stopped before it runs)."""
     import runner
 
     seen = []
@@ -71,10 +72,25 @@ def test_a_seeded_fit_draws_other_calibration_images_and_ptq_steps(monkeypatch, 
         raise StopIteration
 
     monkeypatch.setattr(runner, "cli", stop)
-    for seed in (CONFIG_SEED, 3):
+
+    def args_of(setting, extra_args=()):
         with pytest.raises(StopIteration):
-            runner.measure(seeded(Setting("resnet20", "cimq", adc_bits=8, iters=400), seed), tmp_path)
-    plain, other = seen
+            runner.measure(setting, tmp_path, extra_args=extra_args)
+        return seen[-1]
+
+    return args_of
+
+
+def last_value(args, flag):
+    """The value the CLI takes for ``flag``: the one after its last occurrence in ``args``."""
+    return args[len(args) - 1 - args[::-1].index(flag) + 1]
+
+
+def test_a_seeded_fit_draws_other_calibration_images_and_ptq_steps(cli_args):
+    """`measure` hands the seed to the datamodule (which keys the calibration subset and every PTQ step's draws)
+    and to ``seed_everything``; the config's seed adds nothing."""
+    plain, other = (cli_args(seeded(Setting("resnet20", "cimq", adc_bits=8, iters=400), seed))
+                    for seed in (CONFIG_SEED, 3))
     assert "--data.init_args.seed" not in plain and "--seed_everything" not in plain
     assert other[-4:] == ["--data.init_args.seed", "3", "--seed_everything", "3"]
 
@@ -160,27 +176,14 @@ def test_layer_search_gives_the_units_of_low_adc_layers_their_steps():
         layer_search.LowAdcSteps.parse("3=400", keep_prob=1.5)
 
 
-def test_a_setting_with_its_own_calibration_size_hands_it_to_the_datamodule(monkeypatch, tmp_path):
+def test_a_setting_with_its_own_calibration_size_hands_it_to_the_datamodule(cli_args):
     """`Setting.calibration_size` reaches the CLI as ``data.calibration_size`` and names the row; the smoke runs'
     shrink (``extra_args``, after it) still wins; unset, the model config's 1,024 stays."""
-    import runner
-
-    seen = []
-
-    def stop(args):
-        seen.append(args)
-        raise StopIteration
-
-    monkeypatch.setattr(runner, "cli", stop)
+    flag = "--data.init_args.calibration_size"
     four_k = Setting("resnet20", "cimq", adc_bits=3, iters=800, calibration_size=4000)
-    for setting, extra in ((four_k, ()), (four_k, ("--data.init_args.calibration_size", "32")),
-                           (Setting("resnet20", "cimq", adc_bits=3, iters=800), ())):
-        with pytest.raises(StopIteration):
-            runner.measure(setting, tmp_path, extra_args=extra)
-    own, shrunk, plain = seen
     assert four_k.key.endswith("-iters800-calibration_size4000")
-    assert own[own.index("--data.init_args.calibration_size") + 1] == "4000"
-    assert shrunk[len(shrunk) - 1 - shrunk[::-1].index("--data.init_args.calibration_size") + 1] == "32"
-    assert "--data.init_args.calibration_size" not in plain
+    assert last_value(cli_args(four_k), flag) == "4000"
+    assert last_value(cli_args(four_k, (flag, "32")), flag) == "32"
+    assert flag not in cli_args(Setting("resnet20", "cimq", adc_bits=3, iters=800))
     assert dict(accuracy_levers.grid([3], [800], ["calibration on 4,000 images"]))[
         "calibration on 4,000 images"].calibration_size == 4000
