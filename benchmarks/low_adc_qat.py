@@ -49,11 +49,12 @@ class QuantizerOnlyDistillation(DistillationObjective):
         temperature: as `DistillationObjective`.
         lr_step: Adam's learning rate of the input steps.
         lr_clip: Adam's learning rate of the ADC clips (theta).
+        lr_scale: multiplies both rates (``--quantizer-lr-scale``; 1.0: PTQ's own rates).
     """
 
-    def __init__(self, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2):
+    def __init__(self, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2, lr_scale: float = 1.0):
         super().__init__(temperature=temperature)
-        self.lr_step, self.lr_clip = lr_step, lr_clip
+        self.lr_step, self.lr_clip = lr_step * lr_scale, lr_clip * lr_scale
 
     def configure_optimizers(self, module):
         from cimq_pl.objectives import quantizer_parameters
@@ -142,7 +143,9 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
     if args.objective != "task":
         config["model"]["objective"] = {"class_path": OBJECTIVES[args.objective],
                                         "init_args": {"temperature": args.temperature}}
-    if args.quantizer_lr_scale is not None:
+    if args.quantizer_lr_scale is not None and args.objective == "distill-quantizers":
+        config["model"]["objective"]["init_args"]["lr_scale"] = args.quantizer_lr_scale
+    elif args.quantizer_lr_scale is not None:
         objective = config["model"].setdefault("objective", {"class_path": "cimq_pl.objectives.TaskObjective"})
         objective.setdefault("init_args", {})["quantizer_lr_scale"] = args.quantizer_lr_scale
     config["trainer"]["max_epochs"] = -1
@@ -214,16 +217,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="distillation temperature (1.0; with the distill objectives only)")
     parser.add_argument("--quantizer-lr-scale", type=float, default=None,
                         help="learning-rate multiplier of the quantizer parameters (step sizes, ADC clips; default: "
-                             "the objective's, 1.0)")
+                             "the objective's, 1.0; with distill-quantizers it scales the PTQ preset's rates)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
     args = parser.parse_args(argv)
     if args.temperature is not None and args.objective == "task":
         parser.error(f"--temperature={args.temperature:g} needs --objective distill or distill-quantizers (the task "
                      "loss has no temperature)")
-    if args.quantizer_lr_scale is not None and args.objective == "distill-quantizers":
-        parser.error("--quantizer-lr-scale does not apply to --objective distill-quantizers (its quantizer parameters "
-                     "learn at the PTQ preset's rates)")
+    if args.quantizer_lr_scale is not None and args.quantizer_lr_scale <= 0:
+        parser.error(f"--quantizer-lr-scale={args.quantizer_lr_scale:g}: must be > 0")
     if args.temperature is None:
         args.temperature = 1.0
     quick = args.quick or args.smoke

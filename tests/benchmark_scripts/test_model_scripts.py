@@ -72,8 +72,8 @@ def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(o
             "distill-quantizers"]
     with pytest.raises(SystemExit):  # a temperature without distillation is refused, not ignored
         low_adc_qat.main([*args[:-2], "--temperature", "2"])
-    with pytest.raises(SystemExit):  # so is a quantizer rate the quantizer-only recipe would not use
-        low_adc_qat.main([*args, "--quantizer-lr-scale", "0.1"])
+    with pytest.raises(SystemExit):  # so is a quantizer rate that would not learn
+        low_adc_qat.main([*args, "--quantizer-lr-scale", "0"])
     row = low_adc_qat.main(args)[0]
     assert (int(row["adc_bits"]), int(row["steps"]), row["train"]) == (3, 2, "lossless")
     assert row["objective"] == "distill T=1, quantizers only"
@@ -106,6 +106,9 @@ def test_quantizer_only_distillation_trains_the_input_steps_and_adc_clips_alone(
     assert [id(p) for p in groups[1]["params"]] == [id(p) for p in clips]
     learning = {id(p) for p in model.parameters() if p.requires_grad}
     assert learning == {id(p) for p in steps + clips}  # weights, biases and weight steps frozen
+    slower = low_adc_qat.QuantizerOnlyDistillation(lr_scale=0.1).configure_optimizers(
+        types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None))
+    assert [g["lr"] for g in slower["optimizer"].param_groups] == pytest.approx([4e-5, 1e-3])  # --quantizer-lr-scale
 
 
 def test_step_rate_pair_smoke(out, smoke_args):
