@@ -23,14 +23,14 @@ import torch
 import yaml
 
 from cimq_pl.objectives import DistillationObjective
-from runner import (JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, datamodule_on, derived_config,
+from runner import (CONFIG_SEED, JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, datamodule_on, derived_config,
                     machine, markdown_table, prepare)
 
 FP_ACCURACY = 0.915  # ResNet-20 on the 1,000 cifar10_lossless test images (README "Models")
 TARGET_DROP = {3: 1.5, 2: 5.0}  # points below FP the issue allows at each ADC resolution
 QAT_MINUTES = 30
 TRAIN_ROOTS = {"lossless": LOSSLESS, "jpeg": JPEG}
-COLUMNS = ("key", "adc_bits", "ptq_iters", "train", "objective", "lr", "quantizer_lr_scale", "steps", "batch", "simulation",
+COLUMNS = ("key", "adc_bits", "ptq_iters", "calibration_size", "seed", "train", "objective", "lr", "quantizer_lr_scale", "steps", "batch", "simulation",
            "sparsity_weight", "ptq/acc", "qat/acc",
            "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds")
 OBJECTIVES = {"distill": "cimq_pl.objectives.DistillationObjective",
@@ -115,9 +115,25 @@ class _StepClock:
         return round((times[-1] - times[1]) / (len(times) - 2), 3) if len(times) > 2 else None
 
 
-def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str]) -> tuple[Path, float, float]:
-    """The CIMQ PTQ preset at ``adc_bits``: its checkpoint (reused when there), fit seconds and test accuracy."""
-    checkpoint = work_dir / f"ptq-adc{adc_bits}-iters{iters}.ckpt"
+def ptq_variant(args) -> str:
+    """What sets the PTQ fit apart beside its ADC bits and steps: ``-calibration<N>`` and ``-seed<S>`` where not the
+    model config's (1,024 images, seed 0); part of the checkpoint's name and the CSV's row key."""
+    return ("" if args.calibration_size is None else f"-calibration{args.calibration_size}") + (
+        "" if args.seed == CONFIG_SEED else f"-seed{args.seed}")
+
+
+def data_args(args) -> list[str]:
+    """The CLI arguments of ``--calibration-size`` and ``--seed`` (data seed and ``seed_everything``, as the suite's
+    `runner.Setting.seed`), for the PTQ fit and the QAT run alike."""
+    calibration = [] if args.calibration_size is None else ["--data.init_args.calibration_size", str(args.calibration_size)]
+    seed = [] if args.seed == CONFIG_SEED else ["--data.init_args.seed", str(args.seed), "--seed_everything", str(args.seed)]
+    return calibration + seed
+
+
+def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: str = "") -> tuple[Path, float, float]:
+    """The CIMQ PTQ preset at ``adc_bits``: its checkpoint (reused when there), fit seconds and test accuracy.
+    ``variant`` (`ptq_variant`) names fits with other data arguments (in ``extra``)."""
+    checkpoint = work_dir / f"ptq-adc{adc_bits}-iters{iters}{variant}.ckpt"
     record = checkpoint.with_suffix(".yaml")
     if checkpoint.is_file() and record.is_file():
         print(f"[bench] ADC {adc_bits}: reusing {checkpoint}", flush=True)
@@ -201,6 +217,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                                                              "the script; numbers are noise)")
     parser.add_argument("--adc-bits", type=int, nargs="+", default=[3, 2], help="ADC resolutions (3 2)")
     parser.add_argument("--iters", type=int, default=400, help="PTQ steps per unit (400: the CPU preset's)")
+    parser.add_argument("--calibration-size", type=int, default=None,
+                        help="train images PTQ calibrates on and reconstructs from (default: the model config's 1,024)")
+    parser.add_argument("--seed", type=int, default=CONFIG_SEED,
+                        help="data seed and seed_everything of both fits (0: the model config's): another PTQ fit")
     parser.add_argument("--train", choices=sorted(TRAIN_ROOTS), default="jpeg",
                         help="QAT's train images: jpeg (50,000, the default) or lossless (4,000)")
     parser.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate, weights and quantizers (1e-4)")
@@ -226,12 +246,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                      "loss has no temperature)")
     if args.quantizer_lr_scale is not None and args.quantizer_lr_scale <= 0:
         parser.error(f"--quantizer-lr-scale={args.quantizer_lr_scale:g}: must be > 0")
+    if args.calibration_size is not None and args.calibration_size < 1:
+        parser.error(f"--calibration-size={args.calibration_size}: must be >= 1 image")
+    if args.seed < 0:
+        parser.error(f"--seed={args.seed}: must be >= 0")
     if args.temperature is None:
         args.temperature = 1.0
     quick = args.quick or args.smoke
     args.smoke = False
     prepare(args)
-    extra = list(QUICK_ARGS) if quick else []
+    extra = data_args(args) + (list(QUICK_ARGS) if quick else [])  # the smoke's shrink last: it wins
     if quick:
         args.iters, args.steps, args.train, args.simulation = 1, 2, "lossless", "eager"  # no compilation to wait for
     work = args.work_dir / ("low_adc_qat_quick" if quick else "low_adc_qat")
@@ -245,14 +269,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     shown = []
     for bits in args.adc_bits:
-        key = f"adc{bits}-ptq{args.iters}-{args.train}-lr{args.lr:g}-steps{args.steps}-batch{args.batch}-{args.simulation}" + (
+        key = f"adc{bits}-ptq{args.iters}{ptq_variant(args)}-{args.train}-lr{args.lr:g}-steps{args.steps}-batch{args.batch}-{args.simulation}" + (
             "" if args.sparsity_weight is None else f"-sparsity{args.sparsity_weight:g}") + (
             "" if args.objective == "task" else f"-{KEY_NAMES[args.objective]}{args.temperature:g}") + (
             "" if args.quantizer_lr_scale is None else f"-qlr{args.quantizer_lr_scale:g}")
         if key not in rows:
-            checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra)
+            checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra, ptq_variant(args))
             qat_seconds, qat_accuracy, step = qat(bits, checkpoint, args, work, extra)
-            rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "train": args.train,
+            rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "calibration_size": args.calibration_size,
+                         "seed": args.seed, "train": args.train,
                          "objective": objective_name(args), "lr": args.lr,
                          "quantizer_lr_scale": "" if args.quantizer_lr_scale is None else args.quantizer_lr_scale,
                          "steps": args.steps, "batch": args.batch, "simulation": args.simulation,

@@ -129,3 +129,21 @@ def test_step_rate_pair_smoke(out, smoke_args):
     assert "max_ones: 2" in config and "max_ones: null" not in config
     with pytest.raises(SystemExit, match="has no callback 'NoSuchCallback'"):
         step_rate_pair.main([*args, "--baseline-set", "NoSuchCallback.x=1"])
+
+
+def test_low_adc_qat_names_other_ptq_fits_by_calibration_size_and_seed(out):
+    """``--calibration-size`` and ``--seed`` reach the CLI of both fits and name the PTQ checkpoint and row key, so
+    a fit with other data is never taken for the preset's; the config's own values keep the old names."""
+    import types
+
+    import low_adc_qat
+
+    preset = types.SimpleNamespace(calibration_size=None, seed=0)
+    assert low_adc_qat.ptq_variant(preset) == "" and low_adc_qat.data_args(preset) == []
+    other = types.SimpleNamespace(calibration_size=4000, seed=1)
+    assert low_adc_qat.ptq_variant(other) == "-calibration4000-seed1"
+    assert low_adc_qat.data_args(other) == ["--data.init_args.calibration_size", "4000", "--data.init_args.seed", "1",
+                                            "--seed_everything", "1"]
+    for bad in (["--calibration-size", "0"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            low_adc_qat.main(["--quick", "--out-dir", str(out), *bad])
