@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from cimq_pl.objectives import DistillationObjective
-from runner import (CONFIG_SEED, JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, datamodule_on, derived_config,
-                    machine, markdown_table, prepare)
+from runner import (CONFIG_SEED, JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, data_args, datamodule_on,
+                    derived_config, machine, markdown_table, prepare)
 
 FP_ACCURACY = 0.915  # ResNet-20 on the 1,000 cifar10_lossless test images (README "Models")
 TARGET_DROP = {3: 1.5, 2: 5.0}  # points below FP the issue allows at each ADC resolution
@@ -120,14 +120,6 @@ def ptq_variant(args) -> str:
     model config's (1,024 images, seed 0); part of the checkpoint's name and the CSV's row key."""
     return ("" if args.calibration_size is None else f"-calibration{args.calibration_size}") + (
         "" if args.seed == CONFIG_SEED else f"-seed{args.seed}")
-
-
-def data_args(args) -> list[str]:
-    """The CLI arguments of ``--calibration-size`` and ``--seed`` (data seed and ``seed_everything``, as the suite's
-    `runner.Setting.seed`), for the PTQ fit and the QAT run alike."""
-    calibration = [] if args.calibration_size is None else ["--data.init_args.calibration_size", str(args.calibration_size)]
-    seed = [] if args.seed == CONFIG_SEED else ["--data.init_args.seed", str(args.seed), "--seed_everything", str(args.seed)]
-    return calibration + seed
 
 
 def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: str = "") -> tuple[Path, float, float]:
@@ -255,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     quick = args.quick or args.smoke
     args.smoke = False
     prepare(args)
-    extra = data_args(args) + (list(QUICK_ARGS) if quick else [])  # the smoke's shrink last: it wins
+    extra = data_args(args.calibration_size, args.seed) + (list(QUICK_ARGS) if quick else [])  # the smoke's shrink last
     if quick:
         args.iters, args.steps, args.train, args.simulation = 1, 2, "lossless", "eager"  # no compilation to wait for
     work = args.work_dir / ("low_adc_qat_quick" if quick else "low_adc_qat")

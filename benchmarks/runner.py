@@ -189,6 +189,15 @@ class Setting:
         return {name: ("" if value is None else value) for name, value in asdict(self).items()}
 
 
+def data_args(calibration_size: Optional[int], seed: Optional[int]) -> list[str]:
+    """The CLI arguments of a calibration subset size (train images) and a fit seed (the datamodule's ``seed`` and
+    ``seed_everything``); none for the model configs' own (``None``; seed ``None`` or `CONFIG_SEED`)."""
+    args = [] if calibration_size is None else ["--data.init_args.calibration_size", str(calibration_size)]
+    if seed not in (None, CONFIG_SEED):
+        args += ["--data.init_args.seed", str(seed), "--seed_everything", str(seed)]
+    return args
+
+
 def seeded(setting: Setting, seed: int) -> Setting:
     """``setting`` fitted with data seed and ``seed_everything`` ``seed`` (the configs' seed stays unset in the key)."""
     return replace(setting, seed=None if seed == CONFIG_SEED else seed)
@@ -346,11 +355,8 @@ def measure(setting: Setting, work_dir: Path, jpeg: bool = False, extra_args: Se
         config_path = str(derived)
     args += ["--data.init_args.root", str(LOSSLESS), "--trainer.logger.init_args.save_dir", str(work_dir),
              "--trainer.enable_progress_bar", "false"]
-    if setting.calibration_size is not None:
-        args += ["--data.init_args.calibration_size", str(setting.calibration_size)]
+    args += data_args(setting.calibration_size, setting.seed)
     args += list(extra_args)  # after the setting's own data arguments: the smoke runs' shrink wins
-    if setting.seed is not None:
-        args += ["--data.init_args.seed", str(setting.seed), "--seed_everything", str(setting.seed)]
     built = cli(args)
     trainer, module, datamodule = built.trainer, built.model, built.datamodule
     trainer.callbacks.extend(callbacks)

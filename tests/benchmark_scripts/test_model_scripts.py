@@ -139,10 +139,10 @@ def test_low_adc_qat_names_other_ptq_fits_by_calibration_size_and_seed(out):
     import low_adc_qat
 
     preset = types.SimpleNamespace(calibration_size=None, seed=0)
-    assert low_adc_qat.ptq_variant(preset) == "" and low_adc_qat.data_args(preset) == []
+    assert low_adc_qat.ptq_variant(preset) == "" and low_adc_qat.data_args(None, 0) == []  # runner.data_args
     other = types.SimpleNamespace(calibration_size=4000, seed=1)
     assert low_adc_qat.ptq_variant(other) == "-calibration4000-seed1"
-    assert low_adc_qat.data_args(other) == ["--data.init_args.calibration_size", "4000", "--data.init_args.seed", "1",
+    assert low_adc_qat.data_args(4000, 1) == ["--data.init_args.calibration_size", "4000", "--data.init_args.seed", "1",
                                             "--seed_everything", "1"]
     for bad in (["--calibration-size", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
