@@ -34,8 +34,10 @@ COLUMNS = ("key", "adc_bits", "ptq_iters", "calibration_size", "seed", "train", 
            "sparsity_weight", "ptq/acc", "qat/acc",
            "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds")
 OBJECTIVES = {"distill": "cimq_pl.objectives.DistillationObjective",
-              "distill-quantizers": "low_adc_qat.QuantizerOnlyDistillation"}
-KEY_NAMES = {"distill": "distill", "distill-quantizers": "distillq"}  # in the CSV's row keys
+              "distill-quantizers": "low_adc_qat.QuantizerOnlyDistillation",
+              "distill-joint": "low_adc_qat.JointDistillation"}
+KEY_NAMES = {"distill": "distill", "distill-quantizers": "distillq", "distill-joint": "distillj"}
+PTQ_RATE_OBJECTIVES = ("distill-quantizers", "distill-joint")  # quantizers at the PTQ preset's rates (lr_scale)  # in the CSV's row keys
 QUICK_ARGS = ["--data.init_args.calibration_size", "32", "--data.init_args.num_workers", "0",
               "--data.init_args.eval_batch_size", "50", "--trainer.limit_test_batches", "2"]
 
@@ -52,6 +54,8 @@ class QuantizerOnlyDistillation(DistillationObjective):
         lr_scale: multiplies both rates (``--quantizer-lr-scale``; 1.0: PTQ's own rates).
     """
 
+    weight_lr = 0.0  # Adam's rate of everything else (weights, biases, weight steps); 0: frozen
+
     def __init__(self, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2, lr_scale: float = 1.0):
         super().__init__(temperature=temperature)
         self.lr_step, self.lr_clip = lr_step * lr_scale, lr_clip * lr_scale
@@ -62,12 +66,39 @@ class QuantizerOnlyDistillation(DistillationObjective):
 
         learned = quantizer_parameters(module.model)
         kept = {id(p) for p in learned["step"] + learned["clip"]}
-        for parameter in module.parameters():
-            if id(parameter) not in kept:
+        rest = [p for p in module.parameters() if id(p) not in kept and p.requires_grad]
+        groups = [{"params": learned["step"], "lr": self.lr_step}, {"params": learned["clip"], "lr": self.lr_clip}]
+        if self.weight_lr > 0:
+            groups.append({"params": rest, "lr": self.weight_lr})
+        else:
+            for parameter in rest:
                 parameter.requires_grad_(False)
-        optimizer = torch.optim.Adam([{"params": learned["step"], "lr": self.lr_step},
-                                      {"params": learned["clip"], "lr": self.lr_clip}])
-        return cosine_over_fit(optimizer, module.trainer)
+        return cosine_over_fit(torch.optim.Adam(groups), module.trainer)
+
+
+class JointDistillation(QuantizerOnlyDistillation):
+    """`QuantizerOnlyDistillation` with the weights learning too: the input steps and ADC clips at the PTQ preset's
+    rates, the weights, biases and weight steps with Adam at ``weight_lr`` (``--lr``), all cosine-decayed over the fit.
+    At a 2-bit ADC the weights PTQ left may not be the ones the coarse partial sums want; a small Adam rate moves a
+    4-bit weight code (step about 0.04) only after thousands of steps, so the network stays near its PTQ point.
+
+    Args:
+        weight_lr: Adam's learning rate of the weights, biases and weight steps (> 0).
+        temperature, lr_step, lr_clip, lr_scale: as `QuantizerOnlyDistillation`.
+
+    Raises:
+        ConfigError: weight_lr <= 0.
+    """
+
+    def __init__(self, weight_lr: float = 1e-5, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2,
+                 lr_scale: float = 1.0):
+        from cimq_pl.errors import ConfigError
+
+        if isinstance(weight_lr, bool) or not weight_lr > 0:
+            raise ConfigError(f"JointDistillation.weight_lr={weight_lr!r} is invalid: expected > 0 (0 is "
+                              "QuantizerOnlyDistillation)")
+        super().__init__(temperature=temperature, lr_step=lr_step, lr_clip=lr_clip, lr_scale=lr_scale)
+        self.weight_lr = weight_lr
 
 
 def _config(row: str, adc_bits: int, iters: Optional[int]) -> dict:
@@ -151,7 +182,9 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
     if args.objective != "task":
         config["model"]["objective"] = {"class_path": OBJECTIVES[args.objective],
                                         "init_args": {"temperature": args.temperature}}
-    if args.quantizer_lr_scale is not None and args.objective == "distill-quantizers":
+    if args.objective == "distill-joint":
+        config["model"]["objective"]["init_args"]["weight_lr"] = args.lr
+    if args.quantizer_lr_scale is not None and args.objective in PTQ_RATE_OBJECTIVES:
         config["model"]["objective"]["init_args"]["lr_scale"] = args.quantizer_lr_scale
     elif args.quantizer_lr_scale is not None:
         objective = config["model"].setdefault("objective", {"class_path": "cimq_pl.objectives.TaskObjective"})
@@ -181,7 +214,8 @@ def objective_name(args) -> str:
     """The QAT loss as the table shows it: ``task`` (cross-entropy) or ``distill T=<temperature>`` (and what learns)."""
     if args.objective == "task":
         return "task"
-    return f"distill T={args.temperature:g}" + (", quantizers only" if args.objective == "distill-quantizers" else "")
+    learned = {"distill-quantizers": ", quantizers only", "distill-joint": ", quantizers at PTQ rates + weights"}
+    return f"distill T={args.temperature:g}" + learned.get(args.objective, "")
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -215,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="data seed and seed_everything of both fits (0: the model config's): another PTQ fit")
     parser.add_argument("--train", choices=sorted(TRAIN_ROOTS), default="jpeg",
                         help="QAT's train images: jpeg (50,000, the default) or lossless (4,000)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate, weights and quantizers (1e-4)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate, weights and quantizers (1e-4); with distill-joint the weights' Adam rate")
     parser.add_argument("--steps", type=int, default=300, help="QAT optimizer steps (300)")
     parser.add_argument("--batch", type=int, default=128, help="QAT images per step (128)")
     parser.add_argument("--sparsity-weight", type=float, default=None,
@@ -224,12 +258,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="QAT loss: task (cross-entropy, cimq_qat.yaml's), distill (KL to the float network's "
                              "logits, DistillationObjective) or distill-quantizers (the same loss, only the input steps "
                              "and ADC clips learn, with Adam at the PTQ preset's rates: QuantizerOnlyDistillation; "
-                             "--lr is then unused)")
+                             "--lr is then unused) or distill-joint (those quantizer rates, and the weights, biases and "
+                             "weight steps with Adam at --lr: JointDistillation)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="distillation temperature (1.0; with the distill objectives only)")
     parser.add_argument("--quantizer-lr-scale", type=float, default=None,
                         help="learning-rate multiplier of the quantizer parameters (step sizes, ADC clips; default: "
-                             "the objective's, 1.0; with distill-quantizers it scales the PTQ preset's rates)")
+                             "the objective's, 1.0; with distill-quantizers and distill-joint it scales the PTQ preset's rates)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
     args = parser.parse_args(argv)

@@ -111,6 +111,34 @@ def test_quantizer_only_distillation_trains_the_input_steps_and_adc_clips_alone(
     assert [g["lr"] for g in slower["optimizer"].param_groups] == pytest.approx([4e-5, 1e-3])  # --quantizer-lr-scale
 
 
+def test_joint_distillation_adds_the_weights_at_their_own_rate():
+    """`low_adc_qat.JointDistillation`: the input steps and ADC clips at the PTQ preset's rates, and every other
+    learnable parameter (weights, biases, weight steps) in a third Adam group at ``weight_lr``; 0 is refused."""
+    import types
+
+    import low_adc_qat
+    from torch import nn
+
+    from cimq_pl.errors import ConfigError
+    from cimq_pl.quant import CIMSpec, QuantizerOptions, convert_to_cim, iter_quantizers
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
+    before = {id(p) for p in model.parameters() if p.requires_grad}
+    config = low_adc_qat.JointDistillation(weight_lr=3e-5, lr_scale=2.0).configure_optimizers(
+        types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None))
+    groups = config["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([8e-4, 2e-2, 3e-5])
+    quantizers = {id(q.step) for _, role, q in iter_quantizers(model) if role == "input"} | {
+        id(q.theta) for _, role, q in iter_quantizers(model) if role == "psum"}
+    weights = {id(p) for p in groups[2]["params"]}
+    assert weights == before - quantizers and len(weights) >= 4  # two convs' weights and biases at least
+    assert {id(m.weight) for m in model if hasattr(m, "weight")} <= weights
+    assert {id(p) for p in model.parameters() if p.requires_grad} == before  # nothing frozen
+    with pytest.raises(ConfigError, match=r"weight_lr=0 is invalid: expected > 0"):
+        low_adc_qat.JointDistillation(weight_lr=0)
+
+
 def test_step_rate_pair_smoke(out, smoke_args):
     """Both sides fit in processes of their own (the baseline from a worktree of the commit, its preset's input
     codes set as asked), the ratio is the one of the medians; a setting the baseline preset lacks is refused."""
