@@ -1,0 +1,46 @@
+"""The low-ADC overlay (``configs/quant/low_adc.yaml``) is the fit its measured numbers come from."""
+
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from runner import MODEL_CONFIGS, Setting, data_args, derived_config  # noqa: E402
+
+LOW_ADC = REPO / "configs/quant/low_adc.yaml"
+
+
+def _parsed(monkeypatch, *args: str):
+    """The project's CLI on ``args`` from the repo root, parsed and built but not run, without a logger."""
+    from cimq_pl.cli import CIMQCLI
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cimq_pl"])
+    return CIMQCLI(args=[*args, "--trainer.logger", "false"], run=False)
+
+
+def test_the_overlay_on_the_preset_is_the_levers_calibration_on_4000_images_at_800_steps(tmp_path, monkeypatch):
+    overlay = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", "configs/quant/cimq_ptq.yaml",
+                      "--config", str(LOW_ADC))
+    measured = Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=3, iters=800, calibration_size=4000)
+    derived = tmp_path / "levers.yaml"
+    derived.write_text(yaml.safe_dump(derived_config(measured), sort_keys=False))
+    levers = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
+                     *data_args(measured.calibration_size, measured.seed))
+    assert overlay.config.model == levers.config.model
+    assert overlay.config.data == levers.config.data
+    assert overlay.config.trainer.callbacks == levers.config.trainer.callbacks
+    assert (overlay.model.cim.adc_bits, overlay.model.objective.iters_per_block,
+            overlay.datamodule.calibration_size) == (3, 800, 4000)
+
+
+def test_the_overlay_sets_only_adc_bits_steps_and_calibration_images():
+    assert yaml.safe_load(LOW_ADC.read_text()) == {
+        "model": {"cim": {"adc_bits": 3}, "objective": {"init_args": {"iters_per_block": 800}}},
+        "data": {"init_args": {"calibration_size": 4000}},
+    }
