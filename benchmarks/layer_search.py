@@ -14,6 +14,8 @@
    assignment fits (``BlockReconstruction(unit_iters=...)``), the others the preset's.
    ``--layers conv1,layer*`` lets the searches change the `int8` first conv's ideal ADC too (a uniform budget leaves
    it as configured, as uniform ADC 5 does).
+   ``--calibration-size 4000`` fits every point (uniform, searched, given) on all 4,000 lossless train images
+   instead of the config's 1,024 (`configs/quant/low_adc.yaml`'s calibration); its rows and points are kept apart.
 3. A table with the issue's targets (at the energy of uniform ADC 4: >= 2 points more accuracy than it; at the
    accuracy of uniform ADC 5: >= 20% less energy; both the loss-budget and the 80%-energy searches are checked
    against it), ``layer_search.csv`` and ``layer_search.png`` (accuracy against
@@ -61,7 +63,7 @@ BUDGETS = {"energy": Budget("energy_budget", 4), "accuracy": Budget("loss_budget
            "saving": Budget("energy_budget", 5, scaled=True)}
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
           "saving": "searched at 80% of uniform ADC 5's energy"}
-COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "search_images", *METRICS, "fit_seconds", "test_seconds",
+COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "calibration_size", "search_images", *METRICS, "fit_seconds", "test_seconds",
            "search_seconds", "predicted_energy_uj", "assignment", "unit_iters", "config")
 QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
@@ -114,14 +116,22 @@ def _glob_name(pattern: str) -> str:
     return pattern.replace("*", "all").replace("?", "any")
 
 
-def searched_key(kind: str, iters: int, images: int, options: SearchOptions = SearchOptions()) -> str:
-    """Row key of a searched assignment; it names the CIMQ preset's version (`runner.ROW_KEY_NAMES`), as the uniform
-    rows' keys do, so that a changed preset measures again."""
-    return f"searched-{kind}-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-images{images}{options.suffix(kind)}"
+def _fit_name(iters: int, calibration_size: Optional[int]) -> str:
+    """The key piece of the fits' budget: the preset's version (`runner.ROW_KEY_NAMES`, so that a changed preset
+    measures again), its steps per unit and, where not the model config's 1,024, its calibration images."""
+    images = "" if calibration_size is None else f"-calibration{calibration_size}"
+    return f"{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}{images}"
 
 
-def _uniform(adc: int, iters: int, seed: int = CONFIG_SEED) -> Setting:
-    return seeded(Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters), seed)
+def searched_key(kind: str, iters: int, images: int, options: SearchOptions = SearchOptions(),
+                 calibration_size: Optional[int] = None) -> str:
+    """Row key of a searched assignment (its fits' budget as `_fit_name`, as the uniform rows' keys name theirs)."""
+    return f"searched-{kind}-{_fit_name(iters, calibration_size)}-images{images}{options.suffix(kind)}"
+
+
+def _uniform(adc: int, iters: int, seed: int = CONFIG_SEED, calibration_size: Optional[int] = None) -> Setting:
+    return seeded(Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=adc, iters=iters,
+                          calibration_size=calibration_size), seed)
 
 
 def _seed_suffix(seed: int) -> str:
@@ -225,10 +235,10 @@ def given_assignment(text: str) -> str:
     return " ".join(pairs)
 
 
-def given_key(assignment: str, iters: int) -> str:
-    """Row key of an assignment given by hand (`given_assignment`'s pairs), on the preset's version as `searched_key`."""
+def given_key(assignment: str, iters: int, calibration_size: Optional[int] = None) -> str:
+    """Row key of an assignment given by hand (`given_assignment`'s pairs), its fits' budget named as `searched_key`."""
     slug = re.sub(r"[^A-Za-z0-9.:_-]", "", _glob_name(assignment).replace(" ", "_").replace("/", "-in"))
-    return f"given-{ROW_KEY_NAMES.get('cimq', 'cimq')}-iters{iters}-{slug}"
+    return f"given-{_fit_name(iters, calibration_size)}-{slug}"
 
 
 def stored_overrides(assignment: str, path: Path) -> Path:
@@ -308,10 +318,11 @@ def _stored(path: Path) -> dict:
 
 def fit_assignment(rows: dict, path: Path, key: str, point: str, overrides: Path, assignment: str, iters: int,
                    seeds: list[int], work_dir: Path, extra: list[str], low_adc: Optional[LowAdcSteps] = None,
-                   **fields) -> None:
+                   calibration_size: Optional[int] = None, **fields) -> None:
     """Fit the CIMQ preset (ADC 4) with the per-layer ``overrides`` once per seed not yet in ``rows`` (row
     ``key`` plus the seed's suffix, labelled ``point``, with ``fields`` such as the search's columns), writing the
-    CSV at ``path`` after each fit. With ``low_adc``, the units of its low-ADC layers get its steps."""
+    CSV at ``path`` after each fit. With ``low_adc``, the units of its low-ADC layers get its steps; with
+    ``calibration_size``, the fits calibrate on (and reconstruct from) that many train images."""
     if low_adc is not None:
         unit_iters = low_adc.unit_iters(assignment)
         key, point = key + low_adc.suffix(), point + low_adc.label()
@@ -321,7 +332,8 @@ def fit_assignment(rows: dict, path: Path, key: str, point: str, overrides: Path
         if key + _seed_suffix(seed) in rows:
             continue
         print(f"[bench] {point}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
-        measured = measure(_uniform(4, iters, seed), work_dir, extra_args=[*extra, "--config", str(overrides)])
+        measured = measure(_uniform(4, iters, seed, calibration_size), work_dir,
+                           extra_args=[*extra, "--config", str(overrides)])
         rows[key + _seed_suffix(seed)] = {
             **{k: measured.get(k, "") for k in COLUMNS}, "key": key + _seed_suffix(seed), "point": point,
             "adc_bits": "per layer", "iters": iters, "seed": seed, **fields, "assignment": assignment,
@@ -340,9 +352,9 @@ def _float(row: Optional[dict], key: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
 
-def _searched_rows(rows: dict, kind: str, iters: int, images: int) -> list[dict]:
+def _searched_rows(rows: dict, kind: str, iters: int, images: int, calibration_size: Optional[int] = None) -> list[dict]:
     """Every measured search at budget ``kind`` on this preset and budget (any metric, candidates, saving or seed)."""
-    prefix = searched_key(kind, iters, images)
+    prefix = searched_key(kind, iters, images, calibration_size=calibration_size)
     return [row for key, row in rows.items() if key == prefix or key.startswith(prefix + "-")]
 
 
@@ -360,12 +372,13 @@ def _fits(point: dict) -> str:
     return "" if point["fits"] == 1 else f" (mean of {point['fits']} fits, {point['range']})"
 
 
-def targets(rows: dict, iters: int, images: int) -> list[dict]:
-    """The issue's two targets against every measured search (one line each), on the mean over each point's fits."""
+def targets(rows: dict, iters: int, images: int, calibration_size: Optional[int] = None) -> list[dict]:
+    """The issue's two targets against every measured search (one line each), on the mean over each point's fits;
+    uniform and searched points of the same fit budget (``iters``, ``calibration_size``)."""
     means = point_means(rows)
-    uniform = {adc: means.get(_uniform(adc, iters).key) for adc in UNIFORM_ADC}
-    searched = {kind: [means[key] for key in dict.fromkeys(_point_key(row["key"])
-                                                          for row in _searched_rows(rows, kind, iters, images))
+    uniform = {adc: means.get(_uniform(adc, iters, calibration_size=calibration_size).key) for adc in UNIFORM_ADC}
+    searched = {kind: [means[key] for key in dict.fromkeys(
+                           _point_key(row["key"]) for row in _searched_rows(rows, kind, iters, images, calibration_size))
                        if key in means] for kind in BUDGETS}
     lines = []
     if uniform[4] is not None:
@@ -466,7 +479,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--low-adc-keep", type=float, default=None, metavar="P",
                         help="with --low-adc-steps: those units' QDrop keep probability (unit_keep_prob), e.g. 0.75 "
                              "against the preset's 0.5 (none)")
+    parser.add_argument("--calibration-size", type=int, default=None, metavar="IMAGES",
+                        help="train images every fit (uniform, searched and given points) calibrates on and draws its "
+                             "reconstruction batches from (data.calibration_size; default the model config's 1,024), "
+                             "e.g. 4000: every lossless train image, as configs/quant/low_adc.yaml; the searches "
+                             "themselves keep --images; rows and points get the suffix")
     args = parser.parse_args(argv)
+    if args.calibration_size is not None and args.calibration_size <= 0:
+        parser.error(f"--calibration-size={args.calibration_size}: expected a number of train images > 0")
+    calibration = args.calibration_size
     try:
         given = [given_assignment(text) for text in args.assignments]
         for name, value in (("--low-adc-lr-step", args.low_adc_lr_step), ("--low-adc-keep", args.low_adc_keep)):
@@ -505,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         **ResultStore(args.out_dir / "accuracy_levers.csv").rows}
     for adc in adc_points:
         for seed in args.seeds:
-            setting = _uniform(adc, iters, seed)
+            setting = _uniform(adc, iters, seed, calibration)
             if setting.key in rows:
                 continue
             reused = next((key for key in setting.equivalent_keys if key in reuse), None)
@@ -516,10 +537,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 print(f"[bench] uniform ADC {adc}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
                 found = measure(setting, args.work_dir, extra_args=extra)
             rows[setting.key] = {**{k: found.get(k, "") for k in COLUMNS}, "key": setting.key, "point": "uniform",
-                                 "adc_bits": adc, "iters": iters, "seed": seed, "config": found.get("config", "")}
+                                 "adc_bits": adc, "iters": iters, "seed": seed, "calibration_size": calibration or "",
+                                 "config": found.get("config", "")}
             _write(path, rows)
     for kind in kinds:
-        key = searched_key(kind, iters, images, options)
+        key = searched_key(kind, iters, images, options, calibration)
         fitted = key + (low_adc.suffix() if low_adc else "")
         if all(fitted + _seed_suffix(seed) in rows for seed in args.seeds):
             continue
@@ -542,23 +564,25 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             found = run_search(kind, iters, images, args.work_dir, extra, options, init_from)
             print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
         fit_assignment(rows, path, key, point, found["overrides"], found["assignment"], iters, args.seeds,
-                       args.work_dir, extra, low_adc, search_images=images, search_seconds=found["seconds"],
+                       args.work_dir, extra, low_adc, calibration, search_images=images, search_seconds=found["seconds"],
                        predicted_energy_uj=found["predicted_energy_uj"])
     for assignment in given:
-        key = given_key(assignment, iters)
+        key = given_key(assignment, iters, calibration)
         fit_assignment(rows, path, key, f"given: {assignment} (others ADC 4)",
                        stored_overrides(assignment, args.work_dir / f"{key}.yaml"), assignment, iters, args.seeds,
-                       args.work_dir, extra, low_adc)
-    uniform_keys = {_uniform(adc, iters).key for adc in adc_points}
-    given_keys = {given_key(assignment, iters) + (low_adc.suffix() if low_adc else "") for assignment in given}
+                       args.work_dir, extra, low_adc, calibration)
+    uniform_keys = {_uniform(adc, iters, calibration_size=calibration).key for adc in adc_points}
+    given_keys = {given_key(assignment, iters, calibration) + (low_adc.suffix() if low_adc else "")
+                  for assignment in given}
     shown = [r for key, r in rows.items() if _point_key(key) in uniform_keys] + [
-        row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images)] + [
+        row for kind in BUDGETS for row in _searched_rows(rows, kind, iters, images, calibration)] + [
         row for key, row in rows.items() if _point_key(key) in given_keys]
     columns = ["point", "adc_bits", "seed", "test/acc", "test/energy_per_image_uj", "test/hw_efficiency_vs_baseline",
                "test/bit_density", "fit_seconds", "search_seconds"]
     headers = ["setting", "ADC bits", "seed", "test/acc", "uJ/image", "efficiency vs baseline", "bit density", "fit s",
                "search s"]
-    print(f"\n**ResNet-20 W4A4, 128x128, CIMQ PTQ ({iters} steps per unit)**: uniform ADC vs per-layer search "
+    fits = f"{iters} steps per unit" + ("" if calibration is None else f", {calibration} calibration images")
+    print(f"\n**ResNet-20 W4A4, 128x128, CIMQ PTQ ({fits})**: uniform ADC vs per-layer search "
           f"({images} calibration images); {machine()}\n")
     print(markdown_table(shown, columns, headers))
     means = [point for key, point in point_means({row["key"]: row for row in shown}).items() if point["fits"] > 1]
@@ -571,7 +595,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                               for point in means],
                              ["point", "fits", "test/acc", "std", "range", "test/energy_per_image_uj"],
                              ["setting", "fits", "mean test/acc", "std", "range", "mean uJ/image"]))
-    lines = targets(rows, iters, images)
+    lines = targets(rows, iters, images, calibration)
     if lines:
         print("\n" + markdown_table(lines, ["target", "measured", "met"]))
     for row in shown:

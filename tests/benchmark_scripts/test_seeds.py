@@ -59,6 +59,30 @@ def test_layer_search_targets_are_checked_on_each_points_mean():
     assert line["met"] == "**no**" and "mean of 3 fits" in line["measured"]
 
 
+
+def test_layer_search_calibration_size_keeps_its_fits_apart_from_the_configs():
+    """``--calibration-size 4000``: its uniform, searched and given points have keys of their own, and the targets
+    compare a search with the uniform points of the same calibration only."""
+    cal = layer_search._uniform(5, 400, calibration_size=4000)
+    assert cal.calibration_size == 4000 and cal.key == layer_search._uniform(5, 400).key + "-calibration_size4000"
+    assert layer_search.searched_key("saving", 400, 256, calibration_size=4000) == (
+        f"searched-saving-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-calibration4000-images256")
+    assert layer_search.given_key("layer1.*:3", 400, 4000) == (
+        f"given-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-calibration4000-layer1.all:3")
+
+    def row(key, accuracy, energy):
+        return key, {"key": key, "point": key, "adc_bits": "", "test/acc": accuracy, "test/energy_per_image_uj": energy}
+
+    rows = dict([row(layer_search._uniform(5, 400).key, "0.900", "1.0"), row(cal.key, "0.920", "1.0"),
+                 row(layer_search.searched_key("saving", 400, 256), "0.910", "0.75"),
+                 row(layer_search.searched_key("saving", 400, 256, calibration_size=4000), "0.915", "0.70")])
+    (default,) = layer_search.targets(rows, 400, 256)
+    (calibrated,) = layer_search.targets(rows, 400, 256, 4000)
+    assert default["met"] == "yes" and "0.910 at 0.7500 uJ vs uniform ADC 5 0.900" in default["measured"]
+    assert calibrated["met"] == "**no**" and "0.915 at 0.7000 uJ vs uniform ADC 5 0.920" in calibrated["measured"]
+    assert "30.0% less energy, -0.5 points" in calibrated["measured"]
+
+
 @pytest.fixture
 def cli_args(monkeypatch, tmp_path):
     """``cli_args(setting, extra_args=())``: the CLI arguments `runner.measure` builds for ``setting`` (the CLI is
@@ -104,6 +128,9 @@ def test_layer_search_refuses_a_budget_whose_uniform_setting_is_not_a_candidate(
     with pytest.raises(SystemExit):
         layer_search.main(["--budgets", "energy", "--candidates", "3,5"])
     assert "--budgets energy is set by uniform ADC 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        layer_search.main(["--budgets", "none", "--calibration-size", "0"])
+    assert "--calibration-size=0: expected a number of train images > 0" in capsys.readouterr().err
 
 
 def test_layer_search_budgets_give_the_search_options_they_name():
