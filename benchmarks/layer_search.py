@@ -63,8 +63,8 @@ BUDGETS = {"energy": Budget("energy_budget", 4), "accuracy": Budget("loss_budget
            "saving": Budget("energy_budget", 5, scaled=True)}
 LABELS = {"energy": "searched at the energy of uniform ADC 4", "accuracy": "searched at the loss of uniform ADC 5",
           "saving": "searched at 80% of uniform ADC 5's energy"}
-COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "calibration_size", "search_images", *METRICS, "fit_seconds", "test_seconds",
-           "search_seconds", "predicted_energy_uj", "assignment", "unit_iters", "config")
+COLUMNS = ("key", "point", "adc_bits", "iters", "seed", "calibration_size", "search_images", *METRICS, "fit_seconds",
+           "test_seconds", "search_seconds", "predicted_energy_uj", "assignment", "unit_iters", "config")
 QUICK_ARGS = SMOKE_ARGS  # tiny data; no validation inside the fits (it would read the whole test split)
 
 
@@ -352,7 +352,8 @@ def _float(row: Optional[dict], key: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
 
-def _searched_rows(rows: dict, kind: str, iters: int, images: int, calibration_size: Optional[int] = None) -> list[dict]:
+def _searched_rows(rows: dict, kind: str, iters: int, images: int,
+                   calibration_size: Optional[int] = None) -> list[dict]:
     """Every measured search at budget ``kind`` on this preset and budget (any metric, candidates, saving or seed)."""
     prefix = searched_key(kind, iters, images, calibration_size=calibration_size)
     return [row for key, row in rows.items() if key == prefix or key.startswith(prefix + "-")]
@@ -377,8 +378,8 @@ def targets(rows: dict, iters: int, images: int, calibration_size: Optional[int]
     uniform and searched points of the same fit budget (``iters``, ``calibration_size``)."""
     means = point_means(rows)
     uniform = {adc: means.get(_uniform(adc, iters, calibration_size=calibration_size).key) for adc in UNIFORM_ADC}
-    searched = {kind: [means[key] for key in dict.fromkeys(
-                           _point_key(row["key"]) for row in _searched_rows(rows, kind, iters, images, calibration_size))
+    searched = {kind: [means[key] for key in dict.fromkeys(_point_key(row["key"]) for row in _searched_rows(
+                           rows, kind, iters, images, calibration_size))
                        if key in means] for kind in BUDGETS}
     lines = []
     if uniform[4] is not None:
@@ -537,8 +538,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 print(f"[bench] uniform ADC {adc}, seed {seed}: CIMQ PTQ, {iters} steps per unit", flush=True)
                 found = measure(setting, args.work_dir, extra_args=extra)
             rows[setting.key] = {**{k: found.get(k, "") for k in COLUMNS}, "key": setting.key, "point": "uniform",
-                                 "adc_bits": adc, "iters": iters, "seed": seed, "calibration_size": calibration or "",
-                                 "config": found.get("config", "")}
+                                 "adc_bits": adc, "iters": iters, "seed": seed, "config": found.get("config", "")}
             _write(path, rows)
     for kind in kinds:
         key = searched_key(kind, iters, images, options, calibration)
@@ -564,8 +564,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             found = run_search(kind, iters, images, args.work_dir, extra, options, init_from)
             print(f"[bench]   {found['seconds']} s: {found['assignment']}", flush=True)
         fit_assignment(rows, path, key, point, found["overrides"], found["assignment"], iters, args.seeds,
-                       args.work_dir, extra, low_adc, calibration, search_images=images, search_seconds=found["seconds"],
-                       predicted_energy_uj=found["predicted_energy_uj"])
+                       args.work_dir, extra, low_adc, calibration, search_images=images,
+                       search_seconds=found["seconds"], predicted_energy_uj=found["predicted_energy_uj"])
     for assignment in given:
         key = given_key(assignment, iters, calibration)
         fit_assignment(rows, path, key, f"given: {assignment} (others ADC 4)",

@@ -59,7 +59,6 @@ def test_layer_search_targets_are_checked_on_each_points_mean():
     assert line["met"] == "**no**" and "mean of 3 fits" in line["measured"]
 
 
-
 def test_layer_search_calibration_size_keeps_its_fits_apart_from_the_configs():
     """``--calibration-size 4000``: its uniform, searched and given points have keys of their own, and the targets
     compare a search with the uniform points of the same calibration only."""
