@@ -429,6 +429,12 @@ def plot(rows: list[dict], path: Path) -> Path:
                          "ResNet-20 W4A4, 128x128: per-layer ADC search vs uniform ADC")
 
 
+def picture_name(calibration_size: Optional[int]) -> str:
+    """The plot's file name: a run whose fits calibrate on other images draws a picture of its own, so it does not
+    replace the front of the preset's runs (``layer_search.png``) with its few points."""
+    return "layer_search.png" if calibration_size is None else f"layer_search-calibration{calibration_size}.png"
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the same as --smoke: tiny data, 1 step per unit")
@@ -601,7 +607,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for row in shown:
         if row.get("assignment") and _point_key(row["key"]) == row["key"]:
             print(f"\n{row['point']}: {row['assignment']}")
-    picture = plot(shown, args.out_dir / "layer_search.png")
+    picture = plot(shown, args.out_dir / picture_name(calibration))
     print(f"\nwrote {path} and {picture}")
     return shown
 

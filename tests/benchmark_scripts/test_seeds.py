@@ -80,6 +80,9 @@ def test_layer_search_calibration_size_keeps_its_fits_apart_from_the_configs():
     assert default["met"] == "yes" and "0.910 at 0.7500 uJ vs uniform ADC 5 0.900" in default["measured"]
     assert calibrated["met"] == "**no**" and "0.915 at 0.7000 uJ vs uniform ADC 5 0.920" in calibrated["measured"]
     assert "30.0% less energy, -0.5 points" in calibrated["measured"]
+    # its plot is a file of its own: the preset's front in layer_search.png stays as it was
+    assert layer_search.picture_name(None) == "layer_search.png"
+    assert layer_search.picture_name(4000) == "layer_search-calibration4000.png"
 
 
 @pytest.fixture
