@@ -174,8 +174,9 @@ def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: st
     return checkpoint, seconds, accuracy
 
 
-def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str]) -> tuple[float, float, Optional[float]]:
-    """``cimq_qat.yaml`` at ``adc_bits`` from ``checkpoint``: fit seconds, test accuracy, seconds per step."""
+def qat_config(adc_bits: int, checkpoint: Path, args) -> dict:
+    """``cimq_qat.yaml`` at ``adc_bits``, starting from ``checkpoint``, with the command line's objective, learning
+    rates (``--lr``, ``--quantizer-lr-scale``), steps and sparsity weight."""
     config = _config("cimq_qat", adc_bits, None)
     config["model"]["lr"] = args.lr
     config["model"]["simulation"] = args.simulation
@@ -196,6 +197,12 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
             callback.setdefault("init_args", {})["init_from"] = str(checkpoint)
         if callback["class_path"].endswith("BitSparseActivations") and args.sparsity_weight is not None:
             callback.setdefault("init_args", {})["sparsity_weight"] = args.sparsity_weight
+    return config
+
+
+def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str]) -> tuple[float, float, Optional[float]]:
+    """``cimq_qat.yaml`` at ``adc_bits`` from ``checkpoint``: fit seconds, test accuracy, seconds per step."""
+    config = qat_config(adc_bits, checkpoint, args)
     print(f"[bench] ADC {adc_bits}: CIMQ QAT ({objective_name(args)}), {args.steps} steps of {args.batch} "
           f"{args.train} train images at lr {args.lr:g}", flush=True)
     built = _run(config, f"qat-adc{adc_bits}", work_dir, TRAIN_ROOTS[args.train],

@@ -175,3 +175,28 @@ def test_low_adc_qat_names_other_ptq_fits_by_calibration_size_and_seed(out):
     for bad in (["--calibration-size", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             low_adc_qat.main(["--quick", "--out-dir", str(out), *bad])
+
+
+@pytest.mark.parametrize("objective, rates", [
+    ("distill-quantizers", {"lr_step": 4e-4 * 3, "lr_clip": 1e-2 * 3, "weight_lr": 0.0}),
+    ("distill-joint", {"lr_step": 4e-4 * 3, "lr_clip": 1e-2 * 3, "weight_lr": 3e-5}),
+])
+def test_low_adc_qat_config_carries_the_command_lines_rates_into_the_objective(objective, rates, tmp_path):
+    """`low_adc_qat.qat_config`: ``--quantizer-lr-scale 3`` reaches the objective's ``lr_scale`` (the PTQ preset's
+    rates x3) and, with distill-joint, ``--lr`` its ``weight_lr``; the objective built from the config has them."""
+    import argparse
+    import importlib
+
+    import low_adc_qat
+
+    args = argparse.Namespace(lr=3e-5, simulation="compiled", objective=objective, temperature=2.0,
+                              quantizer_lr_scale=3.0, steps=1200, sparsity_weight=0.0)
+    config = low_adc_qat.qat_config(2, tmp_path / "ptq.ckpt", args)
+    spec = config["model"]["objective"]
+    assert spec["class_path"] == low_adc_qat.OBJECTIVES[objective]
+    module, name = spec["class_path"].rsplit(".", 1)
+    built = getattr(importlib.import_module(module), name)(**spec["init_args"])
+    assert {key: getattr(built, key) for key in rates} == pytest.approx(rates)
+    assert built.temperature == 2.0 and config["trainer"]["max_steps"] == 1200
+    (qat_callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("QuantizationAwareTraining")]
+    assert qat_callback["init_args"]["init_from"] == str(tmp_path / "ptq.ckpt")
