@@ -1,6 +1,6 @@
 """The convolution-work benchmark (its sparse weight gradient equals the per-cycle one, its smoke table), the
-calibration-speed benchmark (its smoke table, the same clips both ways) and the PTQ step profile (its Adam switch,
-a smoke fit with a profiled unit)."""
+calibration-speed benchmark (its smoke table, the same clips both ways), the PTQ step profile (its Adam switch,
+a smoke fit with a profiled unit) and the weight-side benchmark (compiled = eager, its smoke table)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import calibration_speed  # noqa: E402
 import conv_work  # noqa: E402
 import ptq_step_profile  # noqa: E402
+import weight_side  # noqa: E402
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -70,3 +71,12 @@ def test_ptq_step_profile_switches_adam_and_profiles_a_unit(tmp_path):
         if copies:
             assert sum(row["calls_per_step"] for row in table) == pytest.approx(copies[0]["calls_per_step"], abs=0.5)
     assert any("quant/" in row["caller"] for row in result["copies_by_caller"])
+
+
+def test_weight_side_smoke_compiles_the_same_weights_and_times_them():
+    """`weight_side.py --smoke`: the compiled weight side gives the eager one's array weights and coefficients, and
+    every timing is a positive number (one layer shape, 2 images)."""
+    (row,) = weight_side.main(["--smoke"])
+    assert row["difference"] <= 1e-6  # the same soft codes, slices and part weights, to float32 rounding
+    assert min(float(row[key]) for key in ("layer_ms", "eager_ms", "compiled_ms", "compile_s")) > 0
+    assert row["shape"] == "16->16, 32, 1"
