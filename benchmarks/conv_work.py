@@ -20,13 +20,12 @@ PyTorch operators; the compiled path uses the split only where the ADC is ideal 
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from runner import base_parser, machine, markdown_table
+from runner import base_parser, machine, markdown_table, mean_ms
 
 # (input channels, output columns, H = W, groups, stride) of the row-block parts of ResNet-20 on 128x128 arrays,
 # W4A4 (the shapes the compiled PTQ step convolves; groups = row blocks of the part)
@@ -35,19 +34,10 @@ SHAPES = [(14, 16, 32, 1, 1), (2, 16, 32, 1, 1), (14, 32, 32, 1, 2), (28, 64, 16
 CYCLE_WEIGHTS = (8.0, 4.0, 2.0, 1.0)
 
 
-def _ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1000
-
-
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of a ``size``-square float32 ``torch.mm``."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / _ms(lambda: a @ b, repeats) / 1e6
+    return 2 * size**3 / mean_ms(lambda: a @ b, repeats) / 1e6
 
 
 def _conv_backward(grad, digits, weight, stride: int, groups: int, which: int):
@@ -111,9 +101,10 @@ def shape_rows(batch: int, repeats: int, clip: float, shapes=SHAPES) -> list[dic
             out = F.conv2d(digits, weight, None, stride, 1, 1, groups)
             grad = torch.randn_like(out).contiguous(memory_format=fmt)
             flops = 2 * out.numel() * (cin // groups) * 9  # one multiply-add per weight per output
-            forward = _ms(lambda: F.conv2d(digits, weight, None, stride, 1, 1, groups), repeats)
-            weight_grad = _ms(lambda: _wgrad(grad, digits, weight, stride, groups), repeats)
-            input_grad = _ms(lambda: _conv_backward(grad[:batch], digits[:batch], weight, stride, groups, 0), repeats)
+            forward = mean_ms(lambda: F.conv2d(digits, weight, None, stride, 1, 1, groups), repeats)
+            weight_grad = mean_ms(lambda: _wgrad(grad, digits, weight, stride, groups), repeats)
+            input_grad = mean_ms(lambda: _conv_backward(grad[:batch], digits[:batch], weight, stride, groups, 0),
+                                 repeats)
             row = {"shape": f"{cin}->{cout}, g{groups}, s{stride}, {size}x{size}", "layout": layout,
                    "forward_ms": round(forward, 2), "forward_gflops": round(flops / forward / 1e6, 1),
                    "wgrad_ms": round(weight_grad, 2), "wgrad_gflops": round(flops / weight_grad / 1e6, 1),
@@ -123,9 +114,9 @@ def shape_rows(batch: int, repeats: int, clip: float, shapes=SHAPES) -> list[dic
                 grad_u = torch.randn(batch, *out.shape[1:])
                 clipped = torch.rand(len(CYCLE_WEIGHTS), *grad_u.shape) < clip
                 codes = cycle_codes(stacked).contiguous(memory_format=fmt)
-                row["codes_wgrad_ms"] = round(_ms(lambda: _wgrad(grad_u, codes, weight, stride, 1), repeats), 2)
-                row["sparse_wgrad_ms"] = round(_ms(lambda: sparse_weight_gradient(stacked, grad_u, clipped, weight,
-                                                                                 stride), max(1, repeats // 4)), 2)
+                row["codes_wgrad_ms"] = round(mean_ms(lambda: _wgrad(grad_u, codes, weight, stride, 1), repeats), 2)
+                row["sparse_wgrad_ms"] = round(mean_ms(lambda: sparse_weight_gradient(stacked, grad_u, clipped, weight,
+                                                                                      stride), max(1, repeats // 4)), 2)
             rows.append(row)
     return rows
 

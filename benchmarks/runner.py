@@ -446,6 +446,16 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Option
     return "\n".join(lines)
 
 
+def mean_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Mean milliseconds of ``repeats`` calls of ``fn`` after two untimed ones (warm-up, compilation)."""
+    fn()
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
 def machine() -> str:
     """One line naming this machine: CPU model, cores, torch version."""
     import torch

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from runner import base_parser, machine, markdown_table
+from runner import base_parser, machine, markdown_table, mean_ms
 
 from cimq_pl.quant import CIMSpec, QuantizerOptions
 from cimq_pl.quant.calibrate import calibrate_
@@ -57,15 +57,6 @@ def _backward(outputs: list) -> None:
     sum(output.sum() for output in outputs).backward()
 
 
-def _ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1000
-
-
 def shape_row(shape: tuple, batch: int, repeats: int) -> dict:
     """One layer shape's timings (module docstring)."""
     c_in, c_out, size, stride = shape
@@ -87,9 +78,9 @@ def shape_row(shape: tuple, batch: int, repeats: int) -> dict:
     compile_seconds = time.perf_counter() - start
     with torch.no_grad():
         difference = max((a - b).abs().max().item() for a, b in zip(compiled(layer), weight_side(layer)))
-    layer_ms = _ms(layer_step, repeats)
-    eager_ms = _ms(lambda: _backward(weight_side(layer)), repeats)
-    compiled_ms = _ms(lambda: _backward(compiled(layer)), repeats)
+    layer_ms = mean_ms(layer_step, repeats)
+    eager_ms = mean_ms(lambda: _backward(weight_side(layer)), repeats)
+    compiled_ms = mean_ms(lambda: _backward(compiled(layer)), repeats)
     return {"shape": f"{c_in}->{c_out}, {size}, {stride}", "layer_ms": f"{layer_ms:.2f}", "eager_ms": f"{eager_ms:.3f}",
             "compiled_ms": f"{compiled_ms:.3f}", "share": f"{eager_ms / layer_ms:.1%}",
             "saved_share": f"{(eager_ms - compiled_ms) / layer_ms:.1%}", "compile_s": f"{compile_seconds:.1f}",
