@@ -46,10 +46,10 @@ def weight_side(layer: CIMConv2d) -> list:
     codes = quantizer.codes(layer._weight4d(), step)
     slices, slice_weights, ref_digit = split_weight_slices(codes, geometry, quantizer.code_range, False)
     n_ref = geometry.n_col_blocks if ref_digit else 0
-    outputs = [layer._part_weight(slices, index, ref_digit) for index in range(len(layer.parts))]
+    outputs = []
     for index in range(len(layer.parts)):
-        outputs += [c for c in layer._shift_add_coefficients(index, step, slice_weights, n_ref, codes.dtype,
-                                                             codes.device) if c is not None]
+        coefficients = layer._shift_add_coefficients(index, step, slice_weights, n_ref, codes.dtype, codes.device)
+        outputs += [layer._part_weight(slices, index, ref_digit), *(c for c in coefficients if c is not None)]
     return outputs
 
 

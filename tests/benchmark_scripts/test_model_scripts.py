@@ -198,5 +198,6 @@ def test_low_adc_qat_config_carries_the_command_lines_rates_into_the_objective(o
     built = getattr(importlib.import_module(module), name)(**spec["init_args"])
     assert {key: getattr(built, key) for key in rates} == pytest.approx(rates)
     assert built.temperature == 2.0 and config["trainer"]["max_steps"] == 1200
-    (qat_callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("QuantizationAwareTraining")]
+    (qat_callback,) = [c for c in config["trainer"]["callbacks"]
+                       if c["class_path"].endswith("QuantizationAwareTraining")]
     assert qat_callback["init_args"]["init_from"] == str(tmp_path / "ptq.ckpt")
