@@ -81,6 +81,8 @@ LEVER_SETS = {
     # the calibration subset: every one of the 4,000 lossless train images instead of 1,024 (reconstruction draws
     # its batches from it, so 800 steps of 32 see each image 6 times instead of 25)
     "calibration on 4,000 images": dict(row="cimq", calibration_size=4000),
+    # the same at the calibrated input step (x1 instead of the preset's x2): more 1 bits, finer input codes
+    "calibration on 4,000 images, input steps x1": dict(row="cimq", calibration_size=4000, step_scale=1.0),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "test/energy_per_image_uj", "fit_seconds")

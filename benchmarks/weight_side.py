@@ -26,7 +26,6 @@ from runner import base_parser, machine, markdown_table, mean_ms
 
 from cimq_pl.quant import CIMSpec, QuantizerOptions
 from cimq_pl.quant.calibrate import calibrate_
-from cimq_pl.quant.digits import split_weight_slices
 from cimq_pl.quant.layers import CIMConv2d
 
 # (input channels, output channels, input H = W, stride) of ResNet-20's CIM convolutions (the int8 first conv and
@@ -41,11 +40,8 @@ HEADERS = ["layer (C_in->C_out, H, stride)", "layer step ms", "weight side eager
 def weight_side(layer: CIMConv2d) -> list:
     """The layer's array weights of every row-block part and their shift-add coefficients, as `simulate` builds
     them in training (soft AdaRound codes)."""
-    quantizer, geometry = layer.weight_quantizer, layer.geometry
-    step = quantizer.expanded_step()
-    codes = quantizer.codes(layer._weight4d(), step)
-    slices, slice_weights, ref_digit = split_weight_slices(codes, geometry, quantizer.code_range, False)
-    n_ref = geometry.n_col_blocks if ref_digit else 0
+    step, codes, slices, slice_weights, ref_digit, _ = layer.weight_cells(exact=False)
+    n_ref = layer.geometry.n_col_blocks if ref_digit else 0
     outputs = []
     for index in range(len(layer.parts)):
         coefficients = layer._shift_add_coefficients(index, step, slice_weights, n_ref, codes.dtype, codes.device)

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from cimq_pl.export.format import ExportError, adc_threshold_count, layer_layout, pair, smallest_int_dtype
-from cimq_pl.quant.digits import split_weight_slices
 from cimq_pl.quant.layers import CIMLinear, _CIMLayerBase
 from cimq_pl.quant.psum import PsumQuantizer
 
@@ -175,9 +174,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
     sample = torch.zeros(1, *input_shape, dtype=layer.weight.dtype, device=layer.weight.device)
     _, input_step = iq.codes(sample)
     allowed, _ = iq.allowed_codes()
-    weight_step = wq.expanded_step()
-    codes = wq.codes(layer._weight4d(), weight_step)
-    slices, _, reference_digit = split_weight_slices(codes, geo, wq.code_range, exact=True)
+    weight_step, codes, slices, _, reference_digit, _ = layer.weight_cells(exact=True)
     cells = _cells(geo, layout, slices.round().long().cpu(), reference_digit)
 
     cell_low, cell_high = int(cells.min()), int(cells.max())

@@ -250,6 +250,26 @@ class _CIMLayerBase(nn.Module):
     def _weight4d(self) -> torch.Tensor:
         return self.weight.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
+    def weight_cells(self, exact: Optional[bool] = None) -> tuple:
+        """The quantized weight as the arrays store it (the weight quantizer initialised).
+
+        Args:
+            exact: integer codes and cell slices; None = as the layer runs now (soft AdaRound codes while they
+                learn, integers otherwise).
+
+        Returns:
+            ``(step, codes, slices, slice_weights, reference_digit, exact)``: the expanded weight step, the codes
+            (C_out, C_in/g, k_h, k_w), the cell slices (n_slices, C_out, C_in/g, k_h, k_w) with their shift-add
+            weights, the reference-column digit (0: none), and whether the codes are integers.
+        """
+        wq = self.weight_quantizer
+        if exact is None:
+            exact = wq.rounding_logits is None or wq.hard or not wq.training
+        step = wq.expanded_step()
+        codes = wq.codes(self._weight4d(), step)
+        slices, slice_weights, reference_digit = split_weight_slices(codes, self.geometry, wq.code_range, exact)
+        return step, codes, slices, slice_weights, reference_digit, exact
+
     def reset_stats(self) -> None:
         """Zero the event counters."""
         self.stats.reset()
@@ -367,10 +387,7 @@ class _CIMLayerBase(nn.Module):
 
         if weight_active:
             wq.init_if_needed_(self._weight4d())
-            weight_step = wq.expanded_step()
-            weight_codes = wq.codes(self._weight4d(), weight_step)
-            weight_exact = wq.rounding_logits is None or wq.hard or not wq.training
-            slices, slice_weights, ref_digit = split_weight_slices(weight_codes, geo, wq.code_range, weight_exact)
+            weight_step, weight_codes, slices, slice_weights, ref_digit, weight_exact = self.weight_cells()
         else:
             weight_step, weight_codes, slices, slice_weights, ref_digit = None, None, self._weight4d().unsqueeze(0), (1,), 0
             weight_exact = False
