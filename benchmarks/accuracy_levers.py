@@ -84,6 +84,8 @@ LEVER_SETS = {
     # the same at the calibrated input step (x1 instead of the preset's x2): more 1 bits, finer input codes
     "calibration on 4,000 images, input steps x1": dict(row="cimq", calibration_size=4000, step_scale=1.0),
     "calibration on 4,000 images, QDrop keep 0.75": dict(row="cimq", calibration_size=4000, keep_prob=0.75),
+    # twice the reconstruction's images per step (64 instead of the preset's 32)
+    "calibration on 4,000 images, 64 images per step": dict(row="cimq", calibration_size=4000, batch_size=64),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "test/energy_per_image_uj", "fit_seconds")

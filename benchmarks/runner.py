@@ -118,6 +118,8 @@ class Setting:
             ``lr_scale`` (only for configs that reconstruct).
         lr_offset: the reconstruction's learning rate of the layers' output offsets after the ADC
             (`BlockReconstruction`'s ``lr_offset``; only for configs that reconstruct).
+        batch_size: the reconstruction's images per step (`BlockReconstruction`'s ``batch_size``; 32 in the presets;
+            only for configs that reconstruct).
         calibration_size: train images in the calibration subset (``data.calibration_size``; the model config's
             1,024 when None): what calibration observes and what reconstruction draws its batches from.
         seed: the datamodule's ``seed`` (the calibration subset, and every PTQ step's draws: its batch, the QDrop
@@ -145,6 +147,7 @@ class Setting:
     weight_rounding: Optional[str] = None
     lr_step: Optional[float] = None
     lr_offset: Optional[float] = None
+    batch_size: Optional[int] = None
     calibration_size: Optional[int] = None
     seed: Optional[int] = None
 
@@ -279,7 +282,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
         callbacks[callback][argument] = value
     changes = {name: getattr(setting, name)
-               for name in ("iters", "rounding_init", "lr_scale", "lr_step", "lr_offset", "weight_rounding")}
+               for name in ("iters", "rounding_init", "lr_scale", "lr_step", "lr_offset", "batch_size", "weight_rounding")}
     if any(value is not None for value in changes.values()):
         from cimq_pl.objectives import BlockReconstruction
 
@@ -294,7 +297,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
             init_args["rounding_init"] = setting.rounding_init
         if setting.lr_scale is not None:
             init_args.update(BlockReconstruction.scaled_learning_rates(setting.lr_scale))
-        for name in ("lr_step", "lr_offset"):
+        for name in ("lr_step", "lr_offset", "batch_size"):
             if getattr(setting, name) is not None:
                 init_args[name] = getattr(setting, name)
         if setting.weight_rounding == "gptq":  # GPTQ at calibration (listed before PTQ's callback); nothing reconstructed
