@@ -49,9 +49,19 @@ def test_gptq_setting_rounds_at_calibration_and_reconstructs_nothing():
         Setting("resnet20", "cimq", weight_rounding="adaround")
     with pytest.raises(ValueError, match="weight_rounding needs model.objective BlockReconstruction"):
         derived_config(Setting("resnet20", "cimq_qat", weight_rounding="gptq"))  # QAT: no reconstruction
+
+
+def test_reconstruction_settings_reach_the_objective():
+    from runner import Setting, derived_config
+
     frozen = derived_config(Setting("resnet20", "cimq", iters=400, lr_scale=1.0, lr_step=0.0))
     assert frozen["model"]["objective"]["init_args"]["lr_step"] == 0.0  # after lr_scale, which sets all three rates
     assert frozen["model"]["objective"]["init_args"]["lr_clip"] == pytest.approx(1e-3)
+    wide = Setting("resnet20", "cimq", iters=400, batch_size=64)
+    assert derived_config(wide)["model"]["objective"]["init_args"]["batch_size"] == 64  # the preset's is 32
+    assert wide.key.endswith("-iters400-batch_size64")
+    with pytest.raises(ValueError, match="batch_size needs model.objective BlockReconstruction"):
+        derived_config(Setting("resnet20", "cimq_qat", batch_size=64))
 
 
 def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_sample(out, smoke_args):
