@@ -86,6 +86,8 @@ LEVER_SETS = {
     "calibration on 4,000 images, QDrop keep 0.75": dict(row="cimq", calibration_size=4000, keep_prob=0.75),
     # twice the reconstruction's images per step (64 instead of the preset's 32)
     "calibration on 4,000 images, 64 images per step": dict(row="cimq", calibration_size=4000, batch_size=64),
+    # the ADC ranges start at the min-max of the calibration partial sums instead of the MSE-optimal clip
+    "ADC ranges from min-max": dict(row="cimq", psum_observer="minmax"),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "test/energy_per_image_uj", "fit_seconds")

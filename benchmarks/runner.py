@@ -110,6 +110,8 @@ class Setting:
         weight_granularity: weight scales of `ArraywiseWeights` (``array``, ``channel``, ``array_channel``).
         sparsity_weight: lambda of `BitSparseActivations`' bit-sparsity regulariser.
         psum_granularity: ADC clip ranges of `PartialSumClipping` (``layer``, ``array``, ``column``).
+        psum_observer: how `PartialSumClipping` sets each ADC range from the calibration partial sums before it is
+            learned (``mse``, ``minmax``, ``percentile``).
         rounding_init: where AdaRound starts, `BlockReconstruction`'s ``rounding_init`` (``nearest`` or ``gptq``).
         step_scale: factor on the calibrated input steps, `BitSparseActivations`' ``step_scale``.
         weight_rounding: ``gptq``: the `GPTQRounding` callback rounds the weights at calibration, and nothing is
@@ -148,6 +150,7 @@ class Setting:
     lr_step: Optional[float] = None
     lr_offset: Optional[float] = None
     batch_size: Optional[int] = None
+    psum_observer: Optional[str] = None
     calibration_size: Optional[int] = None
     seed: Optional[int] = None
 
@@ -275,6 +278,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
         ("sparsity_weight", "BitSparseActivations", "sparsity_weight", setting.sparsity_weight),
         ("psum_granularity", "PartialSumClipping", "granularity", setting.psum_granularity),
         ("step_scale", "BitSparseActivations", "step_scale", setting.step_scale),
+        ("psum_observer", "PartialSumClipping", "observer", setting.psum_observer),
     ):
         if getattr(setting, name) is None:
             continue

@@ -51,8 +51,12 @@ def test_gptq_setting_rounds_at_calibration_and_reconstructs_nothing():
         derived_config(Setting("resnet20", "cimq_qat", weight_rounding="gptq"))  # QAT: no reconstruction
 
 
-def test_reconstruction_settings_reach_the_objective():
+def test_setting_fields_reach_the_config():
     from runner import Setting, derived_config
+
+    clipping = [entry["init_args"] for entry in derived_config(Setting("resnet20", "cimq", psum_observer="minmax"))
+                ["trainer"]["callbacks"] if entry["class_path"].endswith("PartialSumClipping")]
+    assert clipping == [{"granularity": "column", "observer": "minmax", "learn_clip": True}]
 
     frozen = derived_config(Setting("resnet20", "cimq", iters=400, lr_scale=1.0, lr_step=0.0))
     assert frozen["model"]["objective"]["init_args"]["lr_step"] == 0.0  # after lr_scale, which sets all three rates
