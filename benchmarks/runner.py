@@ -62,6 +62,11 @@ ROW_KEY_NAMES.update({name: f"{name}15b" for name in ("psum_clipping", "cimq_uni
 ROW_KEY_NAMES.update({name: f"{name}15c" for name in ("cimq_quick", "cimq_qat")})
 # ("15d": the CPU preset's 400 reconstruction steps per unit instead of 200, where a setting leaves them unset)
 ROW_KEY_NAMES.update({name: f"{name}15d" for name in ("cimq", "cimq_edges_on_arrays")})
+# ("15e": the CIMQ presets' ADC ranges, `PartialSumClipping(observer: auto)`: min-max instead of the MSE clip for
+# ADCs of `AUTO_MINMAX_ADC_BITS` bits and more. Narrower ADCs run the same config as before, so only a setting of
+# such an ADC, with the config's own observer, takes the new name.)
+WIDE_ADC_KEY_NAMES = {"cimq15d": "cimq15e", "cimq_edges_on_arrays15d": "cimq_edges_on_arrays15e",
+                      "cimq_quick15c": "cimq_quick15e", "cimq_qat15c": "cimq_qat15e"}
 # A row name that changed only a default of the steps per unit: a setting that sets ``iters`` itself runs the same
 # config under either name, so rows measured under the older one are reused for it.
 SAME_CONFIG_WHEN_ITERS_SET = {"cimq15d": "cimq15c", "cimq_edges_on_arrays15d": "cimq_edges_on_arrays15c"}
@@ -175,7 +180,7 @@ class Setting:
     @property
     def key(self) -> str:
         """Stable identifier: model, row and every field that is set (used for resuming and file names)."""
-        parts = [self.model, ROW_KEY_NAMES.get(self.row, self.row)]
+        parts = [self.model, self.row_key_name]
         for item in fields(self)[2:]:
             value = getattr(self, item.name)
             if value is not None:
@@ -183,9 +188,18 @@ class Setting:
         return "-".join(parts)
 
     @property
+    def row_key_name(self) -> str:
+        """The row's name in `key`: the versioned name of its config (`ROW_KEY_NAMES`, `WIDE_ADC_KEY_NAMES`)."""
+        from cimq_pl.quant.psum import AUTO_MINMAX_ADC_BITS
+
+        name = ROW_KEY_NAMES.get(self.row, self.row)
+        wide_adc = self.adc_bits is not None and self.adc_bits >= AUTO_MINMAX_ADC_BITS and self.psum_observer is None
+        return WIDE_ADC_KEY_NAMES.get(name, name) if wide_adc else name
+
+    @property
     def equivalent_keys(self) -> tuple[str, ...]:
         """`key` first, then the keys that earlier row names gave the same config (`SAME_CONFIG_WHEN_ITERS_SET`)."""
-        name = ROW_KEY_NAMES.get(self.row, self.row)
+        name = self.row_key_name
         if self.iters is None or name not in SAME_CONFIG_WHEN_ITERS_SET:
             return (self.key,)
         return self.key, self.key.replace(f"-{name}-", f"-{SAME_CONFIG_WHEN_ITERS_SET[name]}-", 1)

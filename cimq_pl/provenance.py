@@ -188,6 +188,12 @@ def _with_defaults(name: str, settings: Mapping) -> dict:
     return {**defaults, **settings}
 
 
+#: Technique settings whose ``"auto"`` each layer resolves for itself and records in its `QuantizerOptions`
+#: (`PartialSumClipping.observer`: by the layer's ADC bits). ``"auto"`` and an explicit value agree here; the layers'
+#: recorded options must still agree (`check_quantizer_options`).
+RESOLVED_PER_LAYER = frozenset({("PartialSumClipping", "observer")})
+
+
 def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping[str, dict]) -> None:
     saved = {name: _renamed_settings(name, settings) for name, settings in saved.items()}
     missing, extra = sorted(saved.keys() - configured.keys()), sorted(configured.keys() - saved.keys())
@@ -201,6 +207,8 @@ def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping
     for name in sorted(saved):
         mine, theirs = _with_defaults(name, saved[name]), _with_defaults(name, configured[name])
         for field in sorted(mine.keys() | theirs.keys()):
+            if (name, field) in RESOLVED_PER_LAYER and "auto" in (mine.get(field), theirs.get(field)):
+                continue  # each layer records what "auto" gave it: `check_quantizer_options` compares those
             if mine.get(field) != theirs.get(field):
                 raise ConfigError(f"{where} was made with {name}.{field}={mine.get(field)!r} but the config "
                                   f"gives {theirs.get(field)!r}: set {field}: {mine.get(field)!r} in "

@@ -7,10 +7,11 @@ from typing import Literal, Optional
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant.observers import OBSERVER_METHODS
-from cimq_pl.quant.psum import PSUM_GRANULARITIES
+from cimq_pl.quant.psum import PSUM_GRANULARITIES, PSUM_OBSERVERS
 from cimq_pl.quant.weight import ROUNDINGS, WEIGHT_GRANULARITIES
 
 Observer = Literal["minmax", "percentile", "mse"]
+PsumObserver = Literal["minmax", "percentile", "mse", "auto"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class QuantizerOptions:
             smaller, so they hold fewer 1 bits (a density lever, issue 15); 1 = the observer's step.
         psum_granularity: ADC clip per ``"array"``, per ``"layer"`` or per ``"column"`` (every bitline's ADC its own
             range).
-        psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline).
+        psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline; ``"auto"``:
+            min-max for ADCs of `AUTO_MINMAX_ADC_BITS` bits and more, MSE below).
         psum_learn_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
         psum_keep_prob: QDrop keep probability of the ADC codes while training (None: no dropping).
         percentile: percentile used by ``"percentile"`` observers.
@@ -55,7 +57,7 @@ class QuantizerOptions:
     input_keep_prob: Optional[float] = None
     input_step_scale: float = 1.0
     psum_granularity: Literal["layer", "array", "column"] = "array"
-    psum_observer: Observer = "mse"
+    psum_observer: PsumObserver = "mse"
     psum_learn_clip: bool = True
     psum_keep_prob: Optional[float] = None
     percentile: float = 99.99
@@ -67,7 +69,7 @@ class QuantizerOptions:
             ("weight_observer", OBSERVER_METHODS),
             ("input_observer", OBSERVER_METHODS),
             ("psum_granularity", PSUM_GRANULARITIES),
-            ("psum_observer", OBSERVER_METHODS),
+            ("psum_observer", PSUM_OBSERVERS),
         )
         for name, allowed in checks:
             if getattr(self, name) not in allowed:

@@ -22,10 +22,26 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cimq_pl.quant.observers import OBSERVER_METHODS
 from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor, round_ste
 from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 PSUM_GRANULARITIES = ("layer", "array", "column")
+#: How an ADC's range (alpha0) is set from the calibration partial sums: the observers, or ``"auto"``.
+PSUM_OBSERVERS = (*OBSERVER_METHODS, "auto")
+#: ``observer="auto"``: ADCs of at least this many bits start from the min-max range of the partial sums, narrower
+#: ones from the MSE-optimal clip. At 8 bits the MSE clip cuts the rare large partial sums that carry the
+#: network's strongest features, and costs more accuracy than its finer steps win (README, "ADC ranges").
+AUTO_MINMAX_ADC_BITS = 6
+
+
+def resolve_psum_observer(observer: str, bits: Optional[int]) -> str:
+    """The observer an ADC of ``bits`` bits uses for ``observer`` (``"auto"`` resolved by `AUTO_MINMAX_ADC_BITS`;
+    ``"mse"`` for an ideal ADC, ``bits`` None, which has no range to set)."""
+    check_choice("observer", observer, PSUM_OBSERVERS)
+    if observer != "auto":
+        return observer
+    return "minmax" if bits is not None and bits >= AUTO_MINMAX_ADC_BITS else "mse"
 
 
 def cycle_sum(values: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
@@ -131,8 +147,8 @@ class PsumQuantizer(QuantizerBase):
         n_col_blocks: column blocks of the layer.
         granularity: ``"array"`` (default, SPEC 4.3), ``"layer"`` or ``"column"``.
         n_columns: output columns per conv group (C_out/g, at least n_col_blocks); read by ``"column"`` only.
-        observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC) or
-            ``"percentile"``.
+        observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC),
+            ``"percentile"``, or ``"auto"`` (min-max from `AUTO_MINMAX_ADC_BITS` bits, MSE below).
         learn_clip: whether theta is trainable (False: the conventional, fixed min-max ADC).
         keep_prob: QDrop keep probability of the ADC codes (see `QuantizerBase`).
         **observer_kwargs: forwarded to the observer.
@@ -154,9 +170,9 @@ class PsumQuantizer(QuantizerBase):
         keep_prob: Optional[float] = None,
         **observer_kwargs,
     ) -> None:
-        super().__init__(observer, keep_prob, **observer_kwargs)
-        check_choice("granularity", granularity, PSUM_GRANULARITIES)
         check_bits(bits)
+        super().__init__(resolve_psum_observer(observer, bits), keep_prob, **observer_kwargs)
+        check_choice("granularity", granularity, PSUM_GRANULARITIES)
         self.bits = bits
         self.granularity = granularity
         if granularity == "column" and n_columns < n_col_blocks:

@@ -57,6 +57,11 @@ def test_setting_fields_reach_the_config():
     clipping = [entry["init_args"] for entry in derived_config(Setting("resnet20", "cimq", psum_observer="minmax"))
                 ["trainer"]["callbacks"] if entry["class_path"].endswith("PartialSumClipping")]
     assert clipping == [{"granularity": "column", "observer": "minmax", "learn_clip": True}]
+    # the presets' `observer: auto` changed their config from 6-bit ADCs up only: those keys take a new row name
+    assert Setting("resnet20", "cimq", adc_bits=5, iters=400).equivalent_keys == (
+        "resnet20-cimq15d-adc_bits5-iters400", "resnet20-cimq15c-adc_bits5-iters400")
+    assert Setting("resnet20", "cimq", adc_bits=8, iters=400).equivalent_keys == ("resnet20-cimq15e-adc_bits8-iters400",)
+    assert Setting("resnet20", "cimq", adc_bits=8, psum_observer="mse").key == "resnet20-cimq15d-adc_bits8-psum_observermse"
 
     frozen = derived_config(Setting("resnet20", "cimq", iters=400, lr_scale=1.0, lr_step=0.0))
     assert frozen["model"]["objective"]["init_args"]["lr_step"] == 0.0  # after lr_scale, which sets all three rates

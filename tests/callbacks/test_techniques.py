@@ -158,7 +158,7 @@ def test_techniques_compose_in_any_order_and_keep_runtime_switches():
         (lambda: BitSparseActivations(max_ones=0), r"max_ones=0 is invalid: expected an integer >= 1"),
         (lambda: BitSparseActivations(sparsity_weight=-1.0), r"sparsity_weight=-1.0 is invalid"),
         (lambda: BitSparseActivations(step_scale=0.0), r"step_scale=0.0 is invalid: expected a finite number > 0"),
-        (lambda: PartialSumClipping(observer="kmeans"), r"observer='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"),
+        (lambda: PartialSumClipping(observer="kmeans"), r"observer='kmeans' is invalid: expected one of \['minmax', 'percentile', 'mse', 'auto'\]"),
         (lambda: PartialSumClipping(granularity="row"), r"granularity='row' is invalid: expected one of \['layer', 'array', 'column'\]"),
         (lambda: QuantDropping(keep_prob=1.5), r"keep_prob=1.5 is invalid: expected a probability in \(0, 1\]"),
         (lambda: QuantDropping(targets=["weights"]), r"targets=\['weights'\] is invalid"),

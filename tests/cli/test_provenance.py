@@ -208,3 +208,19 @@ def test_more_cpu_processes_than_cores_is_a_warning():
     with pytest.warns(UserWarning, match=rf"trainer\.devices={cores + 1} CPU processes on a machine with {cores} cores"):
         _check_devices({"devices": str(cores + 1), "accelerator": "cpu"})  # as the command line gives it
 
+
+
+def test_auto_adc_ranges_agree_with_what_each_layer_resolved_them_to():
+    """A checkpoint made with `PartialSumClipping(observer: mse)` is tested with today's presets (``auto``): the
+    technique check lets ``auto`` pass, the layers' recorded observers decide (`check_quantizer_options`)."""
+    saved = {"PartialSumClipping": {"granularity": "column", "observer": "mse", "learn_clip": True}}
+    record = _record(techniques=saved)
+    auto = {"PartialSumClipping": {**saved["PartialSumClipping"], "observer": "auto"}}
+    check_config_agrees(record, _model(adc_bits=3), auto, "x.ckpt")
+    with pytest.raises(ConfigError, match=r"PartialSumClipping\.observer='mse' but the config gives 'minmax'"):
+        check_config_agrees(record, _model(adc_bits=3), {"PartialSumClipping": {**saved["PartialSumClipping"],
+                                                                                "observer": "minmax"}}, "x.ckpt")
+    layers = {"quantizer_options": {"layer1.0.conv1": {"psum_observer": "mse"}}}
+    check_quantizer_options(layers, {"layer1.0.conv1": {"psum_observer": "mse"}}, "x.ckpt")
+    with pytest.raises(ConfigError, match=r"psum_observer='mse'"):
+        check_quantizer_options(layers, {"layer1.0.conv1": {"psum_observer": "minmax"}}, "x.ckpt")

@@ -116,3 +116,17 @@ def test_export_manifest_carries_each_layers_spec_and_the_overrides(converted, t
     assert layers["2"]["spec"]["adc_bits"] == 3 and layers["2"]["adc"]["bits"] == 3
     assert layers["2"]["input"]["bits"] == 5 and layers["0"]["adc"]["bits"] == 4 and layers["6"]["adc"] is None
     assert export.cim_overrides == {"2": {"adc_bits": 3, "input_bits": 5}, "6": {"adc_bits": None}}
+
+
+def test_auto_adc_ranges_resolve_by_each_layers_own_adc_bits():
+    """`PartialSumClipping(observer="auto")` gives each layer the observer of its own ADC (an 8-bit override:
+    min-max; the macro's 4 bits: MSE; an ideal ADC: nothing to set, recorded as MSE), and the layers record it."""
+    from cimq_pl.quant.techniques import PartialSumClippingConfig, quantize_
+
+    model = _net()
+    convert_to_cim(model, CIMSpec(rows=32, cols=32, adc_bits=4), options=QuantizerOptions(),
+                   overrides={"2": {"adc_bits": 8}, "6": {"adc_bits": None}})
+    quantize_(model, PartialSumClippingConfig(granularity="column", observer="auto"))
+    observers = {name: (layer.options.psum_observer, layer.psum_quantizer and layer.psum_quantizer.observer.method)
+                 for name, layer in cim_layers(model)}
+    assert observers == {"0": ("mse", "mse"), "2": ("minmax", "minmax"), "6": ("mse", None)}

@@ -158,3 +158,34 @@ def test_checkpoint_of_a_column_model_loads_into_a_fresh_conversion():
         assert torch.equal(a.psum_quantizer.alpha(), b.psum_quantizer.alpha())
     assert torch.equal(loaded(images), saved(images))
 
+
+
+@pytest.mark.parametrize("adc_bits,resolved", [(4, "mse"), (5, "mse"), (6, "minmax"), (8, "minmax")])
+def test_auto_observer_takes_min_max_ranges_for_wide_adcs_and_the_mse_clip_below(adc_bits, resolved):
+    """``psum_observer="auto"`` resolves by the layer's own ADC bits (`AUTO_MINMAX_ADC_BITS` = 6), and calibrates
+    exactly as the observer it resolves to."""
+    from cimq_pl.quant.psum import AUTO_MINMAX_ADC_BITS
+
+    assert AUTO_MINMAX_ADC_BITS == 6
+    spec = CIMSpec(rows=16, cols=16, weight_bits=4, input_bits=4, adc_bits=adc_bits)
+    x = torch.rand(2, 6, 5, 5)
+    alphas = {}
+    for observer in ("auto", resolved):
+        torch.manual_seed(0)  # the same layer and the same observer subsample
+        layer = CIMConv2d.from_conv(nn.Conv2d(6, 5, 3, padding=1), spec,
+                                    QuantizerOptions(psum_granularity="column", psum_observer=observer))
+        assert layer.psum_quantizer.observer.method == resolved
+        calibrate_(layer, [(x,)])
+        alphas[observer] = layer.psum_quantizer.alpha0
+    assert torch.equal(alphas["auto"], alphas[resolved])
+
+
+def test_auto_observer_is_a_choice_of_the_adc_only():
+    from cimq_pl.errors import ConfigError
+    from cimq_pl.quant.techniques.psum_clipping import PartialSumClippingConfig
+
+    assert PartialSumClippingConfig().observer == "auto"  # the technique's default
+    with pytest.raises(ConfigError, match=r"input_observer='auto' is invalid: expected one of \['minmax', 'percentile', 'mse'\]"):
+        QuantizerOptions(input_observer="auto")
+    with pytest.raises(ConfigError, match=r"observer='kl' is invalid: expected one of \['minmax', 'percentile', 'mse', 'auto'\]"):
+        PartialSumClippingConfig(observer="kl")

@@ -58,13 +58,14 @@ def reconfigure_(model: nn.Module, mappings: tuple = ("cim", "int8"), **changes)
     macro's arrays, ``"int8"``: 8-bit edge layers) in place; returns the layers changed.
 
     Only the quantizers whose options change are rebuilt (uncalibrated, on the layer's device); the others
-    keep their state.
+    keep their state. A change given as a callable is that layer's value of it (``callable(layer)``).
     """
     changed = 0
     for _, layer in cim_layers(model):
         if layer.mapping not in mappings:
             continue
-        options = dataclasses.replace(layer.options, **changes)
+        options = dataclasses.replace(layer.options, **{field: value(layer) if callable(value) else value
+                                                        for field, value in changes.items()})
         if options != layer.options:
             layer.set_options(options)
             changed += 1

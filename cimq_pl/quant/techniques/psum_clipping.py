@@ -1,9 +1,9 @@
 """Partial-sum quantization with a reparametrized clipping function (SPEC 4.3).
 
 Every partial sum is read by a b_p-bit ADC over [-alpha, alpha] (or [0, alpha]). alpha = alpha0 x exp(theta):
-alpha0 from calibration statistics of the partial sums (MSE-optimal by default), theta learned, with the
-gradient reaching alpha from clipped and unclipped values alike (APoT's reparameterized clipping function,
-not PACT's). One alpha per array (default), per layer or per column (every bitline has its own ADC, so each
+alpha0 from calibration statistics of the partial sums (by default MSE-optimal for narrow ADCs, min-max for wide
+ones: `AUTO_MINMAX_ADC_BITS`), theta learned, with the gradient reaching alpha from clipped and unclipped values
+alike (APoT's reparameterized clipping function, not PACT's). One alpha per array (default), per layer or per column (every bitline has its own ADC, so each
 may have its own range, as in ColumnQuant). The conventional ADC is min-max, per layer, fixed.
 """
 
@@ -15,8 +15,7 @@ from typing import Literal
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.observers import OBSERVER_METHODS
-from cimq_pl.quant.psum import PSUM_GRANULARITIES
+from cimq_pl.quant.psum import PSUM_GRANULARITIES, PSUM_OBSERVERS, resolve_psum_observer
 from cimq_pl.quant.techniques.base import reconfigure_, register_technique
 
 __all__ = ["PartialSumClippingConfig"]
@@ -31,7 +30,9 @@ class PartialSumClippingConfig:
         granularity: ``"column"`` (default: one per bitline, per array and output column, weight slice or
             reference column, as every column has its own ADC; measured best under the full PTQ, issue 15),
             ``"array"`` (CIMQ's: one alpha per array and weight slice) or ``"layer"`` (one per weight slice).
-        observer: alpha0 from the calibration partial sums: ``"mse"``, ``"percentile"`` or ``"minmax"``.
+        observer: alpha0 from the calibration partial sums: ``"auto"`` (default: ``"minmax"`` for ADCs of
+            `AUTO_MINMAX_ADC_BITS` bits and more, ``"mse"`` below; each layer by its own ADC bits; measured, issue 15),
+            ``"mse"``, ``"percentile"`` or ``"minmax"``.
         learn_clip: learn theta during PTQ/QAT (False keeps the calibrated range).
 
     Raises:
@@ -39,15 +40,17 @@ class PartialSumClippingConfig:
     """
 
     granularity: Literal["layer", "array", "column"] = "column"
-    observer: Literal["minmax", "percentile", "mse"] = "mse"
+    observer: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     learn_clip: bool = True
 
     def __post_init__(self) -> None:
         if self.granularity not in PSUM_GRANULARITIES:
             raise ConfigError(f"granularity={self.granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
-        if self.observer not in OBSERVER_METHODS:
-            raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(OBSERVER_METHODS)}")
+        if self.observer not in PSUM_OBSERVERS:
+            raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(PSUM_OBSERVERS)}")
 
     def apply_(self, model: nn.Module) -> None:
-        """Give every CIM layer's ADC quantizer this granularity, initialisation and learnability."""
-        reconfigure_(model, psum_granularity=self.granularity, psum_observer=self.observer, psum_learn_clip=self.learn_clip)
+        """Give every CIM layer's ADC quantizer this granularity, initialisation (``"auto"`` resolved by the layer's
+        own ADC bits, so the layer records the observer it uses) and learnability."""
+        reconfigure_(model, psum_granularity=self.granularity, psum_learn_clip=self.learn_clip,
+                     psum_observer=lambda layer: resolve_psum_observer(self.observer, layer.spec.adc_bits))
