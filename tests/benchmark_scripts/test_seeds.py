@@ -64,10 +64,12 @@ def test_layer_search_calibration_size_keeps_its_fits_apart_from_the_configs():
     compare a search with the uniform points of the same calibration only."""
     cal = layer_search._uniform(5, 400, calibration_size=4000)
     assert cal.calibration_size == 4000 and cal.key == layer_search._uniform(5, 400).key + "-calibration_size4000"
+    # a search that may choose a 6-bit ADC (the default candidates 3-6), and a given point with one, fit the preset
+    # whose ADC ranges are min-max from 6 bits: the preset's newer name (`runner.WIDE_ADC_KEY_NAMES`)
     assert layer_search.searched_key("saving", 400, 256, calibration_size=4000) == (
-        f"searched-saving-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-calibration4000-images256")
-    assert layer_search.given_key("layer1.*:3", 400, 4000) == (
-        f"given-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-calibration4000-layer1.all:3")
+        "searched-saving-cimq15e-iters400-calibration4000-images256")
+    assert layer_search.given_key("layer1.*:3", 400, 4000) == "given-cimq15d-iters400-calibration4000-layer1.all:3"
+    assert layer_search.given_key("conv1:6/7 layer1.*:3", 400) == "given-cimq15e-iters400-conv1:6-in7_layer1.all:3"
 
     def row(key, accuracy, energy):
         return key, {"key": key, "point": key, "adc_bits": "", "test/acc": accuracy, "test/energy_per_image_uj": energy}
