@@ -146,8 +146,10 @@ def test_layer_search_budgets_give_the_search_options_they_name():
 
 def test_layer_search_options_name_their_rows_and_points():
     default = layer_search.SearchOptions()
-    assert layer_search.searched_key("saving", 400, 256) == (
-        f"searched-saving-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-images256")
+    assert layer_search.searched_key("saving", 400, 256) == (  # the default candidates reach 6 bits (min-max ranges)
+        f"searched-saving-{layer_search.WIDE_ADC_KEY_NAMES[layer_search.ROW_KEY_NAMES['cimq']]}-iters400-images256")
+    assert layer_search.searched_key("saving", 400, 256, layer_search.SearchOptions(candidates=(3, 4, 5))) == (
+        f"searched-saving-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-images256-adc345")
     assert default.suffix("saving") == "" and default.label("saving") == "searched at 80% of uniform ADC 5's energy"
     options = layer_search.SearchOptions("mse", (3, 4, 5, 6, 7), 0.8, 4, ("conv1", "layer*"))
     assert options.suffix("saving") == "-mse-from-adc4-adc34567-layers_conv1_layerall"
