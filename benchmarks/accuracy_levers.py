@@ -88,6 +88,7 @@ LEVER_SETS = {
     "calibration on 4,000 images, 64 images per step": dict(row="cimq", calibration_size=4000, batch_size=64),
     # the ADC ranges start at the min-max of the calibration partial sums instead of the MSE-optimal clip
     "ADC ranges from min-max": dict(row="cimq", psum_observer="minmax"),
+    "ADC ranges from the MSE clip": dict(row="cimq", psum_observer="mse"),  # the presets' choice before session 33
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "test/energy_per_image_uj", "fit_seconds")
