@@ -34,13 +34,12 @@ import csv
 import re
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import yaml
 
-from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, ROW_KEY_NAMES, SMOKE_ARGS, WIDE_ADC_KEY_NAMES,
-                    ResultStore, Setting, base_parser, derived_config, machine, markdown_table, measure, merge_fits,
-                    prepare, seeded)
+from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, SMOKE_ARGS, ResultStore, Setting, base_parser,
+                    derived_config, machine, markdown_table, measure, merge_fits, prepare, row_key_name, seeded)
 
 UNIFORM_ADC = (3, 4, 5, 6)
 SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
@@ -117,22 +116,12 @@ def _glob_name(pattern: str) -> str:
     return pattern.replace("*", "all").replace("?", "any")
 
 
-def _fit_name(iters: int, calibration_size: Optional[int], wide_adc: bool = False) -> str:
-    """The key piece of the fits' budget: the preset's version (`runner.ROW_KEY_NAMES`, so that a changed preset
-    measures again; `runner.WIDE_ADC_KEY_NAMES` where some layer may have an ADC of `AUTO_MINMAX_ADC_BITS` bits or
-    more, whose range the preset sets otherwise since session 33), its steps per unit and, where not the model
-    config's 1,024, its calibration images."""
-    name = ROW_KEY_NAMES.get("cimq", "cimq")
+def _fit_name(iters: int, calibration_size: Optional[int], adc_bits: Iterable[Optional[int]] = ()) -> str:
+    """The key piece of the fits' budget: the preset's version (`runner.row_key_name` for the ADC resolutions
+    ``adc_bits`` its layers may have, so that a changed preset measures again), its steps per unit and, where not the
+    model config's 1,024, its calibration images."""
     images = "" if calibration_size is None else f"-calibration{calibration_size}"
-    return f"{WIDE_ADC_KEY_NAMES.get(name, name) if wide_adc else name}-iters{iters}{images}"
-
-
-def _wide_adc(adc_bits) -> bool:
-    """Whether any of ``adc_bits`` (ints, None for an ideal ADC) is an ADC the presets' ``observer: auto`` gives a
-    min-max range."""
-    from cimq_pl.quant.psum import AUTO_MINMAX_ADC_BITS
-
-    return any(bits is not None and bits >= AUTO_MINMAX_ADC_BITS for bits in adc_bits)
+    return f"{row_key_name('cimq', adc_bits)}-iters{iters}{images}"
 
 
 def searched_key(kind: str, iters: int, images: int, options: SearchOptions = SearchOptions(),
@@ -140,8 +129,7 @@ def searched_key(kind: str, iters: int, images: int, options: SearchOptions = Se
     """Row key of a searched assignment (its fits' budget as `_fit_name`, as the uniform rows' keys name theirs)."""
     own = yaml.safe_load(options.layer_candidates) if options.layer_candidates else {}
     candidates = [*options.candidates, *(bits for fields in own.values() for bits in fields.get("adc_bits", []))]
-    return (f"searched-{kind}-{_fit_name(iters, calibration_size, _wide_adc(candidates))}-images{images}"
-            f"{options.suffix(kind)}")
+    return f"searched-{kind}-{_fit_name(iters, calibration_size, candidates)}-images{images}{options.suffix(kind)}"
 
 
 def _uniform(adc: int, iters: int, seed: int = CONFIG_SEED, calibration_size: Optional[int] = None) -> Setting:
@@ -253,8 +241,8 @@ def given_assignment(text: str) -> str:
 def given_key(assignment: str, iters: int, calibration_size: Optional[int] = None) -> str:
     """Row key of an assignment given by hand (`given_assignment`'s pairs), its fits' budget named as `searched_key`."""
     slug = re.sub(r"[^A-Za-z0-9.:_-]", "", _glob_name(assignment).replace(" ", "_").replace("/", "-in"))
-    wide = _wide_adc(layer_fields(pair.rpartition(":")[2])["adc_bits"] for pair in assignment.split())
-    return f"given-{_fit_name(iters, calibration_size, wide)}-{slug}"
+    adc_bits = [layer_fields(pair.rpartition(":")[2])["adc_bits"] for pair in assignment.split()]
+    return f"given-{_fit_name(iters, calibration_size, adc_bits)}-{slug}"
 
 
 def stored_overrides(assignment: str, path: Path) -> Path:

@@ -67,6 +67,19 @@ ROW_KEY_NAMES.update({name: f"{name}15d" for name in ("cimq", "cimq_edges_on_arr
 # such an ADC, with the config's own observer, takes the new name.)
 WIDE_ADC_KEY_NAMES = {"cimq15d": "cimq15e", "cimq_edges_on_arrays15d": "cimq_edges_on_arrays15e",
                       "cimq_quick15c": "cimq_quick15e", "cimq_qat15c": "cimq_qat15e"}
+
+
+def row_key_name(row: str, adc_bits: Iterable[Optional[int]] = ()) -> str:
+    """The versioned name of ``row``'s config in result keys (`ROW_KEY_NAMES`): its `WIDE_ADC_KEY_NAMES` name when
+    any of ``adc_bits`` (ADC resolutions its layers may have; None: an ideal ADC) is one the presets'
+    ``observer: auto`` gives a min-max range."""
+    from cimq_pl.quant.psum import resolve_psum_observer
+
+    name = ROW_KEY_NAMES.get(row, row)
+    wide_adc = any(resolve_psum_observer("auto", bits) == "minmax" for bits in adc_bits)
+    return WIDE_ADC_KEY_NAMES.get(name, name) if wide_adc else name
+
+
 # A row name that changed only a default of the steps per unit: a setting that sets ``iters`` itself runs the same
 # config under either name, so rows measured under the older one are reused for it.
 SAME_CONFIG_WHEN_ITERS_SET = {"cimq15d": "cimq15c", "cimq_edges_on_arrays15d": "cimq_edges_on_arrays15c"}
@@ -189,12 +202,9 @@ class Setting:
 
     @property
     def row_key_name(self) -> str:
-        """The row's name in `key`: the versioned name of its config (`ROW_KEY_NAMES`, `WIDE_ADC_KEY_NAMES`)."""
-        from cimq_pl.quant.psum import AUTO_MINMAX_ADC_BITS
-
-        name = ROW_KEY_NAMES.get(self.row, self.row)
-        wide_adc = self.adc_bits is not None and self.adc_bits >= AUTO_MINMAX_ADC_BITS and self.psum_observer is None
-        return WIDE_ADC_KEY_NAMES.get(name, name) if wide_adc else name
+        """The row's name in `key`: the versioned name of its config (`row_key_name`; an observer the setting
+        sets itself makes the presets' ``auto`` irrelevant)."""
+        return row_key_name(self.row, (self.adc_bits,) if self.psum_observer is None else ())
 
     @property
     def equivalent_keys(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import accuracy_levers  # noqa: E402
 import layer_search  # noqa: E402
-from runner import CONFIG_SEED, Setting, seed_spread, seeded  # noqa: E402
+from runner import CONFIG_SEED, ROW_KEY_NAMES, WIDE_ADC_KEY_NAMES, Setting, seed_spread, seeded  # noqa: E402
 
 
 def test_the_config_seed_keeps_the_key_and_other_seeds_extend_it():
@@ -147,9 +147,9 @@ def test_layer_search_budgets_give_the_search_options_they_name():
 def test_layer_search_options_name_their_rows_and_points():
     default = layer_search.SearchOptions()
     assert layer_search.searched_key("saving", 400, 256) == (  # the default candidates reach 6 bits (min-max ranges)
-        f"searched-saving-{layer_search.WIDE_ADC_KEY_NAMES[layer_search.ROW_KEY_NAMES['cimq']]}-iters400-images256")
+        f"searched-saving-{WIDE_ADC_KEY_NAMES[ROW_KEY_NAMES['cimq']]}-iters400-images256")
     assert layer_search.searched_key("saving", 400, 256, layer_search.SearchOptions(candidates=(3, 4, 5))) == (
-        f"searched-saving-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-images256-adc345")
+        f"searched-saving-{ROW_KEY_NAMES['cimq']}-iters400-images256-adc345")
     assert default.suffix("saving") == "" and default.label("saving") == "searched at 80% of uniform ADC 5's energy"
     options = layer_search.SearchOptions("mse", (3, 4, 5, 6, 7), 0.8, 4, ("conv1", "layer*"))
     assert options.suffix("saving") == "-mse-from-adc4-adc34567-layers_conv1_layerall"
@@ -160,7 +160,7 @@ def test_layer_search_options_name_their_rows_and_points():
 def test_layer_search_reads_assignments_given_by_hand():
     assert layer_search.given_assignment("layer1.*=3, layer3.*.conv2=None") == "layer1.*:3 layer3.*.conv2:None"
     assert layer_search.given_key("layer1.*:3 layer3.*:3", 400) == (
-        f"given-{layer_search.ROW_KEY_NAMES['cimq']}-iters400-layer1.all:3_layer3.all:3")
+        f"given-{ROW_KEY_NAMES['cimq']}-iters400-layer1.all:3_layer3.all:3")
     for bad in ("layer1.*", "layer1.*=three", "=3", "conv1=7/", "conv1=7/None", "conv1=/7"):
         with pytest.raises(ValueError, match="expected glob=bits"):
             layer_search.given_assignment(bad)

@@ -3,8 +3,9 @@
 Every partial sum is read by a b_p-bit ADC over [-alpha, alpha] (or [0, alpha]). alpha = alpha0 x exp(theta):
 alpha0 from calibration statistics of the partial sums (by default MSE-optimal for narrow ADCs, min-max for wide
 ones: `AUTO_MINMAX_ADC_BITS`), theta learned, with the gradient reaching alpha from clipped and unclipped values
-alike (APoT's reparameterized clipping function, not PACT's). One alpha per array (default), per layer or per column (every bitline has its own ADC, so each
-may have its own range, as in ColumnQuant). The conventional ADC is min-max, per layer, fixed.
+alike (APoT's reparameterized clipping function, not PACT's). One alpha per array (default), per layer or per
+column (every bitline has its own ADC, so each may have its own range, as in ColumnQuant). The conventional ADC is
+min-max, per layer, fixed.
 """
 
 from __future__ import annotations
