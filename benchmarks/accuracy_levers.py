@@ -89,6 +89,9 @@ LEVER_SETS = {
     # the ADC ranges start at the min-max of the calibration partial sums instead of the MSE-optimal clip
     "ADC ranges from min-max": dict(row="cimq", psum_observer="minmax"),
     "ADC ranges from the MSE clip": dict(row="cimq", psum_observer="mse"),  # the presets' choice before session 33
+    # session 34: QDrop on the ADC too (the CIMQ paper's partial-sum dropping), first on the preset's 1,024 images
+    "QDrop on the partial sums too": dict(row="cimq", drop_psums=True),
+    "calibration on 4,000 images, QDrop on the partial sums too": dict(row="cimq", calibration_size=4000, drop_psums=True),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "test/energy_per_image_uj", "fit_seconds")

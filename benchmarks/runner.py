@@ -140,6 +140,9 @@ class Setting:
             (`BlockReconstruction`'s ``lr_offset``; only for configs that reconstruct).
         batch_size: the reconstruction's images per step (`BlockReconstruction`'s ``batch_size``; 32 in the presets;
             only for configs that reconstruct).
+        drop_psums: QDrop also on the partial sums (`QuantDropping` ``targets`` gets ``psums``: each ADC conversion
+            keeps its raw partial sum with probability 1 - p while its unit reconstructs; the CIMQ paper's choice,
+            SPEC 4.4); only where the config has that callback.
         calibration_size: train images in the calibration subset (``data.calibration_size``; the model config's
             1,024 when None): what calibration observes and what reconstruction draws its batches from.
         seed: the datamodule's ``seed`` (the calibration subset, and every PTQ step's draws: its batch, the QDrop
@@ -169,6 +172,7 @@ class Setting:
     lr_offset: Optional[float] = None
     batch_size: Optional[int] = None
     psum_observer: Optional[str] = None
+    drop_psums: Optional[bool] = None
     calibration_size: Optional[int] = None
     seed: Optional[int] = None
 
@@ -309,6 +313,14 @@ def derived_config(setting: Setting) -> Optional[dict]:
         if callback not in callbacks:
             raise ValueError(f"setting {setting.key}: {name} needs {callback} in {path}, which lists {sorted(callbacks)}")
         callbacks[callback][argument] = value
+    if setting.drop_psums is not None:
+        if "QuantDropping" not in callbacks:
+            raise ValueError(f"setting {setting.key}: drop_psums needs QuantDropping in {path}, which lists "
+                             f"{sorted(callbacks)}")
+        from cimq_pl.quant.techniques import DROP_TARGETS
+
+        targets = [t for t in callbacks["QuantDropping"].get("targets") or DROP_TARGETS if t != "psums"]
+        callbacks["QuantDropping"]["targets"] = targets + ["psums"] if setting.drop_psums else targets
     changes = {name: getattr(setting, name)
                for name in ("iters", "rounding_init", "lr_scale", "lr_step", "lr_offset", "batch_size", "weight_rounding")}
     if any(value is not None for value in changes.values()):

@@ -43,18 +43,6 @@ __all__ = ["AUTO_COMPILE_MIN_STEPS", "CIMQModule"]
 AUTO_COMPILE_MIN_STEPS = 1000
 
 
-def _eager_only_note(model: torch.nn.Module) -> str:
-    """What a compiled fit runs eagerly all the same: the CIM layers that drop partial sums (QDrop on the ADC
-    inputs has no compiled kernel; the quantizers' own ``dropping``, which the layers' path choice reads), or ""."""
-    layers = cim_layers(model)
-    dropping = [name for name, layer in layers if getattr(layer.psum_quantizer, "dropping", False)]
-    if not dropping:
-        return ""
-    return (f"; but {len(dropping)} of {len(layers)} CIM layers drop partial sums (QuantDropping targets include "
-            "psums), which has no compiled kernel: they run eagerly (targets: [block_input, activations] compiles "
-            "them, as configs/quant/cimq_ptq.yaml)")
-
-
 class CIMQModule(pl.LightningModule):
     """A timm image classifier (any name of ``timm.list_models()``).
 
@@ -292,8 +280,7 @@ class CIMQModule(pl.LightningModule):
             if self.device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS and compiled_simulation_available():
                 set_simulation(self.model, "compiled")
                 rank_zero_info(f"model.simulation=auto: {steps} training steps, CIM layers compiled "
-                               f"(>= {AUTO_COMPILE_MIN_STEPS}; compilation takes a minute or two)"
-                               f"{_eager_only_note(self.model)}")
+                               f"(>= {AUTO_COMPILE_MIN_STEPS}; compilation takes a minute or two)")
 
     def on_train_end(self) -> None:
         if self._auto_simulation:

@@ -20,8 +20,9 @@ process default `default_simulation()`, ``"eager"`` unless the environment varia
   averages the digit gradients divided by their cycle weights and the convolution is linear, so
   ``d codes = conv_T(sum_j d psum_j / (n w_j))``. ADC codes are the eager ones; the forward values differ
   from the eager ones at most by the order of float sums (row blocks and slices, which PyTorch's own reduction
-  orders by shape and vector width; convolutions of non-integer digits), the gradients likewise. Traces,
-  event counting (``collect_stats``), ADC calibration and partial-sum dropping run eagerly. Where compilation
+  orders by shape and vector width; convolutions of non-integer digits), the gradients likewise. QDrop on the
+  ADC (partial-sum dropping) draws the eager path's masks, in its order, and runs in the same two kernels.
+  Traces, event counting (``collect_stats``) and ADC calibration run eagerly. Where compilation
   fails (no C++ compiler, no Triton) the layers warn once and run eagerly.
 
 Compilation happens once per layer configuration (and batch size, until shapes turn dynamic); Inductor
@@ -40,6 +41,7 @@ from torch import nn
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant.digits import digit_planes
+from cimq_pl.quant.dropping import keep_mask
 from cimq_pl.quant.ste import constant_tensor
 
 __all__ = [
@@ -213,6 +215,7 @@ class PostConfig(NamedTuple):
     input_scale: bool
     bias: bool
     pack: int = 0  # > 0: the convolutions ran on cycle pairs d_2i + pack * d_2i+1 (`cycle_pack`)
+    psum_keep_prob: Optional[float] = None  # QDrop on the ADC: each conversion keeps its code with this probability
 
 
 def _sequential_sum(terms: list) -> torch.Tensor:
@@ -251,15 +254,26 @@ def _part_output(u, coef, ref_coef, ref_index, n_blocks: int, cfg: PostConfig):
     return out, columns, gathered
 
 
-def _post_forward(psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step, bias, cfg: PostConfig):
+def _adc_values(P, codes, step, keep, cfg: PostConfig):
+    """The cycle-summed ADC output of one part, NHWC (N, H, W, K_p): sum_j w_j step code_j, or, under QDrop on
+    the ADC (``keep`` (n_cycles, N, H, W, K_p) given), the raw partial sum P_j where a conversion is dropped."""
+    if keep is None:
+        return _cycle_sum_nhwc(codes, cfg.cycle_weights) * step
+    return _cycle_sum_nhwc([torch.where(keep[j], codes[j] * step, P[j]) for j in range(len(codes))],
+                           cfg.cycle_weights)
+
+
+def _post_forward(psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step, bias,
+                  cfg: PostConfig):
     """ADC, cycle shift-add, per-tile scales, shift-add, input scale and bias: NHWC partial sums
-    (n_cycles, N, H, W, K_p) of each part -> NHWC output (N, H, W, C_out)."""
+    (n_cycles, N, H, W, K_p) of each part -> NHWC output (N, H, W, C_out); ``psum_keeps``: per part the QDrop
+    mask of the conversions (None: every conversion quantizes)."""
     out = None
     for p, P in enumerate(psums):
         cycles = _unpack_cycles(P, cfg.pack) if cfg.pack else P
         if cfg.adc:
             codes = [_adc_codes(cycle, steps[p], qmins[p], qmaxs[p])[1] for cycle in cycles]
-            u = _cycle_sum_nhwc(codes, cfg.cycle_weights) * steps[p]
+            u = _adc_values(cycles, codes, steps[p], psum_keeps[p], cfg)
         else:
             u = _cycle_sum_nhwc(cycles, cfg.cycle_weights)
         part, _, _ = _part_output(u, coefs[p], ref_coefs[p], ref_index, cfg.part_blocks[p], cfg)
@@ -280,10 +294,10 @@ def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
     return t.sum((1, 2)).sum(0)
 
 
-def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, ref_onehot, input_step,
-                   cfg: PostConfig, need_psums: bool, need_combined: bool):
-    """Gradients of `_post_forward` (straight-through round, zero gradient where the ADC clips) for the NHWC
-    output gradient ``grad_out`` (N, H, W, C_out).
+def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, ref_onehot,
+                   input_step, cfg: PostConfig, need_psums: bool, need_combined: bool):
+    """Gradients of `_post_forward` (straight-through round, zero gradient where the ADC clips, identity where
+    QDrop dropped the conversion) for the NHWC output gradient ``grad_out`` (N, H, W, C_out).
 
     Returns ``(grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias)``,
     per part where a list: grad_psums (n_cycles, N, H, W, K_p), combined = sum_j grad_psums_j / (n w_j)
@@ -300,9 +314,10 @@ def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_i
     pre = None
     for p, P in enumerate(psums):
         n_blocks = cfg.part_blocks[p]
+        keep = psum_keeps[p]
         if cfg.adc:
             normalized, codes = _adc_codes(P, steps[p], qmins[p], qmaxs[p])
-            u = _cycle_sum_nhwc(codes, cfg.cycle_weights) * steps[p]
+            u = _adc_values(P, codes, steps[p], keep, cfg)
         else:
             u = _cycle_sum_nhwc(P, cfg.cycle_weights)
         part, columns, gathered = _part_output(u, coefs[p], ref_coefs[p], ref_index, n_blocks, cfg)
@@ -321,16 +336,18 @@ def _post_backward(grad_out, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_i
         grad_u = grad_u.reshape(n, h, w, -1)
         if cfg.adc:  # per cycle, so that every output is written by the one loop over the partial sums
             inside = [(normalized[j] >= qmins[p]) & (normalized[j] <= qmaxs[p]) for j in range(n_cycles)]
+            passes = inside if keep is None else [inside[j] | ~keep[j] for j in range(n_cycles)]
             grad_psums = None
             if need_psums:
-                grad_psums = torch.stack([torch.where(inside[j], grad_u * wj, 0)
+                grad_psums = torch.stack([torch.where(passes[j], grad_u * wj, 0)
                                           for j, wj in enumerate(cfg.cycle_weights)])
-            local = _cycle_sum_nhwc([codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)],
-                                    cfg.cycle_weights)
-            grad_step = _sum_pixels(grad_u * local)
+            local = [codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)]
+            if keep is not None:  # a dropped conversion's value does not depend on the ADC step
+                local = [torch.where(keep[j], local[j], 0) for j in range(n_cycles)]
+            grad_step = _sum_pixels(grad_u * _cycle_sum_nhwc(local, cfg.cycle_weights))
             combined = None
             if need_combined:
-                combined = grad_u * (_sequential_sum([inside[j].to(grad_u.dtype) for j in range(n_cycles)])
+                combined = grad_u * (_sequential_sum([passes[j].to(grad_u.dtype) for j in range(n_cycles)])
                                      * (1.0 / n_cycles))
         else:
             grad_psums = torch.stack([grad_u * wj for wj in cfg.cycle_weights]) if need_psums else None
@@ -482,14 +499,19 @@ class _CompiledLayer(torch.autograd.Function):
         keeps = [None if k is None else k.contiguous(memory_format=_CHANNELS_LAST) for k in keeps]
         digits = [_digits_compiled(t, split, input_step, lut, k, quant, cfg.pack) for t, k in zip(inputs, keeps)]
         n_convolved = n_cycles // 2 if cfg.pack else n_cycles
-        psums = [_batch_dynamic(_nhwc(_conv(d, w, conv), n_convolved), 1)
-                 for d, w, conv in zip(digits, weights, convs)]
-        out = _run_compiled(_post_forward, psums, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step,
-                            bias, cfg).permute(0, 3, 1, 2)
+        conv_outputs = [_conv(d, w, conv) for d, w, conv in zip(digits, weights, convs)]
+        psums = [_batch_dynamic(_nhwc(t, n_convolved), 1) for t in conv_outputs]
+        psum_keeps = [None] * n_parts
+        if cfg.psum_keep_prob is not None:  # the eager path's draws: one mask per part, in NCHW order
+            psum_keeps = [_batch_dynamic(_nhwc(keep_mask(t, cfg.psum_keep_prob).contiguous(
+                memory_format=_CHANNELS_LAST), n_cycles), 1) for t in conv_outputs]
+        del conv_outputs
+        out = _run_compiled(_post_forward, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index,
+                            input_step, bias, cfg).permute(0, 3, 1, 2)
         out = _owning(out) if channels_last else out.contiguous()
         ctx.n_images = inputs[0].shape[0]
         ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *coefs, *ref_coefs, input_step,
-                              *(inputs if quant is not None else [None] * n_parts), *keeps)
+                              *(inputs if quant is not None else [None] * n_parts), *keeps, *psum_keeps)
         ctx.cfg, ctx.quant, ctx.convs, ctx.ref_index, ctx.ref_onehot = cfg, quant, convs, ref_index, ref_onehot
         ctx.has_bias = bias is not None
         return out
@@ -501,14 +523,14 @@ class _CompiledLayer(torch.autograd.Function):
         digits, weights, psums, steps, qmins, qmaxs, coefs, ref_coefs = (
             list(saved[i * n_parts:(i + 1) * n_parts]) for i in range(8))
         input_step = saved[8 * n_parts]
-        inputs, keeps = (list(saved[8 * n_parts + 1 + i * n_parts:8 * n_parts + 1 + (i + 1) * n_parts])
-                         for i in range(2))
+        inputs, keeps, psum_keeps = (list(saved[8 * n_parts + 1 + i * n_parts:8 * n_parts + 1 + (i + 1) * n_parts])
+                                     for i in range(3))
         needs = ctx.needs_input_grad[7:]
         need_inputs, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
         need_input_step = needs[8 * n_parts]
         need_codes = [n or (quant is not None and need_input_step) for n in need_inputs]
         grad_nhwc = _batch_dynamic(grad_out.permute(0, 2, 3, 1).contiguous())
-        grads = _run_compiled(_post_backward, grad_nhwc, psums, steps, qmins, qmaxs, coefs, ref_coefs,
+        grads = _run_compiled(_post_backward, grad_nhwc, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs,
                               ctx.ref_index, ctx.ref_onehot, input_step, cfg, any(need_weights), any(need_codes))
         grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias = grads
         grad_inputs, grad_weights = [], []

@@ -363,9 +363,9 @@ class _CIMLayerBase(nn.Module):
         input_active = iq is not None and iq.enabled and not iq.observe
         weight_active = wq is not None and wq.enabled
         adc_active = pq is not None and pq.enabled
-        adc_plain = pq is None or not pq.enabled or (pq.initialized and not pq.observe and not pq.dropping)
+        adc_ready = pq is None or not pq.enabled or (pq.initialized and not pq.observe)
         device = active_device(self) if weight_active else None  # a real chip's cells and ADCs, or None
-        compiled = (not trace and not self.collect_stats and adc_plain and device is None
+        compiled = (not trace and not self.collect_stats and adc_ready and device is None
                     and self._simulation() == "compiled"
                     and fused.compiled_simulation_available())
 
@@ -411,7 +411,8 @@ class _CIMLayerBase(nn.Module):
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             keeps = self._part_codes(keep) if keep is not None else [None] * len(self.parts)
             pack = 0  # no gradient and exact integer partial sums: two cycles per convolution (fused.cycle_pack)
-            if not torch.is_grad_enabled() and weight_active and weight_exact and self._integer_psums(split, x.dtype):
+            if (not torch.is_grad_enabled() and weight_active and weight_exact and self._integer_psums(split, x.dtype)
+                    and not (adc_active and pq.dropping)):
                 pack = fused.cycle_pack(weights, split, x.dtype)
             return self._compiled_forward(split, quant, lut, self._part_codes(x), keeps, weights, metas,
                                           weight_step, slice_weights, n_ref, input_step, adc_active, channels_last,
@@ -563,7 +564,8 @@ class _CIMLayerBase(nn.Module):
             cycle_weights=tuple(split.cycle_weights) if split is not None else (1,),
             part_blocks=tuple(len(part.row_blocks) for part in self.parts), groups=geo.groups,
             cout_g=geo.out_channels_per_group, n_slices=len(slice_weights), n_ref=n_ref, adc=adc_active,
-            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=bias is not None, pack=pack)
+            scaled=coefs[0] is not None, input_scale=input_step is not None, bias=bias is not None, pack=pack,
+            psum_keep_prob=pq.keep_prob if adc_active and pq.dropping else None)
         ref_index = self._col_block_of_column if n_ref else None
         ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
         convs = [conv for conv, _ in self._array_convs()]

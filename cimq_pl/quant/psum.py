@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cimq_pl.quant.observers import OBSERVER_METHODS
-from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor, round_ste
+from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor
 from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
 
 PSUM_GRANULARITIES = ("layer", "array", "column")
@@ -270,9 +270,17 @@ class PsumQuantizer(QuantizerBase):
         self.observer.reset()
 
     def quantize_codes(self, psums: torch.Tensor, step: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor):
-        """ADC codes of ``psums`` (B, C, H, W) with straight-through rounding (unfused path)."""
+        """ADC codes of ``psums`` (B, C, H, W) with straight-through rounding (unfused path).
+
+        The gradient is `_ADCCycleSum`'s: the identity where ``qmin <= p / step <= qmax`` (bounds included), zero
+        outside. ``torch.clamp`` with tensor bounds would halve it at the bounds (its backward splits ties), and a
+        partial sum of exactly 0 at an unsigned ADC's ``qmin = 0`` is common with sparse inputs.
+        """
         view = (1, -1, 1, 1)
-        return round_ste(torch.clamp(psums / step.view(view), qmin.view(view), qmax.view(view)))
+        normalized = psums / step.view(view)
+        inside = (normalized >= qmin.view(view)) & (normalized <= qmax.view(view))
+        codes = torch.clamp(torch.round(normalized.detach()), qmin.view(view), qmax.view(view))
+        return torch.where(inside, normalized, normalized.detach()) + (codes - normalized.detach())
 
     def convert_and_sum(
         self,

@@ -80,9 +80,9 @@ def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed, granu
 @settings(max_examples=40, deadline=None)
 @given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
        train=st.booleans(), rounding=st.sampled_from(["nearest", "adaround"]), max_ones=st.sampled_from([None, 1, 2]),
-       granularity=st.sampled_from(["array", "column"]), offset=st.booleans())
+       granularity=st.sampled_from(["array", "column"]), offset=st.booleans(), drop_psums=st.booleans())
 def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding, max_ones, granularity,
-                                                   offset):
+                                                   offset, drop_psums):
     layer, x = _initialised(case, spec, seed, torch.float64, signed, weight_rounding=rounding,
                             input_max_ones=max_ones, psum_granularity=granularity)
     offset = offset and layer.add_output_offset_() is not None  # a learned offset after the ADC (gradient too)
@@ -93,6 +93,9 @@ def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, tra
     layer.train(train)
     if train and layer.input_quantizer is not None:
         layer.input_quantizer.keep_prob = 0.5  # QDrop: non-integer digits in the first cycle
+    drop_psums = drop_psums and train and layer.psum_quantizer is not None
+    if drop_psums:  # QDrop on the ADC: the same masks on both paths (drawn in the same order)
+        layer.psum_quantizer.keep_prob = 0.5
     eager_out, eager_grads = _run(layer, x)
     layer.simulation = "compiled"
     with uncompiled():
@@ -239,13 +242,18 @@ def test_failed_compilation_falls_back_with_one_warning(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("CIMQ_TEST_COMPILE") != "1" or shutil.which("c++") is None,
                     reason="compiles C++ code for about 10 s: set CIMQ_TEST_COMPILE=1 (needs a C++ compiler)")
-def test_torch_compile_matches_uncompiled_kernels(monkeypatch):
-    """Inductor's code gives the uncompiled kernels' forward bits and their gradients (one tiny layer)."""
+@pytest.mark.parametrize("drop_psums", [False, True])
+def test_torch_compile_matches_uncompiled_kernels(monkeypatch, drop_psums):
+    """Inductor's code gives the uncompiled kernels' forward bits and their gradients (one tiny layer; with QDrop
+    on the ADC too)."""
     torch.manual_seed(0)
     spec = CIMSpec(rows=20, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=3)
     layer = CIMConv2d.from_conv(nn.Conv2d(5, 3, 3, padding=1), spec)
     x = torch.rand(2, 5, 4, 4)
     layer(x)
+    if drop_psums:
+        layer.train()
+        layer.psum_quantizer.keep_prob = 0.5
     layer.simulation = "compiled"
     monkeypatch.setattr(fused, "COMPILE_KERNELS", False)
     expected_out, expected_grads = _run(layer, x)
