@@ -13,10 +13,26 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import adc_range_shapes  # noqa: E402
 import calibration_speed  # noqa: E402
 import conv_work  # noqa: E402
 import ptq_step_profile  # noqa: E402
 import weight_side  # noqa: E402
+
+
+def test_adc_range_shapes_by_hand():
+    """Partial sums on an unsigned 3-bit grid (0..7) lose nothing in any 3-bit shape; shifted to 100..107 only the
+    asymmetric shapes (a range [lo, hi]) still fit them exactly."""
+    torch.manual_seed(0)
+    grid = torch.randint(0, 8, (2, 1, 1, 1, 3, 4, 4)).double()
+    grid[..., 0, 0] = 0.0
+    grid[..., 0, 1] = 7.0  # both ends in every cycle and column
+    trace = {"partial_sums": grid, "cycle_weights": (1, 2)}
+    errors = adc_range_shapes.layer_errors(trace, 3, 8)
+    assert [errors[shape] for shape in adc_range_shapes.SHAPES[:4]] == [0.0] * 4
+    shifted = adc_range_shapes.layer_errors({**trace, "partial_sums": grid + 100}, 3, 8)
+    assert shifted["asymmetric"] == shifted["asymmetric per cycle"] == 0.0
+    assert shifted["symmetric"] > 0 and shifted["per cycle"] > 0 and shifted["symmetric, one bit more"] > 0
 
 
 @pytest.mark.parametrize("stride", [1, 2])

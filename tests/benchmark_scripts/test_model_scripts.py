@@ -220,3 +220,19 @@ def test_low_adc_qat_config_carries_the_command_lines_rates_into_the_objective(o
     (qat_callback,) = [c for c in config["trainer"]["callbacks"]
                        if c["class_path"].endswith("QuantizationAwareTraining")]
     assert qat_callback["init_args"]["init_from"] == str(tmp_path / "ptq.ckpt")
+
+
+def test_adc_range_shapes_on_the_low_adc_checkpoint(out):
+    """The range-shape analysis on the smoke PTQ checkpoint of the test above: one row per layer with an ADC and a
+    total, the yardstick (one bit more) far below today's shape."""
+    import adc_range_shapes
+
+    checkpoint = out / "work" / "low_adc_qat_quick" / "ptq-adc3-iters1.ckpt"
+    rows = adc_range_shapes.main(["--checkpoint", str(checkpoint), "--adc-bits", "3", "--images", "2", "--points",
+                                  "8", "--out-dir", str(out), "--work-dir", str(out / "work")])
+    assert len(rows) == 19 and rows[-1]["layer"].startswith("all layers")  # 18 layers with an ADC (int8 edges)
+    assert all(row["symmetric"] == 1.0 for row in rows)
+    assert rows[-1]["symmetric, one bit more"] < 0.5
+    assert len(csv_rows(out / "adc_range_shapes-adc3.csv")) == 19
+    with pytest.raises(SystemExit):
+        adc_range_shapes.main(["--checkpoint", str(out / "missing.ckpt"), "--adc-bits", "3", "--out-dir", str(out)])

@@ -1,0 +1,129 @@
+"""How much ADC error other range shapes would remove (issue 15, low-resolution ADCs): an analysis, not a fit.
+
+Loads a PTQ checkpoint of the CPU preset, runs ``--images`` train images through it and traces every CIM layer with
+an ADC (the partial sums of every input cycle, column and position). For each column it then finds, by grid search,
+the range that minimises the ADC's error on those partial sums under five range shapes, and reports the error of
+the cycle-summed result, sum_j w_j^2 MSE_j (w_j the cycle's shift-add weight), against the first:
+
+* ``symmetric``: one range per column (bitline), the same for every input cycle: today's `PartialSumClipping`
+  (``granularity: column``; signed columns [-2^(b-1), 2^(b-1) - 1] x step, unsigned [0, 2^b - 1] x step);
+* ``per cycle``: one such range per column and input cycle (the ADC's reference changed between cycles);
+* ``asymmetric``: one range [lo, hi] per column with 2^b levels (an ADC with a programmable offset);
+* ``asymmetric per cycle``: both;
+* ``symmetric, one bit more``: the first shape on an ADC of one bit more, the yardstick.
+
+A range shape that removes a large share of the error is worth building into the quantizer (a new
+``PartialSumClipping`` option, its compiled kernels, the export and the cost model) when it comes near what one bit
+more removes (about 75%).
+
+    python benchmarks/adc_range_shapes.py --checkpoint <ptq.ckpt> --adc-bits 3
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from runner import MODEL_CONFIGS, base_parser, cli, machine, markdown_table, prepare
+
+SHAPES = ("symmetric", "per cycle", "asymmetric", "asymmetric per cycle", "symmetric, one bit more")
+COLUMNS = ("layer", *SHAPES)
+
+
+def _grid_error(psums: torch.Tensor, weights: torch.Tensor, bits: int, signed: torch.Tensor, per_cycle: bool,
+                asymmetric: bool, points: int) -> torch.Tensor:
+    """Least weighted error per column over a grid of ranges: ``psums`` (n_cycles, M, columns), ``weights``
+    (n_cycles,) cycle weights, ``signed`` (columns,). Returns (columns,) of sum_j w_j^2 MSE_j."""
+    levels = 2**bits - 1
+    reduce = (1,) if per_cycle else (0, 1)
+    low, high = psums.amin(reduce, keepdim=True), psums.amax(reduce, keepdim=True)
+    top = torch.maximum(low.abs(), high.abs()).clamp_min(1e-9)
+    fractions = torch.linspace(1.0 / points, 1.0, points).tolist()
+    squared = weights.view(-1, 1) ** 2
+    best = None
+    for high_fraction in fractions:
+        for low_fraction in (fractions if asymmetric else [None]):
+            if asymmetric:
+                lo, hi = low * low_fraction, high * high_fraction
+                hi = torch.maximum(hi, lo + 1e-6)
+                step = (hi - lo) / levels
+                values = torch.clamp(torch.round((psums - lo) / step), 0, levels) * step + lo
+            else:
+                alpha = top * high_fraction
+                half = (levels + 1) / 2
+                qmin = torch.where(signed, -half, 0.0)
+                qmax = torch.where(signed, half - 1, float(levels))
+                step = alpha / torch.where(signed, half, float(levels))
+                values = torch.clamp(torch.round(psums / step), qmin, qmax) * step
+            error = (((values - psums) ** 2).mean(1) * squared).sum(0)
+            best = error if best is None else torch.minimum(best, error)
+    return best
+
+
+def layer_errors(trace: dict, bits: int, points: int) -> dict:
+    """Total weighted ADC error of one traced layer under each range shape (`SHAPES`)."""
+    psums = trace["partial_sums"]  # (n_cycles, N, G, row blocks, columns, H, W)
+    n_cycles = psums.shape[0]
+    psums = psums.permute(0, 1, 5, 6, 2, 3, 4).reshape(n_cycles, -1, psums[0, 0, ..., 0, 0].numel()).double()
+    weights = torch.tensor(trace["cycle_weights"], dtype=psums.dtype)
+    signed = (psums < 0).any(1).any(0)
+    return {shape: float(_grid_error(psums, weights, bits + ("one bit more" in shape), signed, "per cycle" in shape,
+                                     shape.startswith("asym"), points).sum())
+            for shape in SHAPES}
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a PTQ checkpoint of --config at --adc-bits")
+    parser.add_argument("--adc-bits", type=int, required=True, help="the checkpoint's ADC bits")
+    parser.add_argument("--config", default="configs/quant/cimq_ptq.yaml", help="its technique config (cimq_ptq.yaml)")
+    parser.add_argument("--images", type=int, default=16, help="train images traced (16)")
+    parser.add_argument("--points", type=int, default=24, help="grid points per range bound (24)")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.images < 1 or args.points < 2:
+        parser.error(f"--images {args.images} / --points {args.points}: need >= 1 image and >= 2 points")
+    prepare(args)
+    from cimq_pl.quant.layers import cim_layers
+
+    built = cli(["--config", MODEL_CONFIGS["resnet20"], "--config", args.config, "--model.cim.adc_bits",
+                 str(args.adc_bits), "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger.init_args.save_dir", str(args.work_dir / "adc_range_shapes"),
+                 "--data.init_args.eval_batch_size", "16"])
+    built.trainer.test(built.model, datamodule=built.datamodule, ckpt_path=str(args.checkpoint), verbose=False)
+    built.datamodule.setup("fit")
+    images = torch.cat([batch[0] for _, batch in zip(range(64), built.datamodule.train_dataloader())])[: args.images]
+    inputs = {}
+    layers = [(name, layer) for name, layer in cim_layers(built.model.model) if layer.psum_quantizer is not None]
+    hooks = [layer.register_forward_pre_hook(lambda _, a, name=name: inputs.__setitem__(name, a[0].detach()))
+             for name, layer in layers]
+    built.model.eval()
+    with torch.no_grad():
+        built.model.model(images)
+        for hook in hooks:
+            hook.remove()
+        rows, totals = [], dict.fromkeys(SHAPES, 0.0)
+        for name, layer in layers:
+            errors = layer_errors(layer.simulate(inputs[name], trace=True)[1], args.adc_bits, args.points)
+            for shape in SHAPES:
+                totals[shape] += errors[shape]
+            rows.append({"layer": name, **{shape: round(errors[shape] / errors["symmetric"], 3) for shape in SHAPES}})
+            print(f"[bench] {name}: " + ", ".join(f"{s} {rows[-1][s]}" for s in SHAPES), flush=True)
+    rows.append({"layer": "all layers (sum of errors)",
+                 **{shape: round(totals[shape] / totals["symmetric"], 3) for shape in SHAPES}})
+    print(f"\n**ADC error of other range shapes, relative to one symmetric range per column** (ADC {args.adc_bits}, "
+          f"{args.images} train images, {args.checkpoint.name}); {machine()}\n")
+    print(markdown_table(rows, list(COLUMNS), ["layer", *SHAPES]))
+    path = args.out_dir / f"adc_range_shapes-adc{args.adc_bits}.csv"
+    from cimq_pl.cost.tables import write_csv_atomic
+
+    write_csv_atomic(path, rows, COLUMNS)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
