@@ -256,10 +256,12 @@ def _part_output(u, coef, ref_coef, ref_index, n_blocks: int, cfg: PostConfig):
 
 def _adc_values(P, codes, step, keep, cfg: PostConfig):
     """The cycle-summed ADC output of one part, NHWC (N, H, W, K_p): sum_j w_j step code_j, or, under QDrop on
-    the ADC (``keep`` (n_cycles, N, H, W, K_p) given), the raw partial sum P_j where a conversion is dropped."""
+    the ADC (``keep`` (n_cycles, N, H, W, K_p) uint8, 1 = keep), the raw partial sum P_j where a conversion is
+    dropped. ``lerp`` at weights 0 and 1 is exact; Inductor's CPU code does not vectorise a ``where`` on a loaded
+    mask (about 10x slower here), but does the uint8-to-float conversion."""
     if keep is None:
         return _cycle_sum_nhwc(codes, cfg.cycle_weights) * step
-    return _cycle_sum_nhwc([torch.where(keep[j], codes[j] * step, P[j]) for j in range(len(codes))],
+    return _cycle_sum_nhwc([torch.lerp(P[j], codes[j] * step, keep[j].to(P.dtype)) for j in range(len(codes))],
                            cfg.cycle_weights)
 
 
@@ -336,19 +338,23 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
         grad_u = grad_u.reshape(n, h, w, -1)
         if cfg.adc:  # per cycle, so that every output is written by the one loop over the partial sums
             inside = [(normalized[j] >= qmins[p]) & (normalized[j] <= qmaxs[p]) for j in range(n_cycles)]
-            passes = inside if keep is None else [inside[j] | ~keep[j] for j in range(n_cycles)]
-            grad_psums = None
-            if need_psums:
-                grad_psums = torch.stack([torch.where(passes[j], grad_u * wj, 0)
-                                          for j, wj in enumerate(cfg.cycle_weights)])
             local = [codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)]
-            if keep is not None:  # a dropped conversion's value does not depend on the ADC step
-                local = [torch.where(keep[j], local[j], 0) for j in range(n_cycles)]
+            if keep is None:
+                passes = [inside[j].to(grad_u.dtype) for j in range(n_cycles)]
+                grad_psums = None
+                if need_psums:
+                    grad_psums = torch.stack([torch.where(inside[j], grad_u * wj, 0)
+                                              for j, wj in enumerate(cfg.cycle_weights)])
+            else:  # a dropped conversion passes its gradient and does not depend on the ADC step; float masks
+                kept = [keep[j].to(grad_u.dtype) for j in range(n_cycles)]  # (see `_adc_values`)
+                passes = [1 - k + k * inside[j].to(grad_u.dtype) for j, k in enumerate(kept)]
+                grad_psums = torch.stack([grad_u * wj * passes[j] for j, wj in enumerate(cfg.cycle_weights)]
+                                         ) if need_psums else None
+                local = [local[j] * kept[j] for j in range(n_cycles)]
             grad_step = _sum_pixels(grad_u * _cycle_sum_nhwc(local, cfg.cycle_weights))
             combined = None
             if need_combined:
-                combined = grad_u * (_sequential_sum([passes[j].to(grad_u.dtype) for j in range(n_cycles)])
-                                     * (1.0 / n_cycles))
+                combined = grad_u * (_sequential_sum(passes) * (1.0 / n_cycles))
         else:
             grad_psums = torch.stack([grad_u * wj for wj in cfg.cycle_weights]) if need_psums else None
             grad_step = None
@@ -503,7 +509,7 @@ class _CompiledLayer(torch.autograd.Function):
         psums = [_batch_dynamic(_nhwc(t, n_convolved), 1) for t in conv_outputs]
         psum_keeps = [None] * n_parts
         if cfg.psum_keep_prob is not None:  # the eager path's draws: one mask per part, in NCHW order
-            psum_keeps = [_batch_dynamic(_nhwc(keep_mask(t, cfg.psum_keep_prob).contiguous(
+            psum_keeps = [_batch_dynamic(_nhwc(keep_mask(t, cfg.psum_keep_prob).view(torch.uint8).contiguous(
                 memory_format=_CHANNELS_LAST), n_cycles), 1) for t in conv_outputs]
         del conv_outputs
         out = _run_compiled(_post_forward, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index,
