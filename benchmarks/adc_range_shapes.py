@@ -16,11 +16,17 @@ A range shape that removes a large share of the error is worth building into the
 ``PartialSumClipping`` option, its compiled kernels, the export and the cost model) when it comes near what one bit
 more removes (about 75%).
 
-    python benchmarks/adc_range_shapes.py --checkpoint <ptq.ckpt> --adc-bits 3
+With ``--test-batches K`` (-1: the whole test split) it also tests the network three ways on K test batches of 16
+images, eagerly: as the checkpoint learned its ranges; with every column's range chosen again by the same grid
+search on the traced images, symmetric (today's shape; the control of the next); and asymmetric. Each chosen range
+replaces the layer's ADC conversion for that test only (`swapped_conversions`), nothing is learned.
+
+    python benchmarks/adc_range_shapes.py --checkpoint <ptq.ckpt> --adc-bits 3 [--test-batches -1]
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +80,91 @@ def layer_errors(trace: dict, bits: int, points: int) -> dict:
             for shape in SHAPES}
 
 
+def _best_ranges(psums: torch.Tensor, cycle_weights: tuple, bits: int, qmin: torch.Tensor, qmax: torch.Tensor,
+                 asymmetric: bool, points: int) -> tuple:
+    """Per channel of one row-block part, the range (lo, hi) of least weighted error (`_grid_error`'s search, here
+    returning the argmin): ``psums`` (n_cycles * N, C, H, W) as the eager ADC gets them; ``qmin``/``qmax`` (C,) the
+    channels' code range (signed or not), which the symmetric ranges keep."""
+    n_cycles, channels = len(cycle_weights), psums.shape[1]
+    values = psums.reshape(n_cycles, -1, channels, *psums.shape[2:]).transpose(1, 2).reshape(n_cycles, channels, -1)
+    values = values.double()
+    squared = torch.tensor(cycle_weights, dtype=values.dtype).view(-1, 1) ** 2
+    levels = 2**bits - 1
+    low, high = values.amin((0, 2)), values.amax((0, 2))
+    top = torch.maximum(low.abs(), high.abs()).clamp_min(1e-9)
+    fractions = torch.linspace(1.0 / points, 1.0, points).tolist()
+    if asymmetric:
+        candidates = [(low * a, torch.maximum(high * b, low * a + 1e-6)) for a in fractions for b in fractions]
+    else:
+        qmin, qmax = qmin.double(), qmax.double()  # alpha = the largest |code| x step, as `PsumQuantizer`'s
+        candidates = [(qmin * step, qmax * step) for step in (top * f / torch.maximum(-qmin, qmax) for f in fractions)]
+    best = chosen_low = chosen_high = None
+    for lo, hi in candidates:
+        step = (hi - lo) / levels
+        quantized = (torch.clamp(torch.round((values - lo.view(1, -1, 1)) / step.view(1, -1, 1)), 0, levels)
+                     * step.view(1, -1, 1) + lo.view(1, -1, 1))
+        error = (((quantized - values) ** 2).mean(2) * squared).sum(0)
+        if best is None:
+            best, chosen_low, chosen_high = error, lo, hi
+        else:
+            better = error < best
+            best = torch.where(better, error, best)
+            chosen_low, chosen_high = torch.where(better, lo, chosen_low), torch.where(better, hi, chosen_high)
+    return chosen_low.float(), chosen_high.float()
+
+
+def _convert_in(low: torch.Tensor, high: torch.Tensor, bits: int):
+    """An ADC conversion (`PsumQuantizer.convert_and_sum`'s signature, evaluation only) into 2^b levels over
+    [low, high] per channel, shift-added over cycles."""
+    levels = 2**bits - 1
+    step, low = ((high - low) / levels).view(1, -1, 1, 1), low.view(1, -1, 1, 1)
+
+    def convert(psums, group, signed, cycle_weights, *args, **kwargs):
+        values = torch.clamp(torch.round((psums - low) / step), 0, levels) * step + low
+        values = values.reshape(len(cycle_weights), -1, *values.shape[1:])
+        return sum(weight * values[j] for j, weight in enumerate(cycle_weights)), None, None
+
+    return convert
+
+
+@contextlib.contextmanager
+def swapped_conversions(layers, images: torch.Tensor, model, bits: int, asymmetric: bool, points: int):
+    """Within the block, every ADC of ``layers`` converts into the range the grid search chooses per channel on
+    the partial sums of ``images`` (through ``model``, eagerly): an instance attribute shadows the quantizer's
+    ``convert_and_sum`` and is removed on exit."""
+    chosen = {}  # (quantizer, the part's cached channel-group tensor) -> its conversion
+
+    def recording(quantizer):
+        original = quantizer.convert_and_sum
+
+        def record(psums, group, signed, cycle_weights, *args, **kwargs):
+            _, qmin, qmax = quantizer.channel_params(group, signed)
+            low, high = _best_ranges(psums, cycle_weights, bits, qmin, qmax, asymmetric, points)
+            chosen[quantizer, group.data_ptr()] = _convert_in(low, high, bits)
+            return original(psums, group, signed, cycle_weights, *args, **kwargs)
+
+        return record
+
+    def swapped(quantizer):
+        def convert(psums, group, *args, **kwargs):
+            return chosen[quantizer, group.data_ptr()](psums, group, *args, **kwargs)
+
+        return convert
+
+    quantizers = [layer.psum_quantizer for _, layer in layers]
+    try:
+        for quantizer in quantizers:
+            quantizer.convert_and_sum = recording(quantizer)
+        with torch.no_grad():
+            model(images)
+        for quantizer in quantizers:
+            quantizer.convert_and_sum = swapped(quantizer)
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.__dict__.pop("convert_and_sum", None)
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a PTQ checkpoint of --config at --adc-bits")
@@ -81,16 +172,23 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--config", default="configs/quant/cimq_ptq.yaml", help="its technique config (cimq_ptq.yaml)")
     parser.add_argument("--images", type=int, default=16, help="train images traced (16)")
     parser.add_argument("--points", type=int, default=24, help="grid points per range bound (24)")
+    parser.add_argument("--test-batches", type=int, default=0,
+                        help="also test as learned / symmetric / asymmetric ranges chosen again on K test batches of "
+                             "16 images (-1: the whole test split; 0: no test, the default)")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
     if args.images < 1 or args.points < 2:
         parser.error(f"--images {args.images} / --points {args.points}: need >= 1 image and >= 2 points")
+    if args.test_batches < -1 or args.test_batches == 1:
+        parser.error(f"--test-batches {args.test_batches}: expected -1 (all), 0 (none) or >= 2 (1 would read as "
+                     "the whole split)")
     prepare(args)
     from cimq_pl.quant.layers import cim_layers
 
     built = cli(["--config", MODEL_CONFIGS["resnet20"], "--config", args.config, "--model.cim.adc_bits",
-                 str(args.adc_bits), "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                 str(args.adc_bits), "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false",
+                 "--model.simulation", "eager",
                  "--trainer.logger.init_args.save_dir", str(args.work_dir / "adc_range_shapes"),
                  "--data.init_args.eval_batch_size", "16"])
     built.trainer.test(built.model, datamodule=built.datamodule, ckpt_path=str(args.checkpoint), verbose=False)
@@ -121,6 +219,33 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from cimq_pl.cost.tables import write_csv_atomic
 
     write_csv_atomic(path, rows, COLUMNS)
+    print(f"\nwrote {path}")
+    if args.test_batches:
+        rows += accuracy_with_rechosen_ranges(built, layers, images, args)
+    return rows
+
+
+def accuracy_with_rechosen_ranges(built, layers, images: torch.Tensor, args) -> list[dict]:
+    """Top-1 of the network with its learned ranges and with every column's range chosen again, symmetric and
+    asymmetric (`swapped_conversions`), on ``--test-batches`` test batches; one table row each."""
+    built.trainer.limit_test_batches = 1.0 if args.test_batches == -1 else args.test_batches
+
+    def accuracy() -> float:
+        built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
+        return round(float(built.trainer.callback_metrics["test/acc"]), 4)
+
+    rows = [{"ranges": "as the checkpoint learned them", "test/acc": accuracy()}]
+    for shape, asymmetric in (("symmetric", False), ("asymmetric", True)):
+        with swapped_conversions(layers, images, built.model.model, args.adc_bits, asymmetric, args.points):
+            rows.append({"ranges": f"chosen again per column on the traced images, {shape}", "test/acc": accuracy()})
+        print(f"[bench] {rows[-1]['ranges']}: {rows[-1]['test/acc']}", flush=True)
+    print(f"\n**Test accuracy with ADC ranges chosen again** (ADC {args.adc_bits}, "
+          f"{'all' if args.test_batches == -1 else args.test_batches * 16} test images)\n")
+    print(markdown_table(rows, ["ranges", "test/acc"], ["ADC ranges", "test top-1"]))
+    from cimq_pl.cost.tables import write_csv_atomic
+
+    path = args.out_dir / f"adc_range_shapes-adc{args.adc_bits}-test.csv"
+    write_csv_atomic(path, rows, ("ranges", "test/acc"))
     print(f"\nwrote {path}")
     return rows
 

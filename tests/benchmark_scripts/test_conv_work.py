@@ -35,6 +35,29 @@ def test_adc_range_shapes_by_hand():
     assert shifted["symmetric"] > 0 and shifted["per cycle"] > 0 and shifted["symmetric, one bit more"] > 0
 
 
+def test_swapped_adc_conversions_apply_inside_the_block_only():
+    """The ranges chosen again replace a layer's ADC conversion inside `swapped_conversions` (asymmetric ranges
+    fitted to this very input change the output) and the layer's own conversion is back afterwards."""
+    from torch import nn
+
+    from cimq_pl.quant import CIMConv2d, CIMSpec
+
+    torch.manual_seed(0)
+    layer = CIMConv2d.from_conv(nn.Conv2d(4, 3, 3, padding=1), CIMSpec(rows=16, cols=8, weight_bits=4, input_bits=3,
+                                                                         adc_bits=3))
+    x = torch.rand(2, 4, 5, 5)
+    layer(x)
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+        with adc_range_shapes.swapped_conversions([("conv", layer)], x, layer, 3, True, 8):
+            assert "convert_and_sum" in vars(layer.psum_quantizer)
+            inside = layer(x)
+        after = layer(x)
+    assert "convert_and_sum" not in vars(layer.psum_quantizer)
+    assert torch.equal(after, before) and not torch.equal(inside, before)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_codes_plus_sparse_correction_is_the_per_cycle_weight_gradient(stride):
     """sum_j conv_wgrad(d_j, w_j g (not clipped_j)) == conv_wgrad(codes, g) - correction, in float64."""

@@ -229,10 +229,14 @@ def test_adc_range_shapes_on_the_low_adc_checkpoint(out):
 
     checkpoint = out / "work" / "low_adc_qat_quick" / "ptq-adc3-iters1.ckpt"
     rows = adc_range_shapes.main(["--checkpoint", str(checkpoint), "--adc-bits", "3", "--images", "2", "--points",
-                                  "8", "--out-dir", str(out), "--work-dir", str(out / "work")])
-    assert len(rows) == 19 and rows[-1]["layer"].startswith("all layers")  # 18 layers with an ADC (int8 edges)
-    assert all(row["symmetric"] == 1.0 for row in rows)
-    assert rows[-1]["symmetric, one bit more"] < 0.5
+                                  "8", "--test-batches", "2", "--out-dir", str(out), "--work-dir", str(out / "work")])
+    errors, tests = rows[:19], rows[19:]
+    assert errors[-1]["layer"].startswith("all layers")  # 18 layers with an ADC (int8 edges), then the total
+    assert all(row["symmetric"] == 1.0 for row in errors)
+    assert errors[-1]["symmetric, one bit more"] < 0.5
     assert len(csv_rows(out / "adc_range_shapes-adc3.csv")) == 19
+    assert [row["ranges"].split(",")[-1].strip() for row in tests] == ["as the checkpoint learned them", "symmetric",
+                                                                       "asymmetric"]
+    assert all(0.0 <= row["test/acc"] <= 1.0 for row in tests) and len(tests) == 3
     with pytest.raises(SystemExit):
         adc_range_shapes.main(["--checkpoint", str(out / "missing.ckpt"), "--adc-bits", "3", "--out-dir", str(out)])
