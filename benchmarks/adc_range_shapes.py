@@ -38,79 +38,66 @@ SHAPES = ("symmetric", "per cycle", "asymmetric", "asymmetric per cycle", "symme
 COLUMNS = ("layer", *SHAPES)
 
 
-def _grid_error(psums: torch.Tensor, weights: torch.Tensor, bits: int, signed: torch.Tensor, per_cycle: bool,
-                asymmetric: bool, points: int) -> torch.Tensor:
-    """Least weighted error per column over a grid of ranges: ``psums`` (n_cycles, M, columns), ``weights``
-    (n_cycles,) cycle weights, ``signed`` (columns,). Returns (columns,) of sum_j w_j^2 MSE_j."""
+def _search_ranges(values: torch.Tensor, cycle_weights: tuple, bits: int, qmin: torch.Tensor, qmax: torch.Tensor,
+                   asymmetric: bool, per_cycle: bool, points: int) -> tuple:
+    """The range of least weighted ADC error per channel, over a grid of ranges.
+
+    Args:
+        values: (n_cycles, C, M) partial sums of each cycle and channel (column).
+        cycle_weights: the cycles' shift-add weights w_j (the error counted is sum_j w_j^2 MSE_j).
+        bits: ADC bits (2^b levels).
+        qmin, qmax: (C,) the channels' code range, which a symmetric range keeps (alpha = the largest |code| x step,
+            as `PsumQuantizer`'s); an asymmetric range [lo, hi] has codes 0 .. 2^b - 1.
+        asymmetric: ranges [lo, hi] from fractions of the channel's minimum and maximum; else symmetric ones.
+        per_cycle: one range per cycle and channel, each chosen on its own cycle's error; else one per channel.
+        points: grid points per range bound.
+
+    Returns:
+        ``(error, low, high)``: error (C,) summed over the cycles; low, high (n_cycles or 1, C, 1).
+    """
     levels = 2**bits - 1
-    reduce = (1,) if per_cycle else (0, 1)
-    low, high = psums.amin(reduce, keepdim=True), psums.amax(reduce, keepdim=True)
-    top = torch.maximum(low.abs(), high.abs()).clamp_min(1e-9)
-    fractions = torch.linspace(1.0 / points, 1.0, points).tolist()
-    squared = weights.view(-1, 1) ** 2
-    best = None
-    for high_fraction in fractions:
-        for low_fraction in (fractions if asymmetric else [None]):
-            if asymmetric:
-                lo, hi = low * low_fraction, high * high_fraction
-                hi = torch.maximum(hi, lo + 1e-6)
-                step = (hi - lo) / levels
-                values = torch.clamp(torch.round((psums - lo) / step), 0, levels) * step + lo
-            else:
-                alpha = top * high_fraction
-                half = (levels + 1) / 2
-                qmin = torch.where(signed, -half, 0.0)
-                qmax = torch.where(signed, half - 1, float(levels))
-                step = alpha / torch.where(signed, half, float(levels))
-                values = torch.clamp(torch.round(psums / step), qmin, qmax) * step
-            error = (((values - psums) ** 2).mean(1) * squared).sum(0)
-            best = error if best is None else torch.minimum(best, error)
-    return best
-
-
-def layer_errors(trace: dict, bits: int, points: int) -> dict:
-    """Total weighted ADC error of one traced layer under each range shape (`SHAPES`)."""
-    psums = trace["partial_sums"]  # (n_cycles, N, G, row blocks, columns, H, W)
-    n_cycles = psums.shape[0]
-    psums = psums.permute(0, 1, 5, 6, 2, 3, 4).reshape(n_cycles, -1, psums[0, 0, ..., 0, 0].numel()).double()
-    weights = torch.tensor(trace["cycle_weights"], dtype=psums.dtype)
-    signed = (psums < 0).any(1).any(0)
-    return {shape: float(_grid_error(psums, weights, bits + ("one bit more" in shape), signed, "per cycle" in shape,
-                                     shape.startswith("asym"), points).sum())
-            for shape in SHAPES}
-
-
-def _best_ranges(psums: torch.Tensor, cycle_weights: tuple, bits: int, qmin: torch.Tensor, qmax: torch.Tensor,
-                 asymmetric: bool, points: int) -> tuple:
-    """Per channel of one row-block part, the range (lo, hi) of least weighted error (`_grid_error`'s search, here
-    returning the argmin): ``psums`` (n_cycles * N, C, H, W) as the eager ADC gets them; ``qmin``/``qmax`` (C,) the
-    channels' code range (signed or not), which the symmetric ranges keep."""
-    n_cycles, channels = len(cycle_weights), psums.shape[1]
-    values = psums.reshape(n_cycles, -1, channels, *psums.shape[2:]).transpose(1, 2).reshape(n_cycles, channels, -1)
-    values = values.double()
-    squared = torch.tensor(cycle_weights, dtype=values.dtype).view(-1, 1) ** 2
-    levels = 2**bits - 1
-    low, high = values.amin((0, 2)), values.amax((0, 2))
+    reduce = (2,) if per_cycle else (0, 2)
+    low, high = values.amin(reduce, keepdim=True), values.amax(reduce, keepdim=True)
     top = torch.maximum(low.abs(), high.abs()).clamp_min(1e-9)
     fractions = torch.linspace(1.0 / points, 1.0, points).tolist()
     if asymmetric:
         candidates = [(low * a, torch.maximum(high * b, low * a + 1e-6)) for a in fractions for b in fractions]
     else:
-        qmin, qmax = qmin.double(), qmax.double()  # alpha = the largest |code| x step, as `PsumQuantizer`'s
+        qmin, qmax = qmin.to(values.dtype).view(1, -1, 1), qmax.to(values.dtype).view(1, -1, 1)
         candidates = [(qmin * step, qmax * step) for step in (top * f / torch.maximum(-qmin, qmax) for f in fractions)]
+    squared = torch.tensor(cycle_weights, dtype=values.dtype).view(-1, 1) ** 2
     best = chosen_low = chosen_high = None
     for lo, hi in candidates:
         step = (hi - lo) / levels
-        quantized = (torch.clamp(torch.round((values - lo.view(1, -1, 1)) / step.view(1, -1, 1)), 0, levels)
-                     * step.view(1, -1, 1) + lo.view(1, -1, 1))
-        error = (((quantized - values) ** 2).mean(2) * squared).sum(0)
+        quantized = torch.clamp(torch.round((values - lo) / step), 0, levels) * step + lo
+        error = ((quantized - values) ** 2).mean(2) * squared  # (n_cycles, C)
+        if not per_cycle:
+            error = error.sum(0, keepdim=True)
         if best is None:
             best, chosen_low, chosen_high = error, lo, hi
         else:
             better = error < best
             best = torch.where(better, error, best)
-            chosen_low, chosen_high = torch.where(better, lo, chosen_low), torch.where(better, hi, chosen_high)
-    return chosen_low.float(), chosen_high.float()
+            mask = better.unsqueeze(-1)
+            chosen_low, chosen_high = torch.where(mask, lo, chosen_low), torch.where(mask, hi, chosen_high)
+    return best.sum(0), chosen_low, chosen_high
+
+
+def layer_errors(trace: dict, bits: int, points: int) -> dict:
+    """Total weighted ADC error of one traced layer under each range shape (`SHAPES`); a column is signed where
+    any of its partial sums is negative."""
+    psums = trace["partial_sums"]  # (n_cycles, N, G, row blocks, columns, H, W)
+    n_cycles = psums.shape[0]
+    values = psums.permute(0, 2, 3, 4, 1, 5, 6).reshape(n_cycles, psums[0, 0, ..., 0, 0].numel(), -1).double()
+    signed = (values < 0).any(2).any(0)
+    errors = {}
+    for shape in SHAPES:
+        b = bits + ("one bit more" in shape)
+        qmin = torch.where(signed, -(2.0 ** (b - 1)), 0.0)
+        qmax = torch.where(signed, 2.0 ** (b - 1) - 1, 2.0**b - 1)
+        errors[shape] = float(_search_ranges(values, trace["cycle_weights"], b, qmin, qmax, shape.startswith("asym"),
+                                             "per cycle" in shape, points)[0].sum())
+    return errors
 
 
 def _convert_in(low: torch.Tensor, high: torch.Tensor, bits: int):
@@ -139,8 +126,11 @@ def swapped_conversions(layers, images: torch.Tensor, model, bits: int, asymmetr
 
         def record(psums, group, signed, cycle_weights, *args, **kwargs):
             _, qmin, qmax = quantizer.channel_params(group, signed)
-            low, high = _best_ranges(psums, cycle_weights, bits, qmin, qmax, asymmetric, points)
-            chosen[quantizer, group.data_ptr()] = _convert_in(low, high, bits)
+            channels = psums.shape[1]  # (n_cycles * N, C, H, W) -> (n_cycles, C, N * H * W)
+            values = psums.reshape(len(cycle_weights), -1, channels, *psums.shape[2:]).transpose(1, 2)
+            _, low, high = _search_ranges(values.reshape(len(cycle_weights), channels, -1).double(), cycle_weights,
+                                          bits, qmin, qmax, asymmetric, False, points)
+            chosen[quantizer, group.data_ptr()] = _convert_in(low.flatten().float(), high.flatten().float(), bits)
             return original(psums, group, signed, cycle_weights, *args, **kwargs)
 
         return record

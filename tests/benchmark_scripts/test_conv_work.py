@@ -33,6 +33,16 @@ def test_adc_range_shapes_by_hand():
     shifted = adc_range_shapes.layer_errors({**trace, "partial_sums": grid + 100}, 3, 8)
     assert shifted["asymmetric"] == shifted["asymmetric per cycle"] == 0.0
     assert shifted["symmetric"] > 0 and shifted["per cycle"] > 0 and shifted["symmetric, one bit more"] > 0
+    # a range per cycle is each cycle's own best: the sum of the cycles searched alone (on the grid, cycle 0 wants
+    # its whole range; half-normal partial sums in cycle 1 want a clip)
+    mixed = grid.clone()
+    mixed[1] = torch.randn(mixed[1].shape, dtype=mixed.dtype).abs() * 10
+    both = adc_range_shapes.layer_errors({**trace, "partial_sums": mixed}, 3, 8)
+    alone = [adc_range_shapes.layer_errors({"partial_sums": mixed[j:j + 1], "cycle_weights": (w,)}, 3, 8)
+             for j, w in enumerate(trace["cycle_weights"])]
+    for shape in ("per cycle", "asymmetric per cycle"):
+        assert both[shape] == pytest.approx(sum(errors[shape] for errors in alone), rel=1e-12)
+    assert both["per cycle"] < both["symmetric"]
 
 
 def test_swapped_adc_conversions_apply_inside_the_block_only():
