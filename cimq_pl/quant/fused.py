@@ -340,7 +340,7 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
             inside = [(normalized[j] >= qmins[p]) & (normalized[j] <= qmaxs[p]) for j in range(n_cycles)]
             local = [codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)]
             if keep is None:
-                passes = [inside[j].to(grad_u.dtype) for j in range(n_cycles)]
+                passes = inside
                 grad_psums = None
                 if need_psums:
                     grad_psums = torch.stack([torch.where(inside[j], grad_u * wj, 0)
@@ -354,7 +354,8 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
             grad_step = _sum_pixels(grad_u * _cycle_sum_nhwc(local, cfg.cycle_weights))
             combined = None
             if need_combined:
-                combined = grad_u * (_sequential_sum(passes) * (1.0 / n_cycles))
+                combined = grad_u * (_sequential_sum([passes[j].to(grad_u.dtype) for j in range(n_cycles)])
+                                     * (1.0 / n_cycles))
         else:
             grad_psums = torch.stack([grad_u * wj for wj in cfg.cycle_weights]) if need_psums else None
             grad_step = None

@@ -278,9 +278,10 @@ class PsumQuantizer(QuantizerBase):
         """
         view = (1, -1, 1, 1)
         normalized = psums / step.view(view)
-        inside = (normalized >= qmin.view(view)) & (normalized <= qmax.view(view))
-        codes = torch.clamp(torch.round(normalized.detach()), qmin.view(view), qmax.view(view))
-        return torch.where(inside, normalized, normalized.detach()) + (codes - normalized.detach())
+        constant = normalized.detach()
+        inside = (constant >= qmin.view(view)) & (constant <= qmax.view(view))
+        codes = torch.clamp(torch.round(constant), qmin.view(view), qmax.view(view))
+        return torch.where(inside, normalized, constant) + (codes - constant)
 
     def convert_and_sum(
         self,
