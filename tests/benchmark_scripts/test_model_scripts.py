@@ -72,6 +72,17 @@ def test_setting_fields_reach_the_config():
     with pytest.raises(ValueError, match="batch_size needs model.objective BlockReconstruction"):
         derived_config(Setting("resnet20", "cimq_qat", batch_size=64))
 
+    def drop_targets(setting):
+        return [entry["init_args"]["targets"] for entry in derived_config(setting)["trainer"]["callbacks"]
+                if entry["class_path"].endswith("QuantDropping")]
+
+    assert drop_targets(Setting("resnet20", "cimq")) == [["block_input", "activations"]]  # the preset's own
+    assert drop_targets(Setting("resnet20", "cimq", drop_psums=True)) == [["block_input", "activations", "psums"]]
+    assert drop_targets(Setting("resnet20", "cimq", drop_psums=False)) == [["block_input", "activations"]]
+    assert Setting("resnet20", "cimq", adc_bits=3, drop_psums=True).key == "resnet20-cimq15d-adc_bits3-drop_psumsTrue"
+    with pytest.raises(ValueError, match="drop_psums needs QuantDropping"):
+        derived_config(Setting("resnet20", "cimq_qat", drop_psums=True))
+
 
 def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_sample(out, smoke_args):
 
