@@ -92,6 +92,9 @@ LEVER_SETS = {
     # session 34: QDrop on the ADC too (the CIMQ paper's partial-sum dropping), first on the preset's 1,024 images
     "QDrop on the partial sums too": dict(row="cimq", drop_psums=True),
     "calibration on 4,000 images, QDrop on the partial sums too": dict(row="cimq", calibration_size=4000, drop_psums=True),
+    # an ADC range [lo, hi] per column placed by a learned offset (issue 15, low-resolution ADCs)
+    "asymmetric ADC ranges": dict(row="cimq", asymmetric_adc=True),
+    "calibration on 4,000 images, asymmetric ADC ranges": dict(row="cimq", calibration_size=4000, asymmetric_adc=True),
 }
 COLUMNS = ("levers", "adc_bits", "iters", "seed", "test/acc", "test/bit_density", "test/hw_efficiency_vs_baseline",
            "test/energy_per_image_uj", "fit_seconds")

@@ -150,6 +150,7 @@ class Setting:
             put the spread between fits beside a gap. ``seed_everything`` alone changes nothing in a PTQ fit (two
             fits at seed_everything 1 and 2 gave the one at 0 to the last digit). None (use `seeded`) is the
             configs' `CONFIG_SEED`, so rows measured before seeds were a field keep their keys.
+        asymmetric_adc: `PartialSumClipping`'s ``asymmetric`` (every ADC range placed by a learned offset).
     """
 
     model: str
@@ -175,6 +176,7 @@ class Setting:
     drop_psums: Optional[bool] = None
     calibration_size: Optional[int] = None
     seed: Optional[int] = None
+    asymmetric_adc: Optional[bool] = None
 
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
@@ -307,6 +309,7 @@ def derived_config(setting: Setting) -> Optional[dict]:
         ("psum_granularity", "PartialSumClipping", "granularity", setting.psum_granularity),
         ("step_scale", "BitSparseActivations", "step_scale", setting.step_scale),
         ("psum_observer", "PartialSumClipping", "observer", setting.psum_observer),
+        ("asymmetric_adc", "PartialSumClipping", "asymmetric", setting.asymmetric_adc),
     ):
         if getattr(setting, name) is None:
             continue

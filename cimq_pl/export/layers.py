@@ -10,7 +10,10 @@ calls, so the exported steps are bit-for-bit the ones the fake-quant simulation 
 * ``adc_setting`` / ``adc_thresholds`` / ``adc_code_min`` / ``adc_scale``: the ADC setting of every bitline,
   and per setting the integer comparator thresholds (in partial-sum units: code = code_min + number of
   thresholds <= p), the lowest code and the digital scale (clip alpha / levels) of one code step;
-* ``bias``: the layer's bias, plus its learned output offset after the ADC where it has one (PTQ's ``lr_offset``).
+* ``bias``: the layer's bias, plus its learned output offset after the ADC where it has one (PTQ's ``lr_offset``),
+  plus, with asymmetric ADC ranges, what the ADC offsets add: a bitline's value is ``scale x (code + z)``, so its
+  cycle sum carries ``scale x z x sum_j w_j``, a constant the shift-add takes to each output channel like the
+  bias (`_adc_offset_bias`); the exported ADC itself is then an ordinary one (thresholds, code_min, scale).
 """
 
 from __future__ import annotations
@@ -106,8 +109,9 @@ def _adc_tensors(name: str, pq: PsumQuantizer, geometry, layout: dict, bound: in
     per_kind = pq.alpha0.shape[1] * pq.alpha0.shape[2]
     kind_signed = geo.slice_signed() + (False,)  # the reference column reads unsigned digits
     signed = torch.tensor([kind_signed[index // per_kind] for index in range(n_settings)], device=pq.alpha0.device)
-    step, qmin, qmax = pq.channel_params(torch.arange(n_settings, device=pq.alpha0.device), signed)
-    thresholds = _adc_thresholds(pq, step, qmin, qmax, bound)
+    every = torch.arange(n_settings, device=pq.alpha0.device)
+    step, qmin, qmax = pq.channel_params(every, signed)
+    thresholds = _adc_thresholds(pq, step, qmin, qmax, pq.channel_offset(every), bound)
 
     mapping = layout["mapping"]
     n_slices = geo.n_weight_slices
@@ -133,15 +137,44 @@ def _adc_tensors(name: str, pq: PsumQuantizer, geometry, layout: dict, bound: in
     return entry, tensors
 
 
-def _adc_thresholds(pq: PsumQuantizer, step, qmin, qmax, bound: int) -> torch.Tensor:
+def _adc_offset_bias(name: str, pq: PsumQuantizer, geometry, layout: dict, adc_tensors: dict, weight_step,
+                     input_step) -> torch.Tensor | None:
+    """(C_out,) what the offsets z of an asymmetric ADC add to the layer output (None for a symmetric ADC): every
+    bitline's ``scale x z x sum_j w_j`` (its settings' step and offset, the input cycles' shift-add weights) through
+    the slices' shift-add and the tile scales, times the input step, as the executor combines bitline values."""
+    if not pq.asymmetric:
+        return None
+    geo, mapping = geometry, layout["mapping"]
+    n_slices, cout_g = len(layout["slices"]), mapping["out_channels_per_group"]
+    setting = adc_tensors[f"{name}.adc_setting"].long()
+    every = torch.arange(pq.alpha0.numel(), device=pq.alpha0.device)
+    per_setting = (adc_tensors[f"{name}.adc_scale"].double() * pq.channel_offset(every).detach().double().cpu()
+                   * sum(cycle["weight"] for cycle in layout["cycles"]))
+    scale = weight_step.detach().double().cpu()
+    out = torch.zeros(geo.groups * cout_g, dtype=torch.float64)
+    for index, tile in enumerate(mapping["tiles"]):
+        col_start, n_cols = mapping["col_blocks"][tile["col_block"]]
+        values = per_setting[setting[index, :tile["bitlines"]]]
+        first_out = tile["group"] * cout_g + col_start
+        tile_scale = scale[tile["group"], tile["row_block"], col_start:col_start + n_cols]
+        for s, piece in enumerate(layout["slices"]):
+            out[first_out:first_out + n_cols] += values[s:n_cols * n_slices:n_slices] * float(piece["weight"]) * tile_scale
+        if geo.reference_columns_per_array:  # the reference column is subtracted with the top slice's weight
+            top_weight = float(layout["slices"][-1]["weight"])
+            out[first_out:first_out + n_cols] -= values[n_cols * n_slices] * top_weight * tile_scale
+    return (out * float(input_step)).to(weight_step.dtype).to(weight_step.device)
+
+
+def _adc_thresholds(pq: PsumQuantizer, step, qmin, qmax, offset, bound: int) -> torch.Tensor:
     """(settings, 2^b - 1) int64: the least partial sum p in [-bound, bound] whose ADC code reaches each code
-    above the lowest, found by bisection over the quantizer's own ``quantize_codes`` (monotonic in p);
-    ``bound + 1`` where a code is never reached."""
+    above the lowest, found by bisection over the quantizer's own ``quantize_codes`` (monotonic in p; ``offset``
+    the settings' z, None for a symmetric ADC); ``bound + 1`` where a code is never reached."""
     n_settings, count = step.numel(), adc_threshold_count(pq.bits)
     target = qmin.view(-1, 1) + torch.arange(1, count + 1, device=step.device, dtype=qmin.dtype)
     low = torch.full((n_settings, count), -bound, dtype=torch.int64, device=step.device)
     high = torch.full_like(low, bound + 1)
-    flat = (step.repeat_interleave(count), qmin.repeat_interleave(count), qmax.repeat_interleave(count))
+    flat = (step.repeat_interleave(count), qmin.repeat_interleave(count), qmax.repeat_interleave(count),
+            None if offset is None else offset.repeat_interleave(count))
     while bool((low < high).any()):
         middle = torch.div(low + high, 2, rounding_mode="floor")
         codes = pq.quantize_codes(middle.to(step.dtype).reshape(1, -1, 1, 1), *flat).reshape(n_settings, count)
@@ -183,6 +216,12 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
     if bound >= EXACT_FLOAT32_INTEGERS:
         raise ExportError(f"layer {name!r}: partial sums reach {bound} >= 2^24, beyond float32's exact integers "
                           "(the fake-quant simulation itself is then inexact); use fewer rows or bits")
+    adc_entry = adc_tensors = None
+    if pq is not None and pq.enabled:
+        adc_entry, adc_tensors = _adc_tensors(name, pq, geo, layout, bound)
+        offset_bias = _adc_offset_bias(name, pq, geo, layout, adc_tensors, weight_step, input_step)
+        if offset_bias is not None:
+            bias = offset_bias if bias is None else bias + offset_bias
 
     entry = {
         "op": "cim_linear" if linear else "cim_conv2d",
@@ -192,7 +231,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
         "input": {"bits": iq.bits, "signed": signed, "max_ones": iq.max_ones if iq.sparse_codes else None,
                   "rounding": "nearest_code_ties_down" if iq.sparse_codes else "half_even"},
         "weights": {"bits": wq.bits, "granularity": wq.granularity},
-        "adc": None,
+        "adc": adc_entry,
         **layout,
     }
     tensors = {
@@ -201,8 +240,7 @@ def cim_layer_record(name: str, layer: _CIMLayerBase, input_shape: tuple) -> tup
         f"{name}.input_scale": input_step.detach().float().reshape(1).cpu(),
         f"{name}.input_codes": allowed.round().long().to(smallest_int_dtype(int(allowed.min()), int(allowed.max()))).cpu(),
     }
-    if pq is not None and pq.enabled:
-        entry["adc"], adc_tensors = _adc_tensors(name, pq, geo, layout, bound)
+    if adc_tensors is not None:
         tensors.update(adc_tensors)
     if bias is not None:
         tensors[f"{name}.bias"] = bias.detach().float().cpu()

@@ -55,7 +55,7 @@ def quantizer_parameters(model: nn.Module, include_frozen: bool = False) -> dict
             not being reconstructed); a non-learnable ADC clip stays out.
 
     Returns:
-        ``{"rounding": AdaRound logits, "step": input step sizes, "clip": ADC clip thetas}``.
+        ``{"rounding": AdaRound logits, "step": input step sizes, "clip": ADC clip thetas (and offsets)}``.
     """
     groups: dict[str, list[nn.Parameter]] = {"rounding": [], "step": [], "clip": []}
     for _, role, quantizer in iter_quantizers(model):
@@ -68,7 +68,7 @@ def quantizer_parameters(model: nn.Module, include_frozen: bool = False) -> dict
                 continue
             if not (param.requires_grad or include_frozen):
                 continue
-            kind = {"rounding_logits": "rounding", "theta": "clip"}.get(name, "step")
+            kind = {"rounding_logits": "rounding", "theta": "clip", "offset": "clip"}.get(name, "step")
             groups[kind].append(param)
     return groups
 

@@ -231,9 +231,13 @@ def _cycle_sum_nhwc(codes: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
     return _sequential_sum(terms)
 
 
-def _adc_codes(P, step, qmin, qmax):
+def _adc_codes(P, step, qmin, qmax, offset=None):
+    """(P / step, the ADC's level of P in steps): clamp(round(P / step - z), qmin, qmax) + z, z the per-channel
+    offset of an asymmetric ADC (None: 0)."""
     normalized = P / step
-    return normalized, torch.clamp(torch.round(normalized), qmin, qmax)
+    if offset is None:
+        return normalized, torch.clamp(torch.round(normalized), qmin, qmax)
+    return normalized, torch.clamp(torch.round(normalized - offset), qmin, qmax) + offset
 
 
 def _part_output(u, coef, ref_coef, ref_index, n_blocks: int, cfg: PostConfig):
@@ -265,16 +269,17 @@ def _adc_values(P, codes, step, keep, cfg: PostConfig):
                            cfg.cycle_weights)
 
 
-def _post_forward(psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, input_step, bias,
+def _post_forward(psums, psum_keeps, steps, qmins, qmaxs, offsets, coefs, ref_coefs, ref_index, input_step, bias,
                   cfg: PostConfig):
     """ADC, cycle shift-add, per-tile scales, shift-add, input scale and bias: NHWC partial sums
     (n_cycles, N, H, W, K_p) of each part -> NHWC output (N, H, W, C_out); ``psum_keeps``: per part the QDrop
-    mask of the conversions (None: every conversion quantizes)."""
+    mask of the conversions (None: every conversion quantizes); ``offsets``: per part the ADC offsets in steps
+    (None: a symmetric ADC)."""
     out = None
     for p, P in enumerate(psums):
         cycles = _unpack_cycles(P, cfg.pack) if cfg.pack else P
         if cfg.adc:
-            codes = [_adc_codes(cycle, steps[p], qmins[p], qmaxs[p])[1] for cycle in cycles]
+            codes = [_adc_codes(cycle, steps[p], qmins[p], qmaxs[p], offsets[p])[1] for cycle in cycles]
             u = _adc_values(cycles, codes, steps[p], psum_keeps[p], cfg)
         else:
             u = _cycle_sum_nhwc(cycles, cfg.cycle_weights)
@@ -296,14 +301,14 @@ def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
     return t.sum((1, 2)).sum(0)
 
 
-def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index, ref_onehot,
-                   input_step, cfg: PostConfig, need_psums: bool, need_combined: bool):
+def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, offsets, coefs, ref_coefs, ref_index,
+                   ref_onehot, input_step, cfg: PostConfig, need_psums: bool, need_combined: bool):
     """Gradients of `_post_forward` (straight-through round, zero gradient where the ADC clips, identity where
     QDrop dropped the conversion) for the NHWC output gradient ``grad_out`` (N, H, W, C_out).
 
-    Returns ``(grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias)``,
-    per part where a list: grad_psums (n_cycles, N, H, W, K_p), combined = sum_j grad_psums_j / (n w_j)
-    (N, H, W, K_p) for the input codes.
+    Returns ``(grad_psums, combined, grad_steps, grad_offsets, grad_coefs, grad_ref_coefs, grad_input_step,
+    grad_bias)``, per part where a list: grad_psums (n_cycles, N, H, W, K_p), combined = sum_j grad_psums_j /
+    (n w_j) (N, H, W, K_p) for the input codes; grad_offsets None for a symmetric ADC.
     """
     n, h, w, c = grad_out.shape
     g, cout_g = cfg.groups, cfg.cout_g
@@ -312,13 +317,13 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
     grad_bias = _sum_pixels(grad) if cfg.bias else None
     scaled_grad = grad * input_step if cfg.input_scale else grad
     grad5 = scaled_grad.reshape(n, h, w, g, 1, cout_g)
-    results = ([], [], [], [], [])
+    results = ([], [], [], [], [], [])
     pre = None
     for p, P in enumerate(psums):
         n_blocks = cfg.part_blocks[p]
         keep = psum_keeps[p]
         if cfg.adc:
-            normalized, codes = _adc_codes(P, steps[p], qmins[p], qmaxs[p])
+            normalized, codes = _adc_codes(P, steps[p], qmins[p], qmaxs[p], offsets[p])
             u = _adc_values(P, codes, steps[p], keep, cfg)
         else:
             u = _cycle_sum_nhwc(P, cfg.cycle_weights)
@@ -336,8 +341,10 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
                 grad_ref = torch.matmul(grad5 * ref_coefs[p], ref_onehot)  # sum over each column block
                 grad_u = torch.cat([grad_u, grad_ref], -1)
         grad_u = grad_u.reshape(n, h, w, -1)
+        grad_offset = None
         if cfg.adc:  # per cycle, so that every output is written by the one loop over the partial sums
-            inside = [(normalized[j] >= qmins[p]) & (normalized[j] <= qmaxs[p]) for j in range(n_cycles)]
+            low, high = (qmins[p], qmaxs[p]) if offsets[p] is None else (qmins[p] + offsets[p], qmaxs[p] + offsets[p])
+            inside = [(normalized[j] >= low) & (normalized[j] <= high) for j in range(n_cycles)]
             local = [codes[j] - torch.where(inside[j], normalized[j], 0) for j in range(n_cycles)]
             if keep is None:
                 passes = inside
@@ -352,6 +359,11 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
                                          ) if need_psums else None
                 local = [local[j] * kept[j] for j in range(n_cycles)]
             grad_step = _sum_pixels(grad_u * _cycle_sum_nhwc(local, cfg.cycle_weights))
+            if offsets[p] is not None:  # a clipped conversion moves with the offset, an unclipped one does not
+                clipped = [1 - inside[j].to(grad_u.dtype) for j in range(n_cycles)]
+                if keep is not None:
+                    clipped = [clipped[j] * kept[j] for j in range(n_cycles)]
+                grad_offset = _sum_pixels(grad_u * _cycle_sum_nhwc(clipped, cfg.cycle_weights)) * steps[p]
             combined = None
             if need_combined:
                 combined = grad_u * (_sequential_sum([passes[j].to(grad_u.dtype) for j in range(n_cycles)])
@@ -360,7 +372,7 @@ def _post_backward(grad_out, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_
             grad_psums = torch.stack([grad_u * wj for wj in cfg.cycle_weights]) if need_psums else None
             grad_step = None
             combined = grad_u if need_combined else None
-        for store, value in zip(results, (grad_psums, combined, grad_step, grad_coef, grad_ref_coef)):
+        for store, value in zip(results, (grad_psums, combined, grad_step, grad_offset, grad_coef, grad_ref_coef)):
             store.append(value)
     grad_input_step = (grad * pre.reshape(n, h, w, c)).sum().reshape(1) if cfg.input_scale else None
     return (*results, grad_input_step, grad_bias)
@@ -491,16 +503,18 @@ class _CompiledLayer(torch.autograd.Function):
     compiled input-quantizer backward.
 
     ``tensors``, each per part: the float inputs (``quant`` given) or the input codes, the conv weight, the ADC
-    step, qmin, qmax, the shift-add coefficients, the reference-column coefficients, the QDrop keep mask (None
-    where absent); then the input step, the bias and the bit-sparse projection table.
+    step, qmin, qmax, offset (None: symmetric), the shift-add coefficients, the reference-column coefficients, the
+    QDrop keep mask (None where absent); then the input step, the bias and the bit-sparse projection table.
     """
+
+    PER_PART = 9  # tensors per part in ``tensors``
 
     @staticmethod
     def forward(ctx, cfg, split, quant, convs, ref_index, ref_onehot, channels_last, *tensors):
-        n_parts = len(cfg.part_blocks)
-        inputs, weights, steps, qmins, qmaxs, coefs, ref_coefs, keeps = (
-            list(tensors[i * n_parts:(i + 1) * n_parts]) for i in range(8))
-        input_step, bias, lut = tensors[8 * n_parts:]
+        n_parts, per_part = len(cfg.part_blocks), _CompiledLayer.PER_PART
+        inputs, weights, steps, qmins, qmaxs, offsets, coefs, ref_coefs, keeps = (
+            list(tensors[i * n_parts:(i + 1) * n_parts]) for i in range(per_part))
+        input_step, bias, lut = tensors[per_part * n_parts:]
         n_cycles = len(cfg.cycle_weights)
         inputs = [t.contiguous(memory_format=_CHANNELS_LAST) for t in inputs]  # a transposing read is slower
         keeps = [None if k is None else k.contiguous(memory_format=_CHANNELS_LAST) for k in keeps]
@@ -513,12 +527,12 @@ class _CompiledLayer(torch.autograd.Function):
             psum_keeps = [_batch_dynamic(_nhwc(keep_mask(t, cfg.psum_keep_prob).view(torch.uint8).contiguous(
                 memory_format=_CHANNELS_LAST), n_cycles), 1) for t in conv_outputs]
         del conv_outputs
-        out = _run_compiled(_post_forward, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs, ref_index,
-                            input_step, bias, cfg).permute(0, 3, 1, 2)
+        out = _run_compiled(_post_forward, psums, psum_keeps, steps, qmins, qmaxs, offsets, coefs, ref_coefs,
+                            ref_index, input_step, bias, cfg).permute(0, 3, 1, 2)
         out = _owning(out) if channels_last else out.contiguous()
         ctx.n_images = inputs[0].shape[0]
-        ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *coefs, *ref_coefs, input_step,
-                              *(inputs if quant is not None else [None] * n_parts), *keeps, *psum_keeps)
+        ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *offsets, *coefs, *ref_coefs,
+                              input_step, *(inputs if quant is not None else [None] * n_parts), *keeps, *psum_keeps)
         ctx.cfg, ctx.quant, ctx.convs, ctx.ref_index, ctx.ref_onehot = cfg, quant, convs, ref_index, ref_onehot
         ctx.has_bias = bias is not None
         return out
@@ -526,20 +540,22 @@ class _CompiledLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         cfg, quant, n_parts = ctx.cfg, ctx.quant, len(ctx.cfg.part_blocks)
+        per_part = _CompiledLayer.PER_PART
         saved = ctx.saved_tensors
-        digits, weights, psums, steps, qmins, qmaxs, coefs, ref_coefs = (
-            list(saved[i * n_parts:(i + 1) * n_parts]) for i in range(8))
-        input_step = saved[8 * n_parts]
-        inputs, keeps, psum_keeps = (list(saved[8 * n_parts + 1 + i * n_parts:8 * n_parts + 1 + (i + 1) * n_parts])
-                                     for i in range(3))
+        digits, weights, psums, steps, qmins, qmaxs, offsets, coefs, ref_coefs = (
+            list(saved[i * n_parts:(i + 1) * n_parts]) for i in range(per_part))
+        input_step = saved[per_part * n_parts]
+        first = per_part * n_parts + 1
+        inputs, keeps, psum_keeps = (list(saved[first + i * n_parts:first + (i + 1) * n_parts]) for i in range(3))
         needs = ctx.needs_input_grad[7:]
         need_inputs, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
-        need_input_step = needs[8 * n_parts]
+        need_input_step = needs[per_part * n_parts]
         need_codes = [n or (quant is not None and need_input_step) for n in need_inputs]
         grad_nhwc = _batch_dynamic(grad_out.permute(0, 2, 3, 1).contiguous())
-        grads = _run_compiled(_post_backward, grad_nhwc, psums, psum_keeps, steps, qmins, qmaxs, coefs, ref_coefs,
-                              ctx.ref_index, ctx.ref_onehot, input_step, cfg, any(need_weights), any(need_codes))
-        grad_psums, combined, grad_steps, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias = grads
+        grads = _run_compiled(_post_backward, grad_nhwc, psums, psum_keeps, steps, qmins, qmaxs, offsets, coefs,
+                              ref_coefs, ctx.ref_index, ctx.ref_onehot, input_step, cfg, any(need_weights),
+                              any(need_codes))
+        grad_psums, combined, grad_steps, grad_offsets, grad_coefs, grad_ref_coefs, grad_input_step, grad_bias = grads
         grad_inputs, grad_weights = [], []
         for p in range(n_parts):
             grad_p = combined_p = None
@@ -561,7 +577,8 @@ class _CompiledLayer(torch.autograd.Function):
             grad_weights.append(grad_w)
         none = [None] * n_parts
         return (None, None, None, None, None, None, None, *grad_inputs, *grad_weights, *grad_steps, *none, *none,
-                *grad_coefs, *grad_ref_coefs, *none, grad_input_step, grad_bias if ctx.has_bias else None, None)
+                *grad_offsets, *grad_coefs, *grad_ref_coefs, *none, grad_input_step,
+                grad_bias if ctx.has_bias else None, None)
 
 
 def _digits_compiled(values: torch.Tensor, split: Optional[InputSplit], step=None, lut=None, keep=None,
@@ -576,11 +593,11 @@ def _digits_compiled(values: torch.Tensor, split: Optional[InputSplit], step=Non
 
 
 def compiled_layer(cfg: PostConfig, split, quant, convs, ref_index, ref_onehot, inputs, weights, steps, qmins, qmaxs,
-                   coefs, ref_coefs, keeps, input_step, bias, lut, channels_last: bool) -> torch.Tensor:
+                   offsets, coefs, ref_coefs, keeps, input_step, bias, lut, channels_last: bool) -> torch.Tensor:
     """Output (N, C_out, H, W) of a layer on the compiled path (see `_CompiledLayer`), channels-last memory when
     ``channels_last`` (the layer input is), else contiguous."""
     return _CompiledLayer.apply(cfg, split, quant, convs, ref_index, ref_onehot, channels_last, *inputs, *weights,
-                                *steps, *qmins, *qmaxs, *coefs, *ref_coefs, *keeps, input_step, bias, lut)
+                                *steps, *qmins, *qmaxs, *offsets, *coefs, *ref_coefs, *keeps, input_step, bias, lut)
 
 
 def compiled_input(quantizer, x: torch.Tensor) -> tuple:

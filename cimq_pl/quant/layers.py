@@ -165,6 +165,7 @@ class _CIMLayerBase(nn.Module):
                 n_columns=geo.out_channels_per_group,
                 observer=options.psum_observer,
                 learn_clip=options.psum_learn_clip,
+                asymmetric=options.psum_asymmetric,
                 keep_prob=options.psum_keep_prob,
                 percentile=options.percentile,
             )
@@ -551,13 +552,14 @@ class _CIMLayerBase(nn.Module):
         ADC and shift-add factors; ``pack`` > 0 convolves two cycles at once (`fused.cycle_pack`)."""
         geo, pq = self.geometry, self.psum_quantizer
         dtype, device = weights[0].dtype, weights[0].device
-        steps, qmins, qmaxs, coefs, ref_coefs = [], [], [], [], []
+        steps, qmins, qmaxs, offsets, coefs, ref_coefs = [], [], [], [], [], []
         for index, (group, signed) in enumerate(metas):
             step, qmin, qmax = pq.channel_params(group, signed) if adc_active else (None, None, None)
+            offset = pq.channel_offset(group) if adc_active else None
             coefficient, ref_coefficient = self._shift_add_coefficients(index, weight_step, slice_weights, n_ref,
                                                                         dtype, device)
-            for store, value in zip((steps, qmins, qmaxs, coefs, ref_coefs),
-                                    (step, qmin, qmax, coefficient, ref_coefficient)):
+            for store, value in zip((steps, qmins, qmaxs, offsets, coefs, ref_coefs),
+                                    (step, qmin, qmax, offset, coefficient, ref_coefficient)):
                 store.append(value)
         bias = self.output_bias(adc_active)
         config = fused.PostConfig(
@@ -570,7 +572,8 @@ class _CIMLayerBase(nn.Module):
         ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
         convs = [conv for conv, _ in self._array_convs()]
         return fused.compiled_layer(config, split, quant, convs, ref_index, ref_onehot, part_inputs, weights, steps,
-                                    qmins, qmaxs, coefs, ref_coefs, keeps, input_step, bias, lut, channels_last)
+                                    qmins, qmaxs, offsets, coefs, ref_coefs, keeps, input_step, bias, lut,
+                                    channels_last)
 
     def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
                n_cycles, n_images, columns):

@@ -158,6 +158,60 @@ def mse_clip(
     return best_alpha.clamp_min(_EPS)
 
 
+def mse_range(
+    samples: torch.Tensor,
+    group_index: torch.Tensor,
+    n_groups: int,
+    n_steps: int,
+    points: int = 24,
+    also: Optional[tuple] = None,
+    block_elements: Optional[int] = _MSE_BLOCK_ELEMENTS,
+) -> tuple:
+    """MSE-optimal range [low, high] per group of an asymmetric quantizer with ``n_steps + 1`` levels spread evenly
+    over it: argmin over a grid of ``points x points`` candidates, low a fraction of the group's minimum and high
+    one of its maximum (fractions 1/points ... 1), plus the candidate ``also``.
+
+    Args:
+        samples: (items, m) values.
+        group_index: (items,) group of each item.
+        n_groups: number of groups.
+        n_steps: steps between low and high (2^b - 1 for b bits).
+        points: grid points per bound.
+        also: optional ``(low, high)`` (n_groups,) candidate tried too (e.g. the best symmetric range), so the
+            result is never worse than it on ``samples``.
+        block_elements: samples per block of items (as in `mse_clip`).
+
+    Returns:
+        ``(low, high)``, each (n_groups,), high > low.
+    """
+    items = samples.shape[0]
+    empty = torch.zeros(n_groups, dtype=samples.dtype, device=samples.device)  # a group no item reads keeps 0
+    group_min = empty.scatter_reduce(0, group_index, samples.amin(1), reduce="amin", include_self=False)
+    group_max = empty.scatter_reduce(0, group_index, samples.amax(1), reduce="amax", include_self=False)
+    fractions = torch.linspace(1.0 / points, 1.0, points, device=samples.device, dtype=samples.dtype)
+    candidates = [(group_min * a, group_max * b) for a in fractions for b in fractions]
+    if also is not None:
+        candidates.append(tuple(bound.to(samples) for bound in also))
+    candidates = [(low, torch.maximum(high, low + _EPS)) for low, high in candidates]
+    item_error = torch.empty(len(candidates), items, dtype=samples.dtype, device=samples.device)
+    block = max(1, items if block_elements is None else block_elements // max(1, samples.shape[1]))
+    for start in range(0, items, block):
+        rows, groups = samples[start:start + block], group_index[start:start + block]
+        for candidate, (low, high) in enumerate(candidates):
+            item_low = low[groups].unsqueeze(1)
+            step = ((high - low) / n_steps)[groups].unsqueeze(1)
+            codes = torch.sub(rows, item_low).div_(step).round_().clamp_(0, n_steps)
+            item_error[candidate, start:start + block] = codes.mul_(step).add_(item_low).sub_(rows).square_().sum(1)
+    best_error = torch.full((n_groups,), float("inf"), dtype=samples.dtype, device=samples.device)
+    best_low, best_high = candidates[0]
+    for (low, high), error in zip(candidates, item_error):
+        group_error = torch.zeros_like(best_error).index_add_(0, group_index, error)
+        better = group_error < best_error
+        best_error = torch.where(better, group_error, best_error)
+        best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
+    return best_low, best_high
+
+
 class RangeObserver(nn.Module):
     """Accumulates statistics of ``(items, samples)`` batches and computes one clip value per group.
 
@@ -251,6 +305,16 @@ class RangeObserver(nn.Module):
         return mse_clip(
             self.samples, group_index, n_groups, qmin, qmax, levels, self.n_candidates, project=project
         )
+
+
+    @torch.no_grad()
+    def compute_range(self, group_index: torch.Tensor, n_groups: int, n_steps: int, also: Optional[tuple] = None,
+                      points: int = 24) -> tuple:
+        """(low, high) per group of an asymmetric range by `mse_range` (needs samples: not for ``"minmax"``)."""
+        if self.samples is None:
+            raise RuntimeError(f"an asymmetric range needs observed samples, which the {self.method!r} observer "
+                               "does not keep: use 'mse' or 'percentile'")
+        return mse_range(self.samples, group_index, n_groups, n_steps, points, also)
 
 
 class MinMaxObserver(RangeObserver):

@@ -36,6 +36,7 @@ class QuantizerOptions:
         psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline; ``"auto"``:
             min-max for ADCs of `AUTO_MINMAX_ADC_BITS` bits and more, MSE below).
         psum_learn_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
+        psum_asymmetric: every ADC range with a learned offset (`PsumQuantizer`'s ``asymmetric``).
         psum_keep_prob: QDrop keep probability of the ADC codes while training (None: no dropping).
         percentile: percentile used by ``"percentile"`` observers.
 
@@ -59,6 +60,7 @@ class QuantizerOptions:
     psum_granularity: Literal["layer", "array", "column"] = "array"
     psum_observer: PsumObserver = "mse"
     psum_learn_clip: bool = True
+    psum_asymmetric: bool = False
     psum_keep_prob: Optional[float] = None
     percentile: float = 99.99
 

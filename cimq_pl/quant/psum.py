@@ -9,6 +9,13 @@ b_p bits maps a partial sum p to the code ``clamp(round(p / step), qmin, qmax)``
   codes [0, 2^b_p-1], ``levels = 2^b_p-1``, range [0, alpha].
 
 ``alpha = alpha0 * exp(theta)``: alpha0 is a buffer set from calibration statistics of p, theta is learned.
+
+An *asymmetric* ADC (``asymmetric=True``) also has a learned offset z per range, in steps: the code is
+``clamp(round(p / step - z), qmin, qmax)`` and its value ``step * (code + z)``, so the 2^b_p levels span
+[step (qmin + z), step (qmax + z)] wherever the partial sums lie (an ADC whose reference ladder starts at a
+programmable voltage). The offset's share of the cycle sum, ``step z sum_j w_j``, is one constant per column that
+the macro adds with the bias. Calibration places [lo, hi] by a grid search of least squared error
+(`observers.mse_range`).
 The output ``step * code`` is differentiated with a straight-through round, so d out / d alpha is
 ``(code - p/step) / levels`` for unclipped values and ``code / levels`` for clipped ones: the gradient flows
 from both (the reparameterized clipping function of APoT, Li et al. ICLR 2020), not only from clipped values
@@ -73,37 +80,47 @@ def _channels_last(values: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _adc_cycle_sum_inplace(psums, step, qmin, qmax, cycle_weights, count_clipped: bool):
+def _adc_cycle_sum_inplace(psums, step, offset, qmin, qmax, cycle_weights, count_clipped: bool):
     """`_ADCCycleSum.forward` without autograd, converting ``psums`` in place (same values, fewer passes)."""
     view = (1, -1, 1, 1)
     normalized = psums.div_(step.view(view))
+    if offset is not None:
+        normalized.sub_(offset.view(view))
     clipped = None
     if count_clipped:
         clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
     normalized.round_()
     torch.clamp(normalized, qmin.view(view), qmax.view(view), out=normalized)
+    if offset is not None:
+        normalized.add_(offset.view(view))
     return cycle_sum(normalized, cycle_weights).mul_(step.view(view)), clipped
 
 
 class _ADCCycleSum(torch.autograd.Function):
-    """Fused ADC + cycle shift-add: u = step * sum_j w_j * clamp(round(p_j / step), qmin, qmax).
+    """Fused ADC + cycle shift-add: u = step * sum_j w_j * (clamp(round(p_j / step - z), qmin, qmax) + z), with
+    z the ADC's offset in steps (None: 0, the symmetric range).
 
     Saves only p; the codes are recomputed in the backward pass. Straight-through round; gradients for p
-    (zero where clipped) and for the per-channel step (APoT/LSQ form).
+    (zero where clipped), for the per-channel step (APoT/LSQ form) and for z (a clipped value moves with it, an
+    unclipped one does not).
     """
 
     @staticmethod
-    def forward(ctx, psums, step, qmin, qmax, cycle_weights, count_clipped: bool):
+    def forward(ctx, psums, step, offset, qmin, qmax, cycle_weights, count_clipped: bool):
         view = (1, -1, 1, 1)
         normalized = psums / step.view(view)
+        if offset is not None:
+            normalized.sub_(offset.view(view))
         clipped = None
         if count_clipped:
             clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
         normalized.round_()
         torch.clamp(normalized, qmin.view(view), qmax.view(view), out=normalized)
+        if offset is not None:
+            normalized.add_(offset.view(view))
         summed = cycle_sum(normalized, cycle_weights)
         summed.mul_(step.view(view))
-        ctx.save_for_backward(psums, step, qmin, qmax)
+        ctx.save_for_backward(psums, step, offset, qmin, qmax)
         ctx.cycle_weights = cycle_weights
         if clipped is None:
             clipped = psums.new_zeros((), dtype=torch.long)
@@ -112,22 +129,27 @@ class _ADCCycleSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_summed, _grad_clipped):
-        psums, step, qmin, qmax = ctx.saved_tensors
+        psums, step, offset, qmin, qmax = ctx.saved_tensors
         view = (1, -1, 1, 1)
         n_cycles = len(ctx.cycle_weights)
         normalized = psums / step.view(view)
+        if offset is not None:
+            normalized = normalized - offset.view(view)
         inside = (normalized >= qmin.view(view)) & (normalized <= qmax.view(view))
         codes = torch.clamp(torch.round(normalized), qmin.view(view), qmax.view(view))
         shape = (n_cycles, -1, *psums.shape[1:])
         weights = constant_tensor(tuple(ctx.cycle_weights), grad_summed.dtype, grad_summed.device)
         weighted_grad = grad_summed.unsqueeze(0) * weights.view(-1, 1, 1, 1, 1)
-        grad_psums = grad_step = None
+        grad_psums = grad_step = grad_offset = None
         if ctx.needs_input_grad[0]:
             grad_psums = (weighted_grad * inside.view(shape)).reshape(psums.shape)
-        if ctx.needs_input_grad[1]:
-            local = (codes - torch.where(inside, normalized, 0)).view(shape)
+        if ctx.needs_input_grad[1]:  # d u / d step: code + z - p / step inside, code + z where clipped
+            outside_value = 0 if offset is None else -offset.view(view)
+            local = (codes - torch.where(inside, normalized, outside_value)).view(shape)
             grad_step = (weighted_grad * local).sum(dim=(0, 1, 3, 4))
-        return grad_psums, grad_step, None, None, None, None
+        if offset is not None and ctx.needs_input_grad[2]:  # d u / d z: step where clipped, 0 inside
+            grad_offset = (weighted_grad * (~inside).view(shape)).sum(dim=(0, 1, 3, 4)) * step
+        return grad_psums, grad_step, grad_offset, None, None, None, None
 
 
 class PsumQuantizer(QuantizerBase):
@@ -149,7 +171,9 @@ class PsumQuantizer(QuantizerBase):
         n_columns: output columns per conv group (C_out/g, at least n_col_blocks); read by ``"column"`` only.
         observer: alpha0 initialisation, ``"mse"`` (default), ``"minmax"`` (the conventional baseline ADC),
             ``"percentile"``, or ``"auto"`` (min-max from `AUTO_MINMAX_ADC_BITS` bits, MSE below).
-        learn_clip: whether theta is trainable (False: the conventional, fixed min-max ADC).
+        learn_clip: whether theta (and the offset) is trainable (False: the conventional, fixed min-max ADC).
+        asymmetric: give every range a learned offset z (in steps; see the module docstring), calibrated with the
+            range by `observers.mse_range` whatever ``observer`` says.
         keep_prob: QDrop keep probability of the ADC codes (see `QuantizerBase`).
         **observer_kwargs: forwarded to the observer.
 
@@ -168,10 +192,12 @@ class PsumQuantizer(QuantizerBase):
         observer: str = "mse",
         learn_clip: bool = True,
         keep_prob: Optional[float] = None,
+        asymmetric: bool = False,
         **observer_kwargs,
     ) -> None:
         check_bits(bits)
-        super().__init__(resolve_psum_observer(observer, bits), keep_prob, **observer_kwargs)
+        observer = "mse" if asymmetric else resolve_psum_observer(observer, bits)  # a range search needs samples
+        super().__init__(observer, keep_prob, **observer_kwargs)
         check_choice("granularity", granularity, PSUM_GRANULARITIES)
         self.bits = bits
         self.granularity = granularity
@@ -181,6 +207,7 @@ class PsumQuantizer(QuantizerBase):
         shape = (n_kinds, *per_row_array[granularity])
         self.register_buffer("alpha0", torch.ones(shape))
         self.theta = nn.Parameter(torch.zeros(shape), requires_grad=learn_clip)
+        self.offset = nn.Parameter(torch.zeros(shape), requires_grad=learn_clip) if asymmetric else None
         self.learn_clip = learn_clip
         self._range_cache: dict = {}
         self._observed_groups: Optional[torch.Tensor] = None
@@ -197,6 +224,21 @@ class PsumQuantizer(QuantizerBase):
     def learn_clip(self, learn: bool) -> None:
         self._learn_clip = bool(learn)
         self.theta.requires_grad_(self._learn_clip)
+        if self.offset is not None:
+            self.offset.requires_grad_(self._learn_clip)
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether every range has a learned offset (see the module docstring)."""
+        return self.offset is not None
+
+    def adopt_calibration_(self, old: QuantizerBase) -> bool:
+        """`QuantizerBase.adopt_calibration_`, except that a switch between symmetric and asymmetric ranges, or an
+        asymmetric ADC of other bits than ``old`` (offsets are in steps of its resolution), calibrates again."""
+        asymmetric = getattr(old, "asymmetric", False)
+        if asymmetric != self.asymmetric or (asymmetric and getattr(old, "bits", None) != self.bits):
+            return False
+        return super().adopt_calibration_(old)
 
     def alpha(self) -> torch.Tensor:
         """Clip values alpha = alpha0 * exp(theta), in partial-sum code units."""
@@ -231,6 +273,10 @@ class PsumQuantizer(QuantizerBase):
         step = self.alpha().reshape(-1)[group] / levels
         return step, qmin, qmax
 
+    def channel_offset(self, group: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-channel offset z (in steps) of channels with alpha index ``group``; None for a symmetric ADC."""
+        return None if self.offset is None else self.offset.reshape(-1)[group]
+
     @torch.no_grad()
     def observe_psums(self, psums: list, groups: list, signed: list) -> None:
         """Feed the observer with partial sums of all parts of one forward pass; when not observing (an
@@ -262,22 +308,43 @@ class PsumQuantizer(QuantizerBase):
             qmin, qmax = code_range(self.bits, is_signed)
             alphas.append(self.observer.compute(groups, n_groups, qmin, qmax, clip_levels(qmin, qmax)))
         alpha = torch.where(group_signed, alphas[1], alphas[0])
+        offset = None
+        if self.offset is not None:
+            alpha, offset = self._asymmetric_ranges(groups, n_groups, group_signed, alpha)
         used = torch.bincount(groups, minlength=n_groups) > 0
         alpha = torch.where(used, alpha, torch.ones_like(alpha))
         self.alpha0.copy_(alpha.view_as(self.alpha0))
         self.theta.zero_()
+        if offset is not None:
+            self.offset.copy_(torch.where(used, offset, 0).view_as(self.offset))
         self.initialized = True
         self.observer.reset()
 
-    def quantize_codes(self, psums: torch.Tensor, step: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor):
-        """ADC codes of ``psums`` (B, C, H, W) with straight-through rounding (unfused path).
+    def _asymmetric_ranges(self, groups, n_groups, group_signed, symmetric_alpha) -> tuple:
+        """(alpha, offset) per group of the range [lo, hi] of least squared error on the observed partial sums
+        (`observers.mse_range`, which also tries the symmetric range ``symmetric_alpha``)."""
+        ranges = {signed: code_range(self.bits, signed) for signed in (False, True)}
+        pick = lambda of: torch.where(group_signed, float(of(*ranges[True])), float(of(*ranges[False])))  # noqa: E731
+        qmin, qmax, levels = (pick(f).to(symmetric_alpha) for f in (lambda lo, hi: lo, lambda lo, hi: hi, clip_levels))
+        step = symmetric_alpha / levels
+        n_steps = 2**self.bits - 1
+        low, high = self.observer.compute_range(groups, n_groups, n_steps, (qmin * step, qmax * step))
+        step = (high - low) / n_steps
+        return step * levels, low / step - qmin
 
-        The gradient is `_ADCCycleSum`'s: the identity where ``qmin <= p / step <= qmax`` (bounds included), zero
-        outside. ``torch.clamp`` with tensor bounds would halve it at the bounds (its backward splits ties), and a
-        partial sum of exactly 0 at an unsigned ADC's ``qmin = 0`` is common with sparse inputs.
+    def quantize_codes(self, psums: torch.Tensor, step: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor,
+                       offset: Optional[torch.Tensor] = None):
+        """ADC codes of ``psums`` (B, C, H, W) with straight-through rounding (unfused path); ``offset`` the
+        per-channel z of an asymmetric ADC (codes of ``p / step - z``).
+
+        The gradient is `_ADCCycleSum`'s: the identity where ``qmin <= p / step - z <= qmax`` (bounds included),
+        zero outside. ``torch.clamp`` with tensor bounds would halve it at the bounds (its backward splits ties),
+        and a partial sum of exactly 0 at an unsigned ADC's ``qmin = 0`` is common with sparse inputs.
         """
         view = (1, -1, 1, 1)
         normalized = psums / step.view(view)
+        if offset is not None:
+            normalized = normalized - offset.view(view)
         constant = normalized.detach()
         inside = (constant >= qmin.view(view)) & (constant <= qmax.view(view))
         codes = torch.clamp(torch.round(constant), qmin.view(view), qmax.view(view))
@@ -312,24 +379,29 @@ class PsumQuantizer(QuantizerBase):
         if not self.enabled or self.observe:
             return cycle_sum(psums, cycle_weights), None, None
         step, qmin, qmax = self.channel_params(group, signed)
-        if overwrite and not (self.dropping or return_codes or (torch.is_grad_enabled() and step.requires_grad)):
-            return _adc_cycle_sum_inplace(psums, step, qmin, qmax, cycle_weights, count_clipped) + (None,)
+        offset = self.channel_offset(group)
+        learning = torch.is_grad_enabled() and (step.requires_grad or (offset is not None and offset.requires_grad))
+        if overwrite and not (self.dropping or return_codes or learning):
+            return _adc_cycle_sum_inplace(psums, step, offset, qmin, qmax, cycle_weights, count_clipped) + (None,)
         if not (self.dropping or return_codes):
-            summed, clipped = _ADCCycleSum.apply(psums, step, qmin, qmax, cycle_weights, count_clipped)
+            summed, clipped = _ADCCycleSum.apply(psums, step, offset, qmin, qmax, cycle_weights, count_clipped)
             return summed, (clipped if count_clipped else None), None
         view = (1, -1, 1, 1)
         clipped = None
         if count_clipped:
             normalized = psums.detach() / step.detach().view(view)
+            if offset is not None:
+                normalized = normalized - offset.detach().view(view)
             clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
-        codes = self.quantize_codes(psums, step, qmin, qmax)
-        values = codes * step.view(view)
+        codes = self.quantize_codes(psums, step, qmin, qmax, offset)
+        values = (codes if offset is None else codes + offset.view(view)) * step.view(view)
         if self.dropping:
             values = torch.where(self.drop_mask(values), values, psums)
         return cycle_sum(values, cycle_weights), clipped, (codes.detach() if return_codes else None)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, granularity={self.granularity}, alpha_shape={tuple(self.alpha0.shape)}, enabled={self.enabled}"
+        return (f"bits={self.bits}, granularity={self.granularity}, alpha_shape={tuple(self.alpha0.shape)}, "
+                f"asymmetric={self.asymmetric}, enabled={self.enabled}")
 
 
 __all__ = ["PsumQuantizer", "cycle_sum"]

@@ -152,7 +152,8 @@ class SearchConfig:
         init_from: a PTQ (or QAT) checkpoint of this configuration to search from: every setting is measured on
             the reconstructed network (its AdaRound decisions baked into the weights, its learned input steps and
             ADC clips) instead of the calibrated one, so that what reconstruction repairs is seen. A trial of
-            another ADC resolution keeps the layer's learned clip range (alpha0 x exp(theta)) at the new resolution;
+            another ADC resolution keeps the layer's learned clip range (alpha0 x exp(theta)) at the new resolution
+            (an asymmetric ADC's range is calibrated again: its offsets are in steps of the old resolution);
             a quantizer whose bits change is calibrated as without it. None: calibration only.
     """
 

@@ -209,7 +209,8 @@ def test_old_names_of_partial_sum_clipping_still_work_with_a_deprecation():
         settings = configured_techniques(
             [{"class_path": "cimq_pl.callbacks.PartialSumClipping", "init_args": {"init": "minmax", "learnable": False}}]
         )
-    assert settings == {"PartialSumClipping": {"granularity": "column", "observer": "minmax", "learn_clip": False}}
+    assert settings == {"PartialSumClipping": {"granularity": "column", "observer": "minmax", "learn_clip": False,
+                                               "asymmetric": False}}
 
 
 def test_a_checkpoint_of_another_code_set_is_refused_not_taken(images):

@@ -406,3 +406,30 @@ def test_a_learned_output_offset_is_exported_in_the_bias(tmp_path):
         assert not torch.allclose(model[0](images), expected)  # the offset matters to the output
         layer.output_offset.copy_(without)
     assert torch.allclose(IntegerExecutor(export)(images), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, bias", [
+    (CIMSpec(rows=16, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=2), True),
+    (CIMSpec(rows=20, cols=7, weight_bits=4, cell_bits=2, weight_slicing="offset", input_bits=4, adc_bits=3), False),
+], ids=["twos_complement", "offset_slicing_no_bias"])
+def test_asymmetric_adc_ranges_export_as_plain_adcs_and_a_bias(spec, bias, tmp_path):
+    """An asymmetric ADC (code of p / step - z, value step (code + z)) exports as an ordinary ADC (its thresholds)
+    plus what the offsets add, folded into the bias (one is made for a layer without): the format read literally and
+    the integer executor give the fake-quant layer."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(5, 6, 3, padding=1, bias=bias), nn.ReLU())
+    images = torch.randn(3, 5, 6, 6)
+    options = QuantizerOptions(psum_granularity="column", psum_asymmetric=True)
+    model = _calibrated(model, spec, images, options, perturb=True)
+    layer, offset = model[0], model[0].psum_quantizer.offset
+    assert offset.abs().amax() > 0.1  # calibration moved ranges
+    with torch.no_grad():  # and PTQ would move them on
+        offset.add_(torch.empty_like(offset).uniform_(-0.5, 0.5))
+    export = read_export(export_model(model, spec, tmp_path / "export", (5, 6, 6)))
+    assert export.manifest["layers"]["0"]["bias"]
+    layer_bias = torch.zeros(6) if layer.bias is None else layer.bias.detach()
+    assert not torch.allclose(export.tensors["0.bias"], layer_bias, atol=1e-3)  # the offsets' share is there
+    with torch.no_grad():
+        expected = layer(images).double()
+    assert torch.allclose(_slow_layer(export, "0", images), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(IntegerExecutor(export)(images), model(images), rtol=1e-5, atol=1e-5)

@@ -60,14 +60,18 @@ def _weight_slices(q: torch.Tensor, bits: int, cell_bits: int, slicing: str) -> 
     return slices, 0
 
 
-def _adc(p: torch.Tensor, alpha: float, bits: int, signed: bool) -> torch.Tensor:
+def _adc(p: torch.Tensor, clip: tuple, bits: int, signed: bool) -> tuple:
+    """(code, value) of partial sums ``p`` at an ADC of clip ``(alpha, offset z in steps)``: the code of p / step - z,
+    the value step (code + z)."""
+    alpha, offset = clip
     if signed:
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
         qmin, qmax = 0, 2**bits - 1
     levels = qmax if qmax > 0 else -qmin
     step = alpha / levels
-    return torch.clamp(torch.round(p / step), qmin, qmax), step
+    code = torch.clamp(torch.round(p / step - offset), qmin, qmax)
+    return code, (code + offset) * step
 
 
 def reference_conv(layer, x: torch.Tensor) -> dict:
@@ -146,19 +150,16 @@ def reference_conv(layer, x: torch.Tensor) -> dict:
                         )
                         value = p
                         if pq is not None:
-                            alpha = _alpha(pq, s, g * n_r + r, c, o)
-                            code, step = _adc(p, alpha, pq.bits, kind_signed)
+                            code, value = _adc(p, _clip(pq, s, g * n_r + r, c, o), pq.bits, kind_signed)
                             codes_out[j, :, g, r, s * cout_g + o] = code
-                            value = code * step
                         psums[j, :, g, r, s * cout_g + o] = p
                         output[:, g, o] += cycle_weight * slice_weight * tile_step[g, r, o] * value
                 for c in range(n_ref):
                     p = a[:, rows, :].sum(1) * ref_digit
                     value = p
                     if pq is not None:
-                        code, step = _adc(p, _alpha(pq, n_s, g * n_r + r, c, c), pq.bits, float_inputs)
+                        code, value = _adc(p, _clip(pq, n_s, g * n_r + r, c, c), pq.bits, float_inputs)
                         codes_out[j, :, g, r, n_s * cout_g + c] = code
-                        value = code * step
                     psums[j, :, g, r, n_s * cout_g + c] = p
                     top_weight = slices[-1][0]
                     for o in range(c * per_array, min((c + 1) * per_array, cout_g)):
@@ -174,11 +175,10 @@ def reference_conv(layer, x: torch.Tensor) -> dict:
     }
 
 
-def _alpha(pq, kind: int, row_array: int, col_block: int, column: int) -> float:
-    """The clip of one bitline; ``column``: the output column of a slice, the column block of a reference column."""
-    alpha = pq.alpha().detach().double()
-    if pq.granularity == "layer":
-        return float(alpha[kind, 0, 0])
-    if pq.granularity == "column":
-        return float(alpha[kind, row_array, column])
-    return float(alpha[kind, row_array, col_block])
+def _clip(pq, kind: int, row_array: int, col_block: int, column: int) -> tuple:
+    """(alpha, offset in steps) of one bitline's ADC; ``column``: the output column of a slice, the column block of
+    a reference column."""
+    index = (kind, 0, 0) if pq.granularity == "layer" else (
+        (kind, row_array, column) if pq.granularity == "column" else (kind, row_array, col_block))
+    offset = 0.0 if pq.offset is None else float(pq.offset.detach().double()[index])
+    return float(pq.alpha().detach().double()[index]), offset

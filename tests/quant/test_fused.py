@@ -50,6 +50,8 @@ def _initialised(case, spec, seed, dtype, signed=False, **options):
     if layer.psum_quantizer is not None:  # clip levels that clip and round
         with torch.no_grad():
             layer.psum_quantizer.theta.uniform_(-1.5, 0.3)
+            if layer.psum_quantizer.asymmetric:  # ranges moved by a few steps either way, not whole ones
+                layer.psum_quantizer.offset.uniform_(-2.0, 2.0)
     return layer, x
 
 
@@ -80,11 +82,12 @@ def test_eager_without_gradient_is_bit_identical(case, spec, signed, seed, granu
 @settings(max_examples=40, deadline=None)
 @given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
        train=st.booleans(), rounding=st.sampled_from(["nearest", "adaround"]), max_ones=st.sampled_from([None, 1, 2]),
-       granularity=st.sampled_from(["array", "column"]), offset=st.booleans(), drop_psums=st.booleans())
+       granularity=st.sampled_from(["array", "column"]), offset=st.booleans(), drop_psums=st.booleans(),
+       asymmetric=st.booleans())
 def test_compiled_path_matches_eager_and_reference(case, spec, signed, seed, train, rounding, max_ones, granularity,
-                                                   offset, drop_psums):
+                                                   offset, drop_psums, asymmetric):
     layer, x = _initialised(case, spec, seed, torch.float64, signed, weight_rounding=rounding,
-                            input_max_ones=max_ones, psum_granularity=granularity)
+                            input_max_ones=max_ones, psum_granularity=granularity, psum_asymmetric=asymmetric)
     offset = offset and layer.add_output_offset_() is not None  # a learned offset after the ADC (gradient too)
     if offset:
         with torch.no_grad():
@@ -242,15 +245,17 @@ def test_failed_compilation_falls_back_with_one_warning(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("CIMQ_TEST_COMPILE") != "1" or shutil.which("c++") is None,
                     reason="compiles C++ code for about 10 s: set CIMQ_TEST_COMPILE=1 (needs a C++ compiler)")
-@pytest.mark.parametrize("drop_psums", [False, True])
-def test_torch_compile_matches_uncompiled_kernels(monkeypatch, drop_psums):
+@pytest.mark.parametrize("drop_psums, asymmetric", [(False, False), (True, False), (True, True)])
+def test_torch_compile_matches_uncompiled_kernels(monkeypatch, drop_psums, asymmetric):
     """Inductor's code gives the uncompiled kernels' forward bits and their gradients (one tiny layer; with QDrop
-    on the ADC too)."""
+    on the ADC too; with asymmetric ADC ranges)."""
     torch.manual_seed(0)
     spec = CIMSpec(rows=20, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=3)
-    layer = CIMConv2d.from_conv(nn.Conv2d(5, 3, 3, padding=1), spec)
+    layer = CIMConv2d.from_conv(nn.Conv2d(5, 3, 3, padding=1), spec, QuantizerOptions(psum_asymmetric=asymmetric))
     x = torch.rand(2, 5, 4, 4)
     layer(x)
+    if asymmetric:
+        assert layer.psum_quantizer.offset.abs().sum() > 0  # calibration placed the ranges
     if drop_psums:
         layer.train()
         layer.psum_quantizer.keep_prob = 0.5

@@ -76,20 +76,22 @@ def test_quantizers_disabled_equals_conv(case, spec, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(case=conv_cases(), spec=specs(), signed=st.booleans(), seed=st.integers(0, 2**16),
-       granularity=st.sampled_from(["layer", "array", "column"]))
-def test_quantized_layer_matches_reference(case, spec, signed, seed, granularity):
+       granularity=st.sampled_from(["layer", "array", "column"]), asymmetric=st.booleans())
+def test_quantized_layer_matches_reference(case, spec, signed, seed, granularity, asymmetric):
     torch.manual_seed(seed)
     conv, x = _conv(case)
     x = x.abs()
     if signed:
         x.view(-1)[0] = -1.0  # at least one negative input: signed codes
     options = QuantizerOptions(input_observer="minmax", weight_observer="minmax", psum_observer="minmax",
-                               psum_granularity=granularity, weight_granularity="array")
+                               psum_granularity=granularity, weight_granularity="array", psum_asymmetric=asymmetric)
     layer = CIMConv2d.from_conv(conv, spec, options).double()
     layer(x)  # lazy initialisation (sign of inputs from data)
     if layer.psum_quantizer is not None:  # random clip levels: exercise clipping and rounding
         with torch.no_grad():
             layer.psum_quantizer.theta.uniform_(-1.5, 0.3)
+            if asymmetric:  # ranges moved by a few steps either way
+                layer.psum_quantizer.offset.uniform_(-2.0, 2.0)
     out, trace = layer.simulate(x, trace=True)
     expected = reference_conv(layer, x)
     assert layer.input_quantizer.signed == signed

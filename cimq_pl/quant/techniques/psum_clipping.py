@@ -35,6 +35,9 @@ class PartialSumClippingConfig:
             `AUTO_MINMAX_ADC_BITS` bits and more, ``"mse"`` below; each layer by its own ADC bits; measured, issue 15),
             ``"mse"``, ``"percentile"`` or ``"minmax"``.
         learn_clip: learn theta during PTQ/QAT (False keeps the calibrated range).
+        asymmetric: each range [lo, hi] placed where its partial sums lie, by a learned offset in steps (an ADC with
+            a programmable reference start; calibrated by a least-squares grid search, `observers.mse_range`);
+            False: signed columns [-alpha - step, alpha], unsigned [0, alpha].
 
     Raises:
         ConfigError: on an unknown granularity or observer.
@@ -43,6 +46,7 @@ class PartialSumClippingConfig:
     granularity: Literal["layer", "array", "column"] = "column"
     observer: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     learn_clip: bool = True
+    asymmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.granularity not in PSUM_GRANULARITIES:
@@ -54,4 +58,5 @@ class PartialSumClippingConfig:
         """Give every CIM layer's ADC quantizer this granularity, initialisation (``"auto"`` resolved by the layer's
         own ADC bits, so the layer records the observer it uses) and learnability."""
         reconfigure_(model, psum_granularity=self.granularity, psum_learn_clip=self.learn_clip,
+                     psum_asymmetric=self.asymmetric,
                      psum_observer=lambda layer: resolve_psum_observer(self.observer, layer.spec.adc_bits))
