@@ -101,9 +101,11 @@ class JointDistillation(QuantizerOnlyDistillation):
         self.weight_lr = weight_lr
 
 
-def _config(row: str, adc_bits: int, iters: Optional[int]) -> dict:
-    """The technique config of ``row`` at ``adc_bits``, without the hardware report (accuracy only)."""
-    config = derived_config(Setting("resnet20", row, weight_bits=4, input_bits=4, adc_bits=adc_bits, iters=iters))
+def _config(row: str, adc_bits: int, iters: Optional[int], asymmetric_adc: bool = False) -> dict:
+    """The technique config of ``row`` at ``adc_bits`` (``asymmetric_adc``: `PartialSumClipping`'s ``asymmetric``),
+    without the hardware report (accuracy only)."""
+    config = derived_config(Setting("resnet20", row, weight_bits=4, input_bits=4, adc_bits=adc_bits, iters=iters,
+                                    asymmetric_adc=asymmetric_adc or None))
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
                                       if not c["class_path"].endswith("HardwareReport")]
     return config
@@ -148,14 +150,16 @@ class _StepClock:
 
 def ptq_variant(args) -> str:
     """What sets the PTQ fit apart beside its ADC bits and steps: ``-calibration<N>`` and ``-seed<S>`` where not the
-    model config's (1,024 images, seed 0); part of the checkpoint's name and the CSV's row key."""
+    model config's (1,024 images, seed 0), ``-asymmetric`` with asymmetric ADC ranges; part of the checkpoint's name
+    and the CSV's row key."""
     return ("" if args.calibration_size is None else f"-calibration{args.calibration_size}") + (
-        "" if args.seed == CONFIG_SEED else f"-seed{args.seed}")
+        "" if args.seed == CONFIG_SEED else f"-seed{args.seed}") + ("-asymmetric" if args.asymmetric_adc else "")
 
 
-def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: str = "") -> tuple[Path, float, float]:
+def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: str = "",
+        asymmetric_adc: bool = False) -> tuple[Path, float, float]:
     """The CIMQ PTQ preset at ``adc_bits``: its checkpoint (reused when there), fit seconds and test accuracy.
-    ``variant`` (`ptq_variant`) names fits with other data arguments (in ``extra``)."""
+    ``variant`` (`ptq_variant`) names fits with other data arguments (in ``extra``) or asymmetric ADC ranges."""
     checkpoint = work_dir / f"ptq-adc{adc_bits}-iters{iters}{variant}.ckpt"
     record = checkpoint.with_suffix(".yaml")
     if checkpoint.is_file() and record.is_file():
@@ -163,7 +167,7 @@ def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: st
         stored = yaml.safe_load(record.read_text())
         return checkpoint, stored["fit_seconds"], stored["acc"]
     print(f"[bench] ADC {adc_bits}: CIMQ PTQ, {iters} steps per unit", flush=True)
-    built = _run(_config("cimq", adc_bits, iters), f"ptq-adc{adc_bits}", work_dir, LOSSLESS, extra)
+    built = _run(_config("cimq", adc_bits, iters, asymmetric_adc), f"ptq-adc{adc_bits}", work_dir, LOSSLESS, extra)
     start = time.perf_counter()
     built.trainer.fit(built.model, datamodule=built.datamodule)
     seconds = round(time.perf_counter() - start, 1)
@@ -177,7 +181,7 @@ def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: st
 def qat_config(adc_bits: int, checkpoint: Path, args) -> dict:
     """``cimq_qat.yaml`` at ``adc_bits``, starting from ``checkpoint``, with the command line's objective, learning
     rates (``--lr``, ``--quantizer-lr-scale``), steps and sparsity weight."""
-    config = _config("cimq_qat", adc_bits, None)
+    config = _config("cimq_qat", adc_bits, None, args.asymmetric_adc)
     config["model"]["lr"] = args.lr
     config["model"]["simulation"] = args.simulation
     if args.objective != "task":
@@ -274,6 +278,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                              "the objective's, 1.0; with distill-quantizers and distill-joint it scales the PTQ preset's rates)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
+    parser.add_argument("--asymmetric-adc", action="store_true",
+                        help="asymmetric ADC ranges in PTQ and QAT (PartialSumClipping asymmetric: true)")
     args = parser.parse_args(argv)
     if args.temperature is not None and args.objective == "task":
         parser.error(f"--temperature={args.temperature:g} needs --objective distill or distill-quantizers (the task "
@@ -308,7 +314,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             "" if args.objective == "task" else f"-{KEY_NAMES[args.objective]}{args.temperature:g}") + (
             "" if args.quantizer_lr_scale is None else f"-qlr{args.quantizer_lr_scale:g}")
         if key not in rows:
-            checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra, ptq_variant(args))
+            checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra, ptq_variant(args),
+                                                        args.asymmetric_adc)
             qat_seconds, qat_accuracy, step = qat(bits, checkpoint, args, work, extra)
             rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "calibration_size": args.calibration_size,
                          "seed": args.seed, "train": args.train,

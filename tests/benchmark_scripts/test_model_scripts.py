@@ -83,6 +83,28 @@ def test_setting_fields_reach_the_config():
     with pytest.raises(ValueError, match="drop_psums needs QuantDropping"):
         derived_config(Setting("resnet20", "cimq_qat", drop_psums=True))
 
+    def clipping(setting):
+        return [entry["init_args"] for entry in derived_config(setting)["trainer"]["callbacks"]
+                if entry["class_path"].endswith("PartialSumClipping")][0]
+
+    assert "asymmetric" not in clipping(Setting("resnet20", "cimq"))  # the preset's own (symmetric)
+    assert clipping(Setting("resnet20", "cimq_qat", asymmetric_adc=True))["asymmetric"] is True
+    assert Setting("resnet20", "cimq", adc_bits=2, asymmetric_adc=True).key == "resnet20-cimq15d-adc_bits2-asymmetric_adcTrue"
+
+
+def test_low_adc_qat_asymmetric_ranges_reach_ptq_and_qat_and_name_the_checkpoint(tmp_path):
+    import types
+
+    import low_adc_qat
+
+    args = types.SimpleNamespace(calibration_size=4000, seed=0, asymmetric_adc=True, lr=1e-4, simulation="eager",
+                                 objective="task", quantizer_lr_scale=None, steps=2, sparsity_weight=None)
+    assert low_adc_qat.ptq_variant(args) == "-calibration4000-asymmetric"
+    config = low_adc_qat.qat_config(2, tmp_path / "ptq.ckpt", args)
+    clipping = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PartialSumClipping")]
+    assert clipping[0]["init_args"]["asymmetric"] is True
+    assert "-asymmetric" not in low_adc_qat.ptq_variant(types.SimpleNamespace(**{**vars(args), "asymmetric_adc": False}))
+
 
 def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_sample(out, smoke_args):
 
