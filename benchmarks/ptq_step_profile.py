@@ -13,6 +13,7 @@ and by the nearest ``cimq_pl`` caller (which layout copies a step makes, and whe
     python benchmarks/ptq_step_profile.py --profile --copies         # and where the copies come from
     python benchmarks/ptq_step_profile.py --adam fused               # the same fit with a fused Adam
     python benchmarks/ptq_step_profile.py --drop-psums --profile     # with QDrop on the ADC (partial sums) too
+    python benchmarks/ptq_step_profile.py --asymmetric-adc           # with asymmetric ADC ranges
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="the reconstruction's Adam implementation (default: PyTorch's choice)")
     parser.add_argument("--drop-psums", action="store_true",
                         help="QDrop on the ADC too (QuantDropping targets with psums; Setting.drop_psums)")
+    parser.add_argument("--asymmetric-adc", action="store_true",
+                        help="asymmetric ADC ranges (PartialSumClipping asymmetric; Setting.asymmetric_adc)")
     parser.add_argument("--profile", action="store_true", help="profile --profile-steps of --unit")
     parser.add_argument("--copies", action="store_true",
                         help="with --profile: the step's copies by shape and by caller (records stacks: slower steps)")
@@ -134,10 +137,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parser.error("--copies lists what --profile records: give both")
     profiler = UnitProfiler(args.unit, args.steps, first, end, args.copies) if args.profile else None
     with adam_implementation(args.adam):
-        measure(Setting("resnet20", "cimq", iters=args.steps, drop_psums=args.drop_psums or None), args.work_dir,
+        measure(Setting("resnet20", "cimq", iters=args.steps, drop_psums=args.drop_psums or None,
+                        asymmetric_adc=args.asymmetric_adc or None), args.work_dir,
                 extra_args=[*extra, "--model.simulation", args.simulation],
                 callbacks=[timer, *([profiler] if profiler else [])], test=False)
     summary = {"simulation": args.simulation, "adam": args.adam, "QDrop on the ADC": args.drop_psums,
+               "asymmetric ADC": args.asymmetric_adc,
                "steps per unit": args.steps,
                "timed steps": timer.steps, "ms per step": round(1000 / timer.steps_per_second, 2)}
     print("\n" + markdown_table([summary], list(summary), list(summary)))

@@ -267,7 +267,8 @@ def test_torch_compile_matches_uncompiled_kernels(monkeypatch, drop_psums, asymm
     assert fused.compiled_simulation_available()
     assert torch.equal(out, expected_out)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5,  # float32 sums reordered
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_bit_sparse_projection_table_matches_binary_search():
