@@ -10,6 +10,9 @@ Methods:
     ``"percentile"``: alpha = the given percentile of |x| (signed) or of x (unsigned).
     ``"mse"``: alpha minimising the squared quantization error, searched over ``n_candidates`` fractions of
         the min-max alpha, evaluated for all groups at once.
+
+`mse_range` (`RangeObserver.compute_range`) searches an asymmetric range [low, high] per group instead (an ADC with
+a learned offset, `PsumQuantizer` ``asymmetric``).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def test_setting_fields_reach_the_config():
         return [entry["init_args"] for entry in derived_config(setting)["trainer"]["callbacks"]
                 if entry["class_path"].endswith("PartialSumClipping")][0]
 
-    assert "asymmetric" not in clipping(Setting("resnet20", "cimq"))  # the preset's own (symmetric)
+    assert "asymmetric" not in clipping(Setting("resnet20", "cimq"))  # the preset's default (symmetric)
     assert clipping(Setting("resnet20", "cimq_qat", asymmetric_adc=True))["asymmetric"] is True
     assert Setting("resnet20", "cimq", adc_bits=2, asymmetric_adc=True).key == "resnet20-cimq15d-adc_bits2-asymmetric_adcTrue"
 
@@ -218,9 +218,9 @@ def test_low_adc_qat_names_other_ptq_fits_by_calibration_size_and_seed(out):
 
     import low_adc_qat
 
-    preset = types.SimpleNamespace(calibration_size=None, seed=0)
+    preset = types.SimpleNamespace(calibration_size=None, seed=0, asymmetric_adc=False)
     assert low_adc_qat.ptq_variant(preset) == "" and low_adc_qat.data_args(None, 0) == []  # runner.data_args
-    other = types.SimpleNamespace(calibration_size=4000, seed=1)
+    other = types.SimpleNamespace(calibration_size=4000, seed=1, asymmetric_adc=False)
     assert low_adc_qat.ptq_variant(other) == "-calibration4000-seed1"
     assert low_adc_qat.data_args(4000, 1) == ["--data.init_args.calibration_size", "4000", "--data.init_args.seed", "1",
                                             "--seed_everything", "1"]
@@ -242,7 +242,7 @@ def test_low_adc_qat_config_carries_the_command_lines_rates_into_the_objective(o
     import low_adc_qat
 
     args = argparse.Namespace(lr=3e-5, simulation="compiled", objective=objective, temperature=2.0,
-                              quantizer_lr_scale=3.0, steps=1200, sparsity_weight=0.0)
+                              quantizer_lr_scale=3.0, steps=1200, sparsity_weight=0.0, asymmetric_adc=False)
     config = low_adc_qat.qat_config(2, tmp_path / "ptq.ckpt", args)
     spec = config["model"]["objective"]
     assert spec["class_path"] == low_adc_qat.OBJECTIVES[objective]
