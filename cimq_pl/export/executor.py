@@ -18,6 +18,8 @@ has no integer matmul at all). Between layers the graph's digital operations run
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,13 +133,11 @@ class IntegerExecutor(nn.Module):
         n_images, positions = x.shape[0], height * width
         cells = self.tensor(f"{name}.cells").float()  # integers, multiplied exactly (see _integer_matmul)
         weight_scale = self.tensor(f"{name}.weight_scale")
-        n_slices, cout_g = len(slices), mapping["out_channels_per_group"]
         output = x.new_zeros(n_images, positions, entry["out_channels"])
         reference = x.new_zeros(n_images, positions, entry["out_channels"]) if entry["reference_digit"] else None
         tiles = sorted(enumerate(mapping["tiles"]), key=lambda item: (item[1]["row_block"], item[1]["group"]))
         for index, tile in tiles:  # row block by row block: the digital accumulation order
             row_start, n_rows = mapping["row_blocks"][tile["row_block"]]
-            col_start, n_cols = mapping["col_blocks"][tile["col_block"]]
             first_row = tile["group"] * mapping["unrolled_rows"] + row_start
             wordlines = patches[:, :, first_row:first_row + n_rows, :].transpose(-1, -2)  # (cycles, N, positions, rows)
             partial_sums = _integer_matmul(wordlines, cells[index, :n_rows, :tile["bitlines"]])
@@ -148,15 +148,7 @@ class IntegerExecutor(nn.Module):
             values = shifted.to(x.dtype)
             if entry["adc"] is not None:
                 values = values * self.tensor(f"{name}.adc_scale")[setting]
-            first_out = tile["group"] * cout_g + col_start
-            tile_scale = weight_scale[tile["group"], tile["row_block"], col_start:col_start + n_cols]
-            for s, piece in enumerate(slices):
-                output[..., first_out:first_out + n_cols] += values[..., s:n_cols * n_slices:n_slices] * (
-                    float(piece["weight"]) * tile_scale)
-            if reference is not None:
-                top_weight = float(slices[-1]["weight"])
-                reference[..., first_out:first_out + n_cols] += values[..., n_cols * n_slices:n_cols * n_slices + 1] * (
-                    -top_weight * tile_scale)
+            add_tile_bitlines(output, reference, values, tile, mapping, slices, weight_scale)
         if reference is not None:
             output = output + reference
         output = output.transpose(1, 2).reshape(n_images, entry["out_channels"], height, width)
@@ -176,4 +168,22 @@ class IntegerExecutor(nn.Module):
         return codes.t().reshape(partial_sums.shape)
 
 
-__all__ = ["IntegerExecutor"]
+def add_tile_bitlines(output: torch.Tensor, reference: Optional[torch.Tensor], values: torch.Tensor, tile: dict,
+                      mapping: dict, slices: list, weight_scale: torch.Tensor) -> None:
+    """Add one tile's bitline values (..., bitlines) to ``output`` (..., C_out), in place: bitline o * n_slices + s
+    times slice s's weight and the tile scale of column o; the reference column after them (offset slicing) times
+    minus the top slice's weight and every column's tile scale, to ``reference`` (None: the layer has none)."""
+    n_slices, cout_g = len(slices), mapping["out_channels_per_group"]
+    col_start, n_cols = mapping["col_blocks"][tile["col_block"]]
+    first_out = tile["group"] * cout_g + col_start
+    tile_scale = weight_scale[tile["group"], tile["row_block"], col_start:col_start + n_cols]
+    for s, piece in enumerate(slices):
+        output[..., first_out:first_out + n_cols] += values[..., s:n_cols * n_slices:n_slices] * (
+            float(piece["weight"]) * tile_scale)
+    if reference is not None:
+        top_weight = float(slices[-1]["weight"])
+        reference[..., first_out:first_out + n_cols] += values[..., n_cols * n_slices:n_cols * n_slices + 1] * (
+            -top_weight * tile_scale)
+
+
+__all__ = ["IntegerExecutor", "add_tile_bitlines"]

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from cimq_pl.export.executor import add_tile_bitlines
 from cimq_pl.export.format import ExportError, adc_threshold_count, layer_layout, pair, smallest_int_dtype
 from cimq_pl.quant.layers import CIMLinear, _CIMLayerBase
 from cimq_pl.quant.psum import PsumQuantizer
@@ -144,24 +145,17 @@ def _adc_offset_bias(name: str, pq: PsumQuantizer, geometry, layout: dict, adc_t
     the slices' shift-add and the tile scales, times the input step, as the executor combines bitline values."""
     if not pq.asymmetric:
         return None
-    geo, mapping = geometry, layout["mapping"]
-    n_slices, cout_g = len(layout["slices"]), mapping["out_channels_per_group"]
+    mapping = layout["mapping"]
     setting = adc_tensors[f"{name}.adc_setting"].long()
     every = torch.arange(pq.alpha0.numel(), device=pq.alpha0.device)
     per_setting = (adc_tensors[f"{name}.adc_scale"].double() * pq.channel_offset(every).detach().double().cpu()
                    * sum(cycle["weight"] for cycle in layout["cycles"]))
     scale = weight_step.detach().double().cpu()
-    out = torch.zeros(geo.groups * cout_g, dtype=torch.float64)
+    out = torch.zeros(geometry.groups * mapping["out_channels_per_group"], dtype=torch.float64)
+    reference = out if geometry.reference_columns_per_array else None
     for index, tile in enumerate(mapping["tiles"]):
-        col_start, n_cols = mapping["col_blocks"][tile["col_block"]]
-        values = per_setting[setting[index, :tile["bitlines"]]]
-        first_out = tile["group"] * cout_g + col_start
-        tile_scale = scale[tile["group"], tile["row_block"], col_start:col_start + n_cols]
-        for s, piece in enumerate(layout["slices"]):
-            out[first_out:first_out + n_cols] += values[s:n_cols * n_slices:n_slices] * float(piece["weight"]) * tile_scale
-        if geo.reference_columns_per_array:  # the reference column is subtracted with the top slice's weight
-            top_weight = float(layout["slices"][-1]["weight"])
-            out[first_out:first_out + n_cols] -= values[n_cols * n_slices] * top_weight * tile_scale
+        add_tile_bitlines(out, reference, per_setting[setting[index, :tile["bitlines"]]], tile, mapping,
+                          layout["slices"], scale)
     return (out * float(input_step)).to(weight_step.dtype).to(weight_step.device)
 
 

@@ -136,29 +136,46 @@ def mse_clip(
         (n_groups,) clip values.
     """
     signed = qmin < 0
-    items = samples.shape[0]
     item_min, item_max = samples.amin(1), samples.amax(1)
     full_alpha = minmax_clip(item_min, item_max, group_index, n_groups, signed)
     fractions = torch.linspace(min_fraction, 1.0, n_candidates, device=samples.device, dtype=samples.dtype)
-    alphas = [full_alpha * fraction for fraction in fractions]
-    # every candidate's error per item, a cache-sized block of items at a time: the candidates reread the block
-    # from cache instead of streaming all samples from memory once per candidate (each item's error is the same
-    # row-wise operations either way, so the result is bit for bit that of one pass over all items per candidate)
+    alphas = [(full_alpha * fraction,) for fraction in fractions]
+    item_error = _blocked_item_errors(
+        samples, group_index, len(alphas), block_elements,
+        lambda candidate, rows, groups: _squared_error(rows, alphas[candidate][0][groups].unsqueeze(1), qmin, qmax,
+                                                       levels, project))
+    (best_alpha,) = _least_error_per_group(alphas, item_error, group_index, n_groups, (full_alpha,))
+    return best_alpha.clamp_min(_EPS)
+
+
+def _blocked_item_errors(samples: torch.Tensor, group_index: torch.Tensor, n_candidates: int,
+                         block_elements: Optional[int], error: Callable) -> torch.Tensor:
+    """(n_candidates, items) error of every candidate on every item, ``error(candidate, rows, groups)`` on a
+    cache-sized block of items at a time: the candidates reread the block from cache instead of streaming all
+    samples from memory once per candidate (each item's error is the same row-wise operations either way, so the
+    result is bit for bit that of one pass over all items per candidate; ``block_elements`` None: that one pass)."""
+    items = samples.shape[0]
     item_error = torch.empty(n_candidates, items, dtype=samples.dtype, device=samples.device)
     block = max(1, items if block_elements is None else block_elements // max(1, samples.shape[1]))
     for start in range(0, items, block):
         rows, groups = samples[start:start + block], group_index[start:start + block]
-        for candidate, alpha in enumerate(alphas):
-            item_alpha = alpha[groups].unsqueeze(1)
-            item_error[candidate, start:start + block] = _squared_error(rows, item_alpha, qmin, qmax, levels, project)
-    best_error = torch.full((n_groups,), float("inf"), dtype=samples.dtype, device=samples.device)
-    best_alpha = full_alpha.clone()
-    for alpha, error in zip(alphas, item_error):  # every group is compared at once
+        for candidate in range(n_candidates):
+            item_error[candidate, start:start + block] = error(candidate, rows, groups)
+    return item_error
+
+
+def _least_error_per_group(candidates: list, item_error: torch.Tensor, group_index: torch.Tensor, n_groups: int,
+                           initial: tuple) -> tuple:
+    """Per group, the candidate (a tuple of (n_groups,) tensors) whose items' errors sum least, the first one on a
+    tie; ``initial`` where no candidate's error is finite. Every group is compared at once."""
+    best_error = torch.full((n_groups,), float("inf"), dtype=item_error.dtype, device=item_error.device)
+    best = tuple(value.clone() for value in initial)
+    for candidate, error in zip(candidates, item_error):
         group_error = torch.zeros_like(best_error).index_add_(0, group_index, error)
         better = group_error < best_error
         best_error = torch.where(better, group_error, best_error)
-        best_alpha = torch.where(better, alpha, best_alpha)
-    return best_alpha.clamp_min(_EPS)
+        best = tuple(torch.where(better, value, kept) for value, kept in zip(candidate, best))
+    return best
 
 
 def mse_range(
@@ -187,7 +204,6 @@ def mse_range(
     Returns:
         ``(low, high)``, each (n_groups,), high > low.
     """
-    items = samples.shape[0]
     empty = torch.zeros(n_groups, dtype=samples.dtype, device=samples.device)  # a group no item reads keeps 0
     group_min = empty.scatter_reduce(0, group_index, samples.amin(1), reduce="amin", include_self=False)
     group_max = empty.scatter_reduce(0, group_index, samples.amax(1), reduce="amax", include_self=False)
@@ -196,23 +212,16 @@ def mse_range(
     if also is not None:
         candidates.append(tuple(bound.to(samples) for bound in also))
     candidates = [(low, torch.maximum(high, low + _EPS)) for low, high in candidates]
-    item_error = torch.empty(len(candidates), items, dtype=samples.dtype, device=samples.device)
-    block = max(1, items if block_elements is None else block_elements // max(1, samples.shape[1]))
-    for start in range(0, items, block):
-        rows, groups = samples[start:start + block], group_index[start:start + block]
-        for candidate, (low, high) in enumerate(candidates):
-            item_low = low[groups].unsqueeze(1)
-            step = ((high - low) / n_steps)[groups].unsqueeze(1)
-            codes = torch.sub(rows, item_low).div_(step).round_().clamp_(0, n_steps)
-            item_error[candidate, start:start + block] = codes.mul_(step).add_(item_low).sub_(rows).square_().sum(1)
-    best_error = torch.full((n_groups,), float("inf"), dtype=samples.dtype, device=samples.device)
-    best_low, best_high = candidates[0]
-    for (low, high), error in zip(candidates, item_error):
-        group_error = torch.zeros_like(best_error).index_add_(0, group_index, error)
-        better = group_error < best_error
-        best_error = torch.where(better, group_error, best_error)
-        best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
-    return best_low, best_high
+
+    def squared_error(candidate, rows, groups):
+        low, high = candidates[candidate]
+        item_low = low[groups].unsqueeze(1)
+        step = ((high - low) / n_steps)[groups].unsqueeze(1)
+        codes = torch.sub(rows, item_low).div_(step).round_().clamp_(0, n_steps)
+        return codes.mul_(step).add_(item_low).sub_(rows).square_().sum(1)
+
+    item_error = _blocked_item_errors(samples, group_index, len(candidates), block_elements, squared_error)
+    return _least_error_per_group(candidates, item_error, group_index, n_groups, candidates[0])
 
 
 class RangeObserver(nn.Module):

@@ -10,16 +10,17 @@ b_p bits maps a partial sum p to the code ``clamp(round(p / step), qmin, qmax)``
 
 ``alpha = alpha0 * exp(theta)``: alpha0 is a buffer set from calibration statistics of p, theta is learned.
 
+The output ``step * code`` is differentiated with a straight-through round, so d out / d alpha is
+``(code - p/step) / levels`` for unclipped values and ``code / levels`` for clipped ones: the gradient flows
+from both (the reparameterized clipping function of APoT, Li et al. ICLR 2020), not only from clipped values
+as in PACT.
+
 An *asymmetric* ADC (``asymmetric=True``) also has a learned offset z per range, in steps: the code is
 ``clamp(round(p / step - z), qmin, qmax)`` and its value ``step * (code + z)``, so the 2^b_p levels span
 [step (qmin + z), step (qmax + z)] wherever the partial sums lie (an ADC whose reference ladder starts at a
 programmable voltage). The offset's share of the cycle sum, ``step z sum_j w_j``, is one constant per column that
 the macro adds with the bias. Calibration places [lo, hi] by a grid search of least squared error
 (`observers.mse_range`).
-The output ``step * code`` is differentiated with a straight-through round, so d out / d alpha is
-``(code - p/step) / levels`` for unclipped values and ``code / levels`` for clipped ones: the gradient flows
-from both (the reparameterized clipping function of APoT, Li et al. ICLR 2020), not only from clipped values
-as in PACT.
 """
 
 from __future__ import annotations
@@ -261,17 +262,22 @@ class PsumQuantizer(QuantizerBase):
         key = (id(signed), self.bits, self.alpha0.dtype, signed.device)
         cached = self._range_cache.get(key)
         if cached is None or cached[0] is not signed:
-            s_min, s_max = code_range(self.bits, True)
-            u_min, u_max = code_range(self.bits, False)
-            dtype = self.alpha0.dtype
-            levels = torch.where(signed, float(clip_levels(s_min, s_max)), float(clip_levels(u_min, u_max))).to(dtype)
-            qmin = torch.where(signed, float(s_min), float(u_min)).to(dtype)
-            qmax = torch.where(signed, float(s_max), float(u_max)).to(dtype)
-            cached = (signed, levels, qmin, qmax)
+            cached = (signed, *self._code_ranges(signed))
             self._range_cache[key] = cached
         _, levels, qmin, qmax = cached
         step = self.alpha().reshape(-1)[group] / levels
         return step, qmin, qmax
+
+    def _code_ranges(self, signed: torch.Tensor) -> tuple:
+        """(levels, qmin, qmax) per entry of the bool tensor ``signed``, in alpha0's dtype: the signed or unsigned
+        code range of a b_p-bit ADC and its steps between 0 and alpha."""
+        s_min, s_max = code_range(self.bits, True)
+        u_min, u_max = code_range(self.bits, False)
+        dtype = self.alpha0.dtype
+        levels = torch.where(signed, float(clip_levels(s_min, s_max)), float(clip_levels(u_min, u_max))).to(dtype)
+        qmin = torch.where(signed, float(s_min), float(u_min)).to(dtype)
+        qmax = torch.where(signed, float(s_max), float(u_max)).to(dtype)
+        return levels, qmin, qmax
 
     def channel_offset(self, group: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-channel offset z (in steps) of channels with alpha index ``group``; None for a symmetric ADC."""
@@ -323,9 +329,7 @@ class PsumQuantizer(QuantizerBase):
     def _asymmetric_ranges(self, groups, n_groups, group_signed, symmetric_alpha) -> tuple:
         """(alpha, offset) per group of the range [lo, hi] of least squared error on the observed partial sums
         (`observers.mse_range`, which also tries the symmetric range ``symmetric_alpha``)."""
-        ranges = {signed: code_range(self.bits, signed) for signed in (False, True)}
-        pick = lambda of: torch.where(group_signed, float(of(*ranges[True])), float(of(*ranges[False])))  # noqa: E731
-        qmin, qmax, levels = (pick(f).to(symmetric_alpha) for f in (lambda lo, hi: lo, lambda lo, hi: hi, clip_levels))
+        levels, qmin, qmax = (t.to(symmetric_alpha) for t in self._code_ranges(group_signed))
         step = symmetric_alpha / levels
         n_steps = 2**self.bits - 1
         low, high = self.observer.compute_range(groups, n_groups, n_steps, (qmin * step, qmax * step))
