@@ -561,9 +561,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if options.from_ptq is not None and stored is None:
             from low_adc_qat import ptq
 
+            from cimq_pl.quant.psum import resolve_psum_asymmetric
+
             checkpoints = args.work_dir / "low_adc_qat"
             checkpoints.mkdir(parents=True, exist_ok=True)
-            init_from = ptq(options.from_ptq, iters, checkpoints, extra)[0]
+            asymmetric = resolve_psum_asymmetric("auto", options.from_ptq)  # the preset's range shape at those bits
+            init_from = ptq(options.from_ptq, iters, checkpoints, extra, "-asymmetric" if asymmetric else "",
+                            asymmetric)[0]
         if stored is not None:  # more fits of a measured search: its stored assignment, not a new search
             found = {"overrides": stored_overrides(stored["assignment"], args.work_dir / f"{key}.yaml"),
                      "seconds": stored.get("search_seconds", ""), "assignment": stored["assignment"],

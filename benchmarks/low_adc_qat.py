@@ -10,6 +10,9 @@ ones), and is tested on the 1,000 ``cifar10_lossless`` test images. Prints the t
     python benchmarks/low_adc_qat.py                          # ADC 3 and 2, the defaults below (~1 h on 2 cores)
     python benchmarks/low_adc_qat.py --adc-bits 3 --steps 300 # one resolution, another budget
     python benchmarks/low_adc_qat.py --quick                  # tiny data, 1 PTQ step per unit, 2 QAT steps
+
+ADC ranges follow the presets' ``asymmetric: auto`` (asymmetric at 2 bits and below; ``--asymmetric-adc`` /
+``--symmetric-adc`` force either): the PTQ checkpoint and the row key carry ``-asymmetric`` where they are.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import yaml
 
 from cimq_pl.objectives import DistillationObjective
+from cimq_pl.quant.psum import resolve_psum_asymmetric
 from runner import (CONFIG_SEED, JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, data_args, datamodule_on,
                     derived_config, machine, markdown_table, prepare)
 
@@ -101,11 +105,11 @@ class JointDistillation(QuantizerOnlyDistillation):
         self.weight_lr = weight_lr
 
 
-def _config(row: str, adc_bits: int, iters: Optional[int], asymmetric_adc: bool = False) -> dict:
-    """The technique config of ``row`` at ``adc_bits`` (``asymmetric_adc``: `PartialSumClipping`'s ``asymmetric``),
-    without the hardware report (accuracy only)."""
+def _config(row: str, adc_bits: int, iters: Optional[int], asymmetric_adc: bool) -> dict:
+    """The technique config of ``row`` at ``adc_bits`` (``asymmetric_adc``: `PartialSumClipping`'s ``asymmetric``,
+    stated explicitly), without the hardware report (accuracy only)."""
     config = derived_config(Setting("resnet20", row, weight_bits=4, input_bits=4, adc_bits=adc_bits, iters=iters,
-                                    asymmetric_adc=asymmetric_adc or None))
+                                    asymmetric_adc=asymmetric_adc))
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
                                       if not c["class_path"].endswith("HardwareReport")]
     return config
@@ -148,12 +152,21 @@ class _StepClock:
         return round((times[-1] - times[1]) / (len(times) - 2), 3) if len(times) > 2 else None
 
 
-def ptq_variant(args) -> str:
+def asymmetric_ranges(args, adc_bits: int) -> bool:
+    """Whether the fits at ``adc_bits`` have asymmetric ADC ranges: ``--asymmetric-adc`` / ``--symmetric-adc``, else
+    the presets' ``asymmetric: auto`` (ADCs of at most `AUTO_ASYMMETRIC_MAX_ADC_BITS` bits)."""
+    if args.asymmetric_adc or args.symmetric_adc:
+        return args.asymmetric_adc
+    return resolve_psum_asymmetric("auto", adc_bits)
+
+
+def ptq_variant(args, adc_bits: int) -> str:
     """What sets the PTQ fit apart beside its ADC bits and steps: ``-calibration<N>`` and ``-seed<S>`` where not the
-    model config's (1,024 images, seed 0), ``-asymmetric`` with asymmetric ADC ranges; part of the checkpoint's name
-    and the CSV's row key."""
+    model config's (1,024 images, seed 0), ``-asymmetric`` with asymmetric ADC ranges (`asymmetric_ranges`); part of
+    the checkpoint's name and the CSV's row key."""
     return ("" if args.calibration_size is None else f"-calibration{args.calibration_size}") + (
-        "" if args.seed == CONFIG_SEED else f"-seed{args.seed}") + ("-asymmetric" if args.asymmetric_adc else "")
+        "" if args.seed == CONFIG_SEED else f"-seed{args.seed}") + (
+        "-asymmetric" if asymmetric_ranges(args, adc_bits) else "")
 
 
 def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: str = "",
@@ -181,7 +194,7 @@ def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: st
 def qat_config(adc_bits: int, checkpoint: Path, args) -> dict:
     """``cimq_qat.yaml`` at ``adc_bits``, starting from ``checkpoint``, with the command line's objective, learning
     rates (``--lr``, ``--quantizer-lr-scale``), steps and sparsity weight."""
-    config = _config("cimq_qat", adc_bits, None, args.asymmetric_adc)
+    config = _config("cimq_qat", adc_bits, None, asymmetric_ranges(args, adc_bits))
     config["model"]["lr"] = args.lr
     config["model"]["simulation"] = args.simulation
     if args.objective != "task":
@@ -278,8 +291,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                              "the objective's, 1.0; with distill-quantizers and distill-joint it scales the PTQ preset's rates)")
     parser.add_argument("--simulation", choices=("eager", "compiled", "auto"), default="compiled",
                         help="QAT's CIM simulation (compiled: the config's auto stays eager below 1,000 steps)")
-    parser.add_argument("--asymmetric-adc", action="store_true",
-                        help="asymmetric ADC ranges in PTQ and QAT (PartialSumClipping asymmetric: true)")
+    ranges = parser.add_mutually_exclusive_group()
+    ranges.add_argument("--asymmetric-adc", action="store_true",
+                        help="asymmetric ADC ranges in PTQ and QAT at every resolution (PartialSumClipping asymmetric: "
+                             "true; default: the presets' auto, asymmetric at 2 bits and below)")
+    ranges.add_argument("--symmetric-adc", action="store_true",
+                        help="symmetric ADC ranges at every resolution (asymmetric: false)")
+    parser.add_argument("--refit", action="store_true",
+                        help="fit QAT again when the CSV already has the row (e.g. to time it after a speed change); "
+                             "the new row replaces the stored one, the PTQ checkpoint is still reused")
     args = parser.parse_args(argv)
     if args.temperature is not None and args.objective == "task":
         parser.error(f"--temperature={args.temperature:g} needs --objective distill or distill-quantizers (the task "
@@ -309,13 +329,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     shown = []
     for bits in args.adc_bits:
-        key = f"adc{bits}-ptq{args.iters}{ptq_variant(args)}-{args.train}-lr{args.lr:g}-steps{args.steps}-batch{args.batch}-{args.simulation}" + (
+        key = f"adc{bits}-ptq{args.iters}{ptq_variant(args, bits)}-{args.train}-lr{args.lr:g}-steps{args.steps}-batch{args.batch}-{args.simulation}" + (
             "" if args.sparsity_weight is None else f"-sparsity{args.sparsity_weight:g}") + (
             "" if args.objective == "task" else f"-{KEY_NAMES[args.objective]}{args.temperature:g}") + (
             "" if args.quantizer_lr_scale is None else f"-qlr{args.quantizer_lr_scale:g}")
-        if key not in rows:
-            checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra, ptq_variant(args),
-                                                        args.asymmetric_adc)
+        if key not in rows or args.refit:
+            checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra, ptq_variant(args, bits),
+                                                        asymmetric_ranges(args, bits))
             qat_seconds, qat_accuracy, step = qat(bits, checkpoint, args, work, extra)
             rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "calibration_size": args.calibration_size,
                          "seed": args.seed, "train": args.train,

@@ -69,15 +69,30 @@ WIDE_ADC_KEY_NAMES = {"cimq15d": "cimq15e", "cimq_edges_on_arrays15d": "cimq_edg
                       "cimq_quick15c": "cimq_quick15e", "cimq_qat15c": "cimq_qat15e"}
 
 
-def row_key_name(row: str, adc_bits: Iterable[Optional[int]] = ()) -> str:
+# ("_asym": the CIMQ presets' ADC range shape, `PartialSumClipping(asymmetric: auto)`: asymmetric ranges for ADCs of
+# at most `AUTO_ASYMMETRIC_MAX_ADC_BITS` bits. Wider ADCs run the same config as before, so only a setting of such
+# an ADC, with the config's own range shape, takes the suffix; it runs the config that the older name with
+# ``asymmetric_adc=True`` ran, whose rows it reuses (`Setting.equivalent_keys`).)
+NARROW_ADC_ROWS = frozenset({"cimq", "cimq_edges_on_arrays", "cimq_quick", "cimq_qat"})
+NARROW_ADC_SUFFIX = "_asym"
+
+
+def row_key_name(row: str, adc_bits: Iterable[Optional[int]] = (), *, observer_auto: bool = True,
+                 asymmetric_auto: bool = True) -> str:
     """The versioned name of ``row``'s config in result keys (`ROW_KEY_NAMES`): its `WIDE_ADC_KEY_NAMES` name when
     any of ``adc_bits`` (ADC resolutions its layers may have; None: an ideal ADC) is one the presets'
-    ``observer: auto`` gives a min-max range."""
-    from cimq_pl.quant.psum import resolve_psum_observer
+    ``observer: auto`` gives a min-max range (unless ``observer_auto`` is False: the setting names the observer),
+    plus `NARROW_ADC_SUFFIX` when any is one the presets' ``asymmetric: auto`` gives asymmetric ranges (unless
+    ``asymmetric_auto`` is False)."""
+    from cimq_pl.quant.psum import resolve_psum_asymmetric, resolve_psum_observer
 
+    adc_bits = tuple(adc_bits)
     name = ROW_KEY_NAMES.get(row, row)
-    wide_adc = any(resolve_psum_observer("auto", bits) == "minmax" for bits in adc_bits)
-    return WIDE_ADC_KEY_NAMES.get(name, name) if wide_adc else name
+    if observer_auto and any(resolve_psum_observer("auto", bits) == "minmax" for bits in adc_bits):
+        name = WIDE_ADC_KEY_NAMES.get(name, name)
+    if asymmetric_auto and row in NARROW_ADC_ROWS and any(resolve_psum_asymmetric("auto", bits) for bits in adc_bits):
+        name += NARROW_ADC_SUFFIX
+    return name
 
 
 # A row name that changed only a default of the steps per unit: a setting that sets ``iters`` itself runs the same
@@ -199,26 +214,36 @@ class Setting:
     @property
     def key(self) -> str:
         """Stable identifier: model, row and every field that is set (used for resuming and file names)."""
-        parts = [self.model, self.row_key_name]
+        return self._key(self.row_key_name)
+
+    def _key(self, name: str, **fields_set) -> str:
+        """`key` with the row name ``name`` and the fields ``fields_set`` set."""
+        parts = [self.model, name]
         for item in fields(self)[2:]:
-            value = getattr(self, item.name)
+            value = fields_set.get(item.name, getattr(self, item.name))
             if value is not None:
                 parts.append(f"{item.name}{value}")
         return "-".join(parts)
 
     @property
     def row_key_name(self) -> str:
-        """The row's name in `key`: the versioned name of its config (`row_key_name`; an observer the setting
-        sets itself makes the presets' ``auto`` irrelevant)."""
-        return row_key_name(self.row, (self.adc_bits,) if self.psum_observer is None else ())
+        """The row's name in `key`: the versioned name of its config (`row_key_name`; an observer or range shape
+        the setting sets itself makes the presets' ``auto`` irrelevant)."""
+        return row_key_name(self.row, (self.adc_bits,), observer_auto=self.psum_observer is None,
+                            asymmetric_auto=self.asymmetric_adc is None)
 
     @property
     def equivalent_keys(self) -> tuple[str, ...]:
-        """`key` first, then the keys that earlier row names gave the same config (`SAME_CONFIG_WHEN_ITERS_SET`)."""
+        """`key` first, then the keys that earlier row names gave the same config (`SAME_CONFIG_WHEN_ITERS_SET`;
+        a `NARROW_ADC_SUFFIX` name: the older name with ``asymmetric_adc=True``)."""
         name = self.row_key_name
-        if self.iters is None or name not in SAME_CONFIG_WHEN_ITERS_SET:
-            return (self.key,)
-        return self.key, self.key.replace(f"-{name}-", f"-{SAME_CONFIG_WHEN_ITERS_SET[name]}-", 1)
+        keys = [self.key]
+        if name.endswith(NARROW_ADC_SUFFIX):
+            name = name.removesuffix(NARROW_ADC_SUFFIX)
+            keys.append(self._key(name, asymmetric_adc=True))
+        if self.iters is not None and name in SAME_CONFIG_WHEN_ITERS_SET:
+            keys += [key.replace(f"-{name}-", f"-{SAME_CONFIG_WHEN_ITERS_SET[name]}-", 1) for key in keys[1:] or keys]
+        return tuple(keys)
 
     def columns(self) -> dict:
         """The setting as CSV cells (empty where unset)."""

@@ -189,9 +189,9 @@ def _with_defaults(name: str, settings: Mapping) -> dict:
 
 
 #: Technique settings whose ``"auto"`` each layer resolves for itself and records in its `QuantizerOptions`
-#: (`PartialSumClipping.observer`: by the layer's ADC bits). ``"auto"`` and an explicit value agree here; the layers'
-#: recorded options must still agree (`check_quantizer_options`).
-RESOLVED_PER_LAYER = frozenset({("PartialSumClipping", "observer")})
+#: (`PartialSumClipping.observer` and ``asymmetric``: by the layer's ADC bits). ``"auto"`` and an explicit value
+#: agree here; the layers' recorded options must still agree (`check_quantizer_options`).
+RESOLVED_PER_LAYER = frozenset({("PartialSumClipping", "observer"), ("PartialSumClipping", "asymmetric")})
 
 
 def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping[str, dict]) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant.observers import OBSERVER_METHODS
-from cimq_pl.quant.psum import PSUM_GRANULARITIES, PSUM_OBSERVERS
+from cimq_pl.quant.psum import PSUM_ASYMMETRIC, PSUM_GRANULARITIES, PSUM_OBSERVERS
 from cimq_pl.quant.weight import ROUNDINGS, WEIGHT_GRANULARITIES
 
 Observer = Literal["minmax", "percentile", "mse"]
@@ -36,7 +36,8 @@ class QuantizerOptions:
         psum_observer: alpha0 initialisation of the ADC clip (``"minmax"`` is the conventional baseline; ``"auto"``:
             min-max for ADCs of `AUTO_MINMAX_ADC_BITS` bits and more, MSE below).
         psum_learn_clip: whether theta (alpha = alpha0 * exp(theta)) is a trainable parameter.
-        psum_asymmetric: every ADC range with a learned offset (`PsumQuantizer`'s ``asymmetric``).
+        psum_asymmetric: every ADC range with a learned offset (`PsumQuantizer`'s ``asymmetric``; ``"auto"``: for ADCs
+            of at most `AUTO_ASYMMETRIC_MAX_ADC_BITS` bits).
         psum_keep_prob: QDrop keep probability of the ADC codes while training (None: no dropping).
         percentile: percentile used by ``"percentile"`` observers.
 
@@ -60,7 +61,7 @@ class QuantizerOptions:
     psum_granularity: Literal["layer", "array", "column"] = "array"
     psum_observer: PsumObserver = "mse"
     psum_learn_clip: bool = True
-    psum_asymmetric: bool = False
+    psum_asymmetric: Union[bool, Literal["auto"]] = False
     psum_keep_prob: Optional[float] = None
     percentile: float = 99.99
 
@@ -76,6 +77,9 @@ class QuantizerOptions:
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"QuantizerOptions.{name}={getattr(self, name)!r} is invalid: expected one of {list(allowed)}")
+        if self.psum_asymmetric not in PSUM_ASYMMETRIC or not isinstance(self.psum_asymmetric, (bool, str)):
+            raise ConfigError(f"QuantizerOptions.psum_asymmetric={self.psum_asymmetric!r} is invalid: expected one of "
+                              f"{list(PSUM_ASYMMETRIC)}")
         if self.input_max_ones is not None and (isinstance(self.input_max_ones, bool) or self.input_max_ones < 1):
             raise ConfigError(f"QuantizerOptions.input_max_ones={self.input_max_ones!r} is invalid: expected an integer >= 1 or None")
         if not self.input_sparsity_weight >= 0:

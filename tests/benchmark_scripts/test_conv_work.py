@@ -129,3 +129,16 @@ def test_weight_side_smoke_compiles_the_same_weights_and_times_them():
     assert row["difference"] <= 1e-6  # the same soft codes, slices and part weights, to float32 rounding
     assert min(float(row[key]) for key in ("layer_ms", "eager_ms", "compiled_ms", "compile_s")) > 0
     assert row["shape"] == "16->16, 32, 1"
+
+
+def test_adc_range_speed_smoke_times_both_range_shapes_and_the_compile_option_changes_no_value():
+    """`adc_range_speed.py --smoke`: one shape, the three variants timed; the asymmetric kernel compiled with and
+    without `fused._ASYMMETRIC_BACKWARD_OPTIONS` gives the same output and gradients, and the option is put back."""
+    import adc_range_speed
+    from cimq_pl.quant import fused
+
+    before = dict(fused._ASYMMETRIC_BACKWARD_OPTIONS)
+    row = adc_range_speed.main(["--smoke"])[0]
+    assert row["same values"] is True
+    assert min(row[f"{variant} ms"] for variant in adc_range_speed.VARIANTS) > 0
+    assert fused._ASYMMETRIC_BACKWARD_OPTIONS == before == {"realize_reads_threshold": 5}

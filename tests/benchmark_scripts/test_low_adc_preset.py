@@ -44,3 +44,21 @@ def test_the_overlay_sets_only_adc_bits_steps_and_calibration_images():
         "model": {"cim": {"adc_bits": 3}, "objective": {"init_args": {"iters_per_block": 800}}},
         "data": {"init_args": {"calibration_size": 4000}},
     }
+
+
+def test_the_overlay_at_adc_2_gives_every_array_layer_asymmetric_ranges(monkeypatch):
+    """At ``--model.cim.adc_bits 2`` the preset's ``asymmetric: auto`` gives the layers on the arrays asymmetric ADC
+    ranges (the `accuracy_levers.py` set "calibration on 4,000 images, asymmetric ADC ranges"), the ``int8`` edge
+    layers (ideal ADC) none; at the overlay's own 3 bits none."""
+    from cimq_pl.callbacks import PartialSumClipping
+    from cimq_pl.quant import cim_layers
+    from cimq_pl.quant.techniques import quantize_
+
+    for bits, expected in ((2, True), (3, False)):
+        cli = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", "configs/quant/cimq_ptq.yaml",
+                      "--config", str(LOW_ADC), "--model.cim.adc_bits", str(bits))
+        clipping = next(c for c in cli.trainer.callbacks if isinstance(c, PartialSumClipping))
+        assert clipping.config.asymmetric == "auto" and cli.model.cim.adc_bits == bits
+        quantize_(cli.model.model, clipping.config)
+        shapes = {layer.mapping: layer.options.psum_asymmetric for _, layer in cim_layers(cli.model.model)}
+        assert shapes == {"cim": expected, "int8": False}

@@ -56,7 +56,7 @@ def test_setting_fields_reach_the_config():
 
     clipping = [entry["init_args"] for entry in derived_config(Setting("resnet20", "cimq", psum_observer="minmax"))
                 ["trainer"]["callbacks"] if entry["class_path"].endswith("PartialSumClipping")]
-    assert clipping == [{"granularity": "column", "observer": "minmax", "learn_clip": True}]
+    assert clipping == [{"granularity": "column", "observer": "minmax", "asymmetric": "auto", "learn_clip": True}]
     # the presets' `observer: auto` changed their config from 6-bit ADCs up only: those keys take a new row name
     assert Setting("resnet20", "cimq", adc_bits=5, iters=400).equivalent_keys == (
         "resnet20-cimq15d-adc_bits5-iters400", "resnet20-cimq15c-adc_bits5-iters400")
@@ -87,9 +87,21 @@ def test_setting_fields_reach_the_config():
         return [entry["init_args"] for entry in derived_config(setting)["trainer"]["callbacks"]
                 if entry["class_path"].endswith("PartialSumClipping")][0]
 
-    assert "asymmetric" not in clipping(Setting("resnet20", "cimq"))  # the preset's default (symmetric)
+    assert clipping(Setting("resnet20", "cimq"))["asymmetric"] == "auto"  # the preset's own
     assert clipping(Setting("resnet20", "cimq_qat", asymmetric_adc=True))["asymmetric"] is True
-    assert Setting("resnet20", "cimq", adc_bits=2, asymmetric_adc=True).key == "resnet20-cimq15d-adc_bits2-asymmetric_adcTrue"
+    explicit = Setting("resnet20", "cimq", adc_bits=2, asymmetric_adc=True)
+    assert explicit.key == "resnet20-cimq15d-adc_bits2-asymmetric_adcTrue"
+    # the preset's auto gives ADC 2 asymmetric ranges: a new name, which reuses the explicit setting's rows; ADC 3
+    # runs the same config as before and keeps its key
+    auto = Setting("resnet20", "cimq", adc_bits=2, iters=800)
+    assert auto.key == "resnet20-cimq15d_asym-adc_bits2-iters800"
+    assert auto.equivalent_keys[1] == "resnet20-cimq15d-adc_bits2-iters800-asymmetric_adcTrue"
+    assert Setting("resnet20", "cimq", adc_bits=3).key == "resnet20-cimq15d-adc_bits3"
+    assert Setting("resnet20", "cimq", adc_bits=2, asymmetric_adc=False).key == \
+        "resnet20-cimq15d-adc_bits2-asymmetric_adcFalse"
+    assert Setting("resnet20", "conventional", adc_bits=2).key == "resnet20-conventional15-adc_bits2"  # no auto there
+    assert Setting("resnet20", "cimq", adc_bits=8, iters=400).equivalent_keys == (
+        "resnet20-cimq15e-adc_bits8-iters400",)  # unchanged for wide ADCs
 
 
 def test_low_adc_qat_asymmetric_ranges_reach_ptq_and_qat_and_name_the_checkpoint(tmp_path):
@@ -97,13 +109,25 @@ def test_low_adc_qat_asymmetric_ranges_reach_ptq_and_qat_and_name_the_checkpoint
 
     import low_adc_qat
 
-    args = types.SimpleNamespace(calibration_size=4000, seed=0, asymmetric_adc=True, lr=1e-4, simulation="eager",
-                                 objective="task", quantizer_lr_scale=None, steps=2, sparsity_weight=None)
-    assert low_adc_qat.ptq_variant(args) == "-calibration4000-asymmetric"
-    config = low_adc_qat.qat_config(2, tmp_path / "ptq.ckpt", args)
+    args = types.SimpleNamespace(calibration_size=4000, seed=0, asymmetric_adc=True, symmetric_adc=False, lr=1e-4,
+                                 simulation="eager", objective="task", quantizer_lr_scale=None, steps=2,
+                                 sparsity_weight=None)
+    assert low_adc_qat.ptq_variant(args, 3) == "-calibration4000-asymmetric"
+    config = low_adc_qat.qat_config(3, tmp_path / "ptq.ckpt", args)
     clipping = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PartialSumClipping")]
     assert clipping[0]["init_args"]["asymmetric"] is True
-    assert "-asymmetric" not in low_adc_qat.ptq_variant(types.SimpleNamespace(**{**vars(args), "asymmetric_adc": False}))
+
+    def variant(bits, **flags):
+        return low_adc_qat.ptq_variant(types.SimpleNamespace(**{**vars(args), **flags}), bits)
+
+    # neither flag: the presets' auto, asymmetric at ADC 2 (the explicit fits' checkpoint and rows), not at 3
+    assert variant(2, asymmetric_adc=False) == "-calibration4000-asymmetric"
+    assert variant(3, asymmetric_adc=False) == "-calibration4000"
+    assert variant(2, asymmetric_adc=False, symmetric_adc=True) == "-calibration4000"
+    symmetric = low_adc_qat.qat_config(2, tmp_path / "ptq.ckpt", types.SimpleNamespace(
+        **{**vars(args), "asymmetric_adc": False, "symmetric_adc": True}))
+    assert [c["init_args"]["asymmetric"] for c in symmetric["trainer"]["callbacks"]
+            if c["class_path"].endswith("PartialSumClipping")] == [False]
 
 
 def test_other_models_cifar100_ptq_smoke_calibrates_on_cifar10_and_tests_on_the_sample(out, smoke_args):
@@ -218,10 +242,10 @@ def test_low_adc_qat_names_other_ptq_fits_by_calibration_size_and_seed(out):
 
     import low_adc_qat
 
-    preset = types.SimpleNamespace(calibration_size=None, seed=0, asymmetric_adc=False)
-    assert low_adc_qat.ptq_variant(preset) == "" and low_adc_qat.data_args(None, 0) == []  # runner.data_args
-    other = types.SimpleNamespace(calibration_size=4000, seed=1, asymmetric_adc=False)
-    assert low_adc_qat.ptq_variant(other) == "-calibration4000-seed1"
+    preset = types.SimpleNamespace(calibration_size=None, seed=0, asymmetric_adc=False, symmetric_adc=False)
+    assert low_adc_qat.ptq_variant(preset, 3) == "" and low_adc_qat.data_args(None, 0) == []  # runner.data_args
+    other = types.SimpleNamespace(calibration_size=4000, seed=1, asymmetric_adc=False, symmetric_adc=False)
+    assert low_adc_qat.ptq_variant(other, 3) == "-calibration4000-seed1"
     assert low_adc_qat.data_args(4000, 1) == ["--data.init_args.calibration_size", "4000", "--data.init_args.seed", "1",
                                             "--seed_everything", "1"]
     for bad in (["--calibration-size", "0"], ["--seed", "-1"]):

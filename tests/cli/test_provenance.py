@@ -224,3 +224,10 @@ def test_auto_adc_ranges_agree_with_what_each_layer_resolved_them_to():
     check_quantizer_options(layers, {"layer1.0.conv1": {"psum_observer": "mse"}}, "x.ckpt")
     with pytest.raises(ConfigError, match=r"psum_observer='mse'"):
         check_quantizer_options(layers, {"layer1.0.conv1": {"psum_observer": "minmax"}}, "x.ckpt")
+    # the same for the range shape: a symmetric checkpoint (no ``asymmetric`` then) passes today's ``auto`` at 3 bits,
+    # and at 2 bits the layers, which resolve ``auto`` to asymmetric ranges, refuse it
+    shaped = {"PartialSumClipping": {**auto["PartialSumClipping"], "asymmetric": "auto"}}
+    check_config_agrees(record, _model(adc_bits=3), shaped, "x.ckpt")
+    layers = {"quantizer_options": {"layer1.0.conv1": {"psum_asymmetric": False}}}
+    with pytest.raises(ConfigError, match=r"psum_asymmetric=False"):
+        check_quantizer_options(layers, {"layer1.0.conv1": {"psum_asymmetric": True}}, "x.ckpt")

@@ -133,3 +133,35 @@ def test_switching_between_symmetric_and_asymmetric_ranges_needs_calibration_aga
     assert not other_bits.adopt_calibration_(calibrated)  # offsets are in steps of the old resolution
     same_bits = PsumQuantizer(2, granularity="column", n_columns=1, asymmetric=True)
     assert same_bits.adopt_calibration_(calibrated) and torch.equal(same_bits.offset, calibrated.offset)
+
+
+def test_auto_gives_asymmetric_ranges_to_each_layer_of_at_most_two_adc_bits():
+    """``asymmetric="auto"`` (the CIMQ presets') resolves by each layer's own ADC bits (`AUTO_ASYMMETRIC_MAX_ADC_BITS`
+    = 2: a 2-bit override asymmetric, the macro's 3 bits and an ideal ADC not), and the layers record the result."""
+    from cimq_pl.quant.psum import AUTO_ASYMMETRIC_MAX_ADC_BITS, resolve_psum_asymmetric
+
+    assert AUTO_ASYMMETRIC_MAX_ADC_BITS == 2
+    assert [resolve_psum_asymmetric("auto", bits) for bits in (1, 2, 3, 8, None)] == [True, True, False, False, False]
+    assert resolve_psum_asymmetric(True, 8) and not resolve_psum_asymmetric(False, 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1))
+    convert_to_cim(model, CIMSpec(rows=16, cols=16, adc_bits=3), options=QuantizerOptions(psum_granularity="column"),
+                   overrides={"2": {"adc_bits": 2}, "4": {"adc_bits": None}})
+    quantize_(model, PartialSumClippingConfig(granularity="column", asymmetric="auto"))
+    shapes = {name: (layer.options.psum_asymmetric, layer.psum_quantizer and layer.psum_quantizer.asymmetric)
+              for name, layer in cim_layers(model)}
+    assert shapes == {"0": (False, False), "2": (True, True), "4": (False, None)}
+    assert PsumQuantizer(2, asymmetric="auto").asymmetric and not PsumQuantizer(3, asymmetric="auto").asymmetric
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_an_unknown_range_shape_is_refused_naming_the_choices(bad):
+    from cimq_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"asymmetric={bad!r} is invalid: expected one of \[False, True, 'auto'\]"):
+        PartialSumClippingConfig(asymmetric=bad)
+    with pytest.raises(ConfigError, match=rf"psum_asymmetric={bad!r} is invalid"):
+        QuantizerOptions(psum_asymmetric=bad)
+    with pytest.raises(ValueError, match=rf"asymmetric={bad!r} is invalid"):
+        PsumQuantizer(2, asymmetric=bad)
