@@ -266,7 +266,8 @@ def test_low_adc_qat_config_carries_the_command_lines_rates_into_the_objective(o
     import low_adc_qat
 
     args = argparse.Namespace(lr=3e-5, simulation="compiled", objective=objective, temperature=2.0,
-                              quantizer_lr_scale=3.0, steps=1200, sparsity_weight=0.0, asymmetric_adc=False)
+                              quantizer_lr_scale=3.0, steps=1200, sparsity_weight=0.0, asymmetric_adc=False,
+                              symmetric_adc=False)
     config = low_adc_qat.qat_config(2, tmp_path / "ptq.ckpt", args)
     spec = config["model"]["objective"]
     assert spec["class_path"] == low_adc_qat.OBJECTIVES[objective]
