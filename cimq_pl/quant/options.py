@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.quant.observers import OBSERVER_METHODS
-from cimq_pl.quant.psum import PSUM_ASYMMETRIC, PSUM_GRANULARITIES, PSUM_OBSERVERS
+from cimq_pl.quant.psum import PSUM_ASYMMETRIC, PSUM_GRANULARITIES, PSUM_OBSERVERS, is_psum_asymmetric_choice
 from cimq_pl.quant.weight import ROUNDINGS, WEIGHT_GRANULARITIES
 
 Observer = Literal["minmax", "percentile", "mse"]
@@ -77,7 +77,7 @@ class QuantizerOptions:
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"QuantizerOptions.{name}={getattr(self, name)!r} is invalid: expected one of {list(allowed)}")
-        if self.psum_asymmetric not in PSUM_ASYMMETRIC or not isinstance(self.psum_asymmetric, (bool, str)):
+        if not is_psum_asymmetric_choice(self.psum_asymmetric):
             raise ConfigError(f"QuantizerOptions.psum_asymmetric={self.psum_asymmetric!r} is invalid: expected one of "
                               f"{list(PSUM_ASYMMETRIC)}")
         if self.input_max_ones is not None and (isinstance(self.input_max_ones, bool) or self.input_max_ones < 1):

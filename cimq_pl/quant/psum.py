@@ -59,13 +59,18 @@ AUTO_ASYMMETRIC_MAX_ADC_BITS = 2
 PSUM_ASYMMETRIC = (False, True, "auto")
 
 
+def is_psum_asymmetric_choice(asymmetric) -> bool:
+    """Whether ``asymmetric`` is one of `PSUM_ASYMMETRIC` (a bool or ``"auto"``; not 0 or 1)."""
+    return isinstance(asymmetric, bool) or asymmetric == "auto"
+
+
 def resolve_psum_asymmetric(asymmetric, bits: Optional[int]) -> bool:
     """Whether an ADC of ``bits`` bits has asymmetric ranges for ``asymmetric`` (True, False or ``"auto"``,
     resolved by `AUTO_ASYMMETRIC_MAX_ADC_BITS`; False for an ideal ADC, ``bits`` None)."""
+    if not is_psum_asymmetric_choice(asymmetric):
+        raise ValueError(f"asymmetric={asymmetric!r} is invalid: expected one of {list(PSUM_ASYMMETRIC)}")
     if isinstance(asymmetric, bool):
         return asymmetric
-    if asymmetric != "auto":
-        raise ValueError(f"asymmetric={asymmetric!r} is invalid: expected one of {list(PSUM_ASYMMETRIC)}")
     return bits is not None and bits <= AUTO_ASYMMETRIC_MAX_ADC_BITS
 
 

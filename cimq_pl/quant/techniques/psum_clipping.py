@@ -16,8 +16,8 @@ from typing import Literal, Union
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.quant.psum import (PSUM_ASYMMETRIC, PSUM_GRANULARITIES, PSUM_OBSERVERS, resolve_psum_asymmetric,
-                                resolve_psum_observer)
+from cimq_pl.quant.psum import (PSUM_ASYMMETRIC, PSUM_GRANULARITIES, PSUM_OBSERVERS, is_psum_asymmetric_choice,
+                                resolve_psum_asymmetric, resolve_psum_observer)
 from cimq_pl.quant.techniques.base import reconfigure_, register_technique
 
 __all__ = ["PartialSumClippingConfig"]
@@ -56,7 +56,7 @@ class PartialSumClippingConfig:
             raise ConfigError(f"granularity={self.granularity!r} is invalid: expected one of {list(PSUM_GRANULARITIES)}")
         if self.observer not in PSUM_OBSERVERS:
             raise ConfigError(f"observer={self.observer!r} is invalid: expected one of {list(PSUM_OBSERVERS)}")
-        if self.asymmetric not in PSUM_ASYMMETRIC or not isinstance(self.asymmetric, (bool, str)):
+        if not is_psum_asymmetric_choice(self.asymmetric):
             raise ConfigError(f"asymmetric={self.asymmetric!r} is invalid: expected one of {list(PSUM_ASYMMETRIC)}")
 
     def apply_(self, model: nn.Module) -> None:
