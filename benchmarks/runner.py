@@ -236,13 +236,12 @@ class Setting:
     def equivalent_keys(self) -> tuple[str, ...]:
         """`key` first, then the keys that earlier row names gave the same config (`SAME_CONFIG_WHEN_ITERS_SET`;
         a `NARROW_ADC_SUFFIX` name: the older name with ``asymmetric_adc=True``)."""
-        name = self.row_key_name
         keys = [self.key]
-        if name.endswith(NARROW_ADC_SUFFIX):
-            name = name.removesuffix(NARROW_ADC_SUFFIX)
+        name = self.row_key_name.removesuffix(NARROW_ADC_SUFFIX)
+        if name != self.row_key_name:  # the same config under the older name, stated explicitly
             keys.append(self._key(name, asymmetric_adc=True))
         if self.iters is not None and name in SAME_CONFIG_WHEN_ITERS_SET:
-            keys += [key.replace(f"-{name}-", f"-{SAME_CONFIG_WHEN_ITERS_SET[name]}-", 1) for key in keys[1:] or keys]
+            keys.append(keys[-1].replace(f"-{name}-", f"-{SAME_CONFIG_WHEN_ITERS_SET[name]}-", 1))
         return tuple(keys)
 
     def columns(self) -> dict:
