@@ -226,12 +226,13 @@ class CIMQModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model, macro or technique set with one clear error line."""
+        # the options first: a layer's recorded option names the cause of the tensors a state dict lacks
+        check_quantizer_options(checkpoint.get(RECORD_KEY), quantizer_options(self.model), "the checkpoint (ckpt_path)")
         check_state_dict_fits(
             self.state_dict(), checkpoint.get("state_dict", {}), "the checkpoint (ckpt_path)",
             f"model {self.hparams['name']!r} with cim={self.hparams['cim']}",
             " (resume or test with the same model, model.cim and technique callbacks as the run that wrote it)",
         )
-        check_quantizer_options(checkpoint.get(RECORD_KEY), quantizer_options(self.model), "the checkpoint (ckpt_path)")
         self.checkpoint_record = checkpoint.get(RECORD_KEY)
 
     @property

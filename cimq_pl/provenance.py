@@ -215,6 +215,12 @@ def _check_techniques(where: str, saved: Mapping[str, dict], configured: Mapping
                                   f"the {name} init_args (or use the config the run was made with)")
 
 
+#: `QuantizerOptions` fields added after checkpoints were written, with the value those checkpoints were made with.
+FIELDS_BEFORE_THEY_EXISTED = {"psum_asymmetric": False}
+#: What to set when a layer's recorded option differs, for options a preset's ``"auto"`` resolves per layer.
+FIELD_HINTS = {"psum_asymmetric": " (PartialSumClipping asymmetric: true or false as the run had it; the CIMQ presets' "
+                                  "auto gives ADCs of 2 bits and fewer asymmetric ranges)",
+               "psum_observer": " (PartialSumClipping observer as the run had it)"}
 #: `QuantizerOptions` fields that change nothing outside training (QDrop's keep probabilities).
 TRAINING_ONLY_FIELDS = frozenset({"input_keep_prob", "psum_keep_prob"})
 
@@ -231,7 +237,8 @@ def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict],
         return
     from cimq_pl.quant.options import RENAMED_FIELDS
 
-    saved = {layer: {RENAMED_FIELDS.get(field, field): value for field, value in options.items()}
+    saved = {layer: {**FIELDS_BEFORE_THEY_EXISTED,
+                     **{RENAMED_FIELDS.get(field, field): value for field, value in options.items()}}
              for layer, options in record["quantizer_options"].items()}
     for layer in sorted(saved.keys() | current.keys()):
         if layer not in saved or layer not in current:
@@ -240,10 +247,11 @@ def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict],
             raise ConfigError(f"{where}: {holder} has CIM layer {layer!r}, which {other} does not; use the model "
                               "config the run was made with")
         for field in sorted(saved[layer].keys() - TRAINING_ONLY_FIELDS):
-            if saved[layer][field] != current[layer].get(field):
+            built = current[layer].get(field, FIELDS_BEFORE_THEY_EXISTED.get(field))
+            if saved[layer][field] != built:
                 raise ConfigError(f"{where}: layer {layer!r} was quantized with {field}={saved[layer][field]!r} but "
-                                  f"this run builds {current[layer].get(field)!r}; use the technique and PTQ/QAT "
-                                  "callbacks the run was made with")
+                                  f"this run builds {built!r}; use the technique and PTQ/QAT "
+                                  f"callbacks the run was made with{FIELD_HINTS.get(field, '')}")
 
 
 def _short(settings: Mapping) -> str:

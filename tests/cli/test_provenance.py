@@ -229,5 +229,11 @@ def test_auto_adc_ranges_agree_with_what_each_layer_resolved_them_to():
     shaped = {"PartialSumClipping": {**auto["PartialSumClipping"], "asymmetric": "auto"}}
     check_config_agrees(record, _model(adc_bits=3), shaped, "x.ckpt")
     layers = {"quantizer_options": {"layer1.0.conv1": {"psum_asymmetric": False}}}
-    with pytest.raises(ConfigError, match=r"psum_asymmetric=False"):
+    with pytest.raises(ConfigError, match=r"psum_asymmetric=False but this run builds True.*asymmetric: true or false"):
         check_quantizer_options(layers, {"layer1.0.conv1": {"psum_asymmetric": True}}, "x.ckpt")
+    # a checkpoint written before the field existed had symmetric ranges: refused by the same line, not by the
+    # offsets its state dict lacks
+    older = {"quantizer_options": {"layer1.0.conv1": {"psum_observer": "mse"}}}
+    check_quantizer_options(older, {"layer1.0.conv1": {"psum_observer": "mse", "psum_asymmetric": False}}, "x.ckpt")
+    with pytest.raises(ConfigError, match=r"psum_asymmetric=False but this run builds True"):
+        check_quantizer_options(older, {"layer1.0.conv1": {"psum_observer": "mse", "psum_asymmetric": True}}, "x.ckpt")
