@@ -24,10 +24,10 @@ def _parsed(monkeypatch, *args: str):
     return CIMQCLI(args=[*args, "--trainer.logger", "false"], run=False)
 
 
-def test_the_overlay_on_the_preset_is_the_levers_calibration_on_4000_images_at_800_steps(tmp_path, monkeypatch):
+def test_the_overlay_on_the_preset_is_the_levers_calibration_on_4000_images_at_1600_steps(tmp_path, monkeypatch):
     overlay = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", "configs/quant/cimq_ptq.yaml",
                       "--config", str(LOW_ADC))
-    measured = Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=3, iters=800, calibration_size=4000)
+    measured = Setting("resnet20", "cimq", weight_bits=4, input_bits=4, adc_bits=3, iters=1600, calibration_size=4000)
     derived = tmp_path / "levers.yaml"
     derived.write_text(yaml.safe_dump(derived_config(measured), sort_keys=False))
     levers = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived),
@@ -36,12 +36,12 @@ def test_the_overlay_on_the_preset_is_the_levers_calibration_on_4000_images_at_8
     assert overlay.config.data == levers.config.data
     assert overlay.config.trainer.callbacks == levers.config.trainer.callbacks
     assert (overlay.model.cim.adc_bits, overlay.model.objective.iters_per_block,
-            overlay.datamodule.calibration_size) == (3, 800, 4000)
+            overlay.datamodule.calibration_size) == (3, 1600, 4000)
 
 
 def test_the_overlay_sets_only_adc_bits_steps_and_calibration_images():
     assert yaml.safe_load(LOW_ADC.read_text()) == {
-        "model": {"cim": {"adc_bits": 3}, "objective": {"init_args": {"iters_per_block": 800}}},
+        "model": {"cim": {"adc_bits": 3}, "objective": {"init_args": {"iters_per_block": 1600}}},
         "data": {"init_args": {"calibration_size": 4000}},
     }
 
