@@ -23,6 +23,7 @@ gradients, to float32 rounding: rtol 1e-5).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -65,6 +66,18 @@ def step_ms(layer, x, repeats: int) -> float:
     return best * 1e3
 
 
+@contextlib.contextmanager
+def backward_options(variant: str):
+    """The asymmetric backward kernel's compile options of ``variant`` (Inductor's defaults for the last one),
+    put back afterwards."""
+    options = fused._ASYMMETRIC_BACKWARD_OPTIONS
+    fused._ASYMMETRIC_BACKWARD_OPTIONS = None if variant == VARIANTS[-1] else options
+    try:
+        yield
+    finally:
+        fused._ASYMMETRIC_BACKWARD_OPTIONS = options
+
+
 def outputs_and_gradients(layer, x) -> tuple:
     """(output, input gradient, ADC offset gradient) of one forward + backward on ``x``."""
     layer.zero_grad()
@@ -89,7 +102,6 @@ def main(argv=None) -> list:
     shapes = RESNET20_CONV_SHAPES[:1] if args.smoke else RESNET20_CONV_SHAPES
     if args.smoke:
         args.batch, args.rounds, args.repeats = 4, 1, 1
-    options = fused._ASYMMETRIC_BACKWARD_OPTIONS
     rows = []
     for shape in shapes:
         layers = {variant: build(shape, args.adc_bits, variant != "symmetric", args.frozen_weights, args.batch)
@@ -98,21 +110,15 @@ def main(argv=None) -> list:
         for round_index in range(args.rounds):
             order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
             for variant in order:
-                fused._ASYMMETRIC_BACKWARD_OPTIONS = None if variant.endswith("defaults") else options
-                try:
+                with backward_options(variant):
                     layer, x = layers[variant]
                     step_ms(layer, x, 2)  # compilation and warm-up
                     times[variant].append(step_ms(layer, x, args.repeats))
-                finally:
-                    fused._ASYMMETRIC_BACKWARD_OPTIONS = options
         medians = {variant: statistics.median(values) for variant, values in times.items()}
         results = []
         for variant in VARIANTS[1:]:  # the compile option changes where values are stored, never a value
-            fused._ASYMMETRIC_BACKWARD_OPTIONS = None if variant.endswith("defaults") else options
-            try:
+            with backward_options(variant):
                 results.append(outputs_and_gradients(*layers[variant]))
-            finally:
-                fused._ASYMMETRIC_BACKWARD_OPTIONS = options
         row = {"shape": "{}->{} s{} {}x{}".format(*shape[:3], shape[3], shape[3]),
                "same values": all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*results))}
         for variant in VARIANTS:
