@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from cimq_pl.errors import ConfigError
 
-__all__ = ["RECORD_KEY", "check_config_agrees", "check_quantizer_options", "configured_techniques", "quantizer_options", "resolve_class", "run_record",
+__all__ = ["RECORD_KEY", "STATE_SHAPING_FIELDS", "check_config_agrees", "check_quantizer_options", "configured_techniques", "quantizer_options", "resolve_class", "run_record",
            "technique_settings"]
 
 RECORD_KEY = "cimq"
@@ -223,11 +223,16 @@ FIELD_HINTS = {"psum_asymmetric": " (PartialSumClipping asymmetric: true or fals
                "psum_observer": " (PartialSumClipping observer as the run had it)"}
 #: `QuantizerOptions` fields that change nothing outside training (QDrop's keep probabilities).
 TRAINING_ONLY_FIELDS = frozenset({"input_keep_prob", "psum_keep_prob"})
+#: `QuantizerOptions` fields that decide which tensors a layer holds and their shapes (scales per tile or column,
+#: ADC range offsets): a PTQ checkpoint whose layers differ in them cannot start QAT or a search.
+STATE_SHAPING_FIELDS = frozenset({"weight_granularity", "psum_granularity", "psum_asymmetric"})
 
 
-def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict], where: str) -> None:
+def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict], where: str,
+                            fields: frozenset[str] | None = None) -> None:
     """Refuse a checkpoint whose layers' `QuantizerOptions` differ from the model's (the last safety net:
-    the macro and technique checks at parse time normally catch the cause first).
+    the macro and technique checks at parse time normally catch the cause first). ``fields`` limits the comparison
+    (`STATE_SHAPING_FIELDS` for a PTQ checkpoint that starts QAT, whose rounding and regulariser may differ).
 
     QDrop's keep probabilities (`TRAINING_ONLY_FIELDS`) are not compared: they act in training mode only, a changed
     `QuantDropping` is refused by the technique check, and a checkpoint written before ``QuantDropping.int8_layers``
@@ -240,13 +245,15 @@ def check_quantizer_options(record: Mapping | None, current: Mapping[str, dict],
     saved = {layer: {**FIELDS_BEFORE_THEY_EXISTED,
                      **{RENAMED_FIELDS.get(field, field): value for field, value in options.items()}}
              for layer, options in record["quantizer_options"].items()}
-    for layer in sorted(saved.keys() | current.keys()):
+    layers = saved.keys() | current.keys() if fields is None else saved.keys() & current.keys()
+    for layer in sorted(layers):  # with ``fields``, a layer one side lacks is left to the state dict's check
         if layer not in saved or layer not in current:
             holder, other = ("this run", "the checkpoint's model") if layer not in saved else \
                 ("the checkpoint", "this run's model")
             raise ConfigError(f"{where}: {holder} has CIM layer {layer!r}, which {other} does not; use the model "
                               "config the run was made with")
-        for field in sorted(saved[layer].keys() - TRAINING_ONLY_FIELDS):
+        compared = saved[layer].keys() - TRAINING_ONLY_FIELDS
+        for field in sorted(compared if fields is None else compared & fields):
             built = current[layer].get(field, FIELDS_BEFORE_THEY_EXISTED.get(field))
             if saved[layer][field] != built:
                 raise ConfigError(f"{where}: layer {layer!r} was quantized with {field}={saved[layer][field]!r} but "

@@ -20,7 +20,8 @@ from cimq_pl.callbacks.calibration import calibrate_module_, calibration_images
 from cimq_pl.callbacks.technique import require_cim
 from cimq_pl.errors import ConfigError
 from cimq_pl.models.pretrained import check_state_dict_fits, read_checkpoint, read_state_dict
-from cimq_pl.provenance import RECORD_KEY, check_config_agrees
+from cimq_pl.provenance import (RECORD_KEY, STATE_SHAPING_FIELDS, check_config_agrees, check_quantizer_options,
+                                quantizer_options)
 from cimq_pl.objectives import TaskObjective
 from cimq_pl.quant import cim_layers
 
@@ -85,12 +86,15 @@ def load_ptq_checkpoint_(pl_module: LightningModule, path: str, who: str = "QAT 
 
     Raises:
         ConfigError: the checkpoint cannot be read, was written for another macro or other per-layer overrides
-            (``checkpoint["cimq"]``), or does not fit the module.
+            (``checkpoint["cimq"]``), with other weight-scale or ADC-range shapes (`STATE_SHAPING_FIELDS`), or does
+            not fit the module.
     """
     checkpoint = read_checkpoint(path, who)
     if isinstance(checkpoint.get(RECORD_KEY), dict):  # the macro and its per-layer overrides must be the run's
         model_config = {key: pl_module.hparams.get(key) for key in ("name", "num_classes", "cim", "cim_overrides")}
         check_config_agrees(checkpoint, model_config, None, path, who)
+        check_quantizer_options(checkpoint[RECORD_KEY], quantizer_options(pl_module.model), f"{who} {path!r}",
+                                fields=STATE_SHAPING_FIELDS)
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):  # not a Lightning checkpoint: the network's own keys, as read_state_dict gives
         state = {f"model.{key}": value for key, value in read_state_dict(path, who).items()}

@@ -237,3 +237,25 @@ def test_auto_adc_ranges_agree_with_what_each_layer_resolved_them_to():
     check_quantizer_options(older, {"layer1.0.conv1": {"psum_observer": "mse", "psum_asymmetric": False}}, "x.ckpt")
     with pytest.raises(ConfigError, match=r"psum_asymmetric=False but this run builds True"):
         check_quantizer_options(older, {"layer1.0.conv1": {"psum_observer": "mse", "psum_asymmetric": True}}, "x.ckpt")
+
+
+def test_qat_init_from_a_ptq_checkpoint_of_other_range_shapes_names_the_option(tmp_path):
+    """QAT's ``init_from`` compares the layers' recorded options that shape their tensors (`STATE_SHAPING_FIELDS`):
+    a PTQ checkpoint with asymmetric ADC ranges is refused by the line naming ``psum_asymmetric``, not as missing
+    offsets; options QAT may change (the rounding) are not compared."""
+    from cimq_pl.callbacks.qat import load_ptq_checkpoint_
+    from cimq_pl.module import CIMQModule
+    from cimq_pl.provenance import quantizer_options
+
+    module = CIMQModule(cim=CIMSpec(adc_bits=3))
+    options = quantizer_options(module.model)
+    layer = sorted(options)[1]
+    record = _record()
+    record["cimq"]["quantizer_options"] = {name: {**opts, "weight_rounding": "adaround"} for name, opts in options.items()}
+    torch.save({**record, "state_dict": module.state_dict()}, tmp_path / "ptq.ckpt")
+    load_ptq_checkpoint_(module, str(tmp_path / "ptq.ckpt"))  # the PTQ rounding differs from QAT's: loads
+    record["cimq"]["quantizer_options"][layer]["psum_asymmetric"] = True
+    torch.save({**record, "state_dict": module.state_dict()}, tmp_path / "ptq.ckpt")
+    with pytest.raises(ConfigError, match=rf"QAT init_from '.*ptq\.ckpt': layer '{layer}' was quantized with "
+                                          r"psum_asymmetric=True but this run builds False.*asymmetric: true or false"):
+        load_ptq_checkpoint_(module, str(tmp_path / "ptq.ckpt"))
