@@ -42,6 +42,7 @@ from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, SMOKE_ARGS, R
                     derived_config, machine, markdown_table, measure, merge_fits, prepare, row_key_name, seeded)
 
 UNIFORM_ADC = (3, 4, 5, 6)
+PRESET_ITERS = 400  # cimq_ptq.yaml's reconstruction steps per unit, the --iters default
 SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
 METRIC_NAMES = ("fisher", "kl", "mse")
 
@@ -433,16 +434,18 @@ def plot(rows: list[dict], path: Path) -> Path:
                          "ResNet-20 W4A4, 128x128: per-layer ADC search vs uniform ADC")
 
 
-def picture_name(calibration_size: Optional[int]) -> str:
-    """The plot's file name: a run whose fits calibrate on other images draws a picture of its own, so it does not
-    replace the front of the preset's runs (``layer_search.png``) with its few points."""
-    return "layer_search.png" if calibration_size is None else f"layer_search-calibration{calibration_size}.png"
+def picture_name(calibration_size: Optional[int], iters: int = PRESET_ITERS) -> str:
+    """The plot's file name: a run whose fits calibrate on other images or take other steps per unit draws a picture
+    of its own, so it does not replace the front of the preset's runs (``layer_search.png``) with its few points."""
+    suffix = ("" if calibration_size is None else f"-calibration{calibration_size}") + \
+        ("" if iters == PRESET_ITERS else f"-iters{iters}")
+    return f"layer_search{suffix}.png"
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the same as --smoke: tiny data, 1 step per unit")
-    parser.add_argument("--iters", type=int, default=400,
+    parser.add_argument("--iters", type=int, default=PRESET_ITERS,
                         help="PTQ reconstruction steps per unit (400: the preset's; the suite's rows use 100)")
     parser.add_argument("--uniform", default=",".join(map(str, UNIFORM_ADC)),
                         help="uniform ADC resolutions measured beside the searches (default 3,4,5,6; the targets "
@@ -615,7 +618,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for row in shown:
         if row.get("assignment") and _point_key(row["key"]) == row["key"]:
             print(f"\n{row['point']}: {row['assignment']}")
-    picture = plot(shown, args.out_dir / picture_name(calibration))
+    picture = plot(shown, args.out_dir / picture_name(calibration, iters))
     print(f"\nwrote {path} and {picture}")
     return shown
 

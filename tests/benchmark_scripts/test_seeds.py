@@ -85,6 +85,7 @@ def test_layer_search_calibration_size_keeps_its_fits_apart_from_the_configs():
     # its plot is a file of its own: the preset's front in layer_search.png stays as it was
     assert layer_search.picture_name(None) == "layer_search.png"
     assert layer_search.picture_name(4000) == "layer_search-calibration4000.png"
+    assert layer_search.picture_name(4000, 1600) == "layer_search-calibration4000-iters1600.png"
 
 
 @pytest.fixture
