@@ -618,7 +618,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for row in shown:
         if row.get("assignment") and _point_key(row["key"]) == row["key"]:
             print(f"\n{row['point']}: {row['assignment']}")
-    picture = plot(shown, args.out_dir / picture_name(calibration, iters))
+    picture = plot(shown, args.out_dir / picture_name(calibration, args.iters))  # --smoke draws as the preset
     print(f"\nwrote {path} and {picture}")
     return shown
 
