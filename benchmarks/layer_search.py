@@ -39,10 +39,11 @@ from typing import Iterable, NamedTuple, Optional
 import yaml
 
 from runner import (CONFIG_SEED, LOSSLESS, METRICS, MODEL_CONFIGS, SMOKE_ARGS, ResultStore, Setting, base_parser,
-                    derived_config, machine, markdown_table, measure, merge_fits, prepare, row_key_name, seeded)
+                    derived_config, machine, markdown_table, measure, merge_fits, prepare, preset_iters, row_key_name,
+                    seeded)
 
 UNIFORM_ADC = (3, 4, 5, 6)
-PRESET_ITERS = 400  # cimq_ptq.yaml's reconstruction steps per unit, the --iters default
+PRESET_ITERS = preset_iters()  # cimq_ptq.yaml's reconstruction steps per unit, the --iters default
 SAVING = 0.8  # the "saving" search's energy budget, as a fraction of uniform ADC 5's predicted energy
 METRIC_NAMES = ("fisher", "kl", "mse")
 
@@ -446,7 +447,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the same as --smoke: tiny data, 1 step per unit")
     parser.add_argument("--iters", type=int, default=PRESET_ITERS,
-                        help="PTQ reconstruction steps per unit (400: the preset's; the suite's rows use 100)")
+                        help=f"PTQ reconstruction steps per unit ({PRESET_ITERS}: the preset's; the suite's rows use 100)")
     parser.add_argument("--uniform", default=",".join(map(str, UNIFORM_ADC)),
                         help="uniform ADC resolutions measured beside the searches (default 3,4,5,6; the targets "
                              "need 4 and 5)")

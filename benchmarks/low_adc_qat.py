@@ -1,6 +1,6 @@
 """QAT for the low-resolution end (issue 15, part 6): CIMQ QAT from the CIMQ PTQ checkpoint at a 3- and 2-bit ADC.
 
-For each ADC resolution: the CPU PTQ preset (``cimq_ptq.yaml``, 400 steps per unit) is fitted and tested, its
+For each ADC resolution: the CPU PTQ preset (``cimq_ptq.yaml``, its steps per unit: 400) is fitted and tested, its
 network saved; then ``cimq_qat.yaml`` at the same resolution continues from it (``init_from``) for ``--steps``
 optimizer steps of ``--batch`` train images at learning rate ``--lr`` (cosine to 0), on the train split of
 ``--train`` (``lossless``: the 4,000 ``cifar10_lossless`` train images; ``jpeg``: the 50,000 ``cifar10_jpeg``
@@ -28,7 +28,7 @@ import yaml
 from cimq_pl.objectives import DistillationObjective
 from cimq_pl.quant.psum import resolve_psum_asymmetric
 from runner import (CONFIG_SEED, JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, data_args, datamodule_on,
-                    derived_config, machine, markdown_table, prepare)
+                    derived_config, machine, markdown_table, prepare, preset_iters)
 
 FP_ACCURACY = 0.915  # ResNet-20 on the 1,000 cifar10_lossless test images (README "Models")
 TARGET_DROP = {3: 1.5, 2: 5.0}  # points below FP the issue allows at each ADC resolution
@@ -266,7 +266,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny data, 1 PTQ step per unit, 2 QAT steps (checks "
                                                              "the script; numbers are noise)")
     parser.add_argument("--adc-bits", type=int, nargs="+", default=[3, 2], help="ADC resolutions (3 2)")
-    parser.add_argument("--iters", type=int, default=400, help="PTQ steps per unit (400: the CPU preset's)")
+    parser.add_argument("--iters", type=int, default=preset_iters(),
+                        help=f"PTQ steps per unit ({preset_iters()}: the CPU preset's, cimq_ptq.yaml)")
     parser.add_argument("--calibration-size", type=int, default=None,
                         help="train images PTQ calibrates on and reconstructs from (default: the model config's 1,024)")
     parser.add_argument("--seed", type=int, default=CONFIG_SEED,

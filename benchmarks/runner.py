@@ -123,6 +123,14 @@ METRICS = (
 )
 CALLBACKS = "cimq_pl.callbacks."
 CONFIG_SEED = 0  # ``seed_everything`` and the datamodule's ``seed`` of every model config in `MODEL_CONFIGS`
+PTQ_PRESET = "configs/quant/cimq_ptq.yaml"
+
+
+def preset_iters(config: str = PTQ_PRESET) -> int:
+    """Reconstruction steps per unit of a PTQ technique config (its objective's ``iters_per_block``): the one
+    place the benchmarks read the preset's budget from, so that a change of the config reaches their defaults."""
+    objective = yaml.safe_load((REPO / config).read_text())["model"]["objective"]
+    return int(objective["init_args"]["iters_per_block"])
 
 
 @dataclass(frozen=True)
