@@ -102,11 +102,11 @@ def _channels_last(values: torch.Tensor) -> bool:
             and not values.is_contiguous())
 
 
-@torch.no_grad()
-def _adc_cycle_sum_inplace(psums, step, offset, qmin, qmax, cycle_weights, count_clipped: bool):
-    """`_ADCCycleSum.forward` without autograd, converting ``psums`` in place (same values, fewer passes)."""
+def _adc_levels_(normalized, offset, qmin, qmax, count_clipped: bool):
+    """The ADC on partial sums already divided by their step, in place: ``clamp(round(p - z), qmin, qmax) + z``
+    (z the offset in steps, None: 0). Returns how many values fell outside [qmin, qmax] (None unless
+    ``count_clipped``)."""
     view = (1, -1, 1, 1)
-    normalized = psums.div_(step.view(view))
     if offset is not None:
         normalized.sub_(offset.view(view))
     clipped = None
@@ -116,6 +116,15 @@ def _adc_cycle_sum_inplace(psums, step, offset, qmin, qmax, cycle_weights, count
     torch.clamp(normalized, qmin.view(view), qmax.view(view), out=normalized)
     if offset is not None:
         normalized.add_(offset.view(view))
+    return clipped
+
+
+@torch.no_grad()
+def _adc_cycle_sum_inplace(psums, step, offset, qmin, qmax, cycle_weights, count_clipped: bool):
+    """`_ADCCycleSum.forward` without autograd, converting ``psums`` in place (same values, fewer passes)."""
+    view = (1, -1, 1, 1)
+    normalized = psums.div_(step.view(view))
+    clipped = _adc_levels_(normalized, offset, qmin, qmax, count_clipped)
     return cycle_sum(normalized, cycle_weights).mul_(step.view(view)), clipped
 
 
@@ -132,15 +141,7 @@ class _ADCCycleSum(torch.autograd.Function):
     def forward(ctx, psums, step, offset, qmin, qmax, cycle_weights, count_clipped: bool):
         view = (1, -1, 1, 1)
         normalized = psums / step.view(view)
-        if offset is not None:
-            normalized.sub_(offset.view(view))
-        clipped = None
-        if count_clipped:
-            clipped = ((normalized < qmin.view(view)) | (normalized > qmax.view(view))).sum()
-        normalized.round_()
-        torch.clamp(normalized, qmin.view(view), qmax.view(view), out=normalized)
-        if offset is not None:
-            normalized.add_(offset.view(view))
+        clipped = _adc_levels_(normalized, offset, qmin, qmax, count_clipped)
         summed = cycle_sum(normalized, cycle_weights)
         summed.mul_(step.view(view))
         ctx.save_for_backward(psums, step, offset, qmin, qmax)
