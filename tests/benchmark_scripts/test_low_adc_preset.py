@@ -10,7 +10,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from runner import MODEL_CONFIGS, Setting, data_args, derived_config  # noqa: E402
+from runner import MODEL_CONFIGS, PTQ_PRESET, Setting, data_args, derived_config, preset_iters  # noqa: E402
 
 LOW_ADC = REPO / "configs/quant/low_adc.yaml"
 
@@ -62,3 +62,15 @@ def test_the_overlay_at_adc_2_gives_every_array_layer_asymmetric_ranges(monkeypa
         quantize_(cli.model.model, clipping.config)
         shapes = {layer.mapping: layer.options.psum_asymmetric for _, layer in cim_layers(cli.model.model)}
         assert shapes == {"cim": expected, "int8": False}
+
+
+def test_the_benchmarks_read_the_presets_steps_per_unit_as_the_cli_builds_them(tmp_path, monkeypatch):
+    """`runner.preset_iters` (the --iters default of layer_search, low_adc_qat and device_noise) is the steps per
+    unit the CLI builds from the preset, and follows a config that sets other steps."""
+    preset = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", PTQ_PRESET)
+    assert preset_iters() == preset.model.objective.iters_per_block
+    config = yaml.safe_load((REPO / PTQ_PRESET).read_text())
+    config["model"]["objective"]["init_args"]["iters_per_block"] = 123
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert preset_iters(str(other)) == 123
