@@ -332,8 +332,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=10, help="chips per condition (default 10)")
     parser.add_argument("--images", type=int, default=1000,
                         help="first test images (default 1000: all of cifar10_lossless; rounded up to whole batches)")
-    parser.add_argument("--iters", type=int, default=preset_iters(),
-                        help=f"PTQ steps per unit ({preset_iters()}: the CPU preset's, cimq_ptq.yaml)")
+    preset_steps = preset_iters()
+    parser.add_argument("--iters", type=int, default=preset_steps,
+                        help=f"PTQ steps per unit ({preset_steps}: the CPU preset's, cimq_ptq.yaml)")
     parser.add_argument("--qat", action="store_true", help="also noise-aware QAT (from the noise-aware PTQ)")
     parser.add_argument("--qat-lr", type=float, default=QAT_RECIPE["lr"],
                         help=f"QAT learning rate (default {QAT_RECIPE['lr']:g}; another recipe gets its own CSV)")

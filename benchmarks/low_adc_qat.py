@@ -266,8 +266,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny data, 1 PTQ step per unit, 2 QAT steps (checks "
                                                              "the script; numbers are noise)")
     parser.add_argument("--adc-bits", type=int, nargs="+", default=[3, 2], help="ADC resolutions (3 2)")
-    parser.add_argument("--iters", type=int, default=preset_iters(),
-                        help=f"PTQ steps per unit ({preset_iters()}: the CPU preset's, cimq_ptq.yaml)")
+    preset_steps = preset_iters()
+    parser.add_argument("--iters", type=int, default=preset_steps,
+                        help=f"PTQ steps per unit ({preset_steps}: the CPU preset's, cimq_ptq.yaml)")
     parser.add_argument("--calibration-size", type=int, default=None,
                         help="train images PTQ calibrates on and reconstructs from (default: the model config's 1,024)")
     parser.add_argument("--seed", type=int, default=CONFIG_SEED,

@@ -16,7 +16,8 @@ from typing import Optional
 
 import yaml
 
-from runner import MODEL_CONFIGS, REPO, ROWS, Setting, base_parser, derived_config, machine, markdown_table, measure, prepare
+from runner import (MODEL_CONFIGS, REPO, ROWS, Setting, base_parser, derived_config, iters_per_block, machine,
+                    markdown_table, measure, prepare)
 
 PRESETS = ("cimq_quick", "cimq")
 COLUMNS = ("preset", "config", "calibration_images", "steps_per_unit", "test/acc", "points_below_full",
@@ -28,7 +29,7 @@ def budget(setting: Setting) -> tuple[int, int]:
     config = derived_config(setting)
     model_config = yaml.safe_load((REPO / MODEL_CONFIGS[setting.model]).read_text())
     calibration = {**model_config["data"]["init_args"], **config.get("data", {}).get("init_args", {})}["calibration_size"]
-    return calibration, config["model"]["objective"]["init_args"]["iters_per_block"]
+    return calibration, iters_per_block(config)
 
 
 def rows_of(results: dict[str, dict]) -> list[dict]:

@@ -123,14 +123,18 @@ METRICS = (
 )
 CALLBACKS = "cimq_pl.callbacks."
 CONFIG_SEED = 0  # ``seed_everything`` and the datamodule's ``seed`` of every model config in `MODEL_CONFIGS`
-PTQ_PRESET = "configs/quant/cimq_ptq.yaml"
+PTQ_PRESET = ROWS["cimq"][0]  # the CPU PTQ preset, configs/quant/cimq_ptq.yaml
+
+
+def iters_per_block(config: dict) -> int:
+    """Reconstruction steps per unit a parsed technique config sets (its objective's ``iters_per_block``)."""
+    return int(config["model"]["objective"]["init_args"]["iters_per_block"])
 
 
 def preset_iters(config: str = PTQ_PRESET) -> int:
-    """Reconstruction steps per unit of a PTQ technique config (its objective's ``iters_per_block``): the one
-    place the benchmarks read the preset's budget from, so that a change of the config reaches their defaults."""
-    objective = yaml.safe_load((REPO / config).read_text())["model"]["objective"]
-    return int(objective["init_args"]["iters_per_block"])
+    """Reconstruction steps per unit of a PTQ technique config file: the one place the benchmarks read the preset's
+    budget from, so that a change of the config reaches their defaults."""
+    return iters_per_block(yaml.safe_load((REPO / config).read_text()))
 
 
 @dataclass(frozen=True)

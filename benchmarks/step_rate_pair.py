@@ -33,9 +33,9 @@ import yaml
 
 from cimq_pl.cost.tables import write_csv_atomic
 from cimq_pl.cpu_runtime import MALLOC_ENVIRONMENT
-from runner import REPO, base_parser, machine, markdown_table, prepare
+from runner import PTQ_PRESET, REPO, base_parser, machine, markdown_table, prepare
 
-PRESET = Path("configs/quant/cimq_ptq.yaml")
+PRESET = Path(PTQ_PRESET)
 
 
 def baseline_checkout(rev: str, work_dir: Path, settings: list[str]) -> Path:
