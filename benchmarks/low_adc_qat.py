@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import yaml
 
-from cimq_pl.objectives import DistillationObjective
+from cimq_pl.objectives import QuantizerDistillation
 from cimq_pl.quant.psum import resolve_psum_asymmetric
 from runner import (CONFIG_SEED, JPEG, LOSSLESS, MODEL_CONFIGS, Setting, base_parser, cli, data_args, datamodule_on,
                     derived_config, machine, markdown_table, prepare, preset_iters)
@@ -38,7 +38,7 @@ COLUMNS = ("key", "adc_bits", "ptq_iters", "calibration_size", "seed", "train", 
            "sparsity_weight", "ptq/acc", "qat/acc",
            "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds")
 OBJECTIVES = {"distill": "cimq_pl.objectives.DistillationObjective",
-              "distill-quantizers": "low_adc_qat.QuantizerOnlyDistillation",
+              "distill-quantizers": "cimq_pl.objectives.QuantizerDistillation",
               "distill-joint": "low_adc_qat.JointDistillation"}
 KEY_NAMES = {"distill": "distill", "distill-quantizers": "distillq", "distill-joint": "distillj"}
 PTQ_RATE_OBJECTIVES = ("distill-quantizers", "distill-joint")  # quantizers at the PTQ preset's rates (lr_scale)  # in the CSV's row keys
@@ -46,49 +46,15 @@ QUICK_ARGS = ["--data.init_args.calibration_size", "32", "--data.init_args.num_w
               "--data.init_args.eval_batch_size", "50", "--trainer.limit_test_batches", "2"]
 
 
-class QuantizerOnlyDistillation(DistillationObjective):
-    """QAT as one global reconstruction: `DistillationObjective`'s loss, but only the input step sizes and the ADC
-    clips learn, with Adam at the PTQ preset's rates (``cimq_ptq.yaml``: 4e-4 and 1e-2), cosine-decayed over the fit;
-    the weights, biases and weight steps stay as PTQ left them (their gradients are not computed).
-
-    Args:
-        temperature: as `DistillationObjective`.
-        lr_step: Adam's learning rate of the input steps.
-        lr_clip: Adam's learning rate of the ADC clips (theta).
-        lr_scale: multiplies both rates (``--quantizer-lr-scale``; 1.0: PTQ's own rates).
-    """
-
-    weight_lr = 0.0  # Adam's rate of everything else (weights, biases, weight steps); 0: frozen
-
-    def __init__(self, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2, lr_scale: float = 1.0):
-        super().__init__(temperature=temperature)
-        self.lr_step, self.lr_clip = lr_step * lr_scale, lr_clip * lr_scale
-
-    def configure_optimizers(self, module):
-        from cimq_pl.objectives import quantizer_parameters
-        from cimq_pl.objectives.task import cosine_over_fit
-
-        learned = quantizer_parameters(module.model)
-        kept = {id(p) for p in learned["step"] + learned["clip"]}
-        rest = [p for p in module.parameters() if id(p) not in kept and p.requires_grad]
-        groups = [{"params": learned["step"], "lr": self.lr_step}, {"params": learned["clip"], "lr": self.lr_clip}]
-        if self.weight_lr > 0:
-            groups.append({"params": rest, "lr": self.weight_lr})
-        else:
-            for parameter in rest:
-                parameter.requires_grad_(False)
-        return cosine_over_fit(torch.optim.Adam(groups), module.trainer)
-
-
-class JointDistillation(QuantizerOnlyDistillation):
-    """`QuantizerOnlyDistillation` with the weights learning too: the input steps and ADC clips at the PTQ preset's
+class JointDistillation(QuantizerDistillation):
+    """`cimq_pl.objectives.QuantizerDistillation` with the weights learning too: the input steps and ADC clips at the PTQ preset's
     rates, the weights, biases and weight steps with Adam at ``weight_lr`` (``--lr``), all cosine-decayed over the fit.
     At a 2-bit ADC the weights PTQ left may not be the ones the coarse partial sums want; a small Adam rate moves a
     4-bit weight code (step about 0.04) only after thousands of steps, so the network stays near its PTQ point.
 
     Args:
         weight_lr: Adam's learning rate of the weights, biases and weight steps (> 0).
-        temperature, lr_step, lr_clip, lr_scale: as `QuantizerOnlyDistillation`.
+        temperature, lr_step, lr_clip, lr_scale: as `QuantizerDistillation`.
 
     Raises:
         ConfigError: weight_lr <= 0.
@@ -100,7 +66,7 @@ class JointDistillation(QuantizerOnlyDistillation):
 
         if isinstance(weight_lr, bool) or not weight_lr > 0:
             raise ConfigError(f"JointDistillation.weight_lr={weight_lr!r} is invalid: expected > 0 (0 is "
-                              "QuantizerOnlyDistillation)")
+                              "QuantizerDistillation)")
         super().__init__(temperature=temperature, lr_step=lr_step, lr_clip=lr_clip, lr_scale=lr_scale)
         self.weight_lr = weight_lr
 
@@ -283,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--objective", choices=("task", *OBJECTIVES), default="task",
                         help="QAT loss: task (cross-entropy, cimq_qat.yaml's), distill (KL to the float network's "
                              "logits, DistillationObjective) or distill-quantizers (the same loss, only the input steps "
-                             "and ADC clips learn, with Adam at the PTQ preset's rates: QuantizerOnlyDistillation; "
+                             "and ADC clips learn, with Adam at the PTQ preset's rates: QuantizerDistillation; "
                              "--lr is then unused) or distill-joint (those quantizer rates, and the weights, biases and "
                              "weight steps with Adam at --lr: JointDistillation)")
     parser.add_argument("--temperature", type=float, default=None,

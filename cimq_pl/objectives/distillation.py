@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimq_pl.errors import ConfigError
-from cimq_pl.objectives.task import TaskObjective
+from cimq_pl.objectives.base import quantizer_parameters
+from cimq_pl.objectives.task import TaskObjective, cosine_over_fit
 from cimq_pl.quant import iter_quantizers
 
-__all__ = ["DistillationObjective", "distillation_loss"]
+__all__ = ["DistillationObjective", "QuantizerDistillation", "distillation_loss"]
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,9 +52,9 @@ class DistillationObjective(TaskObjective):
     def __init__(self, temperature: float = 1.0, ce_weight: float = 0.0, quantizer_lr_scale: float = 1.0):
         super().__init__(quantizer_lr_scale=quantizer_lr_scale)
         if isinstance(temperature, bool) or not temperature > 0:
-            raise ConfigError(f"DistillationObjective.temperature={temperature!r} is invalid: expected > 0")
+            raise ConfigError(f"{type(self).__name__}.temperature={temperature!r} is invalid: expected > 0")
         if isinstance(ce_weight, bool) or not ce_weight >= 0:
-            raise ConfigError(f"DistillationObjective.ce_weight={ce_weight!r} is invalid: expected >= 0")
+            raise ConfigError(f"{type(self).__name__}.ce_weight={ce_weight!r} is invalid: expected >= 0")
         self.temperature, self.ce_weight = float(temperature), float(ce_weight)
         self.teacher: Optional[nn.Module] = None
 
@@ -73,6 +74,65 @@ class DistillationObjective(TaskObjective):
         if self.ce_weight == 0:
             return kd
         return kd + self.ce_weight * super().loss(module, logits, images, labels)
+
+
+class QuantizerDistillation(DistillationObjective):
+    """QAT as one reconstruction of the whole network: `DistillationObjective`'s loss, but only the input step sizes
+    and the ADC ranges (clip thetas, and offsets where the ranges are asymmetric) learn, with Adam at the PTQ
+    preset's rates (``cimq_ptq.yaml``: 4e-4 and 1e-2) cosine-decayed over the fit; the weights, biases and weight
+    steps stay as PTQ left them.
+
+    The recipe for a low-ADC PTQ checkpoint (``configs/quant/low_adc_qat.yaml``): block reconstruction fits each
+    block's quantizers to that block's output; this fits them all to the network's logits on the same train
+    images. Measured (README "QAT for the low-ADC end"): on the 4,000 lossless train images it keeps or adds to
+    PTQ, where QAT of the weights too, the task loss or the JPEG train images lost accuracy.
+
+    The other parameters are frozen at ``setup`` (``requires_grad`` off), before Lightning wraps the model for DDP,
+    so no rank waits for gradients that never come; a resumed fit freezes them again.
+
+    Args:
+        temperature: T > 0 of the softened distributions, as `DistillationObjective`.
+        lr_step: Adam's learning rate of the input step sizes (> 0).
+        lr_clip: Adam's learning rate of the ADC clips and offsets (> 0).
+        lr_scale: multiplies both rates (> 0; 1.0: PTQ's own rates).
+
+    Raises:
+        ConfigError: a temperature, rate or scale that is not > 0; at ``configure_optimizers``, a model with no
+            learnable input step or ADC range (no CIM quantizer on).
+    """
+
+    weight_lr = 0.0  # Adam's rate of everything else (weights, biases, weight steps); 0: frozen at setup
+
+    def __init__(self, temperature: float = 1.0, lr_step: float = 4e-4, lr_clip: float = 1e-2, lr_scale: float = 1.0):
+        super().__init__(temperature=temperature)
+        for name, value in (("lr_step", lr_step), ("lr_clip", lr_clip), ("lr_scale", lr_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{type(self).__name__}.{name}={value!r} is invalid: expected > 0")
+        self.lr_step, self.lr_clip = lr_step * lr_scale, lr_clip * lr_scale
+
+    def setup(self, module, stage: str) -> None:
+        super().setup(module, stage)
+        if stage == "fit" and self.weight_lr == 0:
+            for parameter in self._others(module):
+                parameter.requires_grad_(False)
+
+    def _learned(self, module) -> list:
+        learned = quantizer_parameters(module.model)
+        return [learned["step"], learned["clip"]]
+
+    def _others(self, module) -> list:
+        kept = {id(p) for group in self._learned(module) for p in group}
+        return [p for p in module.parameters() if id(p) not in kept and p.requires_grad]
+
+    def configure_optimizers(self, module):
+        steps, clips = self._learned(module)
+        if not steps and not clips:
+            raise ConfigError(f"{type(self).__name__} learns the input steps and ADC ranges, but the model has no "
+                              "learnable one: use it on a CIM model (model.cim) whose quantizers are on")
+        groups = [{"params": params, "lr": lr} for params, lr in ((steps, self.lr_step), (clips, self.lr_clip)) if params]
+        if self.weight_lr > 0:
+            groups.append({"params": self._others(module), "lr": self.weight_lr})
+        return cosine_over_fit(torch.optim.Adam(groups), module.trainer)
 
 
 def float_teacher(model: nn.Module) -> nn.Module:

@@ -160,36 +160,10 @@ def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(o
     assert float(again["qat/acc"]) == row["qat/acc"] and len(csv_rows(out / "low_adc_qat_quick.csv")) == 1
 
 
-def test_quantizer_only_distillation_trains_the_input_steps_and_adc_clips_alone():
-    """`low_adc_qat.QuantizerOnlyDistillation`: Adam over the input steps (4e-4) and ADC clips (1e-2); the weights,
-    biases and weight steps get no gradient."""
-    import types
-
-    import low_adc_qat
-    from torch import nn
-
-    from cimq_pl.quant import CIMSpec, QuantizerOptions, convert_to_cim, iter_quantizers
-
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
-    config = low_adc_qat.QuantizerOnlyDistillation().configure_optimizers(
-        types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None))
-    steps = [q.step for _, role, q in iter_quantizers(model) if role == "input"]
-    clips = [q.theta for _, role, q in iter_quantizers(model) if role == "psum"]
-    groups = config["optimizer"].param_groups
-    assert [g["lr"] for g in groups] == [4e-4, 1e-2] and len(steps) == len(clips) == 2
-    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in steps]
-    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in clips]
-    learning = {id(p) for p in model.parameters() if p.requires_grad}
-    assert learning == {id(p) for p in steps + clips}  # weights, biases and weight steps frozen
-    slower = low_adc_qat.QuantizerOnlyDistillation(lr_scale=0.1).configure_optimizers(
-        types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None))
-    assert [g["lr"] for g in slower["optimizer"].param_groups] == pytest.approx([4e-5, 1e-3])  # --quantizer-lr-scale
-
-
 def test_joint_distillation_adds_the_weights_at_their_own_rate():
     """`low_adc_qat.JointDistillation`: the input steps and ADC clips at the PTQ preset's rates, and every other
-    learnable parameter (weights, biases, weight steps) in a third Adam group at ``weight_lr``; 0 is refused."""
+    learnable parameter (weights, biases, weight steps) in a third Adam group at ``weight_lr``, none frozen at the
+    fit's setup; 0 is refused."""
     import types
 
     import low_adc_qat
@@ -201,8 +175,10 @@ def test_joint_distillation_adds_the_weights_at_their_own_rate():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
     before = {id(p) for p in model.parameters() if p.requires_grad}
-    config = low_adc_qat.JointDistillation(weight_lr=3e-5, lr_scale=2.0).configure_optimizers(
-        types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None))
+    module = types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None)
+    objective = low_adc_qat.JointDistillation(weight_lr=3e-5, lr_scale=2.0)
+    objective.setup(module, "fit")
+    config = objective.configure_optimizers(module)
     groups = config["optimizer"].param_groups
     assert [g["lr"] for g in groups] == pytest.approx([8e-4, 2e-2, 3e-5])
     quantizers = {id(q.step) for _, role, q in iter_quantizers(model) if role == "input"} | {

@@ -1,4 +1,4 @@
-"""PTQ under real Lightning DDP (2 CPU processes, gloo) agrees with one process."""
+"""PTQ, and the low-ADC QAT recipe, under real Lightning DDP (2 CPU processes, gloo) agree with one process."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parents[1] / "ddp_ptq_script.py"  # a helper beside conftest.py
 
 
-def _run(out: Path, devices: int, iters: int) -> None:
+def _run(out: Path, devices: int, iters: int, *mode: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(iters)],
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(iters), *mode],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -67,3 +67,25 @@ def test_reconstruction_keeps_ranks_identical_and_accuracy_close_to_one_process(
     # 100 images, different data order: within noise, 0.05 apart at most (plus float32 rounding: the accuracies are
     # float32, so 0.72 - 0.67 is 0.0500000119)
     assert abs(rank0["val_acc"] - one["val_acc"]) <= 0.05 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def qat_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_qat")
+    _run(out, 2, 2, "qat")
+    return out
+
+
+def test_low_adc_qat_recipe_keeps_ranks_identical_and_learns_only_the_quantizers(qat_runs):
+    """`QuantizerDistillation` under plain ``ddp`` (its frozen weights are frozen before DDP wraps the model, so no
+    rank waits for their gradients): two steps keep both ranks' quantizers equal, move the input steps and ADC
+    clips, and leave every weight as calibrated."""
+    start, rank0, rank1 = (_load(qat_runs, tag, 2, r) for tag, r in (("qat_calibrated", 0), ("qat_final", 0),
+                                                                      ("qat_final", 1)))
+    _assert_same(rank0["quantizers"], rank1["quantizers"])
+    _assert_same({"weights": rank0["weights"]}, {"weights": rank1["weights"]})
+    _assert_same({"weights": start["weights"]}, {"weights": rank0["weights"]})  # frozen: as calibrated
+    moved = [key for key, state in rank0["quantizers"].items()
+             if any(torch.is_tensor(t) and not torch.equal(t, start["quantizers"][key][name]) for name, t in state.items())]
+    assert any(key.endswith(".input") for key in moved) and any(key.endswith(".psum") for key in moved)
+    assert not any(key.endswith(".weight") for key in moved)

@@ -39,7 +39,7 @@ def _config(path: Path, gate: bool, source: str = "configs/quant/cimq_ptq.yaml",
     """``source`` on a tiny budget, without the hardware report; with the SIGTERM gate if asked (at training step
     ``gate_step``, or where ``gate_args`` say)."""
     config = yaml.safe_load((REPO / source).read_text())
-    if "objective" in config["model"]:
+    if config["model"].get("objective", {}).get("class_path", "").endswith("BlockReconstruction"):
         # output offsets learned after the ADC too (lr_offset): they resume and repeat exactly as the rest
         config["model"]["objective"]["init_args"].update(iters_per_block=ITERS, batch_size=8, lr_offset=1e-3)
     callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("HardwareReport")]
@@ -202,23 +202,25 @@ QAT = ("--data.init_args.batch_size", "8", "--trainer.limit_train_batches", "5",
 QAT_GATE = 7  # epoch 1 (0-based), 2 of its 5 steps done
 
 
-@pytest.fixture(scope="module")
-def qat_runs(tmp_path_factory):
-    """QAT (2 epochs of 5 steps of 8 augmented images): uninterrupted, and stopped at step 7 then resumed."""
+@pytest.fixture(scope="module", params=["configs/quant/cimq_qat.yaml", "configs/quant/low_adc_qat.yaml"])
+def qat_runs(request, tmp_path_factory):
+    """QAT (2 epochs of 5 steps of 8 augmented images; eager): uninterrupted, and stopped at step 7 then resumed.
+    The plain QAT config, and the low-ADC recipe (only the input steps and ADC ranges learn, by distillation)."""
+    source = request.param
     root = tmp_path_factory.mktemp("reliability_qat")
+    args = (*QAT, "--model.simulation", "eager")
     with _at_repo():
-        plain = _config(root / "qat.yaml", gate=False, source="configs/quant/cimq_qat.yaml", every=1)
-        _in_process("fit", *COMMON, "--config", str(plain), *QAT, "--trainer.default_root_dir", str(root / "a"))
-        gated = _config(root / "qat_gate.yaml", gate=True, source="configs/quant/cimq_qat.yaml", gate_step=QAT_GATE,
-                        every=1)
-        interrupted = _interrupt(gated, root / "b", QAT_GATE, QAT)
-        _in_process("fit", *COMMON, "--config", str(plain), *QAT, "--trainer.default_root_dir", str(root / "b"),
+        plain = _config(root / "qat.yaml", gate=False, source=source, every=1)
+        _in_process("fit", *COMMON, "--config", str(plain), *args, "--trainer.default_root_dir", str(root / "a"))
+        gated = _config(root / "qat_gate.yaml", gate=True, source=source, gate_step=QAT_GATE, every=1)
+        interrupted = _interrupt(gated, root / "b", QAT_GATE, args)
+        _in_process("fit", *COMMON, "--config", str(plain), *args, "--trainer.default_root_dir", str(root / "b"),
                     "--ckpt_path", str(root / "b/checkpoints/last.ckpt"))
-    return root, interrupted
+    return root, interrupted, source
 
 
 def test_qat_resumed_mid_epoch_equals_uninterrupted_bit_for_bit(qat_runs):
-    root, interrupted = qat_runs
+    root, interrupted, source = qat_runs
     assert interrupted["returncode"] == 128 + signal.SIGTERM, interrupted["stderr"][-2000:]
     assert interrupted["last"]["global_step"] == QAT_GATE and interrupted["last"]["epoch"] == 1
     reference = torch.load(root / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -228,6 +230,10 @@ def test_qat_resumed_mid_epoch_equals_uninterrupted_bit_for_bit(qat_runs):
     assert weights and any("quantizer" in k for k in reference["state_dict"])
     different = [k for k in reference["state_dict"] if not _same(reference["state_dict"][k], resumed["state_dict"][k])]
     assert not different, different[:5]
+    if source.endswith("low_adc_qat.yaml"):  # from step 7 to 10 the recipe learned its quantizers and nothing else
+        step7 = interrupted["last"]["state_dict"]
+        moved = [k for k in reference["state_dict"] if not _same(reference["state_dict"][k], step7[k])]
+        assert moved and all(".input_quantizer." in k or ".psum_quantizer." in k for k in moved), moved[:5]
 
 
 def test_a_save_killed_midway_leaves_no_file_and_a_truncated_file_is_refused(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 
 from cimq_pl.errors import ConfigError
 from cimq_pl.module import CIMQModule
-from cimq_pl.objectives import DistillationObjective
+from cimq_pl.objectives import DistillationObjective, QuantizerDistillation
 from cimq_pl.objectives.distillation import distillation_loss
 from cimq_pl.quant import CIMSpec, iter_quantizers
 from cimq_pl.quant.reconstruction import float_mode
@@ -93,3 +93,73 @@ def test_qat_with_distillation_through_the_cli(run_cli):
     assert "train/kd" in metrics and "train/ce" not in metrics
     assert 0 < float(metrics["train/kd"]) < 5.0
     assert cli.trainer.global_step == 2
+
+
+def _small_cim_module(objective):
+    """A two-conv CIM network in the shape the objectives read (``model``, ``parameters``, ``trainer``)."""
+    import types
+
+    from torch import nn
+
+    from cimq_pl.quant import QuantizerOptions, convert_to_cim
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
+    return types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None, objective=objective)
+
+
+def test_quantizer_distillation_trains_the_input_steps_and_adc_ranges_alone():
+    """`QuantizerDistillation`: Adam over the input steps (4e-4) and ADC clips (1e-2), times ``lr_scale``; the
+    weights, biases and weight steps are frozen at the fit's setup (before DDP wraps the model), not later."""
+    module = _small_cim_module(QuantizerDistillation())
+    steps = [q.step for _, role, q in iter_quantizers(module.model) if role == "input"]
+    clips = [q.theta for _, role, q in iter_quantizers(module.model) if role == "psum"]
+    before = {id(p) for p in module.model.parameters() if p.requires_grad}
+    module.objective.setup(module, "test")
+    assert {id(p) for p in module.model.parameters() if p.requires_grad} == before  # only a fit freezes
+    module.objective.setup(module, "fit")
+    learning = {id(p) for p in module.model.parameters() if p.requires_grad}
+    assert learning == {id(p) for p in steps + clips} and len(steps) == len(clips) == 2 and len(before) > 4
+    groups = module.objective.configure_optimizers(module)["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == [4e-4, 1e-2]
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in steps], [id(p) for p in clips]]
+    slower = _small_cim_module(QuantizerDistillation(lr_scale=0.1, lr_clip=2e-2))
+    slower.objective.setup(slower, "fit")
+    rates = [g["lr"] for g in slower.objective.configure_optimizers(slower)["optimizer"].param_groups]
+    assert rates == pytest.approx([4e-5, 2e-3])
+
+
+def test_quantizer_distillation_refuses_bad_rates_and_a_model_without_quantizers():
+    for name in ("lr_step", "lr_clip", "lr_scale", "temperature"):
+        with pytest.raises(ConfigError, match=rf"QuantizerDistillation\.{name}=0 is invalid: expected > 0"):
+            QuantizerDistillation(**{name: 0})
+    module = _small_cim_module(QuantizerDistillation())
+    for *_, quantizer in iter_quantizers(module.model):
+        quantizer.enabled = False
+    with pytest.raises(ConfigError, match=r"no learnable one: use it on a CIM model"):
+        module.objective.configure_optimizers(module)
+
+
+def test_the_low_adc_qat_recipe_continues_a_low_adc_ptq_checkpoint_through_the_cli(run_cli):
+    """The README's two commands on a tiny budget: PTQ with `cimq_ptq.yaml` + `low_adc.yaml`, then
+    `low_adc_qat.yaml` from its checkpoint (``--trainer.callbacks.init_args.init_from``): QAT by distillation moves
+    the input steps and ADC ranges PTQ left, and the learned parameters are those alone."""
+    from cimq_pl.callbacks import PostTrainingQuantization
+
+    model = ["--config", "configs/resnet20_cifar10.yaml"]
+    tiny = ["--data.root", str(CIFAR10), "--model.pretrained", str(RESNET20), "--data.init_args.calibration_size", "32",
+            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "0",
+            "--model.simulation", "eager"]
+    fit = run_cli("fit", *model, "--config", "configs/quant/cimq_ptq.yaml", "--config", "configs/quant/low_adc.yaml",
+                  *tiny, "--model.objective.init_args.iters_per_block", "1", "--model.objective.init_args.batch_size", "8")
+    checkpoint = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization)).checkpoint_path
+    ptq = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    qat = run_cli("fit", *model, "--config", "configs/quant/low_adc_qat.yaml", *tiny, "--trainer.max_steps", "2",
+                  "--trainer.callbacks.init_args.init_from", str(checkpoint))
+    assert isinstance(qat.model.objective, QuantizerDistillation) and qat.trainer.global_step == 2
+    assert float(qat.trainer.callback_metrics["train/kd"]) > 0 and "train/ce" not in qat.trainer.callback_metrics
+    learning = {name for name, p in qat.model.named_parameters() if p.requires_grad}
+    assert learning and all(".input_quantizer." in n or ".psum_quantizer." in n for n in learning), sorted(learning)[:5]
+    moved = {name for name, value in qat.model.state_dict().items()
+             if name in ptq and "quantizer" in name and torch.is_tensor(value) and not torch.equal(value, ptq[name])}
+    assert any(".input_quantizer." in n for n in moved) and any(".psum_quantizer." in n for n in moved)
