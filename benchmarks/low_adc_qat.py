@@ -227,7 +227,8 @@ def targets(rows: list[dict]) -> list[dict]:
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
+def build_parser():
+    """The script's command line (also what the tests read the measured recipe's settings from)."""
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny data, 1 PTQ step per unit, 2 QAT steps (checks "
                                                              "the script; numbers are noise)")
@@ -268,6 +269,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--refit", action="store_true",
                         help="fit QAT again when the CSV already has the row (e.g. to time it after a speed change); "
                              "the new row replaces the stored one, the PTQ checkpoint is still reused")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.temperature is not None and args.objective == "task":
         parser.error(f"--temperature={args.temperature:g} needs --objective distill or distill-quantizers (the task "

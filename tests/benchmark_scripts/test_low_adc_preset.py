@@ -1,8 +1,10 @@
-"""The low-ADC overlay (``configs/quant/low_adc.yaml``) is the fit its measured numbers come from."""
+"""The low-ADC overlay (``configs/quant/low_adc.yaml``) and QAT recipe (``low_adc_qat.yaml``) are the fits their measured
+numbers come from."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -74,3 +76,34 @@ def test_the_benchmarks_read_the_presets_steps_per_unit_as_the_cli_builds_them(t
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(config, sort_keys=False))
     assert preset_iters(str(other)) == 123
+
+
+def test_the_qat_recipe_is_the_fit_low_adc_qat_measured(tmp_path, monkeypatch):
+    """``configs/quant/low_adc_qat.yaml`` parses to the QAT run `low_adc_qat.py --objective distill-quantizers
+    --train lossless --sparsity-weight 0 --steps 300` builds (its README numbers), at ADC 3 and 2, but for what the
+    script leaves out (the hardware report) and its unused SGD settings (``model.lr``: the objective has its rates)."""
+    import low_adc_qat
+
+    from cimq_pl.quant.psum import resolve_psum_asymmetric
+
+    checkpoint = str(tmp_path / "ptq.ckpt")
+    args = low_adc_qat.build_parser().parse_args(["--objective", "distill-quantizers", "--train", "lossless",
+                                                  "--sparsity-weight", "0", "--steps", "300", "--temperature", "1"])
+    for bits in (3, 2):
+        measured = low_adc_qat.qat_config(bits, Path(checkpoint), args)
+        derived = tmp_path / f"qat{bits}.yaml"
+        derived.write_text(yaml.safe_dump(measured, sort_keys=False))
+        script = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", str(derived))
+        recipe = _parsed(monkeypatch, "--config", MODEL_CONFIGS["resnet20"], "--config", "configs/quant/low_adc_qat.yaml",
+                         "--model.cim.adc_bits", str(bits), "--trainer.callbacks.init_args.init_from", checkpoint)
+        for cli in (script, recipe):
+            cli.config.model.lr = cli.config.model.weight_decay = None
+        assert recipe.config.model == script.config.model
+        assert recipe.config.data == script.config.data
+        assert (recipe.config.trainer.max_steps, recipe.config.trainer.max_epochs) == (300, -1)
+        callbacks = [c for c in recipe.config.trainer.callbacks if not c.class_path.endswith("HardwareReport")]
+        clipping = next(c for c in callbacks if c.class_path.endswith("PartialSumClipping"))
+        assert clipping.init_args.asymmetric == "auto"  # the script states what auto resolves to at these bits
+        clipping.init_args.asymmetric = resolve_psum_asymmetric("auto", bits)
+        assert callbacks == script.config.trainer.callbacks
+        assert recipe.model.objective.lr_step == 4e-4 and recipe.model.cim.adc_bits == bits
