@@ -10,6 +10,8 @@ ones), and is tested on the 1,000 ``cifar10_lossless`` test images. Prints the t
     python benchmarks/low_adc_qat.py                          # ADC 3 and 2, the defaults below (~1 h on 2 cores)
     python benchmarks/low_adc_qat.py --adc-bits 3 --steps 300 # one resolution, another budget
     python benchmarks/low_adc_qat.py --quick                  # tiny data, 1 PTQ step per unit, 2 QAT steps
+    python benchmarks/low_adc_qat.py --iters 1600 --calibration-size 4000 --objective distill-quantizers \
+        --train lossless --sparsity-weight 0 --steps 300      # low_adc.yaml's PTQ, then low_adc_qat.yaml's QAT
 
 ADC ranges follow the presets' ``asymmetric: auto`` (asymmetric at 2 bits and below; ``--asymmetric-adc`` /
 ``--symmetric-adc`` force either): the PTQ checkpoint and the row key carry ``-asymmetric`` where they are.
@@ -22,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import yaml
 
 from cimq_pl.objectives import QuantizerDistillation
@@ -47,8 +48,9 @@ QUICK_ARGS = ["--data.init_args.calibration_size", "32", "--data.init_args.num_w
 
 
 class JointDistillation(QuantizerDistillation):
-    """`cimq_pl.objectives.QuantizerDistillation` with the weights learning too: the input steps and ADC clips at the PTQ preset's
-    rates, the weights, biases and weight steps with Adam at ``weight_lr`` (``--lr``), all cosine-decayed over the fit.
+    """`cimq_pl.objectives.QuantizerDistillation` with the weights learning too: the input steps and ADC clips at the
+    PTQ preset's rates, the weights, biases and weight steps with Adam at ``weight_lr`` (``--lr``), all cosine-decayed
+    over the fit (none frozen at setup).
     At a 2-bit ADC the weights PTQ left may not be the ones the coarse partial sums want; a small Adam rate moves a
     4-bit weight code (step about 0.04) only after thousands of steps, so the network stays near its PTQ point.
 
