@@ -69,6 +69,11 @@ LEVER_SETS = {
                                                                     sparsity_weight=0.3),
     "uniform codes, input steps x2 + sparsity regulariser x100": dict(row="cimq", max_ones=0, step_scale=2.0,
                                                                      sparsity_weight=1.0),
+    # (session 39) the density the efficiency target needs: ~0.06 on the array layers at ADC 4 (README)
+    "uniform codes, input steps x2 + sparsity regulariser x300": dict(row="cimq", max_ones=0, step_scale=2.0,
+                                                                     sparsity_weight=3.0),
+    "uniform codes, input steps x2 + sparsity regulariser x1000": dict(row="cimq", max_ones=0, step_scale=2.0,
+                                                                      sparsity_weight=10.0),
     # GPTQ against AdaRound at equal wall time (part 3): the preset with GPTQ's rounding and no reconstruction
     # (run with --iters 0), beside the preset at as many AdaRound steps as take the same time
     "GPTQ rounding, calibration only": dict(row="cimq", weight_rounding="gptq"),
