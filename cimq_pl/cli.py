@@ -80,6 +80,8 @@ class CIMQCLI(LightningCLI):
         # ... and an abbreviated flag (`--trainer.max_epoch`) is an unknown key, not silently another one
         no_exit = {"exit_on_error": False, "allow_abbrev": False}
         kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in self.subcommands()}})
+        if not wandb_key_available():  # offline, never a failure or a prompt: from Python as from the command line
+            os.environ.setdefault("WANDB_MODE", "offline")
         keep_freed_memory()  # glibc keeps freed tensor memory: no fresh pages every step (cimq_pl/cpu_runtime.py)
         hide_absent_gpus()  # no NVML probe at every optimizer step where no GPU is usable
         super().__init__(CIMQModule, ImageClassificationDataModule, *args, **kwargs)
@@ -312,8 +314,6 @@ def _config_error_in_chain(err: BaseException) -> ConfigError | None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m cimq_pl`` and the ``cimq-pl`` script."""
     quiet()  # drop the messages of a normal run that read like defects (cimq_pl/quiet.py lists them)
-    if not wandb_key_available():
-        os.environ.setdefault("WANDB_MODE", "offline")
     preemption.install()
     try:
         CIMQCLI(args=args)

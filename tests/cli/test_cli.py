@@ -105,3 +105,20 @@ def test_bad_input_is_one_line_error_and_exit_2(args, message, tmp_path, capsys,
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_the_cli_class_runs_wandb_offline_without_a_key_from_python_too(monkeypatch, tmp_path):
+    """`CIMQCLI` built from Python (no ``python -m cimq_pl``), no W&B key and no ``WANDB_MODE``: W&B goes offline
+    instead of failing for the missing key; a mode the user set is kept."""
+    from cimq_pl.cli import CIMQCLI
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cimq_pl"])
+    args = ["--config", "configs/resnet20_cifar10.yaml", "--data.root", str(CIFAR10), "--model.pretrained",
+            str(RESNET20), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli = CIMQCLI(args=args, run=False)
+    assert os.environ["WANDB_MODE"] == "offline" and cli.trainer.logger is not None
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    CIMQCLI(args=args, run=False)
+    assert os.environ["WANDB_MODE"] == "disabled"
