@@ -59,7 +59,8 @@ class DumpQAT(DumpQuantizers):
     """Saves every rank's quantizers and weights after calibration and after the fit, as ``qat_*`` files."""
 
     def _save(self, trainer, pl_module, tag: str) -> None:
-        weights = {name: p.detach().clone() for name, p in pl_module.model.named_parameters() if name.endswith("weight")}
+        weights = {name: p.detach().clone() for name, p in pl_module.model.named_parameters()
+                   if name.endswith("weight")}
         torch.save({"quantizers": quantizer_state(pl_module.model), "weights": weights},
                    self.out / f"qat_{tag}_devices{self.devices}_rank{trainer.global_rank}.pt")
 
@@ -70,14 +71,14 @@ class DumpQAT(DumpQuantizers):
 def main_qat(out: str, devices: int, steps: int) -> None:
     seed_everything(0)
     out_dir = Path(out)
-    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=CIMSpec(adc_bits=3, first_layer="int8", last_layer="int8"),
-                        objective=QuantizerDistillation())
+    cim = CIMSpec(adc_bits=3, first_layer="int8", last_layer="int8")
+    module = CIMQModule("cifar_resnet20", 10, str(RESNET20), cim=cim, objective=QuantizerDistillation())
     data = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=32, batch_size=8)
     callbacks = [BitSparseActivations(max_ones=None, step_scale=2.0), ArraywiseWeights(), PartialSumClipping(),
                  QuantizationAwareTraining(), DumpQAT(out_dir, devices)]
     trainer = CIMQTrainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
-                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir, max_steps=steps,
-                          limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir,
+                          max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
 
 

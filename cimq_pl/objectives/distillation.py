@@ -129,7 +129,8 @@ class QuantizerDistillation(DistillationObjective):
         if not steps and not clips:
             raise ConfigError(f"{type(self).__name__} learns the input steps and ADC ranges, but the model has no "
                               "learnable one: use it on a CIM model (model.cim) whose quantizers are on")
-        groups = [{"params": params, "lr": lr} for params, lr in ((steps, self.lr_step), (clips, self.lr_clip)) if params]
+        rates = ((steps, self.lr_step), (clips, self.lr_clip))
+        groups = [{"params": params, "lr": lr} for params, lr in rates if params]
         if self.weight_lr > 0:
             groups.append({"params": self._others(module), "lr": self.weight_lr})
         return cosine_over_fit(torch.optim.Adam(groups), module.trainer)

@@ -85,7 +85,8 @@ def test_low_adc_qat_recipe_keeps_ranks_identical_and_learns_only_the_quantizers
     _assert_same(rank0["quantizers"], rank1["quantizers"])
     _assert_same({"weights": rank0["weights"]}, {"weights": rank1["weights"]})
     _assert_same({"weights": start["weights"]}, {"weights": rank0["weights"]})  # frozen: as calibrated
+    before = start["quantizers"]
     moved = [key for key, state in rank0["quantizers"].items()
-             if any(torch.is_tensor(t) and not torch.equal(t, start["quantizers"][key][name]) for name, t in state.items())]
+             if any(torch.is_tensor(t) and not torch.equal(t, before[key][name]) for name, t in state.items())]
     assert any(key.endswith(".input") for key in moved) and any(key.endswith(".psum") for key in moved)
     assert not any(key.endswith(".weight") for key in moved)

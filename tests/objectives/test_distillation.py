@@ -151,7 +151,8 @@ def test_the_low_adc_qat_recipe_continues_a_low_adc_ptq_checkpoint_through_the_c
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "0",
             "--model.simulation", "eager"]
     fit = run_cli("fit", *model, "--config", "configs/quant/cimq_ptq.yaml", "--config", "configs/quant/low_adc.yaml",
-                  *tiny, "--model.objective.init_args.iters_per_block", "1", "--model.objective.init_args.batch_size", "8")
+                  *tiny, "--model.objective.init_args.iters_per_block", "1",
+                  "--model.objective.init_args.batch_size", "8")
     checkpoint = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PostTrainingQuantization)).checkpoint_path
     ptq = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     qat = run_cli("fit", *model, "--config", "configs/quant/low_adc_qat.yaml", *tiny, "--trainer.max_steps", "2",
