@@ -47,8 +47,8 @@ class DumpQuantizers(Callback):
         self._save(trainer, pl_module, "calibrated")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after PTQ hardened a unit
-        schedule = pl_module.objective.schedule
-        if schedule.ends_unit(batch_idx):
+        schedule = getattr(pl_module.objective, "schedule", None)  # QAT has no units
+        if schedule is not None and schedule.ends_unit(batch_idx):
             self._save(trainer, pl_module, f"block{schedule.unit(batch_idx)}")
 
     def on_train_end(self, trainer, pl_module):
@@ -63,9 +63,6 @@ class DumpQAT(DumpQuantizers):
                    if name.endswith("weight")}
         torch.save({"quantizers": quantizer_state(pl_module.model), "weights": weights},
                    self.out / f"qat_{tag}_devices{self.devices}_rank{trainer.global_rank}.pt")
-
-    def on_train_batch_end(self, *args):
-        pass
 
 
 def main_qat(out: str, devices: int, steps: int) -> None:
