@@ -36,6 +36,20 @@ RESNET32 = SHARED / "weights" / "resnet32-d509ac18.th"
 RESNET56_C100 = SHARED / "weights" / "cifar100_resnet56-f2eff4c8.pt"
 
 
+def small_cim_module(objective=None):
+    """A two-conv CIM network (W4A4, ADC 4) in the shape the objectives read: ``model``, ``parameters``,
+    ``trainer`` (None) and ``objective``."""
+    import types
+
+    from torch import nn
+
+    from cimq_pl.quant import CIMSpec, QuantizerOptions, convert_to_cim
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
+    return types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None, objective=objective)
+
+
 def csv_rows(path: Path) -> list[dict]:
     """The rows of the CSV file ``path`` (a header line, then one dict per row)."""
     import csv

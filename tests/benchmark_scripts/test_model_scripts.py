@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import CIFAR10, REPO, RESNET20, csv_rows
+from conftest import CIFAR10, REPO, RESNET20, csv_rows, small_cim_module
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -164,19 +164,15 @@ def test_joint_distillation_adds_the_weights_at_their_own_rate():
     """`low_adc_qat.JointDistillation`: the input steps and ADC clips at the PTQ preset's rates, and every other
     learnable parameter (weights, biases, weight steps) in a third Adam group at ``weight_lr``, none frozen at the
     fit's setup; 0 is refused."""
-    import types
-
     import low_adc_qat
-    from torch import nn
 
     from cimq_pl.errors import ConfigError
-    from cimq_pl.quant import CIMSpec, QuantizerOptions, convert_to_cim, iter_quantizers
+    from cimq_pl.quant import iter_quantizers
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
-    before = {id(p) for p in model.parameters() if p.requires_grad}
-    module = types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None)
     objective = low_adc_qat.JointDistillation(weight_lr=3e-5, lr_scale=2.0)
+    module = small_cim_module(objective)
+    model = module.model
+    before = {id(p) for p in model.parameters() if p.requires_grad}
     objective.setup(module, "fit")
     config = objective.configure_optimizers(module)
     groups = config["optimizer"].param_groups

@@ -13,7 +13,7 @@ from cimq_pl.objectives import DistillationObjective, QuantizerDistillation
 from cimq_pl.objectives.distillation import distillation_loss
 from cimq_pl.quant import CIMSpec, iter_quantizers
 from cimq_pl.quant.reconstruction import float_mode
-from conftest import CIFAR10, RESNET20
+from conftest import CIFAR10, RESNET20, small_cim_module
 
 
 def test_distillation_loss_by_hand():
@@ -95,23 +95,10 @@ def test_qat_with_distillation_through_the_cli(run_cli):
     assert cli.trainer.global_step == 2
 
 
-def _small_cim_module(objective):
-    """A two-conv CIM network in the shape the objectives read (``model``, ``parameters``, ``trainer``)."""
-    import types
-
-    from torch import nn
-
-    from cimq_pl.quant import QuantizerOptions, convert_to_cim
-
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    convert_to_cim(model, CIMSpec(weight_bits=4, input_bits=4, adc_bits=4), options=QuantizerOptions())
-    return types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None, objective=objective)
-
-
 def test_quantizer_distillation_trains_the_input_steps_and_adc_ranges_alone():
     """`QuantizerDistillation`: Adam over the input steps (4e-4) and ADC clips (1e-2), times ``lr_scale``; the
     weights, biases and weight steps are frozen at the fit's setup (before DDP wraps the model), not later."""
-    module = _small_cim_module(QuantizerDistillation())
+    module = small_cim_module(QuantizerDistillation())
     steps = [q.step for _, role, q in iter_quantizers(module.model) if role == "input"]
     clips = [q.theta for _, role, q in iter_quantizers(module.model) if role == "psum"]
     before = {id(p) for p in module.model.parameters() if p.requires_grad}
@@ -123,7 +110,7 @@ def test_quantizer_distillation_trains_the_input_steps_and_adc_ranges_alone():
     groups = module.objective.configure_optimizers(module)["optimizer"].param_groups
     assert [g["lr"] for g in groups] == [4e-4, 1e-2]
     assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in steps], [id(p) for p in clips]]
-    slower = _small_cim_module(QuantizerDistillation(lr_scale=0.1, lr_clip=2e-2))
+    slower = small_cim_module(QuantizerDistillation(lr_scale=0.1, lr_clip=2e-2))
     slower.objective.setup(slower, "fit")
     rates = [g["lr"] for g in slower.objective.configure_optimizers(slower)["optimizer"].param_groups]
     assert rates == pytest.approx([4e-5, 2e-3])
@@ -133,7 +120,7 @@ def test_quantizer_distillation_refuses_bad_rates_and_a_model_without_quantizers
     for name in ("lr_step", "lr_clip", "lr_scale", "temperature"):
         with pytest.raises(ConfigError, match=rf"QuantizerDistillation\.{name}=0 is invalid: expected > 0"):
             QuantizerDistillation(**{name: 0})
-    module = _small_cim_module(QuantizerDistillation())
+    module = small_cim_module(QuantizerDistillation())
     for *_, quantizer in iter_quantizers(module.model):
         quantizer.enabled = False
     with pytest.raises(ConfigError, match=r"no learnable one: use it on a CIM model"):
