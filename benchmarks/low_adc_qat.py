@@ -37,7 +37,7 @@ QAT_MINUTES = 30
 TRAIN_ROOTS = {"lossless": LOSSLESS, "jpeg": JPEG}
 COLUMNS = ("key", "adc_bits", "ptq_iters", "calibration_size", "seed", "train", "objective", "lr", "quantizer_lr_scale", "steps", "batch", "simulation",
            "sparsity_weight", "ptq/acc", "qat/acc",
-           "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds")
+           "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds", "qat/bit_density", "qat/efficiency")
 OBJECTIVES = {"distill": "cimq_pl.objectives.DistillationObjective",
               "distill-quantizers": "cimq_pl.objectives.QuantizerDistillation",
               "distill-joint": "low_adc_qat.JointDistillation"}
@@ -73,13 +73,13 @@ class JointDistillation(QuantizerDistillation):
         self.weight_lr = weight_lr
 
 
-def _config(row: str, adc_bits: int, iters: Optional[int], asymmetric_adc: bool) -> dict:
+def _config(row: str, adc_bits: int, iters: Optional[int], asymmetric_adc: bool, hardware: bool = False) -> dict:
     """The technique config of ``row`` at ``adc_bits`` (``asymmetric_adc``: `PartialSumClipping`'s ``asymmetric``,
-    stated explicitly), without the hardware report (accuracy only)."""
+    stated explicitly), with the hardware report where ``hardware`` (else accuracy only)."""
     config = derived_config(Setting("resnet20", row, weight_bits=4, input_bits=4, adc_bits=adc_bits, iters=iters,
                                     asymmetric_adc=asymmetric_adc))
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
-                                      if not c["class_path"].endswith("HardwareReport")]
+                                      if hardware or not c["class_path"].endswith("HardwareReport")]
     return config
 
 
@@ -91,13 +91,16 @@ def _run(config: dict, name: str, work_dir: Path, root: Path, extra: list[str]):
                 "--trainer.limit_val_batches", "0", *extra])
 
 
-def _test_accuracy(built) -> float:
-    """Top-1 of the built run's network on the cifar10_lossless test images (whatever its train split was)."""
+def _test_metrics(built) -> dict:
+    """The built run's test metrics on the cifar10_lossless test images (whatever its train split was), without the
+    ``test/`` prefix, rounded to 4 digits: ``acc`` and, with a `HardwareReport` among the callbacks, ``bit_density``
+    and ``hw_efficiency_vs_baseline``."""
     datamodule = built.datamodule
     if Path(datamodule.root) != LOSSLESS:
         datamodule = datamodule_on(datamodule, LOSSLESS)
     built.trainer.test(built.model, datamodule=datamodule, verbose=False)
-    return round(float(built.trainer.callback_metrics["test/acc"]), 4)
+    return {name.removeprefix("test/"): round(float(value), 4)
+            for name, value in built.trainer.callback_metrics.items() if name.startswith("test/")}
 
 
 class _StepClock:
@@ -153,7 +156,7 @@ def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: st
     built.trainer.fit(built.model, datamodule=built.datamodule)
     seconds = round(time.perf_counter() - start, 1)
     built.trainer.save_checkpoint(checkpoint)
-    accuracy = _test_accuracy(built)
+    accuracy = _test_metrics(built)["acc"]
     record.write_text(yaml.safe_dump({"fit_seconds": seconds, "acc": accuracy}))
     print(f"[bench] ADC {adc_bits}: PTQ {accuracy:.4f} in {seconds} s", flush=True)
     return checkpoint, seconds, accuracy
@@ -162,7 +165,7 @@ def ptq(adc_bits: int, iters: int, work_dir: Path, extra: list[str], variant: st
 def qat_config(adc_bits: int, checkpoint: Path, args) -> dict:
     """``cimq_qat.yaml`` at ``adc_bits``, starting from ``checkpoint``, with the command line's objective, learning
     rates (``--lr``, ``--quantizer-lr-scale``), steps and sparsity weight."""
-    config = _config("cimq_qat", adc_bits, None, asymmetric_ranges(args, adc_bits))
+    config = _config("cimq_qat", adc_bits, None, asymmetric_ranges(args, adc_bits), hardware=True)
     config["model"]["lr"] = args.lr
     config["model"]["simulation"] = args.simulation
     if args.objective != "task":
@@ -185,8 +188,9 @@ def qat_config(adc_bits: int, checkpoint: Path, args) -> dict:
     return config
 
 
-def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str]) -> tuple[float, float, Optional[float]]:
-    """``cimq_qat.yaml`` at ``adc_bits`` from ``checkpoint``: fit seconds, test accuracy, seconds per step."""
+def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str]) -> tuple[float, dict, Optional[float]]:
+    """``cimq_qat.yaml`` at ``adc_bits`` from ``checkpoint``: fit seconds, test metrics (`_test_metrics`: accuracy,
+    input bit density, hardware efficiency against the conventional baseline), seconds per step."""
     config = qat_config(adc_bits, checkpoint, args)
     print(f"[bench] ADC {adc_bits}: CIMQ QAT ({objective_name(args)}), {args.steps} steps of {args.batch} "
           f"{args.train} train images at lr {args.lr:g}", flush=True)
@@ -197,9 +201,9 @@ def qat(adc_bits: int, checkpoint: Path, args, work_dir: Path, extra: list[str])
     start = time.perf_counter()
     built.trainer.fit(built.model, datamodule=built.datamodule)
     seconds = round(time.perf_counter() - start, 1)
-    accuracy = _test_accuracy(built)
-    print(f"[bench] ADC {adc_bits}: QAT {accuracy:.4f} in {seconds} s", flush=True)
-    return seconds, accuracy, clock.seconds_per_step()
+    metrics = _test_metrics(built)
+    print(f"[bench] ADC {adc_bits}: QAT {metrics['acc']:.4f} in {seconds} s", flush=True)
+    return seconds, metrics, clock.seconds_per_step()
 
 
 def objective_name(args) -> str:
@@ -312,14 +316,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if key not in rows or args.refit:
             checkpoint, ptq_seconds, ptq_accuracy = ptq(bits, args.iters, work, extra, ptq_variant(args, bits),
                                                         asymmetric_ranges(args, bits))
-            qat_seconds, qat_accuracy, step = qat(bits, checkpoint, args, work, extra)
+            qat_seconds, qat_metrics, step = qat(bits, checkpoint, args, work, extra)
             rows[key] = {"key": key, "adc_bits": bits, "ptq_iters": args.iters, "calibration_size": args.calibration_size,
                          "seed": args.seed, "train": args.train,
                          "objective": objective_name(args), "lr": args.lr,
                          "quantizer_lr_scale": "" if args.quantizer_lr_scale is None else args.quantizer_lr_scale,
                          "steps": args.steps, "batch": args.batch, "simulation": args.simulation,
                          "sparsity_weight": "" if args.sparsity_weight is None else args.sparsity_weight,
-                         "ptq/acc": ptq_accuracy, "qat/acc": qat_accuracy,
+                         "ptq/acc": ptq_accuracy, "qat/acc": qat_metrics["acc"],
+                         "qat/bit_density": qat_metrics.get("bit_density", ""),
+                         "qat/efficiency": qat_metrics.get("hw_efficiency_vs_baseline", ""),
                          "ptq_fit_seconds": ptq_seconds, "qat_fit_seconds": qat_seconds,
                          "qat_step_seconds": "" if step is None else step}
             write_csv_atomic(path, list(rows.values()), COLUMNS)
@@ -327,9 +333,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(f"\n**CIMQ QAT from CIMQ PTQ, ResNet-20 W4A4 on 128x128 arrays** (tested on the 1,000 cifar10_lossless test "
           f"images); {machine()}\n")
     print(markdown_table(shown, ["adc_bits", "train", "objective", "lr", "quantizer_lr_scale", "sparsity_weight", "steps",
-                                 "batch", "ptq/acc", "qat/acc", "ptq_fit_seconds", "qat_fit_seconds", "qat_step_seconds"],
+                                 "batch", "ptq/acc", "qat/acc", "qat/bit_density", "qat/efficiency", "ptq_fit_seconds",
+                                 "qat_fit_seconds", "qat_step_seconds"],
                          ["ADC bits", "QAT train images", "QAT loss", "lr", "quantizer lr x", "sparsity lambda", "steps",
-                          "batch", "PTQ acc", "QAT acc", "PTQ fit s", "QAT fit s", "s/step"]))
+                          "batch", "PTQ acc", "QAT acc", "QAT bit density", "QAT efficiency", "PTQ fit s", "QAT fit s",
+                          "s/step"]))
     lines = targets(shown)
     if lines and not quick:
         print("\n" + markdown_table(lines, ["target", "measured", "met"]))

@@ -5,12 +5,14 @@ steps per unit; the step time is timed over every step but the first two of each
 and, compiled, its compilation: `training_time.UnitStepTimer`). With ``--profile``, ``torch.profiler`` records
 steps ``--profile-steps`` (10 to 29) of unit ``--unit`` (unit 4 is ``layer1.2``) and the top operators by own CPU time are printed per step.
 ``--copies`` also records input shapes and Python stacks and prints the step's ``aten::copy_`` calls by shape
-and by the nearest ``cimq_pl`` caller (which layout copies a step makes, and where).
+and by the nearest ``cimq_pl`` caller (which layout copies a step makes, and where); ``--callers OP ...`` prints
+the same by-caller table for other operators (``aten::index``, ``aten::random_``: who calls them).
 ``--adam foreach|fused`` builds the reconstruction's Adam with that implementation instead of PyTorch's default
 (the per-parameter loop on the CPU), to see what the optimizer's own loops cost.
 
     python benchmarks/ptq_step_profile.py --profile                  # ~2 min on 2 cores
     python benchmarks/ptq_step_profile.py --profile --copies         # and where the copies come from
+    python benchmarks/ptq_step_profile.py --profile --copies --callers aten::index aten::random_
     python benchmarks/ptq_step_profile.py --adam fused               # the same fit with a fused Adam
     python benchmarks/ptq_step_profile.py --drop-psums --profile     # with QDrop on the ADC (partial sums) too
     python benchmarks/ptq_step_profile.py --asymmetric-adc           # with asymmetric ADC ranges
@@ -30,9 +32,11 @@ from training_time import UnitStepTimer
 class UnitProfiler(Callback):
     """``torch.profiler`` over steps ``first`` to ``last - 1`` of unit ``unit`` (of ``steps_per_unit`` steps each)."""
 
-    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30, copies: bool = False):
+    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30, copies: bool = False,
+                 callers_of: tuple[str, ...] = ("aten::copy_",)):
         self.first, self.last = unit * steps_per_unit + first, unit * steps_per_unit + last
-        self.copies = copies  # record shapes and Python stacks for `copy_rows`
+        self.copies = copies  # record shapes and Python stacks for `copy_rows` and `caller_rows`
+        self.callers_of = callers_of
         self.profile: Optional[torch.profiler.profile] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -65,16 +69,22 @@ class UnitProfiler(Callback):
         by_shape = [{"shape": str(e.input_shapes[0]) if e.input_shapes else "", "ms_per_step":
                      round(e.self_cpu_time_total / 1000 / steps, 3), "calls_per_step": round(e.count / steps, 1)}
                     for e in self.profile.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
-        callers: dict[str, list[float]] = {}
+        return (sorted(by_shape, key=lambda row: -row["ms_per_step"]), self.caller_rows("aten::copy_"))
+
+    def caller_rows(self, op: str) -> list[dict]:
+        """The calls of operator ``op`` in a step (with ``copies``) by their nearest ``cimq_pl`` caller
+        (`_caller`): ms and calls per step, largest first."""
+        if self.profile is None or not self.copies:
+            return []
+        steps, callers = self.last - self.first, {}
         for event in self.profile.events():
-            if event.name == "aten::copy_":
+            if event.name == op:
                 total = callers.setdefault(_caller(event), [0.0, 0])
                 total[0] += event.self_cpu_time_total
                 total[1] += 1
-        by_caller = [{"caller": caller, "ms_per_step": round(us / 1000 / steps, 3),
-                      "calls_per_step": round(n / steps, 1)} for caller, (us, n) in callers.items()]
-        return (sorted(by_shape, key=lambda row: -row["ms_per_step"]),
-                sorted(by_caller, key=lambda row: -row["ms_per_step"]))
+        rows = [{"caller": caller, "ms_per_step": round(us / 1000 / steps, 3), "calls_per_step": round(n / steps, 1)}
+                for caller, (us, n) in callers.items()]
+        return sorted(rows, key=lambda row: -row["ms_per_step"])
 
 
 def _caller(event) -> str:
@@ -122,6 +132,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="profile --profile-steps of --unit")
     parser.add_argument("--copies", action="store_true",
                         help="with --profile: the step's copies by shape and by caller (records stacks: slower steps)")
+    parser.add_argument("--callers", nargs="+", default=[], metavar="OP",
+                        help="with --copies: also list these operators' calls by caller (e.g. aten::index)")
     parser.add_argument("--unit", type=int, default=4, help="the profiled unit (4: layer1.2)")
     parser.add_argument("--profile-steps", type=int, nargs=2, default=[10, 30], metavar=("FIRST", "END"),
                         help="the profiled steps of the unit, FIRST to END - 1 (10 30)")
@@ -135,6 +147,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     timer = UnitStepTimer(args.steps)
     if args.copies and not args.profile:
         parser.error("--copies lists what --profile records: give both")
+    if args.callers and not args.copies:
+        parser.error("--callers needs the stacks --copies records: give --profile --copies too")
     profiler = UnitProfiler(args.unit, args.steps, first, end, args.copies) if args.profile else None
     with adam_implementation(args.adam):
         measure(Setting("resnet20", "cimq", iters=args.steps, drop_psums=args.drop_psums or None,
@@ -156,10 +170,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"\nUnit {args.unit}, aten::copy_ by input shape:\n")
         print(markdown_table(by_shape[:15], ["shape", "ms_per_step", "calls_per_step"],
                              ["shape", "ms per step", "calls per step"]))
-        print(f"\nUnit {args.unit}, aten::copy_ by caller (nearest cimq_pl frame):\n")
-        print(markdown_table(by_caller[:15], ["caller", "ms_per_step", "calls_per_step"],
-                             ["caller", "ms per step", "calls per step"]))
-    return {**summary, "profile": rows, "copies_by_shape": by_shape, "copies_by_caller": by_caller}
+    callers = {op: profiler.caller_rows(op) for op in ["aten::copy_", *args.callers]} if profiler else {}
+    for op, op_rows in callers.items():
+        if op_rows:
+            print(f"\nUnit {args.unit}, {op} by caller (nearest cimq_pl frame):\n")
+            print(markdown_table(op_rows[:15], ["caller", "ms_per_step", "calls_per_step"],
+                                 ["caller", "ms per step", "calls per step"]))
+    return {**summary, "profile": rows, "copies_by_shape": by_shape, "copies_by_caller": by_caller,
+            "callers": callers}
 
 
 if __name__ == "__main__":

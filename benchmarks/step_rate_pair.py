@@ -5,10 +5,11 @@ the same settings". One fit of each side measures it badly on shared machines: a
 10-30% between runs. This script checks out the baseline commit (``--baseline``, default ``1d4390d``, the
 commit before issue 14) into a worktree under ``--work-dir``, sets the baseline preset's settings that changed
 since to today's (``--baseline-set``, default the input codes: ``BitSparseActivations.max_ones=null``), and runs
-``benchmarks/training_time.py --ptq-steps N`` of each side in its own process (the baseline on its eager path,
-this checkout on ``--simulation``, default compiled), alternating which goes first, for ``--rounds`` rounds. It
-prints every run and the ratio of the medians (and the range of the per-round ratios), and writes the runs to
-``step_rate_pair.csv`` in ``--out-dir``.
+``benchmarks/training_time.py --ptq-steps N`` of each side in its own process (the baseline on its eager path or
+``--baseline-simulation``, this checkout on ``--simulation``, default compiled), alternating which goes first, for
+``--rounds`` rounds. It prints every run and the ratio of the medians (and the range of the per-round ratios), and
+adds the runs to ``step_rate_pair.csv`` in ``--out-dir`` (earlier runs are kept; each row names its date and both
+sides' code and paths).
 
 Each side runs as its code runs: this checkout's CLI makes its own process settings (`cimq_pl.cpu_runtime`:
 glibc keeps freed memory, absent GPUs hidden), the baseline's did not. ``--same-allocator`` gives both processes
@@ -17,11 +18,13 @@ leaves only the code's difference.
 
     python benchmarks/step_rate_pair.py                       # 3 rounds of 2 fits, ~12 min on 2 cores
     python benchmarks/step_rate_pair.py --same-allocator
+    python benchmarks/step_rate_pair.py --baseline main --baseline-set --baseline-simulation compiled  # a change's gain
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import os
 import statistics
 import subprocess
@@ -82,11 +85,26 @@ def step_seconds(root: Path, simulation: str, steps: int, out: Path, smoke: bool
     return float(rows[-1]["seconds_per_step"])
 
 
+CSV_FIELDS = ["date", "round", "side", "simulation", "seconds_per_step", "baseline", "checkout", "same_allocator"]
+
+
+def append_runs(path: Path, rows: list[dict]) -> None:
+    """Add ``rows`` to the CSV at ``path`` after the runs it holds (written atomically; fields an older row lacks
+    stay empty)."""
+    earlier = []
+    if path.exists():
+        with open(path) as handle:
+            earlier = list(csv.DictReader(handle))
+    write_csv_atomic(path, [*earlier, *rows], CSV_FIELDS)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="1d4390d", help="the commit the target compares with (1d4390d)")
     parser.add_argument("--baseline-set", nargs="*", default=["BitSparseActivations.max_ones=null"],
                         metavar="CALLBACK.ARG=VALUE", help="the baseline preset's settings made today's")
+    parser.add_argument("--baseline-simulation", choices=("eager", "compiled"), default="eager",
+                        help="the baseline's path (eager, the issue's; compiled where the baseline has it)")
     parser.add_argument("--simulation", choices=("eager", "compiled"), default="compiled", help="this checkout's path")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of one fit per side (3)")
     parser.add_argument("--ptq-steps", type=int, default=40, help="reconstruction steps per unit (40)")
@@ -97,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prepare(args)
     work_dir = args.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    sides = {"baseline": (baseline_checkout(args.baseline, work_dir, args.baseline_set), "eager"),
+    sides = {"baseline": (baseline_checkout(args.baseline, work_dir, args.baseline_set), args.baseline_simulation),
              "this checkout": (REPO, args.simulation)}
     env = MALLOC_ENVIRONMENT if args.same_allocator else {}
     runs = []
@@ -119,9 +137,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "ratio of medians": round(statistics.median(per_side["baseline"])
                                          / statistics.median(per_side["this checkout"]), 2),
                "per-round ratios": f"{min(ratios):.2f}-{max(ratios):.2f}", "same allocator": args.same_allocator}
-    write_csv_atomic(args.out_dir / "step_rate_pair.csv", [{**run, "baseline": args.baseline,
-                                                             "same_allocator": args.same_allocator} for run in runs],
-                     ["round", "side", "simulation", "seconds_per_step", "baseline", "same_allocator"])
+    checkout = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    record = {"date": datetime.date.today().isoformat(), "baseline": args.baseline, "checkout": checkout,
+              "same_allocator": args.same_allocator}
+    append_runs(args.out_dir / "step_rate_pair.csv", [{**run, **record} for run in runs])
     print(f"\n{machine()}; {args.ptq_steps} steps per unit, {args.rounds} rounds\n")
     print(markdown_table(runs, ["round", "side", "simulation", "seconds_per_step"],
                          ["round", "code", "simulation", "s per step"]))

@@ -55,6 +55,7 @@ from cimq_pl.quant.diagnostics import check_finite
 from cimq_pl.quant.dropping import keep_mask, mix_kept
 from cimq_pl.quant.gptq import DEFAULT_DAMP, GPTQReport, gptq_
 from cimq_pl.quant.layers import _CIMLayerBase
+from cimq_pl.quant.layout import select_rows
 from cimq_pl.quant.overrides import fields_by_glob
 from cimq_pl.quant.techniques import QuantDroppingConfig, applied_technique, reconfigure_
 from cimq_pl.seeding import derive_seed, seed_step
@@ -580,7 +581,7 @@ class BlockReconstruction(Objective):
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randint(len(self.cache[0]), (self.batch_size,), generator=generator)
         seed_step(seed, self.cache[0].device)  # QDrop masks of this step (unit input and inside the quantizers)
-        x_fp, y_fp, x_q = (tensor[indices.to(tensor.device)] for tensor in self.cache)
+        x_fp, y_fp, x_q = (select_rows(tensor, indices.to(tensor.device)) for tensor in self.cache)
         x = x_q
         keep = self.unit_block_input_keep_prob
         if keep is not None:

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from cimq_pl.errors import ConfigError
+from cimq_pl.quant.layout import is_channels_last
 from cimq_pl.quant.ste import code_range, popcount
 from cimq_pl.quant.uniform import UniformQuantizer
 
@@ -158,7 +159,10 @@ class ActivationQuantizer(UniformQuantizer):
         table, ones = self.allowed_codes(x.device)
         table, ones = table.to(x.dtype), ones.to(x.dtype)
         v = torch.clamp(x / self._step_for(x), qmin, qmax)
-        low = (torch.bucketize(v.detach(), table, right=True) - 1).clamp(0, table.numel() - 2)
+        nhwc = is_channels_last(v)  # bucketize wants contiguous values: a channels-last tensor's NHWC view is
+        values = v.detach().permute(0, 2, 3, 1) if nhwc else v.detach()
+        low = (torch.bucketize(values, table, right=True) - 1).clamp(0, table.numel() - 2)
+        low = low.permute(0, 3, 1, 2) if nhwc else low
         a_low, a_high = table[low], table[low + 1]
         fraction = (v - a_low) / (a_high - a_low)
         return ((1 - fraction) * ones[low] + fraction * ones[low + 1]).mean()

@@ -10,7 +10,11 @@ as before.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from cimq_pl.quant.layout import is_channels_last
 
 __all__ = ["MASK_RESOLUTION", "keep_mask", "mix_kept"]
 
@@ -18,8 +22,10 @@ __all__ = ["MASK_RESOLUTION", "keep_mask", "mix_kept"]
 MASK_RESOLUTION = 2.0 ** -16
 
 
-def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """Bool tensor shaped as ``like``: True with probability ``keep_prob`` (rounded to `MASK_RESOLUTION`).
+def keep_mask(like: torch.Tensor, keep_prob: float, channels_last: Optional[bool] = None) -> torch.Tensor:
+    """Bool tensor shaped as ``like``: True with probability ``keep_prob`` (rounded to `MASK_RESOLUTION`); stored
+    channels-last where ``channels_last`` says (default: where ``like`` is), the same values either way (element
+    (n, c, h, w) reads the same lane), so that the compiled kernels need no layout copy of it.
 
     Each element reads one lane of full-range 64-bit draws of ``like``'s device generator, taken as a signed
     integer ``v`` of ``b`` bits: the element is kept where ``v < round(keep_prob * 2^b) - 2^(b - 1)``. Lanes are
@@ -27,12 +33,17 @@ def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
     """
     bits = 8 if float(keep_prob * 256).is_integer() else 16
     threshold = round(keep_prob * 2**bits) - 2 ** (bits - 1)
+    channels_last = is_channels_last(like) if channels_last is None else channels_last and like.dim() == 4
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if threshold >= 2 ** (bits - 1):  # keep everything (2^(b-1) does not fit the lanes)
-        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device).contiguous(memory_format=memory_format)
     count, per_draw = like.numel(), 64 // bits
     draws = torch.empty((count + per_draw - 1) // per_draw, dtype=torch.int64, device=like.device)
-    lanes = draws.random_(-2**63, None).view(torch.int8 if bits == 8 else torch.int16)[:count]
-    return (lanes < threshold).view(like.shape)
+    lanes = draws.random_(-2**63, None).view(torch.int8 if bits == 8 else torch.int16)[:count].view(like.shape)
+    if channels_last:  # compared and stored channels-last in one pass
+        return torch.lt(lanes, threshold, out=torch.empty(like.shape, dtype=torch.bool, device=like.device,
+                                                          memory_format=memory_format))
+    return lanes < threshold
 
 
 def mix_kept(keep: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:

@@ -518,7 +518,7 @@ class _CompiledLayer(torch.autograd.Function):
     PER_PART = 9  # tensors per part in ``tensors``
 
     @staticmethod
-    def forward(ctx, cfg, split, quant, convs, ref_index, ref_onehot, channels_last, *tensors):
+    def forward(ctx, cfg, split, quant, convs, ref_index, ref_onehot, *tensors):
         n_parts, per_part = len(cfg.part_blocks), _CompiledLayer.PER_PART
         inputs, weights, steps, qmins, qmaxs, offsets, coefs, ref_coefs, keeps = (
             list(tensors[i * n_parts:(i + 1) * n_parts]) for i in range(per_part))
@@ -535,9 +535,8 @@ class _CompiledLayer(torch.autograd.Function):
             psum_keeps = [_batch_dynamic(_nhwc(keep_mask(t, cfg.psum_keep_prob).view(torch.uint8).contiguous(
                 memory_format=_CHANNELS_LAST), n_cycles), 1) for t in conv_outputs]
         del conv_outputs
-        out = _run_compiled(_post_forward, psums, psum_keeps, steps, qmins, qmaxs, offsets, coefs, ref_coefs,
-                            ref_index, input_step, bias, cfg).permute(0, 3, 1, 2)
-        out = _owning(out) if channels_last else out.contiguous()
+        out = _owning(_run_compiled(_post_forward, psums, psum_keeps, steps, qmins, qmaxs, offsets, coefs, ref_coefs,
+                                    ref_index, input_step, bias, cfg).permute(0, 3, 1, 2))  # channels-last
         ctx.n_images = inputs[0].shape[0]
         ctx.save_for_backward(*digits, *weights, *psums, *steps, *qmins, *qmaxs, *offsets, *coefs, *ref_coefs,
                               input_step, *(inputs if quant is not None else [None] * n_parts), *keeps, *psum_keeps)
@@ -555,7 +554,7 @@ class _CompiledLayer(torch.autograd.Function):
         input_step = saved[per_part * n_parts]
         first = per_part * n_parts + 1
         inputs, keeps, psum_keeps = (list(saved[first + i * n_parts:first + (i + 1) * n_parts]) for i in range(3))
-        needs = ctx.needs_input_grad[7:]
+        needs = ctx.needs_input_grad[6:]
         need_inputs, need_weights = needs[:n_parts], needs[n_parts:2 * n_parts]
         need_input_step = needs[per_part * n_parts]
         need_codes = [n or (quant is not None and need_input_step) for n in need_inputs]
@@ -585,7 +584,7 @@ class _CompiledLayer(torch.autograd.Function):
             grad_inputs.append(grad_c)
             grad_weights.append(grad_w)
         none = [None] * n_parts
-        return (None, None, None, None, None, None, None, *grad_inputs, *grad_weights, *grad_steps, *none, *none,
+        return (None, None, None, None, None, None, *grad_inputs, *grad_weights, *grad_steps, *none, *none,
                 *grad_offsets, *grad_coefs, *grad_ref_coefs, *none, grad_input_step,
                 grad_bias if ctx.has_bias else None, None)
 
@@ -602,10 +601,10 @@ def _digits_compiled(values: torch.Tensor, split: Optional[InputSplit], step=Non
 
 
 def compiled_layer(cfg: PostConfig, split, quant, convs, ref_index, ref_onehot, inputs, weights, steps, qmins, qmaxs,
-                   offsets, coefs, ref_coefs, keeps, input_step, bias, lut, channels_last: bool) -> torch.Tensor:
-    """Output (N, C_out, H, W) of a layer on the compiled path (see `_CompiledLayer`), channels-last memory when
-    ``channels_last`` (the layer input is), else contiguous."""
-    return _CompiledLayer.apply(cfg, split, quant, convs, ref_index, ref_onehot, channels_last, *inputs, *weights,
+                   offsets, coefs, ref_coefs, keeps, input_step, bias, lut) -> torch.Tensor:
+    """Output (N, C_out, H, W) of a layer on the compiled path (see `_CompiledLayer`), in channels-last memory
+    whatever the input's layout: the next layer then reads it without a layout copy, as does the gradient."""
+    return _CompiledLayer.apply(cfg, split, quant, convs, ref_index, ref_onehot, *inputs, *weights,
                                 *steps, *qmins, *qmaxs, *offsets, *coefs, *ref_coefs, *keeps, input_step, bias, lut)
 
 
@@ -621,7 +620,7 @@ def compiled_input(quantizer, x: torch.Tensor) -> tuple:
         quantizer.init_from_data(x)
     qmin, qmax = quantizer.code_range
     step = quantizer._step_for(x)
-    keep = quantizer.drop_mask(x) if quantizer.dropping else None
+    keep = quantizer.drop_mask(x, channels_last=True) if quantizer.dropping else None  # as the kernels read it
     quant = InputQuant(qmin, qmax, quantizer.sparse_codes)
     lut = quantizer._projection_table(x.dtype, x.device) if quant.sparse else None
     return step, keep, quant, lut

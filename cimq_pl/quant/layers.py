@@ -409,15 +409,13 @@ class _CIMLayerBase(nn.Module):
                  for index in range(len(self.parts))]
 
         if compiled:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             keeps = self._part_codes(keep) if keep is not None else [None] * len(self.parts)
             pack = 0  # no gradient and exact integer partial sums: two cycles per convolution (fused.cycle_pack)
             if (not torch.is_grad_enabled() and weight_active and weight_exact and self._integer_psums(split, x.dtype)
                     and not (adc_active and pq.dropping)):
                 pack = fused.cycle_pack(weights, split, x.dtype)
-            return self._compiled_forward(split, quant, lut, self._part_codes(x), keeps, weights, metas,
-                                          weight_step, slice_weights, n_ref, input_step, adc_active, channels_last,
-                                          pack)
+            return self._compiled_forward(split, quant, lut, self._part_codes(x), keeps, weights, metas, weight_step,
+                                          slice_weights, n_ref, input_step, adc_active, pack)
 
         needs_grad = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
         fast = device is None and not needs_grad and weight_active and weight_exact and self._integer_psums(split, x.dtype)
@@ -546,7 +544,7 @@ class _CIMLayerBase(nn.Module):
         return self._meta_cache[key]
 
     def _compiled_forward(self, split, quant, lut, part_inputs, keeps, weights, metas, weight_step, slice_weights,
-                          n_ref, input_step, adc_active, channels_last, pack: int = 0):
+                          n_ref, input_step, adc_active, pack: int = 0):
         """The layer output on the compiled path (`fused.compiled_layer`): float inputs of each part (quantized
         by the kernels with ``quant``, ``lut``, ``input_step`` and the QDrop ``keeps``), the array weights and the
         ADC and shift-add factors; ``pack`` > 0 convolves two cycles at once (`fused.cycle_pack`)."""
@@ -572,8 +570,7 @@ class _CIMLayerBase(nn.Module):
         ref_onehot = self._ref_onehot(dtype, device) if n_ref else None
         convs = [conv for conv, _ in self._array_convs()]
         return fused.compiled_layer(config, split, quant, convs, ref_index, ref_onehot, part_inputs, weights, steps,
-                                    qmins, qmaxs, offsets, coefs, ref_coefs, keeps, input_step, bias, lut,
-                                    channels_last)
+                                    qmins, qmaxs, offsets, coefs, ref_coefs, keeps, input_step, bias, lut)
 
     def _trace(self, codes, digits, cycle_weights, weight_codes, slices, slice_weights, ref_digit, psums, adc_codes,
                n_cycles, n_images, columns):

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cimq_pl.quant.layout import is_channels_last
 from cimq_pl.quant.observers import OBSERVER_METHODS
 from cimq_pl.quant.ste import clip_levels, code_range, constant_tensor
 from cimq_pl.quant.uniform import QuantizerBase, check_bits, check_choice
@@ -88,18 +89,12 @@ def cycle_sum(values: torch.Tensor, cycle_weights: tuple) -> torch.Tensor:
     if n_cycles == 1:
         return values if cycle_weights[0] == 1 else values * cycle_weights[0]
     weights = constant_tensor(tuple(cycle_weights), values.dtype, values.device)
-    if _channels_last(values):  # sum over the NHWC view, no copy; the result is channels-last too
+    if is_channels_last(values):  # sum over the NHWC view, no copy; the result is channels-last too
         nhwc = values.permute(0, 2, 3, 1)
         summed = torch.matmul(weights.unsqueeze(0), nhwc.reshape(n_cycles, -1))
         return summed.view(values.shape[0] // n_cycles, *nhwc.shape[1:]).permute(0, 3, 1, 2)
     summed = torch.matmul(weights.unsqueeze(0), values.reshape(n_cycles, -1))
     return summed.view(values.shape[0] // n_cycles, *values.shape[1:])
-
-
-def _channels_last(values: torch.Tensor) -> bool:
-    """Whether a 4-D tensor is channels-last and not also plain contiguous."""
-    return (values.dim() == 4 and values.is_contiguous(memory_format=torch.channels_last)
-            and not values.is_contiguous())
 
 
 def _adc_levels_(normalized, offset, qmin, qmax, count_clipped: bool):

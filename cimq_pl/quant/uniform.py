@@ -58,9 +58,9 @@ class QuantizerBase(nn.Module):
         """Whether QDrop is active for the next call (training mode and ``keep_prob`` set)."""
         return self.training and self.keep_prob is not None
 
-    def drop_mask(self, like: torch.Tensor) -> torch.Tensor:
+    def drop_mask(self, like: torch.Tensor, channels_last: Optional[bool] = None) -> torch.Tensor:
         """Bool mask, True where an element keeps its quantized value (probability ``keep_prob``, `keep_mask`)."""
-        return keep_mask(like, self.keep_prob)
+        return keep_mask(like, self.keep_prob, channels_last)
 
     def start_observing(self) -> None:
         """Forget what the observer saw; until ``finish_observing`` values pass through it unquantized."""

@@ -108,7 +108,7 @@ def test_ptq_step_profile_switches_adam_and_profiles_a_unit(tmp_path):
             assert torch.optim.Adam(params, lr=1e-3).defaults[name] is True
     assert torch.optim.Adam(params, lr=1e-3).defaults["foreach"] is None  # restored after the block
     result = ptq_step_profile.main(["--smoke", "--simulation", "eager", "--steps", "4", "--profile", "--copies",
-                                    "--unit", "1", "--profile-steps", "2", "4", "--work-dir", str(tmp_path)])
+                                    "--callers", "aten::mul", "--unit", "1", "--profile-steps", "2", "4", "--work-dir", str(tmp_path)])
     assert result["timed steps"] == 11 * 2 and result["ms per step"] > 0  # 11 units, the first two steps untimed
     ops = {row["op"]: row for row in result["profile"]}
     assert any(op.startswith("aten::") for op in ops) and all(row["ms_per_step"] >= 0 for row in ops.values())
@@ -120,6 +120,12 @@ def test_ptq_step_profile_switches_adam_and_profiles_a_unit(tmp_path):
         if copies:
             assert sum(row["calls_per_step"] for row in table) == pytest.approx(copies[0]["calls_per_step"], abs=0.5)
     assert any("quant/" in row["caller"] for row in result["copies_by_caller"])
+    # --callers: any operator's calls by caller, again accounting for every call the profile counted
+    muls = [row for row in result["profile"] if row["op"] == "aten::mul"]
+    assert result["callers"]["aten::copy_"] == result["copies_by_caller"]
+    if muls:
+        assert sum(row["calls_per_step"] for row in result["callers"]["aten::mul"]) == pytest.approx(
+            muls[0]["calls_per_step"], abs=0.5)
 
 
 def test_weight_side_smoke_compiles_the_same_weights_and_times_them():

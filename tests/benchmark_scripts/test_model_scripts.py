@@ -155,6 +155,7 @@ def test_low_adc_qat_smoke_runs_qat_from_the_ptq_checkpoint_and_reuses_its_row(o
     assert row["objective"] == "distill T=1, quantizers only"
     assert 0.2 < row["ptq/acc"] <= 1  # ADC 3 after calibration and 1 step per unit: far above chance (10%)
     assert abs(row["qat/acc"] - row["ptq/acc"]) < 0.1  # two QAT steps of the steps and clips from that checkpoint
+    assert 0 < row["qat/bit_density"] < 0.5 and row["qat/efficiency"] > 1  # the QAT test's hardware report
     assert (out / "work" / "low_adc_qat_quick" / "ptq-adc3-iters1.ckpt").is_file()
     again = low_adc_qat.main(args)[0]  # the CSV's row: nothing fitted again
     assert float(again["qat/acc"]) == row["qat/acc"] and len(csv_rows(out / "low_adc_qat_quick.csv")) == 1
@@ -192,6 +193,8 @@ def test_step_rate_pair_smoke(out, smoke_args):
     codes set as asked), the ratio is the one of the medians; a setting the baseline preset lacks is refused."""
     import step_rate_pair
 
+    earlier = "round,side,simulation,seconds_per_step,baseline,same_allocator\n1,baseline,eager,0.0955,1d4390d,False\n"
+    (out / "step_rate_pair.csv").write_text(earlier)  # a run of the older format, kept below the new ones
     args = [*smoke_args, "--baseline", "HEAD", "--rounds", "1", "--ptq-steps", "3", "--simulation", "eager",
             "--baseline-set", "BitSparseActivations.max_ones=2"]
     result = step_rate_pair.main(args)
@@ -200,7 +203,10 @@ def test_step_rate_pair_smoke(out, smoke_args):
     seconds = [run["seconds_per_step"] for run in result["runs"]]
     assert all(0 < s < 10 for s in seconds)
     assert result["ratio of medians"] == round(seconds[0] / seconds[1], 2)
-    assert [float(row["seconds_per_step"]) for row in csv_rows(out / "step_rate_pair.csv")] == seconds
+    rows = csv_rows(out / "step_rate_pair.csv")
+    assert [float(row["seconds_per_step"]) for row in rows] == [0.0955, *seconds]
+    assert rows[0]["date"] == "" and rows[0]["baseline"] == "1d4390d"
+    assert all(row["date"] and row["checkout"] and row["baseline"] == "HEAD" for row in rows[1:])
     config = (out / "work" / "round0-baseline" / "work" / "config.yaml").read_text()  # what the baseline fit ran
     assert "max_ones: 2" in config and "max_ones: null" not in config
     with pytest.raises(SystemExit, match="has no callback 'NoSuchCallback'"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cimq_pl.quant.dropping import MASK_RESOLUTION, keep_mask, mix_kept
+from cimq_pl.quant.layout import is_channels_last, select_rows
 from cimq_pl.seeding import seed_step
 
 
@@ -50,6 +51,30 @@ def test_the_same_seed_gives_the_same_mask_and_seed_step_seeds_the_cpu_like_manu
     assert torch.equal(first, second) and 0 < first.sum() < first.numel()
     seed_step(11, "cpu")
     assert torch.equal(torch.rand(4), (torch.manual_seed(11), torch.rand(4))[1])
+
+
+@pytest.mark.parametrize("keep_prob", [0.5, 0.3, 1.0])  # 8-bit lanes, 16-bit lanes, keep everything
+def test_a_channels_last_mask_has_the_same_values_stored_channels_last(keep_prob):
+    """The compiled path asks for masks in its layout: the same draws give the same element values."""
+    nchw = torch.empty(3, 5, 4, 6)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    masks = []
+    for like, channels_last in ((nchw, None), (nhwc, None), (nchw, True)):
+        torch.manual_seed(7)
+        masks.append(keep_mask(like, keep_prob, channels_last))
+    assert masks[0].is_contiguous() and all(is_channels_last(m) for m in masks[1:])
+    assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    torch.manual_seed(7)
+    assert keep_mask(nhwc, keep_prob, channels_last=False).is_contiguous()  # asked for NCHW: NCHW
+    assert keep_mask(torch.empty(15), keep_prob, channels_last=True).shape == (15,)  # not 4-D: as it is
+
+
+def test_select_rows_is_indexing_in_the_tensors_own_layout():
+    indices = torch.tensor([3, 0, 3, 1])
+    for tensor in (torch.rand(5, 6, 2, 3), torch.rand(5, 6, 2, 3).contiguous(memory_format=torch.channels_last),
+                   torch.rand(5, 7)):
+        rows = select_rows(tensor, indices)
+        assert torch.equal(rows, tensor[indices]) and is_channels_last(rows) == is_channels_last(tensor)
 
 
 def test_mix_kept_is_where_bit_for_bit_with_its_gradients():

@@ -286,14 +286,16 @@ def test_bit_sparse_projection_table_matches_binary_search():
             assert torch.equal(quantizer.project(values), expected)
 
 
-def test_compiled_channels_last_output_takes_an_in_place_relu_with_the_eager_gradients():
-    """A channels-last input gives a channels-last output that is not an autograd view of the Function's own
-    intermediate, so ``relu_`` after the layer (ResNet blocks) works in training, with the eager path's values."""
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_compiled_channels_last_output_takes_an_in_place_relu_with_the_eager_gradients(memory_format):
+    """Any input gives a channels-last output (the next layer reads it without a copy) that is not an autograd view
+    of the Function's own intermediate, so ``relu_`` after the layer (ResNet blocks) works in training, with the
+    eager path's values."""
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 3, padding=1).double()
     spec = CIMSpec(rows=16, cols=8, weight_bits=4, cell_bits=2, input_bits=3, adc_bits=4)
     layer = CIMConv2d.from_conv(conv, spec, QuantizerOptions(**OPTIONS)).double()
-    x = torch.rand(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=memory_format)
     layer(x)
     layer.train()
 

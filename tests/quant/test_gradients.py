@@ -1,5 +1,7 @@
 """Gradients reach the learned quantizer numbers (LSQ steps, ADC theta, AdaRound logits)."""
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -81,6 +83,16 @@ def test_bit_sparse_codes_and_expected_ones():
     surrogate = plain.expected_ones(x)
     surrogate.backward()
     assert x.grad is not None and plain.step.grad is not None
+    # a channels-last input (the compiled layers' outputs) gives the same surrogate and gradient, with no warning
+    images = (torch.rand(2, 3, 4, 5) * 15).double()
+    nchw, nhwc = images.clone().requires_grad_(True), images.contiguous(memory_format=torch.channels_last)
+    nhwc.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when bucketize copies a non-contiguous input
+        values = [plain.expected_ones(t) for t in (nchw, nhwc)]
+    torch.autograd.backward(values)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=0)
+    assert torch.equal(nchw.grad, nhwc.grad)
 
 
 def test_qdrop_keeps_fp_values_in_training_only():
