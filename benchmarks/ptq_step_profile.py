@@ -3,7 +3,7 @@
 The CIMQ preset (``configs/quant/cimq_ptq.yaml``) is fitted through the CLI (`runner.measure`) with ``--steps``
 steps per unit; the step time is timed over every step but the first two of each unit (the block's input capture
 and, compiled, its compilation: `training_time.UnitStepTimer`). With ``--profile``, ``torch.profiler`` records
-steps ``--profile-steps`` (10 to 29) of unit ``--unit`` (unit 4 is ``layer1.2``) and the top operators by own CPU time are printed per step.
+steps ``--profile-steps`` (10 to 29) of unit ``--unit`` (0-based: unit 4 is ``layer2.0``, the first 16->32 block) and the top operators by own CPU time are printed per step.
 ``--copies`` also records input shapes and Python stacks and prints the step's ``aten::copy_`` calls by shape
 and by the nearest ``cimq_pl`` caller (which layout copies a step makes, and where); ``--callers OP ...`` prints
 the same by-caller table for other operators (``aten::index``, ``aten::random_``: who calls them).
@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="with --profile: the step's copies by shape and by caller (records stacks: slower steps)")
     parser.add_argument("--callers", nargs="+", default=[], metavar="OP",
                         help="with --copies: also list these operators' calls by caller (e.g. aten::index)")
-    parser.add_argument("--unit", type=int, default=4, help="the profiled unit (4: layer1.2)")
+    parser.add_argument("--unit", type=int, default=4, help="the profiled unit, 0-based (4: layer2.0)")
     parser.add_argument("--profile-steps", type=int, nargs=2, default=[10, 30], metavar=("FIRST", "END"),
                         help="the profiled steps of the unit, FIRST to END - 1 (10 30)")
     args = parser.parse_args(argv)
