@@ -32,11 +32,9 @@ from training_time import UnitStepTimer
 class UnitProfiler(Callback):
     """``torch.profiler`` over steps ``first`` to ``last - 1`` of unit ``unit`` (of ``steps_per_unit`` steps each)."""
 
-    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30, copies: bool = False,
-                 callers_of: tuple[str, ...] = ("aten::copy_",)):
+    def __init__(self, unit: int, steps_per_unit: int, first: int = 10, last: int = 30, copies: bool = False):
         self.first, self.last = unit * steps_per_unit + first, unit * steps_per_unit + last
         self.copies = copies  # record shapes and Python stacks for `copy_rows` and `caller_rows`
-        self.callers_of = callers_of
         self.profile: Optional[torch.profiler.profile] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

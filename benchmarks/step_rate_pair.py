@@ -8,8 +8,8 @@ since to today's (``--baseline-set``, default the input codes: ``BitSparseActiva
 ``benchmarks/training_time.py --ptq-steps N`` of each side in its own process (the baseline on its eager path or
 ``--baseline-simulation``, this checkout on ``--simulation``, default compiled), alternating which goes first, for
 ``--rounds`` rounds. It prints every run and the ratio of the medians (and the range of the per-round ratios), and
-adds the runs to ``step_rate_pair.csv`` in ``--out-dir`` (earlier runs are kept; each row names its date and both
-sides' code and paths).
+adds the runs to ``step_rate_pair.csv`` in ``--out-dir`` (earlier runs are kept; each row names its date, both sides'
+commits and its side's simulation path).
 
 Each side runs as its code runs: this checkout's CLI makes its own process settings (`cimq_pl.cpu_runtime`:
 glibc keeps freed memory, absent GPUs hidden), the baseline's did not. ``--same-allocator`` gives both processes
