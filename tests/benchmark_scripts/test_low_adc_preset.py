@@ -80,8 +80,9 @@ def test_the_benchmarks_read_the_presets_steps_per_unit_as_the_cli_builds_them(t
 
 def test_the_qat_recipe_is_the_fit_low_adc_qat_measured(tmp_path, monkeypatch):
     """``configs/quant/low_adc_qat.yaml`` parses to the QAT run `low_adc_qat.py --objective distill-quantizers
-    --train lossless --sparsity-weight 0 --steps 300` builds (its README numbers), at ADC 3 and 2, but for what the
-    script leaves out (the hardware report) and its unused SGD settings (``model.lr``: the objective has its rates)."""
+    --train lossless --sparsity-weight 0 --steps 300` builds (its README numbers), at ADC 3 and 2, but for where the
+    hardware report stands in the callback list and the unused SGD settings (``model.lr``: the objective has its
+    rates)."""
     import low_adc_qat
 
     from cimq_pl.quant.psum import resolve_psum_asymmetric
@@ -101,9 +102,15 @@ def test_the_qat_recipe_is_the_fit_low_adc_qat_measured(tmp_path, monkeypatch):
         assert recipe.config.model == script.config.model
         assert recipe.config.data == script.config.data
         assert (recipe.config.trainer.max_steps, recipe.config.trainer.max_epochs) == (300, -1)
-        callbacks = [c for c in recipe.config.trainer.callbacks if not c.class_path.endswith("HardwareReport")]
+        def split(cli):  # (the hardware reports, the other callbacks in their order)
+            report = [c.class_path.endswith("HardwareReport") for c in cli.config.trainer.callbacks]
+            return ([c for c, r in zip(cli.config.trainer.callbacks, report) if r],
+                    [c for c, r in zip(cli.config.trainer.callbacks, report) if not r])
+
+        (reports, callbacks), (measured_reports, measured_callbacks) = split(recipe), split(script)
+        assert len(reports) == 1 and reports == measured_reports  # the same test-time report, listed elsewhere
         clipping = next(c for c in callbacks if c.class_path.endswith("PartialSumClipping"))
         assert clipping.init_args.asymmetric == "auto"  # the script states what auto resolves to at these bits
         clipping.init_args.asymmetric = resolve_psum_asymmetric("auto", bits)
-        assert callbacks == script.config.trainer.callbacks
+        assert callbacks == measured_callbacks
         assert recipe.model.objective.lr_step == 4e-4 and recipe.model.cim.adc_bits == bits
