@@ -19,9 +19,10 @@ import csv
 from pathlib import Path
 from typing import Optional
 
+from cimq_pl.callbacks.hardware_report import report_file_name
 from cimq_pl.cost.energy import EnergyTable
 
-LAYERS, SUMMARY = "hardware_test_layers.csv", "hardware_test_summary.csv"
+LAYERS, SUMMARY = report_file_name("test", "layers.csv"), report_file_name("test", "summary.csv")
 
 
 def _rows(path: Path) -> list[dict]:

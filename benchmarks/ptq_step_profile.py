@@ -58,16 +58,16 @@ class UnitProfiler(Callback):
                  "calls_per_step": round(e.count / steps, 1), "share": f"{100 * e.self_cpu_time_total / total:.1f}%"}
                 for e in events[:limit]]
 
-    def copy_rows(self) -> tuple[list[dict], list[dict]]:
-        """The ``aten::copy_`` calls of a step (with ``copies``): by input shape, and by their nearest ``cimq_pl``
-        caller (`_caller`), ms and calls per step, largest first."""
+    def copy_rows(self) -> list[dict]:
+        """The ``aten::copy_`` calls of a step (with ``copies``) by input shape, ms and calls per step, largest
+        first (by caller: `caller_rows`)."""
         if self.profile is None or not self.copies:
-            return [], []
+            return []
         steps = self.last - self.first
         by_shape = [{"shape": str(e.input_shapes[0]) if e.input_shapes else "", "ms_per_step":
                      round(e.self_cpu_time_total / 1000 / steps, 3), "calls_per_step": round(e.count / steps, 1)}
                     for e in self.profile.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
-        return (sorted(by_shape, key=lambda row: -row["ms_per_step"]), self.caller_rows("aten::copy_"))
+        return sorted(by_shape, key=lambda row: -row["ms_per_step"])
 
     def caller_rows(self, op: str) -> list[dict]:
         """The calls of operator ``op`` in a step (with ``copies``) by their nearest ``cimq_pl`` caller
@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"\nUnit {args.unit}, steps {first}-{end - 1} (torch.profiler, own CPU time):\n")
         print(markdown_table(rows, ["op", "ms_per_step", "calls_per_step", "share"],
                              ["operator", "ms per step", "calls per step", "share"]))
-    by_shape, by_caller = profiler.copy_rows() if profiler else ([], [])
+    by_shape = profiler.copy_rows() if profiler else []
     if by_shape:
         print(f"\nUnit {args.unit}, aten::copy_ by input shape:\n")
         print(markdown_table(by_shape[:15], ["shape", "ms_per_step", "calls_per_step"],
@@ -174,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"\nUnit {args.unit}, {op} by caller (nearest cimq_pl frame):\n")
             print(markdown_table(op_rows[:15], ["caller", "ms_per_step", "calls_per_step"],
                                  ["caller", "ms per step", "calls per step"]))
-    return {**summary, "profile": rows, "copies_by_shape": by_shape, "copies_by_caller": by_caller,
+    return {**summary, "profile": rows, "copies_by_shape": by_shape, "copies_by_caller": callers.get("aten::copy_", []),
             "callers": callers}
 
 

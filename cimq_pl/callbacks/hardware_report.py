@@ -42,7 +42,13 @@ from cimq_pl.errors import ConfigError
 from cimq_pl.metrics.hardware import HardwareCostMetric
 from cimq_pl.quant.convert import cim_layers, set_collect_stats
 
-__all__ = ["HardwareReport"]
+__all__ = ["HardwareReport", "report_file_name"]
+
+
+def report_file_name(stage: str, part: str) -> str:
+    """The name of a `HardwareReport` file: ``hardware_<stage>_<part>`` (``layers.csv``, ``summary.csv``,
+    ``energy.png``), in the run's output folder."""
+    return f"hardware_{stage}_{part}"
 
 
 def run_output_dir(trainer: Trainer, output_dir: Optional[str]) -> Path:
@@ -281,10 +287,11 @@ class HardwareReport(Callback):
         accuracy = float(accuracy) if accuracy is not None else None
         run_name = next((str(logger.name) + "/" + str(logger.version) for logger in trainer.loggers), stage)
         rows = layer_rows(run.cost)
-        layers_csv = write_csv_atomic(folder / f"hardware_{stage}_layers.csv", rows, LAYER_COLUMNS)
+        layers_csv = write_csv_atomic(folder / report_file_name(stage, "layers.csv"), rows, LAYER_COLUMNS)
         summary = summary_row(run.cost, run.baseline_cost, run=run_name, stage=stage, accuracy=accuracy)
-        summary_csv = write_csv_atomic(folder / f"hardware_{stage}_summary.csv", [summary], SUMMARY_COLUMNS)
-        picture = plot_energy_breakdown(run.cost, folder / f"hardware_{stage}_energy.png") if self.plots else None
+        summary_csv = write_csv_atomic(folder / report_file_name(stage, "summary.csv"), [summary], SUMMARY_COLUMNS)
+        picture = (plot_energy_breakdown(run.cost, folder / report_file_name(stage, "energy.png")) if self.plots
+                   else None)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 data = [[row[column] for column in LAYER_COLUMNS] for row in rows]

@@ -36,7 +36,7 @@ def keep_mask(like: torch.Tensor, keep_prob: float, channels_last: Optional[bool
     channels_last = is_channels_last(like) if channels_last is None else channels_last and like.dim() == 4
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if threshold >= 2 ** (bits - 1):  # keep everything (2^(b-1) does not fit the lanes)
-        return torch.ones(like.shape, dtype=torch.bool, device=like.device).contiguous(memory_format=memory_format)
+        return torch.ones_like(like, dtype=torch.bool, memory_format=memory_format)
     count, per_draw = like.numel(), 64 // bits
     draws = torch.empty((count + per_draw - 1) // per_draw, dtype=torch.int64, device=like.device)
     lanes = draws.random_(-2**63, None).view(torch.int8 if bits == 8 else torch.int16)[:count].view(like.shape)
