@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import ablation  # noqa: E402
 import cim_layer_speed  # noqa: E402
+import network_speed  # noqa: E402
 import other_models  # noqa: E402
 import presets  # noqa: E402
 import run_suite  # noqa: E402
@@ -86,6 +87,20 @@ def test_cim_layer_speed_smoke(out):
     assert len(rows) == len(cim_layer_speed.RESNET20_CONV_SHAPES)
     assert all(r["cycles"] == 4 and r["fwd_ratio"] > 0 for r in rows)
     assert len(csv_rows(out / "cim_layer_speed_cpu.csv")) == len(rows)
+
+
+def test_network_speed_smoke_counts_no_host_syncs_and_refuses_cuda_graphs_on_the_cpu(out, capsys):
+    """The CIM paths' evaluation and reconstruction blocks read no tensor value on the host (what CUDA graphs need,
+    `HostSyncCounter`); ``--paths graphed`` names the device it needs."""
+    rows = network_speed.main(["--smoke", "--out-dir", str(out)])
+    assert [r["path"] for r in rows] == ["fp", "eager"]
+    eager = rows[1]
+    assert eager["eval_host_syncs"] == 0 and eager["ptq_host_syncs"] == 0 and eager["units"] == 11
+    assert eager["eval_img_per_s"] > 0 and eager["ptq_step_s"] > 0
+    assert len(csv_rows(out / "network_speed_cpu.csv")) == 2
+    with pytest.raises(SystemExit):
+        network_speed.main(["--paths", "eager,graphed", "--out-dir", str(out)])
+    assert "--paths graphed records CUDA graphs: it needs --device cuda (got --device cpu)" in capsys.readouterr().err
 
 
 def test_suite_report_renders_every_table(ablation_rows, out):

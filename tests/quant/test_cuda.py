@@ -32,3 +32,64 @@ def test_cuda_matches_cpu():
     xg = x.float().cuda().requires_grad_(True)
     layer(xg).square().sum().backward()
     assert all(p.grad is not None for p in (layer.psum_quantizer.theta, layer.weight_quantizer.rounding_logits, layer.input_quantizer.step))
+
+
+def _two_layer_cim(device: str) -> nn.Module:
+    """Two CIM convolutions (W4A4 bit-serial, ADC 4, AdaRound) on ``device``, initialised on random images."""
+    from cimq_pl.quant import convert_to_cim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    convert_to_cim(model, CIMSpec(rows=64, cols=32, weight_bits=4, input_bits=4, adc_bits=4),
+                   options=QuantizerOptions(weight_rounding="adaround"))
+    model = model.to(device)
+    with torch.no_grad():
+        model(torch.rand(8, 8, 12, 12, device=device))  # lazy initialisation
+    return model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_graph_replays_the_eager_evaluation_bit_for_bit():
+    """The eager path reads no value on the host (tests/quant/test_host_syncs.py), so its evaluation records into a
+    CUDA graph; the replay gives the eager logits exactly, for new images copied into the graph's input too."""
+    model = _two_layer_cim("cuda")
+    images = torch.rand(16, 8, 12, 12, device="cuda")
+    static = images.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            model(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(static)
+    for batch in (images, torch.rand_like(images)):
+        static.copy_(batch)
+        graph.replay()
+        with torch.no_grad():
+            assert torch.equal(out, model(batch))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_training_forward_and_backward_give_the_eager_gradients():
+    """A reconstruction unit as ``torch.cuda.make_graphed_callables`` (what `benchmarks/network_speed.py --paths
+    graphed` times): without random dropping, its replayed output and quantizer gradients are the eager ones."""
+    from cimq_pl.quant import iter_quantizers
+
+    eager, graphed = _two_layer_cim("cuda").train(), _two_layer_cim("cuda").train()
+    graphed.load_state_dict(eager.state_dict())
+    x = torch.rand(8, 8, 12, 12, device="cuda")
+    learned = {}
+    for model in (eager, graphed):
+        for param in model.parameters():
+            param.requires_grad_(False)
+        learned[model] = [q.rounding_logits.requires_grad_(True) for *_, q in iter_quantizers(model, ("weight",))]
+    run = torch.cuda.make_graphed_callables(graphed, (x,), allow_unused_input=True)
+    for model, forward in ((eager, eager), (graphed, run)):
+        for param in learned[model]:
+            param.grad = None
+        forward(x).square().sum().backward()
+    torch.testing.assert_close(run(x), eager(x), rtol=1e-6, atol=1e-6)
+    for a, b in zip(learned[eager], learned[graphed]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
