@@ -31,8 +31,9 @@ HOST_SYNC_OPERATORS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "
 def _caller() -> str:
     """The innermost ``cimq_pl`` frame of the current stack as ``quant/fused.py:189``, else ``(outside cimq_pl)``."""
     for frame in reversed(traceback.extract_stack()):
-        if "cimq_pl/" in frame.filename.replace("\\", "/") and not frame.filename.endswith("host_syncs.py"):
-            return f"{frame.filename.replace(chr(92), '/').split('cimq_pl/')[-1]}:{frame.lineno}"
+        path = frame.filename.replace("\\", "/")
+        if "cimq_pl/" in path and not path.endswith("/host_syncs.py"):  # this module's own frames: the counter
+            return f"{path.split('cimq_pl/')[-1]}:{frame.lineno}"
     return "(outside cimq_pl)"
 
 
