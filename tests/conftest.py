@@ -50,6 +50,30 @@ def small_cim_module(objective=None):
     return types.SimpleNamespace(model=model, parameters=model.parameters, trainer=None, objective=objective)
 
 
+def preset_resnet20(images, pretrained: Path | None = None, dropping: bool = True):
+    """ResNet-20 (BN folded; ``pretrained`` weights, else random ones drawn with seed 0) on 128x128 arrays with the
+    PTQ preset's quantizers: ``int8`` edge layers, AdaRound, bit-sparse input codes at twice the calibrated step,
+    arraywise weight scales, learned ADC clips and QDrop (unless not ``dropping``), calibrated on ``images``."""
+    import torch
+
+    from cimq_pl.models import create_model
+    from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, convert_to_cim
+    from cimq_pl.quant.fold import fold_batchnorm_
+    from cimq_pl.quant.techniques import (ArraywiseWeightConfig, BitSparseActivationConfig,
+                                          PartialSumClippingConfig, QuantDroppingConfig, quantize_)
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", 10, str(pretrained) if pretrained else False).eval()
+    fold_batchnorm_(model)
+    convert_to_cim(model, CIMSpec(first_layer="int8", last_layer="int8"),
+                   options=QuantizerOptions(weight_rounding="adaround"))
+    for config in (BitSparseActivationConfig(max_ones=None, step_scale=2.0), ArraywiseWeightConfig(),
+                   PartialSumClippingConfig(), *([QuantDroppingConfig()] if dropping else [])):
+        quantize_(model, config)
+    calibrate_(model, [images])
+    return model
+
+
 def csv_rows(path: Path) -> list[dict]:
     """The rows of the CSV file ``path`` (a header line, then one dict per row)."""
     import csv

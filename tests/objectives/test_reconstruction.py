@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cimq_pl.datamodules.with_train_loader import WithTrainLoader
 from cimq_pl.objectives import BlockReconstruction, UnitSchedule, UnitSteps
 from cimq_pl.objectives.reconstruction import _kind_factor
+from conftest import preset_resnet20
 
 
 def test_units_start_and_end_at_their_batch_indices():
@@ -157,28 +158,6 @@ def test_with_train_loader_delegates_everything_but_the_train_loader():
     assert data.trainer == "trainer"
 
 
-def _resnet20_preset(images: torch.Tensor):
-    """ResNet-20 (BN folded) on 128x128 arrays with the PTQ preset's quantizers, calibrated on ``images``."""
-    import timm
-
-    import cimq_pl  # noqa: F401  (registers the CIFAR ResNets)
-    from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, convert_to_cim
-    from cimq_pl.quant.fold import fold_batchnorm_
-    from cimq_pl.quant.techniques import (ArraywiseWeightConfig, BitSparseActivationConfig,
-                                          PartialSumClippingConfig, QuantDroppingConfig, quantize_)
-
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet20").eval()
-    fold_batchnorm_(model)
-    convert_to_cim(model, CIMSpec(first_layer="int8", last_layer="int8"),
-                   options=QuantizerOptions(weight_rounding="adaround"))
-    for config in (BitSparseActivationConfig(max_ones=None, step_scale=2.0), ArraywiseWeightConfig(),
-                   PartialSumClippingConfig(), QuantDroppingConfig()):
-        quantize_(model, config)
-    calibrate_(model, [images])
-    return model
-
-
 def test_a_unit_fed_by_the_previous_one_is_cached_from_its_cache_bit_for_bit():
     """Units of a residual stage take their inputs from the previous unit's cache (the finished unit run once)
     instead of from the images through the network: the same (x_fp, y_fp, x_q) bit for bit, so a resumed fit,
@@ -190,7 +169,7 @@ def test_a_unit_fed_by_the_previous_one_is_cached_from_its_cache_bit_for_bit():
 
     torch.manual_seed(3)
     images = torch.rand(40, 3, 32, 32)
-    model = _resnet20_preset(images)
+    model = preset_resnet20(images)
     blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
     assert [name for name, _ in blocks][:3] == ["conv1", "layer1.0", "layer1.1"] and blocks[-1][0] == "fc"
     with eval_mode(model):
@@ -225,7 +204,7 @@ def test_unit_keep_prob_holds_while_its_unit_learns():
     from cimq_pl.quant.layers import _CIMLayerBase
     from cimq_pl.quant.reconstruction import find_blocks
 
-    model = _resnet20_preset(torch.rand(8, 3, 32, 32))
+    model = preset_resnet20(torch.rand(8, 3, 32, 32))
     blocks = find_blocks(model, lambda m: isinstance(m, _CIMLayerBase))
     objective = BlockReconstruction(iters_per_block=2, unit_keep_prob={"layer1.*": 0.75, "conv1": 0.9})
     objective.attach(blocks, block_input_keep_prob=0.5)

@@ -6,14 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cimq_pl.models import create_model
-from cimq_pl.quant import CIMSpec, QuantizerOptions, calibrate_, cim_layers, convert_to_cim, iter_quantizers
-from cimq_pl.quant.fold import fold_batchnorm_
+from cimq_pl.quant import cim_layers, iter_quantizers
 from cimq_pl.quant.host_syncs import HostSyncCounter
 from cimq_pl.quant.reconstruction import capture_block_input
-from cimq_pl.quant.techniques import (ArraywiseWeightConfig, BitSparseActivationConfig, PartialSumClippingConfig,
-                                      QuantDroppingConfig, quantize_)
-from conftest import CIFAR10, RESNET20
+from conftest import CIFAR10, RESNET20, preset_resnet20
+
+
+@pytest.fixture(scope="module")
+def images():
+    from cimq_pl.datamodules import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=32, eval_batch_size=32)
+    return next(iter(dm.calibration_dataloader()))[0]
+
+
+def _preset_resnet20(images: torch.Tensor, dropping: bool = True) -> torch.nn.Module:
+    """The pretrained ResNet-20 with the PTQ preset's quantizers (`conftest.preset_resnet20`), in eval mode."""
+    return preset_resnet20(images, RESNET20, dropping).eval()
 
 
 def test_the_counter_names_each_host_read_and_its_caller():
@@ -28,8 +37,8 @@ def test_the_counter_names_each_host_read_and_its_caller():
 
 
 def test_the_counter_finds_the_compiled_paths_cycle_pair_bound(images):
-    """A CIM call that does read the host is found and named: the compiled path's evaluation reads each layer's
-    largest partial sum (`fused.cycle_pack`) to choose the cycle-pair factor. Its kernels run uncompiled inside the
+    """A CIM call that does read the host is found and named: the compiled path's evaluation reads each row-block
+    part's largest column weight sum (`fused.cycle_pack`) to choose its cycle-pair factor. Its kernels run uncompiled inside the
     counter (Dynamo compiles nothing under a dispatch mode), and compile again after it."""
     from cimq_pl.quant import fused
 
@@ -40,28 +49,6 @@ def test_the_counter_finds_the_compiled_paths_cycle_pair_bound(images):
         model(images[:2])
     assert syncs.total > 0 and all(where.startswith("quant/fused.py") for _, where in syncs.calls), syncs.describe()
     assert fused.COMPILE_KERNELS == saved and fused.compiled_simulation_available()
-
-
-@pytest.fixture(scope="module")
-def images():
-    from cimq_pl.datamodules import CIFAR10DataModule
-
-    dm = CIFAR10DataModule(root=str(CIFAR10), num_workers=0, calibration_size=32, eval_batch_size=32)
-    return next(iter(dm.calibration_dataloader()))[0]
-
-
-def _preset_resnet20(images: torch.Tensor, dropping: bool = True) -> torch.nn.Module:
-    """The pretrained ResNet-20 with the PTQ preset's techniques (AdaRound, bit-sparse inputs, arraywise weights,
-    learned ADC clips, QDrop everywhere unless not ``dropping``), calibrated on ``images``, eager path, eval mode."""
-    model = create_model("cifar_resnet20", 10, str(RESNET20)).eval()
-    fold_batchnorm_(model)
-    convert_to_cim(model, CIMSpec(rows=128, cols=128, weight_bits=4, input_bits=4, adc_bits=4),
-                   options=QuantizerOptions(weight_rounding="adaround"))
-    for config in (BitSparseActivationConfig(max_ones=None, step_scale=2.0), ArraywiseWeightConfig(),
-                   PartialSumClippingConfig(), *([QuantDroppingConfig()] if dropping else [])):
-        quantize_(model, config)
-    calibrate_(model, [images])
-    return model.eval()  # the quantizers the techniques added too
 
 
 def test_a_resnet20_evaluation_reads_nothing_on_the_host(images):
