@@ -8,12 +8,17 @@ steps ``--profile-steps`` (10 to 29) of unit ``--unit`` (0-based: unit 4 is ``la
 and by the nearest ``cimq_pl`` caller (which layout copies a step makes, and where); ``--callers OP ...`` prints
 the same by-caller table for other operators (``aten::index``, ``aten::random_``: who calls them).
 ``--adam foreach|fused`` builds the reconstruction's Adam with that implementation instead of PyTorch's default
-(the per-parameter loop on the CPU), to see what the optimizer's own loops cost.
+(the per-parameter loop on the CPU), to see what the optimizer's own loops cost. Two overhead levers of the compiled
+path, to time against a plain run in fresh processes: ``--skip-guards`` skips Dynamo's guard checks in the steady
+steps of every unit (`SkipGuards`), ``--cpp-wrapper`` has Inductor write the compiled calls' wrapper in C++
+(``torch._inductor.config.cpp_wrapper``; the kernels compile afresh, minutes).
 
     python benchmarks/ptq_step_profile.py --profile                  # ~2 min on 2 cores
     python benchmarks/ptq_step_profile.py --profile --copies         # and where the copies come from
     python benchmarks/ptq_step_profile.py --profile --copies --callers aten::index aten::random_
     python benchmarks/ptq_step_profile.py --adam fused               # the same fit with a fused Adam
+    python benchmarks/ptq_step_profile.py --skip-guards              # without Dynamo's guard checks (steady steps)
+    python benchmarks/ptq_step_profile.py --cpp-wrapper              # Inductor's C++ wrapper
     python benchmarks/ptq_step_profile.py --drop-psums --profile     # with QDrop on the ADC (partial sums) too
     python benchmarks/ptq_step_profile.py --asymmetric-adc           # with asymmetric ADC ranges
 """
@@ -97,6 +102,39 @@ def _caller(event) -> str:
     return ours[0].split("cimq_pl/", 1)[-1] if ours else (frames[0] if frames else "(no Python frame)")
 
 
+class SkipGuards(Callback):
+    """Dynamo's guard checks off (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``) from step ``skip`` of
+    every unit of ``steps_per_unit`` steps to its last, on again between units: by then every layer shape of the unit
+    has compiled, so only the guards that tell the compiled entries apart still run."""
+
+    def __init__(self, steps_per_unit: int, skip: int = 2):
+        self.steps_per_unit, self.skip = steps_per_unit, skip
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % self.steps_per_unit == self.skip:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % self.steps_per_unit == self.steps_per_unit - 1:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
+
+    def teardown(self, trainer, pl_module, stage) -> None:  # a fit stopped mid-unit
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
+
+
+@contextlib.contextmanager
+def inductor_cpp_wrapper(on: bool):
+    """Within the block, Inductor writes the compiled calls' wrapper code in C++ instead of Python (when ``on``)."""
+    import torch._inductor.config as inductor
+
+    saved = inductor.cpp_wrapper
+    inductor.cpp_wrapper = on or saved
+    try:
+        yield
+    finally:
+        inductor.cpp_wrapper = saved
+
+
 @contextlib.contextmanager
 def adam_implementation(name: str):
     """Within the block, ``torch.optim.Adam`` builds its optimizers with ``foreach=True`` or ``fused=True``."""
@@ -127,6 +165,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="QDrop on the ADC too (QuantDropping targets with psums; Setting.drop_psums)")
     parser.add_argument("--asymmetric-adc", action="store_true",
                         help="asymmetric ADC ranges (PartialSumClipping asymmetric; Setting.asymmetric_adc)")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="skip Dynamo's guard checks in the steady steps of every unit (SkipGuards)")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="Inductor's C++ wrapper for the compiled calls (compiles afresh)")
     parser.add_argument("--profile", action="store_true", help="profile --profile-steps of --unit")
     parser.add_argument("--copies", action="store_true",
                         help="with --profile: the step's copies by shape and by caller (records stacks: slower steps)")
@@ -148,13 +190,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.callers and not args.copies:
         parser.error("--callers needs the stacks --copies records: give --profile --copies too")
     profiler = UnitProfiler(args.unit, args.steps, first, end, args.copies) if args.profile else None
-    with adam_implementation(args.adam):
+    callbacks = [timer, *([profiler] if profiler else []), *([SkipGuards(args.steps)] if args.skip_guards else [])]
+    with adam_implementation(args.adam), inductor_cpp_wrapper(args.cpp_wrapper):
         measure(Setting("resnet20", "cimq", iters=args.steps, drop_psums=args.drop_psums or None,
                         asymmetric_adc=args.asymmetric_adc or None), args.work_dir,
-                extra_args=[*extra, "--model.simulation", args.simulation],
-                callbacks=[timer, *([profiler] if profiler else [])], test=False)
+                extra_args=[*extra, "--model.simulation", args.simulation], callbacks=callbacks, test=False)
     summary = {"simulation": args.simulation, "adam": args.adam, "QDrop on the ADC": args.drop_psums,
-               "asymmetric ADC": args.asymmetric_adc,
+               "asymmetric ADC": args.asymmetric_adc, "guards skipped": args.skip_guards,
+               "C++ wrapper": args.cpp_wrapper,
                "steps per unit": args.steps,
                "timed steps": timer.steps, "ms per step": round(1000 / timer.steps_per_second, 2)}
     print("\n" + markdown_table([summary], list(summary), list(summary)))

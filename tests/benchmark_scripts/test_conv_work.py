@@ -128,6 +128,30 @@ def test_ptq_step_profile_switches_adam_and_profiles_a_unit(tmp_path):
             muls[0]["calls_per_step"], abs=0.5)
 
 
+def test_ptq_step_profile_overhead_levers_switch_on_and_back_off():
+    """``--skip-guards`` skips Dynamo's guard checks from a unit's third step to its last only; ``--cpp-wrapper``
+    sets Inductor's C++ wrapper within the fit only."""
+    import torch._dynamo.eval_frame as eval_frame
+    import torch._inductor.config as inductor
+
+    skipping = lambda: eval_frame._stance.skip_guard_eval_unsafe  # noqa: E731
+    skip = ptq_step_profile.SkipGuards(steps_per_unit=5)
+    seen = []
+    for batch_idx in range(10):  # two units of 5 steps
+        skip.on_train_batch_start(None, None, None, batch_idx)
+        seen.append(skipping())
+        skip.on_train_batch_end(None, None, None, None, batch_idx)
+    assert seen == [False, False, True, True, True] * 2 and not skipping()
+    skip.on_train_batch_start(None, None, None, 2)
+    skip.teardown(None, None, "fit")
+    assert not skipping()
+    with ptq_step_profile.inductor_cpp_wrapper(True):
+        assert inductor.cpp_wrapper is True
+    with ptq_step_profile.inductor_cpp_wrapper(False):
+        assert inductor.cpp_wrapper is False
+    assert inductor.cpp_wrapper is False
+
+
 def test_weight_side_smoke_compiles_the_same_weights_and_times_them():
     """`weight_side.py --smoke`: the compiled weight side gives the eager one's array weights and coefficients, and
     every timing is a positive number (one layer shape, 2 images)."""
