@@ -16,8 +16,8 @@ images: speed does not depend on them) and each path it measures, in one process
   GPU, and a CUDA graph can record none.
 
 The ``graphed`` path (CUDA only) is the eager path with the launches of issue 14's small batches recorded into
-CUDA graphs: evaluation replays one graph of the whole ``model(images)`` (recorded after three warm-up batches on
-a side stream, the input copied into the graph's own buffer), and every unit's block forward and backward is a
+CUDA graphs: evaluation replays one graph of the whole ``model(images)`` (`cimq_pl.quant.cuda_graphs.record_forward`:
+three warm-up batches on a side stream, the images copied into the graph's own input each batch), and every unit's block forward and backward is a
 ``torch.cuda.make_graphed_callables`` callable (the loss, the rounding loss and Adam stay eager). Its "max abs logit
 diff vs eager" column compares the replayed logits with the eager path's on the same images.
 
@@ -112,28 +112,6 @@ def eval_seconds(forward, repeats: int, device) -> tuple:
     return times[0], min(times[2:])
 
 
-def graphed_forward(model, images, warmup: int = 3):
-    """``model(images)`` recorded into one CUDA graph: returns ``replay()``, which reruns it and returns the logits
-    (the graph's own output buffer). The warm-up batches run on a side stream first, as CUDA graph capture asks
-    (lazy buffers, cuDNN plans)."""
-    static = images.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(warmup):
-            model(static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        logits = model(static)
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return logits
-
-    return replay
-
-
 def sync_counter():
     """A fresh `cimq_pl.quant.host_syncs.HostSyncCounter`, None on a checkout without one (an older commit)."""
     try:
@@ -214,7 +192,10 @@ def run(network: str, path: str, device, repeats: int, ptq: bool) -> dict:
     row = {"model": network, "image": f"{size}x{size}", "path": path, "eval_batch": batch}
     forward = lambda: model(images)  # noqa: E731
     if path == "graphed":
-        forward = graphed_forward(model, images)
+        from cimq_pl.quant.cuda_graphs import record_forward
+
+        replay = record_forward(model, images)
+        forward = lambda: replay(images)  # noqa: E731
         with torch.no_grad():
             row["max_logit_diff"] = float((forward() - model(images)).abs().max())
     elif path != "fp" and (counter := sync_counter()) is not None:

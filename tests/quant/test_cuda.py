@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from cimq_pl.errors import ConfigError
 from cimq_pl.quant import CIMConv2d, CIMSpec, QuantizerOptions
+from cimq_pl.quant.cuda_graphs import record_forward
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -34,6 +36,11 @@ def test_cuda_matches_cpu():
     assert all(p.grad is not None for p in (layer.psum_quantizer.theta, layer.weight_quantizer.rounding_logits, layer.input_quantizer.step))
 
 
+def test_recording_a_cuda_graph_names_the_device_it_needs():
+    with pytest.raises(ConfigError, match="images on cpu are not on a CUDA device"):
+        record_forward(nn.Identity(), torch.zeros(2, 3))
+
+
 def _two_layer_cim(device: str) -> nn.Module:
     """Two CIM convolutions (W4A4 bit-serial, ADC 4, AdaRound) on ``device``, initialised on random images."""
     from cimq_pl.quant import convert_to_cim
@@ -51,24 +58,17 @@ def _two_layer_cim(device: str) -> nn.Module:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_graph_replays_the_eager_evaluation_bit_for_bit():
     """The eager path reads no value on the host (tests/quant/test_host_syncs.py), so its evaluation records into a
-    CUDA graph; the replay gives the eager logits exactly, for new images copied into the graph's input too."""
+    CUDA graph (`record_forward`); the replay gives the eager logits exactly, for new images too, and refuses
+    another shape."""
     model = _two_layer_cim("cuda")
     images = torch.rand(16, 8, 12, 12, device="cuda")
-    static = images.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(3):
-            model(static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        out = model(static)
+    replay = record_forward(model, images)
     for batch in (images, torch.rand_like(images)):
-        static.copy_(batch)
-        graph.replay()
+        out = replay(batch)
         with torch.no_grad():
             assert torch.equal(out, model(batch))
+    with pytest.raises(ConfigError, match=r"recorded for \(16, 8, 12, 12\) torch.float32 images, got \(8, 8, 12, 12\)"):
+        replay(images[:8])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
