@@ -493,12 +493,17 @@ class ResultStore:
         write_csv_atomic(self.path, list(self.rows.values()), RESULT_COLUMNS)
 
 
+def read_csv_rows(path: Path) -> list[dict]:
+    """The rows of the CSV file ``path`` ([] when it does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
 def _read_rows(path: Path) -> dict[str, dict]:
     """Rows of a results CSV by key ({} when the file does not exist)."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as stream:
-        return {row["key"]: row for row in csv.DictReader(stream)}
+    return {row["key"]: row for row in read_csv_rows(path)}
 
 
 def run_settings(settings: Sequence[tuple[Setting, bool]], store: ResultStore, work_dir: Path,

@@ -23,7 +23,6 @@ leaves only the code's difference.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import os
 import statistics
@@ -36,7 +35,7 @@ import yaml
 
 from cimq_pl.cost.tables import write_csv_atomic
 from cimq_pl.cpu_runtime import MALLOC_ENVIRONMENT
-from runner import PTQ_PRESET, REPO, base_parser, machine, markdown_table, prepare
+from runner import PTQ_PRESET, REPO, base_parser, machine, markdown_table, prepare, read_csv_rows
 
 PRESET = Path(PTQ_PRESET)
 
@@ -80,8 +79,7 @@ def step_seconds(root: Path, simulation: str, steps: int, out: Path, smoke: bool
     result = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{' '.join(command)} in {root} failed:\n{result.stderr[-3000:]}")
-    with open(out / "training_time.csv") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["method"].startswith("PTQ step rate")]
+    rows = [row for row in read_csv_rows(out / "training_time.csv") if row["method"].startswith("PTQ step rate")]
     return float(rows[-1]["seconds_per_step"])
 
 
@@ -91,11 +89,7 @@ CSV_FIELDS = ["date", "round", "side", "simulation", "seconds_per_step", "baseli
 def append_runs(path: Path, rows: list[dict]) -> None:
     """Add ``rows`` to the CSV at ``path`` after the runs it holds (written atomically; fields an older row lacks
     stay empty)."""
-    earlier = []
-    if path.exists():
-        with open(path) as handle:
-            earlier = list(csv.DictReader(handle))
-    write_csv_atomic(path, [*earlier, *rows], CSV_FIELDS)
+    write_csv_atomic(path, [*read_csv_rows(path), *rows], CSV_FIELDS)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -159,7 +159,7 @@ class ActivationQuantizer(UniformQuantizer):
         table, ones = self.allowed_codes(x.device)
         table, ones = table.to(x.dtype), ones.to(x.dtype)
         v = torch.clamp(x / self._step_for(x), qmin, qmax)
-        nhwc = is_channels_last(v)  # bucketize wants contiguous values: a channels-last tensor's NHWC view is
+        nhwc = is_channels_last(v)  # bucketize wants contiguous values: a channels-last tensor's NHWC view is one
         values = v.detach().permute(0, 2, 3, 1) if nhwc else v.detach()
         low = (torch.bucketize(values, table, right=True) - 1).clamp(0, table.numel() - 2)
         low = low.permute(0, 3, 1, 2) if nhwc else low
